@@ -1,0 +1,105 @@
+"""The `bookgen` command: prepare, train, eval, config-help.
+
+`train` and `eval` run in this process as one rank, or as one of many when started by torchrun,
+the deepspeed launcher or srun (see launcher/run.py, which calls :func:`main` too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from bookgen.config import ConfigError
+    from bookgen.data.cmu import CorpusError
+    from bookgen.data.store import StoreError
+    from bookgen.errors import BookgenError
+
+    return (ConfigError, CorpusError, StoreError, BookgenError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bookgen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_cfg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--cfg", required=True, help="experiment YAML file")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.max_steps=10 (repeatable)")
+        # the deepspeed launcher appends --local_rank=N; rank discovery reads the environment instead
+        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+        return p
+
+    prep = with_cfg(sub.add_parser("prepare", help="split, tokenize and store the corpus"))
+    prep.add_argument("--download", action="store_true", help="fetch the corpus archive from data.download_url")
+    with_cfg(sub.add_parser("train", help="train (prepares the data first when needed)"))
+    ev = with_cfg(sub.add_parser("eval", help="perplexity of the newest checkpoint (or the model) on a split"))
+    ev.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    sub.add_parser("config-help", help="list every config key with its default and meaning")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        return _dispatch(args, console)
+    except _user_errors() as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
+    if args.command == "config-help":
+        from bookgen.config_io import describe_fields
+
+        for key, default, text in describe_fields():
+            print(f"{key:32s} {default:24s} {text}")
+        return 0
+    from bookgen.config_io import load_config
+
+    cfg = load_config(args.cfg, args.overrides)
+    if args.command == "prepare":
+        return _prepare(cfg, args, console)
+    if args.command == "train":
+        from bookgen.train import train
+
+        train(cfg)
+        return 0
+    if args.command == "eval":
+        from bookgen.train import evaluate_only
+
+        evaluate_only(cfg, args.split)
+        return 0
+    raise AssertionError(args.command)
+
+
+def _prepare(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
+    from bookgen.data.prepare import prepare
+    from bookgen.data.sources import download
+
+    if args.download:
+        target = cfg.data.source if cfg.data.source.name.endswith(".tar.gz") else (
+            cfg.data.source.parent / "booksummaries.tar.gz")
+        download(cfg.data.download_url, target, cfg.data.download_sha256)
+        cfg.data.source = target
+    start = time.perf_counter()
+    report = prepare(cfg)
+    took = time.perf_counter() - start
+    what = ", ".join(report.rebuilt) if report.rebuilt else "nothing (inputs unchanged)"
+    console.print(f"prepared {cfg.prepared_dir} in {took:.2f}s; rebuilt: {what}")
+    console.print("documents: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
+    if report.skipped_empty or report.skipped_malformed or report.bad_genres:
+        console.print(f"skipped: {report.skipped_empty} empty summaries, {report.skipped_malformed} malformed "
+                      f"rows; {report.bad_genres} rows with unreadable genres (kept)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

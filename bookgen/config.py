@@ -1,0 +1,255 @@
+"""Typed experiment configuration.
+
+One YAML file describes an experiment. It is loaded into :class:`ExperimentConfig`, a tree of small
+dataclass sections. Every field carries its documentation in ``metadata["help"]``; validation lives in
+each section's ``__post_init__`` and raises :class:`FieldError`, which the loader turns into a
+:class:`ConfigError` naming the file and the full dotted key. This module does no I/O and reads no
+environment: :mod:`bookgen.config_io` reads files and resolves paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """An experiment file (or an override) is invalid; the message names the file and the key."""
+
+
+class FieldError(ValueError):
+    """Raised by a section's validation; ``key`` is the field name inside that section."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise FieldError(key, message)
+
+
+def _doc(help_text: str, **extra: object) -> dict[str, object]:
+    return {"help": help_text, **extra}
+
+
+# metadata flags understood by the loader
+PATH = "path"  # relative value resolves against the YAML file's folder
+PATH_OR_ID = "path_or_id"  # a local folder if it exists next to the YAML file, else a hub id
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    output_dir: Path = field(metadata=_doc("Run folder: resolved config, metrics, checkpoints.", path=True))
+    log_every: int = field(default=1, metadata=_doc("Print a progress line every N optimizer steps."))
+    tensorboard: bool = field(default=False, metadata=_doc("Also log to TensorBoard (if installed)."))
+
+    def __post_init__(self) -> None:
+        _require(self.log_every >= 1, "log_every", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    source: Path = field(
+        metadata=_doc(
+            "booksummaries.txt, booksummaries.tar.gz, a folder with train/valid/test.txt, "
+            "or a text file with one document per line.",
+            path=True,
+        )
+    )
+    format: Literal["auto", "cmu", "archive", "splits", "text"] = field(
+        default="auto", metadata=_doc("How to read `source`; `auto` decides from the file.")
+    )
+    split: Literal["seeded", "reference"] = field(
+        default="seeded",
+        metadata=_doc("`seeded`: 70/20/10 by `seed`; `reference`: the reference notebook's exact split."),
+    )
+    prepared_dir: Path | None = field(
+        default=None,
+        metadata=_doc("Split files and token store; default `<run.output_dir>/prepared`.", path=True),
+    )
+    block_size: int = field(default=1024, metadata=_doc("Tokens per training example (truncation length)."))
+    packing: bool = field(default=False, metadata=_doc("Concatenate documents into full blocks."))
+    group_by_length: bool = field(
+        default=False, metadata=_doc("Batch documents of similar length (line-by-line only).")
+    )
+    skip_malformed: bool = field(
+        default=False, metadata=_doc("Skip and count malformed CMU rows instead of failing.")
+    )
+    shard_tokens: int = field(default=1 << 24, metadata=_doc("Maximum tokens per token-store shard."))
+    download_url: str = field(
+        default="http://www.cs.cmu.edu/~dbamman/data/booksummaries.tar.gz",
+        metadata=_doc("Where `bookgen prepare --download` fetches the corpus archive."),
+    )
+    download_sha256: str | None = field(
+        default=None, metadata=_doc("Expected SHA-256 of the archive; checked after download.")
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.block_size >= 8, "block_size", f"must be >= 8, got {self.block_size}")
+        _require(self.shard_tokens >= 1024, "shard_tokens", "must be >= 1024")
+        _require(
+            not (self.packing and self.group_by_length),
+            "group_by_length",
+            "cannot be combined with data.packing (packed blocks all have the same length)",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class TokenizerConfig:
+    name_or_path: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Hub id or folder. Default: the model's tokenizer, or a byte-level BPE trained on the "
+            "training split when the model is built from a config.",
+            path_or_id=True,
+        ),
+    )
+    vocab_size: int = field(default=4096, metadata=_doc("Vocabulary size when bookgen trains the BPE."))
+    bos_token: str = field(default="<BOS>", metadata=_doc("Start-of-summary token."))
+    eos_token: str = field(default="<EOS>", metadata=_doc("End-of-summary token."))
+    pad_token: str = field(default="<PAD>", metadata=_doc("Padding token, excluded from the loss."))
+
+    def __post_init__(self) -> None:
+        _require(self.vocab_size >= 300, "vocab_size", "must be >= 300 (256 bytes plus merges)")
+        tokens = [self.bos_token, self.eos_token, self.pad_token]
+        _require(len(set(tokens)) == 3, "pad_token", f"special tokens must differ, got {tokens}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    name_or_path: str | None = field(
+        default=None,
+        metadata=_doc("Hub id or local folder of a pretrained model; unset builds from the fields below.",
+                      path_or_id=True),
+    )
+    n_layer: int = field(default=2, metadata=_doc("Layers (from-scratch model only)."))
+    n_head: int = field(default=2, metadata=_doc("Attention heads (from-scratch model only)."))
+    n_embd: int = field(default=64, metadata=_doc("Width (from-scratch model only)."))
+    n_positions: int = field(default=1024, metadata=_doc("Context length (from-scratch model only)."))
+    dropout: float | None = field(default=None, metadata=_doc("Override all dropout rates."))
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata=_doc("Round the resized vocabulary up to a multiple of this.")
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "n_positions"):
+            _require(getattr(self, key) >= 1, key, "must be >= 1")
+        _require(self.n_embd % self.n_head == 0, "n_embd", "must be divisible by model.n_head")
+        if self.dropout is not None:
+            _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        if self.pad_to_multiple_of is not None:
+            _require(self.pad_to_multiple_of >= 1, "pad_to_multiple_of", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    epochs: int = field(default=1, metadata=_doc("Passes over the training split."))
+    max_steps: int | None = field(default=None, metadata=_doc("Stop after this many optimizer steps."))
+    micro_batch_size: int = field(default=2, metadata=_doc("Examples per rank per forward pass."))
+    grad_accum_steps: int = field(default=1, metadata=_doc("Micro-batches per optimizer step."))
+    learning_rate: float = field(default=5e-5, metadata=_doc("Peak learning rate (AdamW)."))
+    weight_decay: float = field(default=0.0, metadata=_doc("AdamW weight decay."))
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_doc("AdamW betas."))
+    adam_eps: float = field(default=1e-8, metadata=_doc("AdamW epsilon."))
+    warmup_steps: int = field(default=0, metadata=_doc("Linear warm-up steps."))
+    lr_schedule: Literal["linear", "cosine", "constant"] = field(
+        default="linear", metadata=_doc("Decay after warm-up: to zero at the last step, or constant.")
+    )
+    grad_clip: float = field(default=1.0, metadata=_doc("Gradient norm clipping; 0 disables."))
+    precision: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32", metadata=_doc("Training precision; fp16 needs a GPU.")
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        if self.max_steps is not None:
+            _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        _require(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+                 "adam_betas", "must be two numbers in [0, 1)")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    every: int | None = field(default=None, metadata=_doc("Evaluate on the validation split every N steps."))
+    at_end: bool = field(default=True, metadata=_doc("Evaluate on the validation split after training."))
+    batch_size: int = field(default=4, metadata=_doc("Examples per rank per evaluation forward pass."))
+
+    def __post_init__(self) -> None:
+        if self.every is not None:
+            _require(self.every >= 1, "every", "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class DeepSpeedSection:
+    config: Path | None = field(
+        default=None,
+        metadata=_doc("DeepSpeed JSON (see ds_configs/); experiment-owned values are filled in.", path=True),
+    )
+    zero_stage: int = field(default=0, metadata=_doc("ZeRO stage 0-3."))
+    comm_timeout_s: int = field(default=300, metadata=_doc("Collective timeout, so a dead rank ends the job."))
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _require(self.comm_timeout_s >= 1, "comm_timeout_s", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    every: int | None = field(default=None, metadata=_doc("Save every N optimizer steps (and at the end)."))
+    keep: int = field(default=2, metadata=_doc("Complete checkpoints to keep."))
+    resume: str = field(default="auto", metadata=_doc("`auto` (newest complete), `never`, or a folder."))
+
+    def __post_init__(self) -> None:
+        if self.every is not None:
+            _require(self.every >= 1, "every", "must be >= 1")
+        _require(self.keep >= 1, "keep", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerateConfig:
+    prompt: str = field(default="<BOS>", metadata=_doc("Default prompt."))
+    top_k: int = field(default=50, metadata=_doc("Sample among the k most likely tokens."))
+    top_p: float = field(default=1.0, metadata=_doc("Nucleus sampling mass, in (0, 1]."))
+    temperature: float = field(default=1.0, metadata=_doc("Softmax temperature, > 0."))
+    repetition_penalty: float = field(default=1.0, metadata=_doc("1.0 disables."))
+    max_new_tokens: int = field(default=300, metadata=_doc("New tokens per sequence at most."))
+    num_return_sequences: int = field(default=5, metadata=_doc("Samples per prompt."))
+    batch_size: int = field(default=16, metadata=_doc("Sequences decoded together."))
+    seed: int | None = field(default=None, metadata=_doc("Sampling seed; default the experiment seed."))
+
+    def __post_init__(self) -> None:
+        _require(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
+        _require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.temperature > 0, "temperature", "must be > 0")
+        _require(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _require(self.num_return_sequences >= 1, "num_return_sequences", "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class ExperimentConfig:
+    seed: int = field(default=42, metadata=_doc("Seed for the split, initialisation and data order."))
+    run: RunConfig = field(metadata=_doc("Run folder and logging."))
+    data: DataConfig = field(metadata=_doc("Corpus, split and token store."))
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig, metadata=_doc("Tokenizer."))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=_doc("Model."))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=_doc("Optimisation."))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("Evaluation."))
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection, metadata=_doc("DeepSpeed."))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=_doc("Checkpoints."))
+    generate: GenerateConfig = field(default_factory=GenerateConfig, metadata=_doc("Sampling."))
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.data.prepared_dir or self.run.output_dir / "prepared"

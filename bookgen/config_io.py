@@ -1,0 +1,178 @@
+"""Read experiment YAML files into :class:`ExperimentConfig`, apply ``--set`` overrides, write it back."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from bookgen.config import PATH, PATH_OR_ID, ConfigError, ExperimentConfig, FieldError
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load ``path``, apply ``key.sub=value`` overrides, validate, and resolve relative paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: experiment file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        _apply_override(raw, item, path)
+    return _build(ExperimentConfig, raw, prefix="", source=str(path), base_dir=path.resolve().parent)
+
+
+def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected key.sub=value")
+    value = yaml.safe_load(text) if text else ""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part} is not a section in {path}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path) -> Any:
+    section = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {section}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"{source}: {prefix}{key}: unknown key{hint}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}{name}"
+        if name not in raw:
+            no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if no_default and dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], {}, prefix=f"{dotted}.", source=source, base_dir=base_dir)
+            elif no_default:
+                raise ConfigError(f"{source}: {dotted}: required key is missing")
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], prefix=f"{dotted}.", source=source, base_dir=base_dir)
+            continue
+        value = _coerce(raw[name], tp, dotted, source)
+        if value is not None and f.metadata.get(PATH):
+            value = Path(value) if Path(value).is_absolute() else (base_dir / value).resolve()
+        elif value is not None and f.metadata.get(PATH_OR_ID):
+            local = base_dir / value
+            value = str(local.resolve()) if local.exists() else value
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except FieldError as exc:
+        raise ConfigError(f"{source}: {prefix}{exc.key}: {exc}") from exc
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
+
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin is Literal:
+        if value not in get_args(tp):
+            fail("one of " + ", ".join(repr(a) for a in get_args(tp)))
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            fail("a list")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if tp is str or tp is Path:
+        if not isinstance(value, str) or not value:
+            fail("a non-empty string")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain YAML-able dict of a config tree (paths as strings)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> ExperimentConfig:
+    """Rebuild a config written by :func:`write_resolved` (paths are already absolute)."""
+    return _build(ExperimentConfig, data, prefix="", source=source, base_dir=Path("/"))
+
+
+def write_resolved(cfg: ExperimentConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def model_fingerprint(cfg: ExperimentConfig) -> str:
+    """Hash of what decides the shape of the weights: a checkpoint from another one cannot be loaded."""
+    payload = {"model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer)}
+    payload["model"].pop("dropout", None)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_fields(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field: the source of `bookgen config-help` and the README table."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe_fields(hints[f.name], f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        rows.append((f"{prefix}{f.name}", default, str(f.metadata.get("help", ""))))
+    return rows

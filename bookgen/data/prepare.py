@@ -1,0 +1,190 @@
+"""`bookgen prepare`: split the corpus, build the tokenizer, pre-tokenize each split into a token store.
+
+Three cached stages, each keyed by a hash of its inputs and written aside then renamed, so an
+interrupted prepare leaves nothing a later run trusts and an unchanged rerun does no work:
+
+1. splits     prepared_dir/{train,valid,test}.txt + splits.json
+2. tokenizer  prepared_dir/tokenizer/ (+ bookgen.json with its key)
+3. stores     prepared_dir/store/<split>/ (manifest.json records its key)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bookgen.config import ExperimentConfig
+from bookgen.data import sources
+from bookgen.data.split import reference_split, seeded_split
+from bookgen.data.store import MANIFEST, StoreError, TokenStore, tokenize_in_batches, write_store
+from bookgen.data.tokenizer import tokenizer_fingerprint, tokenizer_source
+from bookgen.fileio import read_json, sha256_file, sha256_json, staged_dir, write_json_atomic
+
+SPLITS = sources.SPLITS
+STAGE_VERSION = 1
+TOKENIZE_BATCH = 512
+
+
+@dataclass(slots=True)
+class PrepareReport:
+    rebuilt: list[str] = field(default_factory=list)  # stages that did work
+    counts: dict[str, int] = field(default_factory=dict)  # documents per split
+    tokens: dict[str, int] = field(default_factory=dict)
+    skipped_empty: int = 0
+    skipped_malformed: int = 0
+    bad_genres: int = 0
+
+
+def store_dir(prepared: Path, split: str) -> Path:
+    return prepared / "store" / split
+
+
+def tokenizer_dir(prepared: Path) -> Path:
+    return prepared / "tokenizer"
+
+
+def format_line(summary: str, cfg: ExperimentConfig) -> str:
+    """One training line as the reference wrote it: ``<BOS> summary <EOS>``."""
+    return f"{cfg.tokenizer.bos_token} {summary} {cfg.tokenizer.eos_token}"
+
+
+def prepare(cfg: ExperimentConfig, *, quiet: bool = False) -> PrepareReport:
+    report = PrepareReport()
+    prepared = cfg.prepared_dir
+    prepared.mkdir(parents=True, exist_ok=True)
+    split_files = _stage_splits(cfg, prepared, report)
+    tok_dir = _stage_tokenizer(cfg, prepared, split_files["train"], report)
+    fingerprint = tokenizer_fingerprint(tok_dir)
+    for split in SPLITS:
+        _stage_store(cfg, split, split_files[split], tok_dir, fingerprint, report, quiet=quiet)
+    return report
+
+
+def _stage_splits(cfg: ExperimentConfig, prepared: Path, report: PrepareReport) -> dict[str, Path]:
+    d = cfg.data
+    fmt = sources.detect_format(d.source) if d.format == "auto" else d.format
+    key = sha256_json({
+        "version": STAGE_VERSION, "source": sources.source_checksum(d.source, fmt), "format": fmt,
+        "split": d.split, "seed": cfg.seed, "skip_malformed": d.skip_malformed,
+        "markers": [cfg.tokenizer.bos_token, cfg.tokenizer.eos_token],
+    })
+    files = {s: prepared / f"{s}.txt" for s in SPLITS}
+    record = read_json(prepared / "splits.json")
+    if _splits_valid(record, key, files):
+        assert record is not None
+        report.counts = dict(record["counts"])
+        return files
+
+    with tempfile.TemporaryDirectory(dir=prepared, prefix=".extract-") as scratch:
+        corpus = sources.read_corpus(d.source, fmt, skip_malformed=d.skip_malformed, scratch=Path(scratch))
+    report.skipped_empty = sum(1 for doc in corpus.docs if not doc)
+    if corpus.presplit is not None:
+        parts = corpus.presplit
+    else:
+        docs = corpus.docs
+        if d.split == "seeded":
+            docs = [doc for doc in docs if doc]  # empty summaries never enter the shuffle
+        # the reference split all rows, empty summaries included, so dropping happens after it
+        train, valid, test = reference_split(docs) if d.split == "reference" else seeded_split(docs, cfg.seed)
+        parts = {"train": train, "valid": valid, "test": test}
+    report.skipped_malformed, report.bad_genres = corpus.stats.malformed, corpus.stats.bad_genres
+    for split in SPLITS:
+        lines = [format_line(doc, cfg) for doc in parts[split] if doc]
+        if not lines:
+            raise sources.CorpusError(f"{d.source}: the {split} split is empty; the corpus is too small to split")
+        _write_text_atomic(files[split], "\n".join(lines) + "\n")
+        report.counts[split] = len(lines)
+    write_json_atomic(prepared / "splits.json", {
+        "key": key, "counts": report.counts, "sha256": {s: sha256_file(files[s]) for s in SPLITS},
+        "skipped_empty": report.skipped_empty, "skipped_malformed": report.skipped_malformed,
+        "bad_genres": report.bad_genres,
+    })
+    report.rebuilt.append("splits")
+    return files
+
+
+def _splits_valid(record: object, key: str, files: dict[str, Path]) -> bool:
+    if not isinstance(record, dict) or record.get("key") != key:
+        return False
+    return all(f.is_file() and sha256_file(f) == record["sha256"][s] for s, f in files.items())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _stage_tokenizer(cfg: ExperimentConfig, prepared: Path, train_file: Path, report: PrepareReport) -> Path:
+    t = cfg.tokenizer
+    source = tokenizer_source(cfg)
+    spec = {"version": STAGE_VERSION, "source": source, "specials": [t.bos_token, t.eos_token, t.pad_token]}
+    if source is None:  # a trained BPE depends on the training text and the vocabulary size
+        spec |= {"train_sha256": sha256_file(train_file), "vocab_size": t.vocab_size}
+    key = sha256_json(spec)
+    final = tokenizer_dir(prepared)
+    record = read_json(final / "bookgen.json")
+    if isinstance(record, dict) and record.get("key") == key and record.get("fingerprint") == tokenizer_fingerprint(final):
+        return final
+
+    from bookgen.data.tokenizer import build_tokenizer
+
+    texts = [sources.strip_markers(line) for line in sources.read_lines(train_file)]
+    tokenizer = build_tokenizer(cfg, texts)
+    with staged_dir(final) as scratch:
+        tokenizer.save_pretrained(str(scratch))
+        write_json_atomic(scratch / "bookgen.json", {"key": key, "fingerprint": tokenizer_fingerprint(scratch)})
+    report.rebuilt.append("tokenizer")
+    return final
+
+
+def _stage_store(
+    cfg: ExperimentConfig, split: str, text_file: Path, tok_dir: Path, fingerprint: str,
+    report: PrepareReport, *, quiet: bool,
+) -> None:
+    meta = {
+        "split": split, "tokenizer_fingerprint": fingerprint, "source_sha256": sha256_file(text_file),
+        "block_size": cfg.data.block_size, "shard_tokens": cfg.data.shard_tokens,
+    }
+    final = store_dir(cfg.prepared_dir, split)
+    manifest = read_json(final / MANIFEST)
+    if isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in meta.items()):
+        try:
+            store = TokenStore.open(final)
+            report.counts[split], report.tokens[split] = len(store), store.num_tokens
+            return
+        except StoreError:
+            pass  # corrupted: rebuild below
+
+    from bookgen.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tok_dir)
+    lines = sources.read_lines(text_file)
+    with staged_dir(final) as scratch, _progress(quiet) as bar:
+        task = bar.add_task(f"tokenize {split}", total=len(lines))
+
+        def encode(batch: list[str]) -> list[list[int]]:
+            return tokenizer(batch, add_special_tokens=False)["input_ids"]
+
+        docs = tokenize_in_batches(lines, encode, TOKENIZE_BATCH, lambda n: bar.advance(task, n))
+        written = write_store(scratch, docs, vocab_size=len(tokenizer), shard_tokens=cfg.data.shard_tokens, meta=meta)
+    report.counts[split], report.tokens[split] = int(written["num_docs"]), int(written["num_tokens"])  # type: ignore[call-overload]
+    report.rebuilt.append(f"store:{split}")
+
+
+def _progress(quiet: bool):  # type: ignore[no-untyped-def]
+    from rich.progress import Progress
+
+    return Progress(disable=quiet, transient=True)
+
+
+def open_store(cfg: ExperimentConfig, split: str) -> TokenStore:
+    """Open a split's store, refusing one built with another tokenizer or block size."""
+    store = TokenStore.open(store_dir(cfg.prepared_dir, split))
+    expected = tokenizer_fingerprint(tokenizer_dir(cfg.prepared_dir))
+    if store.manifest.get("tokenizer_fingerprint") != expected:
+        raise StoreError(f"{store.folder}: built with another tokenizer; rerun `bookgen prepare`")
+    return store

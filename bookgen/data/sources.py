@@ -1,0 +1,131 @@
+"""Read the corpus from any of its input forms into raw documents (or ready-made splits)."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bookgen.data.cmu import CorpusError, ParseStats, looks_like_cmu, normalize_summary, parse_rows
+from bookgen.fileio import sha256_file
+
+SPLITS = ("train", "valid", "test")
+ARCHIVE_MEMBER = "booksummaries/booksummaries.txt"
+BOS_EOS_MARKERS = ("<BOS>", "<EOS>")
+
+
+@dataclass(slots=True)
+class RawCorpus:
+    """Documents before splitting ("" = a row without summary), or splits given by the user."""
+
+    kind: str  # cmu | text | splits
+    docs: list[str] = field(default_factory=list)
+    presplit: dict[str, list[str]] | None = None
+    stats: ParseStats = field(default_factory=ParseStats)
+
+
+def detect_format(source: Path) -> str:
+    if source.is_dir():
+        missing = [f"{s}.txt" for s in SPLITS if not (source / f"{s}.txt").is_file()]
+        if missing:
+            raise CorpusError(f"{source}: a source folder must hold train.txt, valid.txt, test.txt; missing {missing}")
+        return "splits"
+    if not source.is_file():
+        raise CorpusError(f"{source}: data.source not found (see data/README.md for how to get the corpus)")
+    if source.name.endswith((".tar.gz", ".tgz")):
+        return "archive"
+    with open(source, encoding="utf-8", errors="replace") as fh:
+        first = fh.readline()
+    return "cmu" if looks_like_cmu(first) else "text"
+
+
+def source_checksum(source: Path, fmt: str) -> str:
+    if fmt == "splits":
+        digest = hashlib.sha256()
+        for name in SPLITS:
+            digest.update(sha256_file(source / f"{name}.txt").encode())
+        return digest.hexdigest()
+    return sha256_file(source)
+
+
+def extract_archive(archive: Path, target_dir: Path) -> Path:
+    """Extract only ``booksummaries/booksummaries.txt``; refuse members that would land outside ``target_dir``."""
+    target_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = [m for m in tar.getmembers() if m.name.lstrip("./") == ARCHIVE_MEMBER]
+            if not members:
+                raise CorpusError(f"{archive}: archive has no member {ARCHIVE_MEMBER}")
+            member = members[0]
+            dest = (target_dir / "booksummaries.txt").resolve()
+            if not member.isfile() or not dest.is_relative_to(target_dir.resolve()):
+                raise CorpusError(f"{archive}: member {member.name} is not a regular file inside the target")
+            reader = tar.extractfile(member)
+            assert reader is not None
+            tmp = dest.with_suffix(".part")
+            tmp.write_bytes(reader.read())
+            tmp.replace(dest)
+            return dest
+    except tarfile.TarError as exc:
+        raise CorpusError(f"{archive}: not a readable tar archive: {exc}") from exc
+
+
+def strip_markers(line: str) -> str:
+    text = line.strip()
+    for marker in BOS_EOS_MARKERS:
+        text = text.replace(marker, " ")
+    return normalize_summary(text)
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"{path}: not UTF-8 text ({exc})") from exc
+
+
+def read_corpus(source: Path, fmt: str, *, skip_malformed: bool, scratch: Path) -> RawCorpus:
+    if fmt == "splits":
+        presplit = {s: [d for d in map(strip_markers, read_lines(source / f"{s}.txt")) if d] for s in SPLITS}
+        return RawCorpus("splits", presplit=presplit)
+    if fmt == "archive":
+        source = extract_archive(source, scratch)
+        fmt = "cmu"
+    if fmt == "cmu":
+        books, stats = parse_rows(read_lines(source), source=source, skip_malformed=skip_malformed)
+        return RawCorpus("cmu", docs=[b.summary for b in books], stats=stats)
+    return RawCorpus("text", docs=[normalize_summary(line) for line in read_lines(source)])
+
+
+def download(url: str, dest: Path, expected_sha256: str | None, timeout_s: float = 20.0) -> Path:
+    """Fetch the corpus archive with a progress bar; fail at once, with a hint, when offline."""
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with open(tmp, "wb") as fh, Progress(*Progress.get_default_columns(), DownloadColumn(),
+                                                  TransferSpeedColumn()) as bar:
+                task = bar.add_task(f"download {dest.name}", total=total)
+                while block := resp.read(1 << 16):
+                    fh.write(block)
+                    bar.advance(task, len(block))
+    except (urllib.error.URLError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise CorpusError(
+            f"cannot download {url} ({exc}). Offline? Fetch booksummaries.tar.gz by hand and put it at "
+            f"{dest} (or set data.source to it), then run bookgen prepare again."
+        ) from exc
+    if total is not None and tmp.stat().st_size != total:
+        tmp.unlink(missing_ok=True)
+        raise CorpusError(f"{url}: download truncated ({tmp.stat().st_size} of {total} bytes)")
+    if expected_sha256 and (got := sha256_file(tmp)) != expected_sha256:
+        tmp.unlink(missing_ok=True)
+        raise CorpusError(f"{url}: SHA-256 {got} does not match data.download_sha256 {expected_sha256}")
+    tmp.replace(dest)
+    return dest

@@ -1,0 +1,144 @@
+"""The token store: documents as token ids in memory-mapped shards, with a manifest that is checked.
+
+Layout of one split's folder::
+
+    manifest.json        counts, dtype, tokenizer fingerprint, source checksum, block size, shard checksums
+    tokens_00000.bin     token ids, raw, in the manifest's dtype
+    offsets_00000.npy    int64 document start offsets inside that shard (n_docs + 1 values)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bookgen.fileio import read_json, sha256_file, write_json_atomic
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class StoreError(RuntimeError):
+    """A token store is missing, incomplete or corrupted."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def write_store(
+    folder: Path,
+    docs: Iterable[Sequence[int]],
+    *,
+    vocab_size: int,
+    shard_tokens: int,
+    meta: dict[str, object],
+) -> dict[str, object]:
+    """Write documents (lists of token ids) into shards in ``folder`` (which must be fresh)."""
+    dtype = token_dtype(vocab_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, object]] = []
+    pending: list[np.ndarray] = []
+    pending_tokens = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_tokens
+        index = len(shards)
+        tokens_file, offsets_file = f"tokens_{index:05d}.bin", f"offsets_{index:05d}.npy"
+        offsets = np.zeros(len(pending) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(d) for d in pending])
+        flat = np.concatenate(pending) if pending else np.zeros(0, dtype=dtype)
+        flat.astype(dtype).tofile(folder / tokens_file)
+        np.save(folder / offsets_file, offsets)
+        shards.append({
+            "tokens": tokens_file, "offsets": offsets_file, "docs": len(pending), "num_tokens": int(offsets[-1]),
+            "tokens_sha256": sha256_file(folder / tokens_file), "offsets_sha256": sha256_file(folder / offsets_file),
+        })
+        pending, pending_tokens = [], 0
+
+    for doc in docs:
+        arr = np.asarray(doc, dtype=np.int64)
+        if pending and pending_tokens + len(arr) > shard_tokens:
+            flush()
+        pending.append(arr)
+        pending_tokens += len(arr)
+    if pending or not shards:
+        flush()
+    manifest = {
+        "format_version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": vocab_size,
+        "num_docs": sum(int(s["docs"]) for s in shards),  # type: ignore[call-overload]
+        "num_tokens": sum(int(s["num_tokens"]) for s in shards),  # type: ignore[call-overload]
+        "shards": shards, **meta,
+    }
+    write_json_atomic(folder / MANIFEST, manifest)
+    return manifest
+
+
+@dataclass(slots=True)
+class TokenStore:
+    """Read-only, memory-mapped view of one split: ``store[i]`` is document i's token ids."""
+
+    folder: Path
+    manifest: dict[str, object]
+    _tokens: list[np.ndarray]
+    _offsets: list[np.ndarray]
+    _doc_shard: np.ndarray  # shard index of each global document
+    _doc_local: np.ndarray  # index inside that shard
+    lengths: np.ndarray  # tokens per document
+
+    @classmethod
+    def open(cls, folder: Path, *, verify: bool = True) -> TokenStore:
+        manifest = read_json(folder / MANIFEST)
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{folder}: no complete token store here; run `bookgen prepare --cfg ...`")
+        dtype = np.dtype(str(manifest["dtype"]))
+        tokens, offsets, shard_ids, local_ids = [], [], [], []
+        for i, shard in enumerate(manifest["shards"]):  # type: ignore[attr-defined]
+            tok_path, off_path = folder / shard["tokens"], folder / shard["offsets"]
+            for path, key in ((tok_path, "tokens_sha256"), (off_path, "offsets_sha256")):
+                if not path.is_file():
+                    raise StoreError(f"{path}: shard file missing; rerun `bookgen prepare`")
+                if verify and sha256_file(path) != shard[key]:
+                    raise StoreError(
+                        f"{path}: checksum does not match {folder / MANIFEST}; the store is corrupted. "
+                        "Delete the folder and rerun `bookgen prepare`."
+                    )
+            off = np.load(off_path)
+            size = tok_path.stat().st_size // dtype.itemsize
+            if size != off[-1]:
+                raise StoreError(f"{tok_path}: holds {size} tokens, manifest says {int(off[-1])}; corrupted")
+            tokens.append(np.memmap(tok_path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype))
+            offsets.append(off)
+            shard_ids.append(np.full(len(off) - 1, i, dtype=np.int32))
+            local_ids.append(np.arange(len(off) - 1, dtype=np.int64))
+        lengths = np.concatenate([np.diff(o) for o in offsets]) if offsets else np.zeros(0, np.int64)
+        return cls(folder, manifest, tokens, offsets, np.concatenate(shard_ids), np.concatenate(local_ids), lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        shard, local = int(self._doc_shard[index]), int(self._doc_local[index])
+        off = self._offsets[shard]
+        return self._tokens[shard][off[local] : off[local + 1]]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def tokenize_in_batches(
+    lines: Sequence[str], encode: Callable[[list[str]], list[list[int]]], batch: int, on_batch: Callable[[int], None]
+) -> Iterable[list[int]]:
+    """Yield token ids line by line; ``encode`` is a fast tokenizer's batch call (parallel in Rust)."""
+    for start in range(0, len(lines), batch):
+        chunk = list(lines[start : start + batch])
+        yield from encode(chunk)
+        on_batch(len(chunk))

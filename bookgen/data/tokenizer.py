@@ -1,0 +1,75 @@
+"""Build, load and fingerprint the tokenizer, with bookgen's special tokens added."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bookgen.config import ExperimentConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def tokenizer_source(cfg: ExperimentConfig) -> str | None:
+    """Where a pretrained tokenizer comes from; None means bookgen trains a BPE on the training split."""
+    return cfg.tokenizer.name_or_path or cfg.model.name_or_path
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> PreTrainedTokenizerBase:
+    """A byte-level BPE like GPT-2's, trained on ``texts`` with the ``tokenizers`` library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return GPT2TokenizerFast(tokenizer_object=tok)
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, cfg: ExperimentConfig) -> PreTrainedTokenizerBase:
+    t = cfg.tokenizer
+    tokenizer.add_special_tokens({"bos_token": t.bos_token, "eos_token": t.eos_token, "pad_token": t.pad_token})
+    return tokenizer
+
+
+def build_tokenizer(cfg: ExperimentConfig, train_texts: list[str]) -> PreTrainedTokenizerBase:
+    t = cfg.tokenizer
+    specials = [t.bos_token, t.eos_token, t.pad_token]
+    source = tokenizer_source(cfg)
+    if source is None:
+        tokenizer = train_bpe(train_texts, t.vocab_size, specials)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.model_max_length = 1 << 30  # we truncate to data.block_size ourselves; silence length warnings
+    return add_special_tokens(tokenizer, cfg)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    """Hash of the saved tokenizer files: vocabulary, merges and added (special) tokens."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        file = path / name
+        if file.is_file():
+            digest.update(name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
