@@ -12,7 +12,6 @@ import time
 from collections.abc import Sequence
 
 
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from bookgen.config import ConfigError
     from bookgen.data.cmu import CorpusError

@@ -127,8 +127,9 @@ def _stage_tokenizer(cfg: ExperimentConfig, prepared: Path, train_file: Path, re
     key = sha256_json(spec)
     final = tokenizer_dir(prepared)
     record = read_json(final / "bookgen.json")
-    if isinstance(record, dict) and record.get("key") == key and record.get("fingerprint") == tokenizer_fingerprint(final):
-        return final
+    if isinstance(record, dict) and record.get("key") == key:
+        if record.get("fingerprint") == tokenizer_fingerprint(final):
+            return final
 
     from bookgen.data.tokenizer import build_tokenizer
 

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bookgen.config import ConfigError
+from bookgen.config_io import config_from_dict, config_to_dict, load_config, write_resolved
+from tests.conftest import REPO, write_experiment
+
+
+def test_loads_embedded_default_and_resolves_paths_against_yaml_folder():
+    cfg = load_config(REPO / "experiments" / "tiny_cpu.yaml")
+    assert cfg.data.source == REPO / "data" / "sample" / "booksummaries.txt"
+    assert cfg.run.output_dir == REPO / "runs" / "tiny_cpu"
+    assert cfg.prepared_dir == REPO / "runs" / "tiny_cpu" / "prepared"
+    assert cfg.deepspeed.config == REPO / "ds_configs" / "zero1.json"
+
+
+def test_reference_experiment_matches_the_reference_run():
+    cfg = load_config(REPO / "experiments" / "gpt2_booksummaries.yaml")
+    assert (cfg.model.name_or_path, cfg.train.learning_rate, cfg.train.epochs) == ("gpt2", 5e-5, 5)
+    assert cfg.train.micro_batch_size == 2 and cfg.data.split == "reference" and not cfg.data.packing
+
+
+def test_unknown_key_suggests_close_match(tmp_path):
+    path = write_experiment(tmp_path, {"train.lerning_rate": 1e-4})
+    expected = r"exp.yaml: train.lerning_rate: unknown key; did you mean train.learning_rate\?"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+
+
+def test_unknown_section_is_named(tmp_path):
+    path = write_experiment(tmp_path, {"trian.epochs": 2})
+    with pytest.raises(ConfigError, match=r"trian: unknown key; did you mean train\?"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("train.micro_batch_size", "two", r"train.micro_batch_size: expected an integer, got 'two'"),
+        ("train.micro_batch_size", True, r"train.micro_batch_size: expected an integer"),
+        ("train.learning_rate", -1.0, r"train.learning_rate: must be > 0"),
+        ("data.split", "random", r"data.split: expected one of 'seeded', 'reference'"),
+        ("deepspeed.zero_stage", 4, r"deepspeed.zero_stage: must be 0, 1, 2 or 3"),
+        ("data.block_size", 2, r"data.block_size: must be >= 8"),
+        ("run.tensorboard", "yes", r"run.tensorboard: expected true or false"),
+        ("train", [1, 2], r"train: expected a mapping"),
+    ],
+)
+def test_bad_values_name_file_and_key(tmp_path, key, value, message):
+    path = write_experiment(tmp_path, {key: value})
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_required_key(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"run": {"output_dir": "x"}}))
+    with pytest.raises(ConfigError, match=r"data.source: required key is missing"):
+        load_config(path)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="nope.yaml: experiment file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_set_overrides_are_typed_and_validated(tmp_path):
+    path = write_experiment(tmp_path)
+    cfg = load_config(path, ["train.max_steps=10", "train.learning_rate=3e-4", "data.packing=true"])
+    assert (cfg.train.max_steps, cfg.train.learning_rate, cfg.data.packing) == (10, 3e-4, True)
+    with pytest.raises(ConfigError, match="train.max_stpes: unknown key; did you mean train.max_steps"):
+        load_config(path, ["train.max_stpes=10"])
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(path, ["train.max_steps"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write_experiment(tmp_path))
+    out = tmp_path / "resolved.yaml"
+    write_resolved(cfg, out)
+    again = config_from_dict(yaml.safe_load(out.read_text()), str(out))
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert isinstance(again.run.output_dir, Path) and again.run.output_dir.is_absolute()
+
+
+def test_config_help_lists_every_section(capsys):
+    from bookgen.cli import main
+
+    assert main(["config-help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("seed", "run.output_dir", "data.block_size", "train.grad_accum_steps", "deepspeed.zero_stage"):
+        assert key in out
