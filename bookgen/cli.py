@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_cfg(sub.add_parser("train", help="train (prepares the data first when needed)"))
     ev = with_cfg(sub.add_parser("eval", help="perplexity of the newest checkpoint (or the model) on a split"))
     ev.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    ex = with_cfg(sub.add_parser("export", help="write a Hugging Face folder from a checkpoint"))
+    ex.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: newest complete)")
+    ex.add_argument("--out", type=Path, required=True, help="folder to write")
     sub.add_parser("config-help", help="list every config key with its default and meaning")
     return parser
 
@@ -75,6 +79,13 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         from bookgen.train import evaluate_only
 
         evaluate_only(cfg, args.split)
+        return 0
+    if args.command == "export":
+        from bookgen.export import export, resolve_checkpoint
+
+        folder = resolve_checkpoint(cfg, args.checkpoint)
+        export(folder, args.out)
+        console.print(f"exported {folder} to {args.out}")
         return 0
     raise AssertionError(args.command)
 

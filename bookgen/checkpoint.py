@@ -1,0 +1,216 @@
+"""ZeRO checkpoints that are complete before anything points at them, and exact resume.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step00000040/            DeepSpeed's files (all ranks), plus
+        rng_rank<R>.pt       each rank's RNG states (DeepSpeed keeps only rank 0's client state)
+        hf/                  model config and tokenizer, so export needs nothing else
+        COMPLETE.json        written by rank 0 after every rank finished: train state, config fingerprint
+    latest_complete          name of the newest complete checkpoint, replaced atomically
+
+DeepSpeed's own ``latest`` file is not used: rank 0 writes it before the other ranks have finished,
+so a kill during a save could leave it naming an incomplete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bookgen.config import ExperimentConfig
+from bookgen.config_io import config_to_dict, model_fingerprint
+from bookgen.distributed import DistEnv, barrier, broadcast_object
+from bookgen.errors import BookgenError
+from bookgen.fileio import read_json, write_json_atomic
+
+POINTER = "latest_complete"
+MARKER = "COMPLETE.json"
+
+
+@dataclass(slots=True)
+class TrainState:
+    """Where training stands: enough, with the RNG files, to continue exactly."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps already taken in ``epoch``
+
+
+def checkpoint_root(cfg: ExperimentConfig) -> Path:
+    return cfg.run.output_dir / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(), "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, hf_files: Any) -> Path:
+    """All ranks call this with the same state. Returns the checkpoint folder."""
+    root = checkpoint_root(cfg)
+    tag = tag_for(state.global_step)
+    folder = root / tag
+    error: str | None = None
+    try:
+        if dist.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if folder.exists():  # a leftover from an interrupted save of the same step
+                shutil.rmtree(folder)
+        barrier()
+        client = {"bookgen_state": asdict(state), "bookgen_fingerprint": model_fingerprint(cfg)}
+        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+        torch.save(_rng_state(), folder / f"rng_rank{dist.rank}.pt")
+        if dist.is_main:
+            hf_files(folder / "hf")
+    except OSError as exc:
+        error = f"rank {dist.rank}: cannot write checkpoint {folder}: {exc}"
+    # every rank learns whether any rank failed, so none of them marks a broken checkpoint complete
+    errors = _gather_errors(error)
+    if errors:
+        raise BookgenError("; ".join(errors) + ". Earlier checkpoints are untouched.")
+    if dist.is_main:
+        write_json_atomic(folder / MARKER, {
+            "state": asdict(state), "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
+            "fingerprint": model_fingerprint(cfg),
+            "model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer),
+            "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing},
+        })
+        _write_pointer(root, tag)
+        _prune(root, cfg.checkpoint.keep)
+    barrier()
+    return folder
+
+
+def _gather_errors(error: str | None) -> list[str]:
+    if not torch.distributed.is_initialized():
+        return [error] if error else []
+    gathered: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, error)
+    return [e for e in gathered if e]
+
+
+def _write_pointer(root: Path, tag: str) -> None:
+    tmp = root / f".{POINTER}.tmp"
+    tmp.write_text(tag + "\n", encoding="utf-8")
+    os.replace(tmp, root / POINTER)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and (p / MARKER).is_file())
+
+
+def newest_complete(cfg: ExperimentConfig) -> Path | None:
+    done = complete_checkpoints(checkpoint_root(cfg))
+    return done[-1] if done else None
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = complete_checkpoints(root)
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    newest = done[-1].name if done else ""
+    for partial in root.iterdir():  # interrupted saves older than the newest complete one
+        if partial.is_dir() and partial.name.startswith("step") and partial.name < newest and partial not in done:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def find_resume(cfg: ExperimentConfig) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (or None) and notes to print about what was passed over."""
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        return None, []
+    if mode != "auto":
+        folder = Path(mode)
+        if not (folder / MARKER).is_file():
+            raise BookgenError(f"checkpoint.resume: {folder} is not a complete bookgen checkpoint "
+                               f"(no {MARKER}; an interrupted save?)")
+        return folder, []
+    root = checkpoint_root(cfg)
+    done = complete_checkpoints(root)
+    notes = []
+    pointer = root / POINTER
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    if named and not (root / named / MARKER).is_file():
+        notes.append(f"checkpoint {named} is incomplete; ignoring it")
+    incomplete = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step")
+                  and not (p / MARKER).is_file()] if root.is_dir() else []
+    if done and any(name > done[-1].name for name in incomplete):
+        notes.append(f"checkpoint {max(incomplete)} is incomplete (interrupted save); "
+                     f"resuming from the previous complete one, {done[-1].name}")
+    return (done[-1] if done else None), notes
+
+
+def read_marker(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The checkpoint's record, refused when the model or tokenizer config differs from ``cfg``."""
+    marker = read_json(folder / MARKER)
+    if not isinstance(marker, dict):
+        raise BookgenError(f"{folder / MARKER}: unreadable checkpoint marker")
+    if marker["fingerprint"] != model_fingerprint(cfg):
+        diffs = _diff("model", marker["model"], config_to_dict(cfg.model))
+        diffs += _diff("tokenizer", marker["tokenizer"], config_to_dict(cfg.tokenizer))
+        raise BookgenError(f"{folder} was made with another model or tokenizer: " + "; ".join(diffs)
+                           + ". Use another run.output_dir or checkpoint.resume: never.")
+    return marker
+
+
+def check_compatible(folder: Path, cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
+    marker = read_marker(folder, cfg)
+    if marker["world_size"] != dist.world_size:
+        raise BookgenError(
+            f"{folder} was saved by {marker['world_size']} ranks, this run has {dist.world_size}. Resuming at "
+            "another world size is refused (the optimizer partitions and data position would not match); "
+            f"rerun with {marker['world_size']} ranks, or export the weights and start a new run from them.")
+    if marker["zero_stage"] != cfg.deepspeed.zero_stage:
+        raise BookgenError(f"{folder} was saved under ZeRO stage {marker['zero_stage']}, this run uses "
+                           f"deepspeed.zero_stage {cfg.deepspeed.zero_stage}")
+    return marker
+
+
+def _diff(section: str, saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    return [f"{section}.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now)) if k != "dropout" and saved.get(k) != now.get(k)]
+
+
+def load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv) -> TrainState:
+    """Restore engine (weights, optimizer, scheduler), this rank's RNG, and the train state."""
+    marker = check_compatible(folder, cfg, dist)
+    path, _client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+    if path is None:
+        raise BookgenError(f"DeepSpeed could not load {folder}")
+    rng_file = folder / f"rng_rank{dist.rank}.pt"
+    _set_rng_state(torch.load(rng_file, weights_only=True))
+    state = TrainState(**marker["state"])
+    # all ranks must agree on where they are
+    agreed = broadcast_object(asdict(state))
+    if agreed != asdict(state):
+        raise BookgenError(f"rank {dist.rank} read another train state from {folder} than rank 0")
+    return state

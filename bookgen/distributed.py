@@ -1,0 +1,135 @@
+"""Rank and world discovery, process-group setup and the few collectives bookgen uses.
+
+Works under torchrun and the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*), under srun
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, ...), and as a plain single process. DeepSpeed itself
+never reads SLURM_* and, with nothing set, tries MPI discovery, so the environment is filled here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def discover(env: Mapping[str, str]) -> DistEnv:
+    """Rank layout from the launcher's variables; a pure function of ``env`` except for a free port."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return DistEnv(
+            rank=int(env["RANK"]), world_size=world, local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        # srun with one task per rank; the first node of the allocation hosts the rendezvous
+        nodes = env.get("SLURM_NNODES", "1")
+        first = env.get("BOOKGEN_MASTER_ADDR") or env.get("SLURMD_NODENAME", "127.0.0.1")
+        tasks_per_node = int(env["SLURM_NTASKS"]) // max(1, int(nodes))
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)), local_world_size=tasks_per_node,
+            master_addr=env.get("MASTER_ADDR", first),
+            master_port=int(env.get("MASTER_PORT", 29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000)),
+        )
+    return DistEnv(0, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port())
+
+
+def export_env(dist: DistEnv, env: MutableMapping[str, str]) -> None:
+    env.update({
+        "RANK": str(dist.rank), "WORLD_SIZE": str(dist.world_size), "LOCAL_RANK": str(dist.local_rank),
+        "LOCAL_WORLD_SIZE": str(dist.local_world_size), "MASTER_ADDR": dist.master_addr,
+        "MASTER_PORT": str(dist.master_port),
+    })
+
+
+def device_for(dist: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+def setup(timeout_s: int) -> DistEnv:
+    """Discover the layout, size CPU threads, and start the process group through DeepSpeed."""
+    import deepspeed
+
+    dist = discover(os.environ)
+    export_env(dist, os.environ)
+    if not torch.cuda.is_available():
+        # torchrun forces 1 thread per rank and the deepspeed launcher leaves it unset: share the cores
+        threads = max(1, (os.cpu_count() or 1) // dist.local_world_size)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            # DeepSpeed JIT-compiles its shared-memory collectives at start; without a compiler, skip them
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    device_for(dist)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                               verbose=False)
+    return dist
+
+
+def teardown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (float64, so token counts stay exact)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def broadcast_object(value: object) -> object:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def warn(dist: DistEnv, message: str) -> None:
+    """Non-zero ranks are quiet, except when something is wrong: then they say who they are."""
+    print(f"[bookgen rank {dist.rank}/{dist.world_size}] {message}", file=sys.stderr, flush=True)

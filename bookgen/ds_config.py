@@ -1,0 +1,84 @@
+"""The DeepSpeed config: DeepSpeed's own settings from a JSON file, the experiment's values filled in.
+
+The JSON in ds_configs/ holds only DeepSpeed's settings (ZeRO options, offload, buckets). Everything the
+experiment owns is written here from the YAML; a JSON value that disagrees (other than "auto") is an
+error naming both, so no number silently wins.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from bookgen.config import ExperimentConfig
+from bookgen.errors import BookgenError
+
+
+def load_ds_json(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}, "steps_per_print": 10**9}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BookgenError(f"deepspeed.config: cannot read {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise BookgenError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BookgenError(f"{path}: a DeepSpeed config must be a JSON object")
+    return data
+
+
+def owned_values(cfg: ExperimentConfig, world_size: int) -> dict[str, tuple[Any, str]]:
+    """DeepSpeed key (dotted) -> (value, the YAML key it comes from)."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (t.grad_accum_steps, "train.grad_accum_steps"),
+        "train_batch_size": (t.micro_batch_size * t.grad_accum_steps * world_size,
+                             f"train.micro_batch_size {t.micro_batch_size} x train.grad_accum_steps "
+                             f"{t.grad_accum_steps} x world size {world_size}"),
+        "gradient_clipping": (t.grad_clip, "train.grad_clip"),
+        "optimizer.params.lr": (t.learning_rate, "train.learning_rate"),
+        "optimizer.params.weight_decay": (t.weight_decay, "train.weight_decay"),
+        "optimizer.params.betas": (list(t.adam_betas), "train.adam_betas"),
+        "optimizer.params.eps": (t.adam_eps, "train.adam_eps"),
+        "bf16.enabled": (t.precision == "bf16", "train.precision"),
+        "fp16.enabled": (t.precision == "fp16", "train.precision"),
+        "zero_optimization.stage": (cfg.deepspeed.zero_stage, "deepspeed.zero_stage"),
+    }
+
+
+def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    source = cfg.deepspeed.config
+    where = str(source) if source else "the built-in DeepSpeed config"
+    ds = copy.deepcopy(load_ds_json(source))
+    if "scheduler" in ds:
+        raise BookgenError(f"{where}: remove \"scheduler\"; the experiment owns the learning-rate schedule "
+                           "(train.lr_schedule, train.warmup_steps)")
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    problems = []
+    for dotted, (value, yaml_key) in owned_values(cfg, world_size).items():
+        node = ds
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        current = node.get(last, "auto")
+        if current != "auto" and not _same(current, value):
+            problems.append(f"{dotted} is {current!r} in {where}, but {yaml_key} gives {value!r}")
+        node[last] = value
+    if problems:
+        raise BookgenError("DeepSpeed config disagrees with the experiment:\n  " + "\n  ".join(problems)
+                           + "\nRemove these keys from the JSON (or set them to \"auto\"); the YAML owns them.")
+    if cfg.train.grad_clip == 0:
+        ds.pop("gradient_clipping")
+    return ds
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b

@@ -1,0 +1,33 @@
+"""Build the DeepSpeed engine around an already built (and resized) model."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from bookgen.config import ExperimentConfig
+from bookgen.ds_config import build_ds_config
+from bookgen.errors import BookgenError
+from bookgen.schedule import lr_multiplier
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, kind: str) -> Any:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_multiplier, warmup_steps=warmup, total_steps=total, kind=kind))
+
+
+def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, world_size: int, total_steps: int) -> Any:
+    import deepspeed
+
+    ds_config = build_ds_config(cfg, world_size)
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise BookgenError("train.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
+    make_scheduler = partial(_scheduler, warmup=cfg.train.warmup_steps, total=total_steps,
+                             kind=cfg.train.lr_schedule)
+    engine, _optimizer, _loader, _scheduler_obj = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config, lr_scheduler=make_scheduler,
+    )
+    return engine

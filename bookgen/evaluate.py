@@ -1,0 +1,66 @@
+"""Token-weighted perplexity over all ranks: exp(total NLL / total predicted tokens).
+
+Every example is counted exactly once whatever the world size. Ranks with fewer batches still run
+forward passes on a dummy batch with weight zero, because under ZeRO-3 every forward gathers
+parameters collectively and all ranks must take part.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bookgen.data.batches import IGNORE_INDEX, Examples, collate, eval_shard
+from bookgen.distributed import DistEnv, all_reduce_max, all_reduce_sum
+
+Forward = Callable[..., object]  # model or engine: forward(input_ids=..., attention_mask=...) -> .logits
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    split: str
+    loss: float
+    perplexity: float
+    tokens: int
+    examples: int
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def batch_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL and the number of predicted tokens. logits: (batch, seq, vocab)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll, int((shift_labels != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def perplexity(
+    forward: Forward, examples: Examples, *, split: str, dist: DistEnv, batch_size: int, pad_id: int,
+    device: torch.device, on_batch: Callable[[], None] | None = None,
+) -> EvalResult:
+    shard = eval_shard(len(examples), dist.rank, dist.world_size)
+    n_batches = all_reduce_max(-(-len(shard) // batch_size), device)
+    total_nll, total_tokens = 0.0, 0
+    for b in range(n_batches):
+        picked = shard[b * batch_size : (b + 1) * batch_size]
+        real = len(picked) > 0
+        batch = collate([examples.tokens_of(int(i)) for i in (picked if real else [0])], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if real:
+            nll, count = batch_nll(out.logits, batch["labels"])  # type: ignore[attr-defined]
+            total_nll += float(nll.double())
+            total_tokens += count
+        if on_batch is not None:
+            on_batch()
+    nll_sum, tokens, n_examples = all_reduce_sum([total_nll, float(total_tokens), float(len(shard))], device)
+    loss = nll_sum / max(tokens, 1.0)
+    return EvalResult(split=split, loss=loss, perplexity=math.exp(loss), tokens=int(tokens), examples=int(n_examples))

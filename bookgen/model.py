@@ -1,0 +1,84 @@
+"""Build the model (pretrained or from a config), add the special tokens, resize the embeddings.
+
+This all happens before the DeepSpeed engine exists, on every rank, from the same seed, so every
+rank holds the same full model; the engine then partitions it (ZeRO-3 included). Building GPT-2
+inside ``deepspeed.zero.Init`` instead runs transformers' weight initialisation on empty partitions
+and gives a broken start (first loss ~42 where ln(vocab) ~7 is expected).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from bookgen.config import ExperimentConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    m = cfg.model
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+    if m.name_or_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, torch_dtype=torch.float32)
+    else:
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_positions=m.n_positions, n_embd=m.n_embd, n_layer=m.n_layer,
+            n_head=m.n_head, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = GPT2LMHeadModel(config)
+    if m.dropout is not None:
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if hasattr(model.config, name):
+                setattr(model.config, name, m.dropout)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = m.dropout
+    resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
+    set_special_token_ids(model, tokenizer)
+    return model
+
+
+def resize_embeddings(model: PreTrainedModel, vocab_size: int, pad_to_multiple_of: int | None) -> None:
+    """Grow the (tied) embeddings to hold the new tokens; new rows start at the mean of the old ones."""
+    old = model.get_input_embeddings().weight.shape[0]
+    target = vocab_size
+    if pad_to_multiple_of:
+        target = -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
+    if target == old:
+        return
+    model.resize_token_embeddings(target, mean_resizing=False)
+    if target > old:
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+            head = model.get_output_embeddings()
+            if head is not None and head.weight.data_ptr() != weight.data_ptr():
+                head.weight[old:] = head.weight[:old].mean(dim=0, keepdim=True)
+
+
+def set_special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Point the model and generation configs at <BOS>/<EOS>/<PAD>, so generation stops at <EOS>."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    for key, value in ids.items():
+        setattr(model.config, key, value)
+        if getattr(model, "generation_config", None) is not None:
+            setattr(model.generation_config, key, value)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters, counting tied tensors once; under ZeRO-3 a partitioned tensor's size is ``ds_numel``."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += int(getattr(p, "ds_numel", p.numel()))
+    return total

@@ -1,0 +1,264 @@
+"""The training run: one loop for every launcher, ZeRO stage and data layout."""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from bookgen import checkpoint as ckpt
+from bookgen import distributed
+from bookgen.config import ExperimentConfig, TrainConfig
+from bookgen.config_io import config_to_dict, write_resolved
+from bookgen.data.batches import Examples, collate, epoch_order, micro_batch_indices, steps_per_epoch
+from bookgen.data.prepare import open_store, prepare, tokenizer_dir
+from bookgen.data.tokenizer import load_tokenizer
+from bookgen.distributed import DistEnv
+from bookgen.engine import build_engine
+from bookgen.errors import BookgenError
+from bookgen.evaluate import EvalResult, perplexity
+from bookgen.fileio import write_json_atomic
+from bookgen.metrics import MetricsLog, plot_loss_curves
+from bookgen.model import build_model, count_parameters
+from bookgen.progress import TrainProgress, summary_table
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues the job on it
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_steps(n_examples: int, t: TrainConfig, world_size: int) -> StepPlan:
+    global_batch = t.micro_batch_size * t.grad_accum_steps * world_size
+    per_epoch = steps_per_epoch(n_examples, global_batch)
+    if per_epoch == 0:
+        raise BookgenError(f"the training split has {n_examples} examples, fewer than one global batch of "
+                           f"{global_batch} (train.micro_batch_size x train.grad_accum_steps x {world_size} ranks)")
+    total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
+    return StepPlan(global_batch, per_epoch, total)
+
+
+@dataclass(slots=True)
+class StepMetrics:
+    loss: float
+    tokens: int
+    lr: float
+    stop_requested: bool
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 (preemption) set a flag; the loop finishes its step, saves, and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.requested = True
+
+
+def train(cfg: ExperimentConfig) -> dict[str, Any]:
+    dist = distributed.setup(cfg.deepspeed.comm_timeout_s)
+    try:
+        return _run(cfg, dist)
+    finally:
+        distributed.teardown()
+
+
+def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
+    console = Console(stderr=True, quiet=not dist.is_main)
+    stop = StopFlag()
+    if dist.is_main:
+        announce(cfg, console, dist)
+    ensure_prepared(cfg, dist, console)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
+    model = build_model(cfg, tokenizer)
+    train_examples = Examples.build(open_store(cfg, "train"), cfg.data.block_size, cfg.data.packing)
+    valid_examples = Examples.build(open_store(cfg, "valid"), cfg.data.block_size, cfg.data.packing)
+    plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
+    engine = build_engine(cfg, model, dist.world_size, plan.total_steps)
+    state = resume(engine, cfg, dist, console)
+    save_hf = _hf_files_writer(engine, tokenizer)
+    log = MetricsLog(cfg.run.output_dir, tensorboard=cfg.run.tensorboard, resume_step=state.global_step) \
+        if dist.is_main else None
+    console.print(f"model: {count_parameters(engine.module):,} parameters; {len(train_examples)} training examples; "
+                  f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
+                  f"{plan.total_steps} steps in all")
+    progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step,
+                             log_every=cfg.run.log_every)
+    start, tokens_seen, last_loss, evals = time.perf_counter(), 0, math.nan, []
+    pad_id = tokenizer.pad_token_id
+    while state.global_step < plan.total_steps:
+        order = epoch_order(train_examples.lengths, seed=cfg.seed, epoch=state.epoch, global_batch=plan.global_batch,
+                            group_by_length=cfg.data.group_by_length)
+        while state.step_in_epoch < plan.steps_per_epoch and state.global_step < plan.total_steps:
+            m = train_step(engine, train_examples, order, state.step_in_epoch, cfg.train, dist, pad_id,
+                           stop.requested)
+            state.global_step += 1
+            state.step_in_epoch += 1
+            tokens_seen += m.tokens
+            last_loss = m.loss
+            rate = tokens_seen / max(time.perf_counter() - start, 1e-9)
+            progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr, tokens_per_second=rate)
+            if log is not None:
+                log.write({"step": state.global_step, "epoch": state.epoch, "loss": m.loss, "lr": m.lr,
+                           "tokens": m.tokens, "tokens_per_second": rate})
+            if _due(cfg.eval.every, state.global_step) and state.global_step < plan.total_steps:
+                evals.append(run_eval(engine, valid_examples, "valid", cfg, dist, pad_id, state.global_step, log))
+                progress.note(_eval_line(evals[-1], state.global_step))
+            if m.stop_requested:
+                ckpt.save(engine, cfg, dist, state, save_hf)
+                progress.close()
+                console.print(f"preempted: saved checkpoint at step {state.global_step}; rerun to resume")
+                if log is not None:
+                    log.close()
+                distributed.teardown()
+                sys.exit(PREEMPTED_EXIT)
+            if _due(cfg.checkpoint.every, state.global_step) and state.global_step < plan.total_steps:
+                ckpt.save(engine, cfg, dist, state, save_hf)
+        if state.step_in_epoch >= plan.steps_per_epoch:
+            state.epoch += 1
+            state.step_in_epoch = 0
+    progress.close()
+    ckpt.save(engine, cfg, dist, state, save_hf)
+    if cfg.eval.at_end:
+        evals.append(run_eval(engine, valid_examples, "valid", cfg, dist, pad_id, state.global_step, log))
+    elapsed = time.perf_counter() - start
+    summary = {"steps": state.global_step, "train_loss": last_loss, "tokens": tokens_seen,
+               "seconds": elapsed, "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}
+    if evals:
+        summary |= {"eval_loss": evals[-1].loss, "perplexity": evals[-1].perplexity}
+    if log is not None:
+        log.close()
+        plot_loss_curves(log.path, cfg.run.output_dir / "loss_curves.png")
+        console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" for k, v in summary.items()}))
+    return summary
+
+
+def _due(every: int | None, step: int) -> bool:
+    return every is not None and step % every == 0
+
+
+def _eval_line(result: EvalResult, step: int) -> str:
+    return (f"eval {result.split} @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f} "
+            f"over {result.tokens:,} tokens")
+
+
+def announce(cfg: ExperimentConfig, console: Console, dist: DistEnv) -> None:
+    """Print the resolved config and write it into the run folder."""
+    import yaml
+    from rich.syntax import Syntax
+
+    write_resolved(cfg, cfg.run.output_dir / "resolved_config.yaml")
+    console.print(Syntax(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "yaml", theme="ansi_dark"))
+    console.print(f"world size {dist.world_size}; output {cfg.run.output_dir}")
+
+
+def ensure_prepared(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> None:
+    """Rank 0 prepares (a no-op when up to date) while the others wait; nobody tokenizes on their own."""
+    failure: str | None = None
+    if dist.is_main:
+        try:
+            prepare(cfg, quiet=not console.is_terminal)
+        except Exception as exc:  # every rank must hear about it, or the others wait forever
+            failure = f"{type(exc).__name__}: {exc}"
+    failure = distributed.broadcast_object(failure)  # type: ignore[assignment]
+    if failure:
+        raise BookgenError(f"preparing the data failed on rank 0: {failure}")
+
+
+def resume(engine: Any, cfg: ExperimentConfig, dist: DistEnv, console: Console) -> ckpt.TrainState:
+    folder, notes = ckpt.find_resume(cfg)
+    for note in notes:
+        console.print(f"[yellow]{note}[/]")
+    if folder is None:
+        return ckpt.TrainState()
+    state = ckpt.load(engine, folder, cfg, dist)
+    console.print(f"resumed from {folder} at step {state.global_step} (epoch {state.epoch}, "
+                  f"step {state.step_in_epoch} of the epoch)")
+    return state
+
+
+def _hf_files_writer(engine: Any, tokenizer: Any) -> Any:
+    def write(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        engine.module.config.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+
+    return write
+
+
+def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, t: TrainConfig, dist: DistEnv,
+               pad_id: int, stop_requested: bool) -> StepMetrics:
+    """One optimizer step: ``grad_accum_steps`` micro-batches on each rank, then the engine's update."""
+    lr = float(engine.get_lr()[0])
+    loss_sum, tokens = 0.0, 0
+    for micro in range(t.grad_accum_steps):
+        picked = micro_batch_indices(order, step=step_in_epoch, micro=micro, rank=dist.rank,
+                                     world_size=dist.world_size, micro_batch_size=t.micro_batch_size,
+                                     accum=t.grad_accum_steps)
+        batch = collate([examples.tokens_of(int(i)) for i in picked], pad_id)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        out = engine(**batch)
+        engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps; we log the unscaled loss
+        engine.step()  # updates only at the accumulation boundary
+        loss_sum += float(out.loss.detach())
+        tokens += int(batch["attention_mask"].sum())
+    # one collective for the logged numbers and the preemption flag, so all ranks stop together
+    total_loss, total_tokens, stops = distributed.all_reduce_sum(
+        [loss_sum, float(tokens), float(stop_requested)], engine.device)
+    return StepMetrics(loss=total_loss / (t.grad_accum_steps * dist.world_size), tokens=int(total_tokens), lr=lr,
+                       stop_requested=stops > 0)
+
+
+def run_eval(engine: Any, examples: Examples, split: str, cfg: ExperimentConfig, dist: DistEnv, pad_id: int,
+             step: int, log: MetricsLog | None) -> EvalResult:
+    engine.eval()
+    result = perplexity(engine, examples, split=split, dist=dist, batch_size=cfg.eval.batch_size, pad_id=pad_id,
+                        device=engine.device)
+    engine.train()
+    if dist.is_main:
+        write_json_atomic(cfg.run.output_dir / "eval_results.json", {**result.to_dict(), "step": step})
+        if log is not None:
+            log.write({"step": step, "eval_split": split, "eval_loss": result.loss, "perplexity": result.perplexity,
+                       "eval_tokens": result.tokens})
+    return result
+
+
+def evaluate_only(cfg: ExperimentConfig, split: str) -> EvalResult:
+    """`bookgen eval`: perplexity of the newest complete checkpoint (or the fresh model) on ``split``."""
+    dist = distributed.setup(cfg.deepspeed.comm_timeout_s)
+    try:
+        console = Console(stderr=True, quiet=not dist.is_main)
+        ensure_prepared(cfg, dist, console)
+        tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
+        folder = ckpt.newest_complete(cfg)
+        step = 0
+        if folder is None:
+            console.print("[yellow]no checkpoint found: evaluating the freshly initialised model[/]")
+            model = build_model(cfg, tokenizer)
+        else:
+            # consolidated weights load at any world size and ZeRO stage, unlike the engine's own state
+            from bookgen.export import load_checkpoint_model
+
+            step = ckpt.read_marker(folder, cfg)["state"]["global_step"]
+            model, _ = load_checkpoint_model(folder)
+            console.print(f"evaluating {folder}")
+        examples = Examples.build(open_store(cfg, split), cfg.data.block_size, cfg.data.packing)
+        engine = build_engine(cfg, model, dist.world_size, total_steps=1)
+        result = run_eval(engine, examples, split, cfg, dist, tokenizer.pad_token_id, step, None)
+        console.print(_eval_line(result, step))
+        return result
+    finally:
+        distributed.teardown()

@@ -1,0 +1,31 @@
+"""Per-rank entry point for every launcher.
+
+    python launcher/run.py --cfg exp.yaml                      # one rank
+    torchrun --nproc_per_node 2 launcher/run.py --cfg exp.yaml
+    deepspeed --num_gpus 2 launcher/run.py --cfg exp.yaml      # appends --local_rank=N (accepted)
+    srun ... launcher/run.py --cfg exp.yaml                    # SLURM_* variables are mapped
+
+`--mode eval --split test` evaluates instead of training; `--set key=value` overrides the experiment.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bookgen.cli import main  # noqa: E402
+
+
+def run(argv: list[str]) -> int:
+    mode = "train"
+    if "--mode" in argv:
+        i = argv.index("--mode")
+        mode = argv[i + 1]
+        argv = argv[:i] + argv[i + 2 :]
+    return main([mode, *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
