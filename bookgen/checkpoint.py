@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bookgen import faults
 from bookgen.config import ExperimentConfig
 from bookgen.config_io import config_to_dict, model_fingerprint
 from bookgen.distributed import DistEnv, barrier, broadcast_object
@@ -86,6 +87,7 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
         client = {"bookgen_state": asdict(state), "bookgen_fingerprint": model_fingerprint(cfg)}
         engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
         torch.save(_rng_state(), folder / f"rng_rank{dist.rank}.pt")
+        faults.inject("save", state.global_step, dist.rank)
         if dist.is_main:
             hf_files(folder / "hf")
     except OSError as exc:

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from bookgen import checkpoint as ckpt
-from bookgen import distributed
+from bookgen import distributed, faults
 from bookgen.config import ExperimentConfig, TrainConfig
 from bookgen.config_io import config_to_dict, write_resolved
 from bookgen.data.batches import Examples, collate, epoch_order, micro_batch_indices, steps_per_epoch
@@ -107,6 +107,7 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
                            stop.requested)
             state.global_step += 1
             state.step_in_epoch += 1
+            faults.inject("step", state.global_step, dist.rank)
             tokens_seen += m.tokens
             last_loss = m.loss
             rate = tokens_seen / max(time.perf_counter() - start, 1e-9)

@@ -1,0 +1,38 @@
+"""Fault injection for the failure tests: BOOKGEN_FAULT=<what>:<step>[:<rank>].
+
+what: ``kill`` (SIGKILL this rank after the step), ``kill_in_save`` (SIGKILL during the checkpoint save
+of that step, after DeepSpeed wrote its files and before the checkpoint is marked complete),
+``sigterm`` / ``sigusr1`` (send the preemption signal to this rank), ``enospc`` (the save fails with
+"no space left"). Without the variable nothing happens; the cost is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+
+def _parse() -> tuple[str, int, int | None] | None:
+    spec = os.environ.get("BOOKGEN_FAULT")
+    if not spec:
+        return None
+    parts = spec.split(":")
+    return parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else None
+
+
+def inject(point: str, step: int, rank: int) -> None:
+    fault = _parse()
+    if fault is None:
+        return
+    what, at_step, only_rank = fault
+    if step != at_step or (only_rank is not None and only_rank != rank):
+        return
+    if point == "step" and what == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if point == "step" and what in ("sigterm", "sigusr1"):
+        os.kill(os.getpid(), signal.SIGTERM if what == "sigterm" else signal.SIGUSR1)
+    if point == "save" and what == "kill_in_save":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if point == "save" and what == "enospc":
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")

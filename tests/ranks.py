@@ -1,0 +1,43 @@
+"""Start real ranks: plain python for one, torchrun on loopback for several."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "launcher" / "run.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rank_command(n: int, args: list[str]) -> list[str]:
+    if n == 1:
+        return [sys.executable, str(RUN), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n),
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(RUN), *args]
+
+
+def test_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    env.pop("BOOKGEN_FAULT", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env | (extra or {})
+
+
+def launch(n: int, args: list[str], *, timeout: float = 300, env: dict[str, str] | None = None,
+           check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``launcher/run.py`` on ``n`` ranks; on unexpected failure show the output's tail."""
+    proc = subprocess.run(rank_command(n, args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=test_env(env))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc

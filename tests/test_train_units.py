@@ -1,0 +1,144 @@
+"""Pure pieces of training: DeepSpeed config ownership, batch arithmetic, order, schedule, special tokens."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bookgen.config_io import load_config
+from bookgen.data.batches import IGNORE_INDEX, collate, epoch_order, eval_shard, micro_batch_indices
+from bookgen.ds_config import build_ds_config
+from bookgen.errors import BookgenError
+from bookgen.schedule import lr_multiplier
+from bookgen.train import plan_steps
+from tests.conftest import REPO, write_experiment
+
+
+def _cfg(tmp_path, ds: dict | None = None, **overrides):
+    path = write_experiment(tmp_path, overrides)
+    cfg = load_config(path)
+    if ds is not None:
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        cfg.deepspeed.config = tmp_path / "ds.json"
+    return cfg
+
+
+def test_experiment_values_are_filled_into_the_shipped_configs(tmp_path):
+    for stage in range(4):
+        cfg = load_config(write_experiment(tmp_path, {"deepspeed.zero_stage": stage, "train.grad_accum_steps": 3,
+                                                      "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json")}))
+        ds = build_ds_config(cfg, world_size=2)
+        assert ds["train_batch_size"] == 2 * 3 * 2 and ds["gradient_accumulation_steps"] == 3
+        assert ds["zero_optimization"]["stage"] == stage
+        assert ds["optimizer"]["params"]["lr"] == cfg.train.learning_rate
+        assert ds["optimizer"]["params"]["torch_adam"] is True
+        assert ds["bf16"]["enabled"] is False
+
+
+def test_batch_size_mismatch_shows_the_numbers(tmp_path):
+    cfg = _cfg(tmp_path, {"train_batch_size": 16})
+    with pytest.raises(BookgenError) as info:
+        build_ds_config(cfg, world_size=2)
+    msg = str(info.value)
+    assert "train_batch_size is 16 in" in msg and "ds.json" in msg
+    assert "train.micro_batch_size 2 x train.grad_accum_steps 1 x world size 2 gives 4" in msg
+
+
+def test_json_value_disagreeing_with_yaml_names_both(tmp_path):
+    cfg = _cfg(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}, "gradient_clipping": "auto"})
+    with pytest.raises(BookgenError, match=r"optimizer.params.lr is 0.1 in .*ds.json, but train.learning_rate"):
+        build_ds_config(cfg, world_size=1)
+    ok = _cfg(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": "auto"})
+    assert build_ds_config(ok, world_size=1)["gradient_clipping"] == 1.0
+    with pytest.raises(BookgenError, match="remove \"scheduler\""):
+        build_ds_config(_cfg(tmp_path, {"scheduler": {"type": "WarmupLR"}}), world_size=1)
+
+
+def test_training_split_smaller_than_a_global_batch_is_refused(tmp_path):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(BookgenError, match="fewer than one global batch of 8"):
+        plan_steps(7, cfg.train, world_size=4)
+    assert plan_steps(100, cfg.train, world_size=2).steps_per_epoch == 25
+
+
+def test_linear_schedule_matches_transformers():
+    from transformers import get_linear_schedule_with_warmup
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    hf = get_linear_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=20)
+    for step in range(20):
+        assert lr_multiplier(step, warmup_steps=0, total_steps=20, kind="linear") == pytest.approx(hf.get_last_lr()[0])
+        opt.step()
+        hf.step()
+    assert lr_multiplier(0, warmup_steps=4, total_steps=20, kind="linear") == 0.25
+    assert lr_multiplier(10, warmup_steps=4, total_steps=20, kind="cosine") < 1.0
+
+
+def test_epoch_order_covers_each_example_once_and_ranks_are_disjoint():
+    lengths = np.random.default_rng(0).integers(5, 60, size=103)
+    for group in (False, True):
+        order = epoch_order(lengths, seed=1, epoch=0, global_batch=8, group_by_length=group)
+        assert len(order) == 96 and len(set(order.tolist())) == 96
+        seen = []
+        for step in range(12):
+            for micro in range(2):
+                per_rank = [micro_batch_indices(order, step=step, micro=micro, rank=r, world_size=2,
+                                                micro_batch_size=2, accum=2) for r in range(2)]
+                seen.extend(np.concatenate(per_rank).tolist())
+        assert sorted(seen) == sorted(order.tolist())
+    assert not np.array_equal(epoch_order(lengths, seed=1, epoch=0, global_batch=8, group_by_length=False),
+                              epoch_order(lengths, seed=1, epoch=1, global_batch=8, group_by_length=False))
+
+
+def test_length_grouping_reduces_padding():
+    lengths = np.random.default_rng(0).integers(5, 500, size=4000)
+
+    def padding(order):
+        batches = lengths[order].reshape(-1, 8)
+        return float((batches.max(axis=1, keepdims=True) - batches).sum() / batches.sum())
+
+    plain = padding(epoch_order(lengths, seed=0, epoch=0, global_batch=8, group_by_length=False))
+    grouped = padding(epoch_order(lengths, seed=0, epoch=0, global_batch=8, group_by_length=True))
+    assert grouped < plain / 5
+
+
+def test_eval_shard_counts_every_example_once():
+    for world in (1, 2, 3, 5):
+        shards = [eval_shard(11, r, world) for r in range(world)]
+        assert sorted(np.concatenate(shards).tolist()) == list(range(11))
+
+
+def test_collate_pads_right_and_masks_labels():
+    batch = collate([np.array([5, 6, 7]), np.array([8])], pad_id=3)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_pretrained_model_gets_special_tokens_with_mean_rows_and_tied_head(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bookgen.data.tokenizer import add_special_tokens, train_bpe
+    from bookgen.model import build_model
+
+    base_tok = train_bpe(["a story about a ship", "the ship sails"] * 20, 300, ["<|endoftext|>"])
+    pretrained = GPT2LMHeadModel(GPT2Config(vocab_size=len(base_tok), n_layer=1, n_head=2, n_embd=16,
+                                            n_positions=32))
+    pretrained.save_pretrained(tmp_path / "pre")
+    base_tok.save_pretrained(tmp_path / "pre")
+    old = pretrained.transformer.wte.weight.detach().clone()
+    cfg = load_config(write_experiment(tmp_path, {"model.name_or_path": "pre", "model.pad_to_multiple_of": 8}))
+    tok = add_special_tokens(base_tok, cfg)
+    model = build_model(cfg, tok)
+    wte = model.transformer.wte.weight
+    assert wte.shape[0] % 8 == 0 and wte.shape[0] >= len(tok) == len(old) + 3
+    assert torch.equal(wte[: len(old)], old), "pretrained rows are kept"
+    assert torch.allclose(wte[len(old) : len(tok)], old.mean(0).expand(3, -1)), "new rows start at the mean"
+    assert model.lm_head.weight.data_ptr() == wte.data_ptr(), "LM head stays tied"
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
+        tok.convert_tokens_to_ids("<BOS>"), tok.convert_tokens_to_ids("<EOS>"), tok.convert_tokens_to_ids("<PAD>"))
+    assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<EOS>")

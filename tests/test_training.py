@@ -1,0 +1,148 @@
+"""Real training runs: 2 ranks on CPU (torchrun), tiny models, files a user would look at."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from bookgen.metrics import read_metrics
+from tests.conftest import REPO, write_experiment
+from tests.ranks import launch
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@pytest.mark.multirank
+def test_first_steps_agree_across_zero_stages(tmp_path):
+    losses = {}
+    for stage in (0, 1, 2, 3):
+        exp = write_experiment(tmp_path / f"z{stage}", {
+            "deepspeed.zero_stage": stage, "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json"),
+            "train.max_steps": 3, "eval.at_end": False,
+        }, rows=120)
+        launch(2, ["--cfg", str(exp)])
+        losses[stage] = _losses(exp.parent / "run")
+    vocab = json.loads((tmp_path / "z0" / "run" / "prepared" / "store" / "train" / "manifest.json").read_text())[
+        "vocab_size"]
+    assert abs(losses[0][1] - math.log(vocab)) < 0.3, "a sane initialisation starts near ln(vocab)"
+    for stage in (1, 2, 3):
+        assert sorted(losses[stage]) == [1, 2, 3]
+        for step in (1, 2, 3):
+            # fp32 on CPU; stages differ only in the order of reductions
+            assert losses[stage][step] == pytest.approx(losses[0][step], rel=1e-5), (stage, step)
+
+
+@pytest.mark.multirank
+def test_two_rank_run_learns_and_writes_its_records(tmp_path):
+    exp = write_experiment(tmp_path, {
+        "train.max_steps": None, "train.epochs": 2, "train.grad_accum_steps": 2, "eval.every": 5,
+        "train.learning_rate": 3e-3, "deepspeed.zero_stage": 2,
+        "deepspeed.config": str(REPO / "ds_configs/zero2.json"),
+    }, rows=120)
+    proc = launch(2, ["--cfg", str(exp)])
+    run = exp.parent / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21)), "84 examples / (2 x 2 x 2) = 10 steps x 2 epochs"
+    assert all({"step", "time", "loss", "lr", "tokens"} <= set(r) for r in steps)
+    assert all(r["tokens"] > 0 for r in steps)
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10, 15, 20]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.2
+    assert evals[-1]["perplexity"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
+    result = json.loads((run / "eval_results.json").read_text())
+    assert result["step"] == 20 and result["examples"] == 24 and result["tokens"] > 0
+    assert (run / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    resolved = yaml.safe_load((run / "resolved_config.yaml").read_text())
+    assert resolved["train"]["grad_accum_steps"] == 2 and resolved["data"]["source"].endswith("booksummaries.txt")
+    assert "bookgen run summary" in proc.stderr
+    assert steps[0]["lr"] == pytest.approx(3e-3) and steps[-1]["lr"] == pytest.approx(3e-3 / 20)
+
+
+def test_packed_run_has_no_padding_and_line_by_line_does(tmp_path):
+    packed = write_experiment(tmp_path / "packed", {"data.packing": True, "train.max_steps": 3}, rows=120)
+    launch(1, ["--cfg", str(packed)])
+    tokens = [r["tokens"] for r in read_metrics(packed.parent / "run" / "metrics.jsonl") if "loss" in r]
+    assert tokens == [2 * 64] * 3, "packed blocks are full: micro-batch 2 x block 64, no padding"
+
+    lines = write_experiment(tmp_path / "lines", {"train.max_steps": 3, "data.group_by_length": True}, rows=120)
+    launch(1, ["--cfg", str(lines)])
+    records = read_metrics(lines.parent / "run" / "metrics.jsonl")
+    assert all(0 < r["tokens"] <= 2 * 64 for r in records if "loss" in r)
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+def test_bf16_run(tmp_path):
+    if not _cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16 (avx512_bf16/amx); bf16 would be emulated")
+    exp = write_experiment(tmp_path, {"train.precision": "bf16", "train.max_steps": 4, "train.learning_rate": 3e-3},
+                           rows=120)
+    launch(1, ["--cfg", str(exp)])
+    losses = _losses(exp.parent / "run")
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+    assert losses[4] < losses[1]
+
+
+def test_pretrained_local_model_folder_trains(tmp_path):
+    """`model.name_or_path` with a local folder: the code path a hub id like `gpt2` takes."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bookgen.data.tokenizer import train_bpe
+
+    text = (REPO / "data" / "sample" / "booksummaries.txt").read_text().splitlines()[:100]
+    tok = train_bpe([line.split("\t")[6] for line in text], 400, ["<|endoftext|>"])
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(
+        tmp_path / "pre")
+    tok.save_pretrained(tmp_path / "pre")
+    exp = write_experiment(tmp_path, {"model.name_or_path": "pre", "train.max_steps": 2}, rows=120)
+    launch(1, ["--cfg", str(exp)])
+    saved = yaml.safe_load((tmp_path / "run" / "resolved_config.yaml").read_text())
+    assert saved["model"]["name_or_path"] == str(tmp_path / "pre")
+    hf = json.loads(next((tmp_path / "run" / "checkpoints").glob("step*/hf/config.json")).read_text())
+    assert hf["vocab_size"] == len(tok) + 3 and hf["n_layer"] == 1
+
+
+@pytest.mark.multirank
+def test_perplexity_is_the_same_for_any_world_size_and_matches_plain_transformers(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exp = write_experiment(tmp_path, {"train.max_steps": 6, "train.learning_rate": 3e-3, "eval.batch_size": 3},
+                           rows=130)
+    launch(1, ["--cfg", str(exp)])
+    results = {}
+    for world in (1, 2, 3):
+        launch(world, ["--mode", "eval", "--cfg", str(exp), "--split", "test"])
+        results[world] = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert results[1]["split"] == "test" and results[1]["step"] == 6 and results[1]["examples"] == 13
+    for world in (2, 3):
+        assert results[world]["tokens"] == results[1]["tokens"]
+        assert results[world]["perplexity"] == pytest.approx(results[1]["perplexity"], rel=1e-5)
+
+    launch(1, ["--mode", "export", "--cfg", str(exp), "--out", str(tmp_path / "hf")])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for line in (tmp_path / "run" / "prepared" / "test.txt").read_text().splitlines():
+            ids = torch.tensor([tok(line, add_special_tokens=False)["input_ids"][:64]])
+            loss = model(input_ids=ids, labels=ids).loss  # mean over the ids.shape[1] - 1 predictions
+            nll += float(loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert count == results[1]["tokens"]
+    assert results[1]["perplexity"] == pytest.approx(float(np.exp(nll / count)), rel=1e-5)
