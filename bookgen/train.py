@@ -77,7 +77,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
-    console = Console(stderr=True, quiet=not dist.is_main)
+    console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
     stop = StopFlag()
     if dist.is_main:
         announce(cfg, console, dist)
@@ -89,6 +89,8 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
     engine = build_engine(cfg, model, dist.world_size, plan.total_steps)
     state = resume(engine, cfg, dist, console)
+    if dist.is_main:
+        (cfg.run.output_dir / "PREEMPTED").unlink(missing_ok=True)
     save_hf = _hf_files_writer(engine, tokenizer)
     log = MetricsLog(cfg.run.output_dir, tensorboard=cfg.run.tensorboard, resume_step=state.global_step) \
         if dist.is_main else None
@@ -124,6 +126,7 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
                 console.print(f"preempted: saved checkpoint at step {state.global_step}; rerun to resume")
                 if log is not None:
                     log.close()
+                    (cfg.run.output_dir / "PREEMPTED").write_text(f"{state.global_step}\n")
                 distributed.teardown()
                 sys.exit(PREEMPTED_EXIT)
             if _due(cfg.checkpoint.every, state.global_step) and state.global_step < plan.total_steps:
@@ -241,7 +244,7 @@ def evaluate_only(cfg: ExperimentConfig, split: str) -> EvalResult:
     """`bookgen eval`: perplexity of the newest complete checkpoint (or the fresh model) on ``split``."""
     dist = distributed.setup(cfg.deepspeed.comm_timeout_s)
     try:
-        console = Console(stderr=True, quiet=not dist.is_main)
+        console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
         ensure_prepared(cfg, dist, console)
         tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
         folder = ckpt.newest_complete(cfg)

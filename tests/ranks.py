@@ -25,7 +25,7 @@ def rank_command(n: int, args: list[str]) -> list[str]:
             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(RUN), *args]
 
 
-def test_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def rank_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
     env.pop("BOOKGEN_FAULT", None)
     env["PYTHONUNBUFFERED"] = "1"
@@ -36,7 +36,7 @@ def launch(n: int, args: list[str], *, timeout: float = 300, env: dict[str, str]
            check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``launcher/run.py`` on ``n`` ranks; on unexpected failure show the output's tail."""
     proc = subprocess.run(rank_command(n, args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=test_env(env))
+                          env=rank_env(env))
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n"
                              f"{proc.stderr[-6000:]}")

@@ -1,0 +1,164 @@
+"""Checkpoints on 2 real ranks: exact resume, kills, preemption, disk trouble, export, refusals."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bookgen.checkpoint import MARKER, POINTER
+from bookgen.export import consolidated_state_dict
+from bookgen.metrics import read_metrics
+from tests.conftest import REPO, write_experiment
+from tests.ranks import launch, rank_command, rank_env
+
+pytestmark = pytest.mark.multirank
+
+STEPS = 12  # 84 training examples / global batch 4 = 21 steps per epoch: the kills land mid-epoch
+SETTINGS = {"train.max_steps": STEPS, "checkpoint.every": 4, "checkpoint.keep": 2, "model.dropout": 0.1,
+            "train.learning_rate": 3e-3, "eval.at_end": False, "deepspeed.zero_stage": 1,
+            "deepspeed.config": str(REPO / "ds_configs/zero1.json")}
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return consolidated_state_dict(run / "checkpoints" / f"step{STEPS:08d}")
+
+
+def _assert_same_as_reference(run: Path, reference: Path) -> None:
+    assert _losses(run) == _losses(reference), "per-step losses identical, before and after the resume"
+    ref, got = _final_weights(reference), _final_weights(run)
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref), "final weights identical"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank run."""
+    folder = tmp_path_factory.mktemp("reference")
+    exp = write_experiment(folder, SETTINGS, rows=120)
+    launch(2, ["--cfg", str(exp)])
+    return exp.parent / "run"
+
+
+def _experiment(tmp_path: Path, **extra) -> Path:
+    return write_experiment(tmp_path, SETTINGS | extra, rows=120)
+
+
+def test_dead_rank_ends_the_job_and_rerun_resumes_exactly(tmp_path, reference):
+    exp = _experiment(tmp_path)
+    start = time.monotonic()
+    killed = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "kill:6:1"}, check=False, timeout=120)
+    assert killed.returncode != 0 and time.monotonic() - start < 90, "the surviving rank must not hang"
+    assert "rank    : 1" in killed.stderr or "rank: 1" in killed.stderr, killed.stderr[-3000:]
+    run = exp.parent / "run"
+    assert (run / "checkpoints" / POINTER).read_text().strip() == "step00000004"
+    again = launch(2, ["--cfg", str(exp)])
+    assert "resumed from" in again.stderr and "at step 4" in again.stderr
+    _assert_same_as_reference(run, reference)
+
+
+def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path, reference):
+    exp = _experiment(tmp_path)
+    died = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "kill_in_save:8"}, check=False, timeout=120)
+    assert died.returncode != 0
+    ckpts = exp.parent / "run" / "checkpoints"
+    assert (ckpts / "step00000008").is_dir() and not (ckpts / "step00000008" / MARKER).exists()
+    assert (ckpts / POINTER).read_text().strip() == "step00000004"
+    again = launch(2, ["--cfg", str(exp)])
+    assert "checkpoint step00000008 is incomplete (interrupted save); resuming from the previous complete one, " \
+           "step00000004" in again.stderr
+    _assert_same_as_reference(exp.parent / "run", reference)
+
+
+def test_preemption_signal_saves_exits_for_requeue_and_resumes(tmp_path, reference):
+    exp = _experiment(tmp_path)
+    pre = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "sigusr1:5:1"}, check=False, timeout=120)
+    assert pre.returncode != 0, "a preempted run must not look finished"
+    assert "preempted: saved checkpoint at step 6" in pre.stderr
+    run = exp.parent / "run"
+    assert (run / "checkpoints" / "step00000006" / MARKER).is_file() and (run / "PREEMPTED").is_file()
+    again = launch(2, ["--cfg", str(exp)])
+    assert "at step 6" in again.stderr and not (run / "PREEMPTED").exists()
+    _assert_same_as_reference(run, reference)
+
+
+def test_single_rank_preemption_exit_status_is_75(tmp_path):
+    exp = write_experiment(tmp_path, {"train.max_steps": 6}, rows=120)
+    pre = launch(1, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "sigterm:2"}, check=False, timeout=120)
+    assert pre.returncode == 75, pre.stderr[-2000:]
+
+
+def test_disk_full_during_save_stops_cleanly_and_keeps_earlier_checkpoints(tmp_path):
+    exp = _experiment(tmp_path)
+    failed = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "enospc:8"}, check=False, timeout=120)
+    assert failed.returncode != 0
+    assert "cannot write checkpoint" in failed.stderr and "No space left on device" in failed.stderr
+    assert "Earlier checkpoints are untouched" in failed.stderr
+    ckpts = exp.parent / "run" / "checkpoints"
+    assert (ckpts / POINTER).read_text().strip() == "step00000004" and (ckpts / "step00000004" / MARKER).is_file()
+    assert not (ckpts / "step00000008" / MARKER).exists()
+
+
+def test_unwritable_checkpoint_folder_is_a_clear_error(tmp_path):
+    exp = write_experiment(tmp_path, {"train.max_steps": 2}, rows=120)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("a file where the checkpoint folder should be")
+    proc = launch(1, ["--cfg", str(exp)], check=False)
+    assert proc.returncode == 2 and "cannot write checkpoint" in proc.stderr
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path, reference):
+    run_copy = tmp_path / "run"
+    shutil.copytree(reference, run_copy)
+    exp = _experiment(tmp_path, **{"train.max_steps": STEPS + 4})
+    proc = launch(2, ["--cfg", str(exp), "--set", "model.n_embd=48"], check=False)
+    assert proc.returncode != 0
+    assert "made with another model or tokenizer: model.n_embd: checkpoint 32, config 48" in proc.stderr
+
+
+def test_world_size_change_is_refused_with_a_clear_message(tmp_path, reference):
+    shutil.copytree(reference, tmp_path / "run")
+    exp = _experiment(tmp_path, **{"train.max_steps": STEPS + 4})
+    proc = launch(1, ["--cfg", str(exp)], check=False)
+    assert proc.returncode == 2
+    assert "was saved by 2 ranks, this run has 1" in proc.stderr
+
+
+def test_keep_prunes_old_checkpoints(reference):
+    names = sorted(p.name for p in (reference / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["step00000008", "step00000012"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_loads_in_transformers_and_matches_engine_logits(tmp_path, stage):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    exp = write_experiment(tmp_path, {"train.max_steps": 3, "train.learning_rate": 3e-3, "deepspeed.zero_stage": stage,
+                                      "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json")}, rows=120)
+    launch(2, ["--cfg", str(exp)])
+    out = tmp_path / "hf"
+    launch(1, ["--mode", "export", "--cfg", str(exp), "--out", str(out)])
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    probe = tmp_path / "engine.pt"
+    cmd = rank_command(2, [])[:-1] + [str(REPO / "tests" / "engine_logits.py"), str(exp), str(probe)]
+    subprocess.run(cmd, cwd=REPO, check=True, env=rank_env(), capture_output=True, timeout=300)
+    engine = torch.load(probe, weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(input_ids=engine["ids"]).logits
+    assert torch.allclose(logits, engine["logits"], atol=1e-5)
+    assert model.config.eos_token_id == tok.convert_tokens_to_ids("<EOS>")
+    assert model.config.pad_token_id == tok.convert_tokens_to_ids("<PAD>")
+    assert tok.bos_token == "<BOS>" and "<EOS>" in tok.get_added_vocab()
+    gen = pipeline("text-generation", model=str(out), device="cpu")
+    text = gen("<BOS> The story", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("<BOS> The story")
