@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex = with_cfg(sub.add_parser("export", help="write a Hugging Face folder from a checkpoint"))
     ex.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: newest complete)")
     ex.add_argument("--out", type=Path, required=True, help="folder to write")
+    la = with_cfg(sub.add_parser("launch", help="start the ranks as the launch section says"))
+    la.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    sh = with_cfg(sub.add_parser("show", help="print one resolved config value (for scripts)"))
+    sh.add_argument("--key", required=True, help="dotted key, e.g. run.output_dir")
     sub.add_parser("config-help", help="list every config key with its default and meaning")
     return parser
 
@@ -65,6 +69,7 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         for key, default, text in describe_fields():
             print(f"{key:32s} {default:24s} {text}")
         return 0
+    from bookgen.config import ConfigError
     from bookgen.config_io import load_config
 
     cfg = load_config(args.cfg, args.overrides)
@@ -79,6 +84,25 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         from bookgen.train import evaluate_only
 
         evaluate_only(cfg, args.split)
+        return 0
+    if args.command == "launch":
+        import shlex
+        import subprocess
+
+        from bookgen.launch import launch_command
+
+        cmd = launch_command(cfg, Path(args.cfg).resolve(), args.overrides)
+        print(shlex.join(cmd))
+        return 0 if args.dry_run else subprocess.call(cmd)
+    if args.command == "show":
+        from bookgen.config_io import config_to_dict
+
+        value: object = config_to_dict(cfg)
+        for part in args.key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ConfigError(f"{args.cfg}: {args.key}: no such key")
+            value = value[part]
+        print(value)
         return 0
     if args.command == "export":
         from bookgen.export import export, resolve_checkpoint

@@ -238,6 +238,30 @@ class GenerateConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class LaunchConfig:
+    backend: Literal["torchrun", "deepspeed", "slurm"] = field(
+        default="torchrun", metadata=_doc("What `bookgen launch` starts."))
+    nodes: int = field(default=1, metadata=_doc("Nodes (machines)."))
+    procs_per_node: int = field(default=1, metadata=_doc("Ranks per node (on GPUs: GPUs per node)."))
+    node_rank: int = field(default=0, metadata=_doc("This node's index (torchrun across nodes)."))
+    master_addr: str = field(default="127.0.0.1", metadata=_doc("Rendezvous host: the first node."))
+    master_port: int = field(default=29500, metadata=_doc("Rendezvous port."))
+    hostfile: Path | None = field(default=None, metadata=_doc("DeepSpeed hostfile (multi-node).", path=True))
+    partition: str | None = field(default=None, metadata=_doc("Slurm partition."))
+    time: str | None = field(default=None, metadata=_doc("Slurm time limit, e.g. 12:00:00."))
+    account: str | None = field(default=None, metadata=_doc("Slurm account."))
+    gpus_per_node: int = field(default=0, metadata=_doc("Slurm GPUs per node (0: CPU job)."))
+    sbatch_extra: list[str] = field(default_factory=list, metadata=_doc("Extra sbatch options, e.g. --qos=high."))
+
+    def __post_init__(self) -> None:
+        _require(self.nodes >= 1, "nodes", "must be >= 1")
+        _require(self.procs_per_node >= 1, "procs_per_node", "must be >= 1")
+        _require(0 <= self.node_rank < self.nodes, "node_rank", "must be in [0, launch.nodes)")
+        _require(1 <= self.master_port <= 65535, "master_port", "must be a TCP port")
+        _require(self.gpus_per_node >= 0, "gpus_per_node", "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
 class ExperimentConfig:
     seed: int = field(default=42, metadata=_doc("Seed for the split, initialisation and data order."))
     run: RunConfig = field(metadata=_doc("Run folder and logging."))
@@ -249,6 +273,7 @@ class ExperimentConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection, metadata=_doc("DeepSpeed."))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=_doc("Checkpoints."))
     generate: GenerateConfig = field(default_factory=GenerateConfig, metadata=_doc("Sampling."))
+    launch: LaunchConfig = field(default_factory=LaunchConfig, metadata=_doc("How `bookgen launch` starts ranks."))
 
     @property
     def prepared_dir(self) -> Path:

@@ -28,6 +28,7 @@ from bookgen.metrics import MetricsLog, plot_loss_curves
 from bookgen.model import build_model, count_parameters
 from bookgen.progress import TrainProgress, summary_table
 
+STOP_FILE = "STOP_REQUESTED"  # slurm/train.sh creates it when Slurm warns of the time limit
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues the job on it
 
 
@@ -89,8 +90,9 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
     engine = build_engine(cfg, model, dist.world_size, plan.total_steps)
     state = resume(engine, cfg, dist, console)
-    if dist.is_main:
+    if dist.is_main:  # a new start clears the previous one's preemption records
         (cfg.run.output_dir / "PREEMPTED").unlink(missing_ok=True)
+        (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
     save_hf = _hf_files_writer(engine, tokenizer)
     log = MetricsLog(cfg.run.output_dir, tensorboard=cfg.run.tensorboard, resume_step=state.global_step) \
         if dist.is_main else None
@@ -105,8 +107,8 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
         order = epoch_order(train_examples.lengths, seed=cfg.seed, epoch=state.epoch, global_batch=plan.global_batch,
                             group_by_length=cfg.data.group_by_length)
         while state.step_in_epoch < plan.steps_per_epoch and state.global_step < plan.total_steps:
-            m = train_step(engine, train_examples, order, state.step_in_epoch, cfg.train, dist, pad_id,
-                           stop.requested)
+            stop_now = stop.requested or (dist.is_main and (cfg.run.output_dir / STOP_FILE).exists())
+            m = train_step(engine, train_examples, order, state.step_in_epoch, cfg.train, dist, pad_id, stop_now)
             state.global_step += 1
             state.step_in_epoch += 1
             faults.inject("step", state.global_step, dist.rank)

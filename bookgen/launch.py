@@ -1,0 +1,43 @@
+"""`bookgen launch`: turn the experiment's `launch` section into the torchrun, deepspeed or sbatch command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from bookgen.config import ExperimentConfig
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "launcher" / "run.py"
+SBATCH_SCRIPT = REPO / "slurm" / "train.sh"
+
+
+def launch_command(cfg: ExperimentConfig, cfg_path: Path, overrides: list[str]) -> list[str]:
+    la = cfg.launch
+    args = ["--cfg", str(cfg_path), *(f"--set={o}" for o in overrides)]
+    if la.backend == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(la.nodes),
+               "--nproc_per_node", str(la.procs_per_node)]
+        if la.nodes == 1:
+            cmd.append("--standalone")
+        else:
+            cmd += ["--node_rank", str(la.node_rank), "--rdzv_backend", "c10d",
+                    "--rdzv_endpoint", f"{la.master_addr}:{la.master_port}", "--rdzv_id", "bookgen"]
+        return [*cmd, str(RUN), *args]
+    if la.backend == "deepspeed":
+        cmd = ["deepspeed", "--num_nodes", str(la.nodes), "--num_gpus", str(la.procs_per_node),
+               "--master_addr", la.master_addr, "--master_port", str(la.master_port)]
+        if la.hostfile is not None:
+            cmd += ["--hostfile", str(la.hostfile)]
+        return [*cmd, str(RUN), *args]
+    cmd = ["sbatch", f"--nodes={la.nodes}", "--ntasks-per-node=1",
+           f"--export=ALL,BOOKGEN_NPROC_PER_NODE={la.procs_per_node}"]
+    if la.partition:
+        cmd.append(f"--partition={la.partition}")
+    if la.time:
+        cmd.append(f"--time={la.time}")
+    if la.account:
+        cmd.append(f"--account={la.account}")
+    if la.gpus_per_node:
+        cmd.append(f"--gpus-per-node={la.gpus_per_node}")
+    return [*cmd, *la.sbatch_extra, str(SBATCH_SCRIPT), str(cfg_path), *(f"--set={o}" for o in overrides)]

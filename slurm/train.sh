@@ -1,0 +1,61 @@
+#!/bin/bash
+# bookgen on Slurm: one srun task per node, each running torchrun with the rendezvous on the first node.
+#
+#   sbatch slurm/train.sh EXPERIMENT.yaml [--set key=value ...]
+#   sbatch --nodes=4 --gpus-per-node=8 --time=12:00:00 slurm/train.sh experiments/gpt2_booksummaries.yaml
+#
+# Every #SBATCH default below can be overridden on the sbatch command line. Arguments after the
+# experiment file reach every rank. Slurm sends USR1 two minutes before the time limit: the ranks
+# finish their step, save a checkpoint and stop, and the job requeues itself; the requeued job
+# resumes from the newest complete checkpoint with no user action (so does one requeued by hand).
+#SBATCH --job-name=bookgen
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --output=bookgen-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+set -uo pipefail
+
+EXP=${1:?usage: sbatch slurm/train.sh EXPERIMENT.yaml [--set key=value ...]}
+shift
+REPO=${BOOKGEN_REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+PYTHON=${BOOKGEN_PYTHON:-python3}
+[ -x "$REPO/.venv/bin/python" ] && [ -z "${BOOKGEN_PYTHON:-}" ] && PYTHON="$REPO/.venv/bin/python"
+cd "$REPO"
+
+RUN_DIR=$("$PYTHON" -m bookgen.cli show --cfg "$EXP" "$@" --key run.output_dir) || exit 2
+mkdir -p "$RUN_DIR"
+FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# the first node's address; node names need not resolve (several slurmd on one host, say)
+MASTER_ADDR=$(scontrol show node "$FIRST_NODE" | grep -oP 'NodeAddr=\K\S+')
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ "${SLURM_GPUS_ON_NODE}" != "0" ]; then
+    NPROC=$SLURM_GPUS_ON_NODE
+else
+    NPROC=${BOOKGEN_NPROC_PER_NODE:-$("$PYTHON" -m bookgen.cli show --cfg "$EXP" "$@" --key launch.procs_per_node)}
+fi
+echo "bookgen job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES nodes x $NPROC ranks," \
+     "rendezvous $MASTER_ADDR:$MASTER_PORT, run folder $RUN_DIR"
+
+# USR1 (time limit near) or TERM: ask the ranks to checkpoint and stop at the end of their step
+trap 'echo "bookgen: stop requested by Slurm"; touch "$RUN_DIR/STOP_REQUESTED"' USR1 TERM
+
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+    "$PYTHON" -m torch.distributed.run \
+        --nnodes "$SLURM_NNODES" --nproc_per_node "$NPROC" \
+        --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
+        "$REPO/launcher/run.py" --cfg "$EXP" "$@" &
+SRUN=$!
+status=0
+while kill -0 "$SRUN" 2>/dev/null; do
+    wait "$SRUN"  # returns early when a trapped signal arrives; keep waiting for the ranks to save
+    status=$?
+done
+
+if [ -f "$RUN_DIR/PREEMPTED" ]; then
+    echo "bookgen: preempted; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$status"

@@ -1,0 +1,146 @@
+"""Launching: command construction, torchrun across two "nodes", the deepspeed launcher, and a real Slurm."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bookgen.config_io import load_config
+from bookgen.launch import launch_command
+from bookgen.metrics import read_metrics
+from tests.conftest import REPO, write_experiment
+from tests.ranks import free_port, launch, rank_env
+
+SETTINGS = {"train.max_steps": 5, "eval.at_end": False, "deepspeed.zero_stage": 2,
+            "deepspeed.config": str(REPO / "ds_configs/zero2.json")}
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory) -> dict[int, float]:
+    """Losses of the same experiment on one node with 2 ranks (torchrun)."""
+    folder = tmp_path_factory.mktemp("one_node")
+    exp = write_experiment(folder, SETTINGS, rows=120)
+    launch(2, ["--cfg", str(exp)])
+    return _losses(folder / "run")
+
+
+def test_dry_run_commands(tmp_path, capsys):
+    from bookgen.cli import main
+
+    exp = write_experiment(tmp_path, {"launch.backend": "slurm", "launch.nodes": 4, "launch.procs_per_node": 8,
+                                      "launch.partition": "gpu", "launch.time": "12:00:00", "launch.gpus_per_node": 8,
+                                      "launch.sbatch_extra": ["--qos=high"]})
+    assert main(["launch", "--cfg", str(exp), "--dry-run", "--set", "train.max_steps=10"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("sbatch --nodes=4 --ntasks-per-node=1 --export=ALL,BOOKGEN_NPROC_PER_NODE=8")
+    assert "--partition=gpu --time=12:00:00 --gpus-per-node=8 --qos=high" in out
+    assert out.endswith(f"slurm/train.sh {exp} --set=train.max_steps=10")
+    cfg = load_config(exp, ["launch.backend=deepspeed", "launch.nodes=2", "launch.hostfile=hosts"])
+    ds = launch_command(cfg, exp, [])
+    assert ds[:5] == ["deepspeed", "--num_nodes", "2", "--num_gpus", "8"] and str(tmp_path / "hosts") in ds
+    cfg = load_config(exp, ["launch.backend=torchrun", "launch.nodes=2", "launch.node_rank=1"])
+    tr = " ".join(launch_command(cfg, exp, []))
+    assert "--nnodes 2 --nproc_per_node 8 --node_rank 1 --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:29500" in tr
+
+
+@pytest.mark.multirank
+def test_torchrun_across_two_nodes_matches_one_node(tmp_path, one_node):
+    exp = write_experiment(tmp_path, SETTINGS | {"launch.nodes": 2, "launch.master_port": free_port()}, rows=120)
+    procs = []
+    for node_rank in (0, 1):
+        cmd = launch_command(load_config(exp, [f"launch.node_rank={node_rank}"]), exp, [])
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "world size 2" in outputs[0] + outputs[1]
+    assert _losses(tmp_path / "run") == pytest.approx(one_node, rel=1e-6)
+
+
+@pytest.mark.multirank
+def test_deepspeed_launcher_matches_torchrun(tmp_path, one_node):
+    if shutil.which("deepspeed") is None and not (Path(sys.executable).parent / "deepspeed").exists():
+        pytest.skip("the deepspeed launcher is not on PATH")
+    exp = write_experiment(tmp_path, SETTINGS | {"launch.backend": "deepspeed", "launch.procs_per_node": 2,
+                                                 "launch.master_port": free_port()}, rows=120)
+    cmd = launch_command(load_config(exp), exp, [])
+    cmd[0] = str(Path(sys.executable).parent / "deepspeed")
+    proc = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _losses(tmp_path / "run") == pytest.approx(one_node, rel=1e-6)
+
+
+def _slurm_ready() -> str | None:
+    """None when a Slurm cluster answers, else why not."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return "Slurm is not installed on this machine (run `bash slurm/cluster.sh start` as root)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%D %t"], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out: slurmctld is not answering"
+    nodes = sum(int(line.split()[0]) for line in out.stdout.splitlines() if line.split()[1:] in (["idle"], ["mix"]))
+    if out.returncode != 0 or nodes < 2:
+        return f"no Slurm cluster with 2 idle nodes answers (sinfo: {out.stdout.strip() or out.stderr.strip()})"
+    return None
+
+
+slurm = pytest.mark.skipif(_slurm_ready() is not None, reason=str(_slurm_ready()))
+
+
+def _sbatch(exp: Path, log_dir: Path, *extra: str, wait: bool) -> tuple[int, subprocess.CompletedProcess[str]]:
+    cmd = ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={log_dir}/job-%j.out", "--nodes=2",
+           *(["--wait"] if wait else []), str(REPO / "slurm" / "train.sh"), str(exp), *extra]
+    env = rank_env({"BOOKGEN_PYTHON": sys.executable})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    job = int(re.match(r"\d+", proc.stdout.strip()).group()) if proc.stdout.strip() else -1
+    return job, proc
+
+
+def _job_state(job: int) -> str:
+    out = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True).stdout
+    match = re.search(r"JobState=(\w+)", out)
+    return match.group(1) if match else "UNKNOWN"
+
+
+@pytest.mark.slurm
+@slurm
+def test_sbatch_two_nodes_matches_torchrun(tmp_path, one_node):
+    exp = write_experiment(tmp_path, SETTINGS | {"train.max_steps": 3}, rows=120)
+    job, proc = _sbatch(exp, tmp_path, "--set", "train.max_steps=5", wait=True)
+    log = next(tmp_path.glob("job-*.out")).read_text()
+    assert proc.returncode == 0, proc.stderr + log[-3000:]
+    assert f"bookgen job {job} (restart 0): 2 nodes x 1 ranks" in log
+    assert _losses(tmp_path / "run") == pytest.approx(one_node, rel=1e-6), "--set after the file reached the ranks"
+
+
+@pytest.mark.slurm
+@slurm
+def test_requeued_job_resumes_and_completes(tmp_path):
+    exp = write_experiment(tmp_path, SETTINGS | {"train.max_steps": 80, "checkpoint.every": 4}, rows=120)
+    job, proc = _sbatch(exp, tmp_path, wait=False)
+    assert proc.returncode == 0, proc.stderr
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (metrics.exists() and max(_losses(tmp_path / "run"), default=0) >= 10):
+        time.sleep(0.2)
+    assert max(_losses(tmp_path / "run"), default=0) < 80, "the job finished before it could be requeued"
+    subprocess.run(["scontrol", "requeue", str(job)], check=True)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and _job_state(job) != "COMPLETED":
+        if _job_state(job) in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        time.sleep(1)
+    log = next(tmp_path.glob("job-*.out")).read_text()
+    assert _job_state(job) == "COMPLETED", log[-4000:]
+    assert "(restart 1)" in log and "resumed from" in log
+    assert sorted(_losses(tmp_path / "run")) == list(range(1, 81))
