@@ -46,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     sh = with_cfg(sub.add_parser("show", help="print one resolved config value (for scripts)"))
     sh.add_argument("--key", required=True, help="dotted key, e.g. run.output_dir")
+    gen = sub.add_parser("generate", help="sample summaries from an exported model or the run's newest checkpoint")
+    gen.add_argument("--cfg", default=None, help="experiment YAML (settings from its generate section)")
+    gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    gen.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    gen.add_argument("--model", type=Path, default=None, help="exported Hugging Face folder")
+    gen.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable); default <BOS>")
+    gen.add_argument("--prompts", type=Path, default=None, help="prompt file: text (one per line) or .jsonl")
+    gen.add_argument("--out", type=Path, default=None, help="JSONL output (a .txt is written beside it)")
+    for flag, kind in (("top-k", int), ("top-p", float), ("temperature", float), ("repetition-penalty", float),
+                       ("max-new-tokens", int), ("num-return-sequences", int), ("seed", int), ("batch-size", int)):
+        gen.add_argument(f"--{flag}", type=kind, default=None)
     sub.add_parser("config-help", help="list every config key with its default and meaning")
     return parser
 
@@ -72,6 +83,8 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
     from bookgen.config import ConfigError
     from bookgen.config_io import load_config
 
+    if args.command == "generate":
+        return _generate(args, console)
     cfg = load_config(args.cfg, args.overrides)
     if args.command == "prepare":
         return _prepare(cfg, args, console)
@@ -112,6 +125,29 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         console.print(f"exported {folder} to {args.out}")
         return 0
     raise AssertionError(args.command)
+
+
+def _generate(args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
+    from bookgen.config import GenerateConfig
+    from bookgen.config_io import load_config
+    from bookgen.errors import BookgenError
+    from bookgen.generate import read_prompts
+    from bookgen.generate_run import run_generation, settings_from
+
+    if args.cfg is None and args.model is None:
+        raise BookgenError("generate needs --model DIR (an exported folder) or --cfg EXP.yaml")
+    cfg = load_config(args.cfg, args.overrides) if args.cfg else None
+    base = cfg.generate if cfg else GenerateConfig()
+    flags = {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "repetition_penalty", "max_new_tokens",
+                                           "num_return_sequences", "seed", "batch_size")}
+    settings = settings_from(base, flags)
+    prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or [base.prompt])
+    if any(not p.strip() for p in prompts):
+        raise BookgenError("an empty prompt was given; use <BOS> to start a summary from nothing")
+    seed = settings.seed if settings.seed is not None else (cfg.seed if cfg else 0)
+    out = args.out or ((cfg.run.output_dir if cfg else Path(".")) / "generated.jsonl")
+    run_generation(cfg=cfg, model_dir=args.model, prompts=prompts, settings=settings, seed=seed, out=out)
+    return 0
 
 
 def _prepare(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]

@@ -1,0 +1,205 @@
+"""Batched sampling with a KV cache: top-k / top-p / temperature / repetition penalty, stopping at <EOS>.
+
+Every output row (prompt i, sample j) has its own random generator seeded from (seed, i, j), so a
+row's text depends only on the model, its prompt and the settings: not on the batch it shares, the
+batch size or the number of ranks. Prompts are left-padded with position ids counted from each
+prompt's first real token; each prompt is run through the model once and its cache copied for its
+samples; finished rows leave the batch, so they stop costing compute.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bookgen.config import GenerateConfig
+
+StepObserver = Callable[[torch.Tensor, torch.Tensor], None]  # (raw next-token logits (rows, vocab), chosen (rows,))
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    prompt_index: int
+    sample_index: int
+    prompt: str
+    text: str
+    tokens: int  # new tokens, <EOS> included when it ended the sequence
+    stopped: str  # "eos" or "length"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    return int(np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def filter_logits(logits: torch.Tensor, history: list[list[int]], s: GenerateConfig) -> torch.Tensor:
+    """Apply repetition penalty, temperature, top-k and top-p to next-token logits (rows, vocab)."""
+    logits = logits.float()
+    if s.repetition_penalty != 1.0:
+        for row, tokens in enumerate(history):  # prompt and generated tokens, as transformers does
+            if tokens:
+                idx = torch.tensor(sorted(set(tokens)), device=logits.device)
+                picked = logits[row, idx]
+                logits[row, idx] = torch.where(picked < 0, picked * s.repetition_penalty,
+                                               picked / s.repetition_penalty)
+    if s.temperature != 1.0:
+        logits = logits / s.temperature
+    if s.top_k < logits.size(-1):
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= s.top_p  # keep the token that crosses p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def _choose(logits: torch.Tensor, generators: list[torch.Generator], greedy: bool) -> torch.Tensor:
+    if greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.x); pass whichever this version takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(input_ids, attention_mask, position_ids), each (prompts, longest); padding on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+@torch.inference_mode()
+def generate_rows(
+    model: Any, prompt_ids: list[list[int]], prompt_indices: list[int], s: GenerateConfig, *, eos_id: int,
+    pad_id: int, seed: int, observer: StepObserver | None = None,
+) -> list[tuple[int, int, list[int], str]]:
+    """Decode ``num_return_sequences`` rows for each prompt in one batch. Returns (prompt, sample, ids, why)."""
+    device = next(model.parameters()).device
+    n = s.num_return_sequences
+    ids, mask, positions = left_pad(prompt_ids, pad_id, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache_kw = _cache_kwarg(model)
+    logits = out.logits[:, -1]
+    if n > 1:  # the prompt is encoded once; its samples share a copy of its cache
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        mask = mask.repeat_interleave(n, dim=0)
+        positions = positions.repeat_interleave(n, dim=0)
+    rows = [(p, j) for p in prompt_indices for j in range(n)]
+    prompt_slot = {p: k for k, p in enumerate(prompt_indices)}
+    prompt_len = {p: len(t) for p, t in zip(prompt_indices, prompt_ids, strict=True)}
+    generators = [torch.Generator().manual_seed(row_seed(seed, p, j)) for p, j in rows]
+    generated: list[list[int]] = [[] for _ in rows]
+    next_pos = positions[:, -1] + 1
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1 << 30)
+    active = list(range(len(rows)))  # indices into rows of sequences still decoding
+    results: dict[int, str] = {}
+    while active:
+        history = [prompt_ids[prompt_slot[rows[r][0]]] + generated[r] for r in active] \
+            if s.repetition_penalty != 1.0 else [[] for _ in active]
+        chosen = _choose(filter_logits(logits, history, s),
+                         [generators[r] for r in active], greedy=s.top_k == 1).to(device)
+        if observer is not None:
+            observer(logits, chosen)
+        keep = []
+        for slot, r in enumerate(active):
+            token = int(chosen[slot])
+            generated[r].append(token)
+            if token == eos_id:
+                results[r] = "eos"
+            elif len(generated[r]) >= s.max_new_tokens or prompt_len[rows[r][0]] + len(generated[r]) >= limit:
+                results[r] = "length"
+            else:
+                keep.append(slot)
+        if not keep:
+            break
+        if len(keep) < len(active):  # finished rows leave the batch and its cache
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            chosen, mask, next_pos = chosen[index], mask[index], next_pos[index]
+            active = [active[k] for k in keep]
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    use_cache=True, **{cache_kw: cache})
+        logits, next_pos = out.logits[:, -1], next_pos + 1  # the cache object grew in place
+    return [(p, j, generated[r], results[r]) for r, (p, j) in enumerate(rows)]
+
+
+def generate(
+    model: Any, tokenizer: Any, prompts: list[str], s: GenerateConfig, *, seed: int,
+    prompt_indices: list[int] | None = None, on_prompts_done: Callable[[int], None] | None = None,
+    observer: StepObserver | None = None,
+) -> list[Sample]:
+    """Sample for every prompt; batches hold about ``s.batch_size`` rows of prompts of similar length."""
+    indices = prompt_indices if prompt_indices is not None else list(range(len(prompts)))
+    encoded = {i: tokenizer(p, add_special_tokens=False)["input_ids"] for i, p in zip(indices, prompts, strict=True)}
+    text_of = dict(zip(indices, prompts, strict=True))
+    per_batch = max(1, s.batch_size // s.num_return_sequences)
+    by_length = sorted(indices, key=lambda i: len(encoded[i]))  # similar lengths: little left padding
+    samples = []
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for start in range(0, len(by_length), per_batch):
+        group = by_length[start : start + per_batch]
+        for p, j, ids, why in generate_rows(model, [encoded[i] for i in group], group, s, eos_id=eos_id,
+                                            pad_id=pad_id if pad_id is not None else eos_id, seed=seed,
+                                            observer=observer):
+            text = tokenizer.decode([t for t in ids if t != eos_id], skip_special_tokens=False)
+            samples.append(Sample(p, j, text_of[p], text.strip(), len(ids), why))
+        if on_prompts_done is not None:
+            on_prompts_done(len(group))
+    return sorted(samples, key=lambda x: (x.prompt_index, x.sample_index))
+
+
+def write_outputs(samples: list[Sample], out_jsonl: Path) -> Path:
+    """JSONL, one sample a line, and the reference's readable form beside it (``.txt``)."""
+    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_jsonl.with_suffix(out_jsonl.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(x.to_dict()) + "\n" for x in samples), encoding="utf-8")
+    tmp.replace(out_jsonl)
+    readable = out_jsonl.with_suffix(".txt")
+    blocks = [f"=== GENERATED SEQUENCE {n} ===\n{x.prompt} {x.text}\n" for n, x in enumerate(samples, start=1)]
+    readable.write_text("\n".join(blocks), encoding="utf-8")
+    return readable
+
+
+def read_prompts(path: Path) -> list[str]:
+    from bookgen.errors import BookgenError
+
+    if not path.is_file():
+        raise BookgenError(f"--prompts: {path} does not exist")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+                prompts.append(record["prompt"] if isinstance(record, dict) else str(record))
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise BookgenError(f"{path}:{n}: expected a JSON object with a \"prompt\" key ({exc})") from exc
+    else:
+        prompts = lines
+    if not prompts:
+        raise BookgenError(f"--prompts: {path} holds no prompt")
+    return prompts

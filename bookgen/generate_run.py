@@ -1,0 +1,91 @@
+"""`bookgen generate`: load a model, spread the prompts over the ranks, sample, gather, write."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from bookgen import distributed
+from bookgen.config import ExperimentConfig, FieldError, GenerateConfig
+from bookgen.errors import BookgenError
+from bookgen.generate import Sample, generate, write_outputs
+
+
+def settings_from(base: GenerateConfig, flags: dict[str, Any]) -> GenerateConfig:
+    """``base`` with the flags that were given; a bad value names its flag."""
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return GenerateConfig(**values)
+    except FieldError as exc:
+        raise BookgenError(f"--{exc.key.replace('_', '-')} (generate.{exc.key}): {exc}") from exc
+
+
+def load_model(model_dir: Path | None, cfg: ExperimentConfig | None) -> tuple[Any, Any, str]:
+    """An exported Hugging Face folder, or the newest complete checkpoint of the experiment's run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_dir is not None:
+        if not (model_dir / "config.json").is_file():
+            raise BookgenError(f"--model: {model_dir} is not a model folder (no config.json); "
+                               "export one with `bookgen export`")
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+        return model.eval(), AutoTokenizer.from_pretrained(str(model_dir)), str(model_dir)
+    assert cfg is not None
+    from bookgen import checkpoint as ckpt
+    from bookgen.export import load_checkpoint_model
+
+    folder = ckpt.newest_complete(cfg)
+    if folder is None:
+        raise BookgenError(f"no complete checkpoint under {ckpt.checkpoint_root(cfg)}; train first or pass --model")
+    ckpt.read_marker(folder, cfg)
+    model, tokenizer = load_checkpoint_model(folder)
+    return model, tokenizer, str(folder)
+
+
+def run_generation(
+    *, cfg: ExperimentConfig | None, model_dir: Path | None, prompts: list[str], settings: GenerateConfig,
+    seed: int, out: Path,
+) -> list[Sample]:
+    console = Console(stderr=True, soft_wrap=True)
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    dist = distributed.setup(120) if multi else distributed.discover({})
+    console.quiet = not dist.is_main
+    try:
+        model, tokenizer, source = load_model(model_dir, cfg)
+        device = distributed.device_for(dist) if multi else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        mine = list(range(dist.rank, len(prompts), dist.world_size))  # prompts split over the ranks
+        start = time.perf_counter()
+        samples = _generate_with_progress(model, tokenizer, prompts, mine, settings, seed, console)
+        if multi:
+            gathered: list[list[Sample] | None] = [None] * dist.world_size
+            torch.distributed.all_gather_object(gathered, samples)
+            samples = sorted((x for part in gathered for x in part or []),
+                             key=lambda x: (x.prompt_index, x.sample_index))
+        took = time.perf_counter() - start
+        if dist.is_main:
+            readable = write_outputs(samples, out)
+            new_tokens = sum(x.tokens for x in samples)
+            console.print(f"{len(samples)} sequences from {source}: {new_tokens:,} new tokens in {took:.1f}s "
+                          f"({new_tokens / max(took, 1e-9):,.0f} tokens/s) -> {out}, {readable}")
+        return samples
+    finally:
+        if multi:
+            distributed.teardown()
+
+
+def _generate_with_progress(model: Any, tokenizer: Any, prompts: list[str], mine: list[int],
+                            settings: GenerateConfig, seed: int, console: Console) -> list[Sample]:
+    from rich.progress import Progress
+
+    with Progress(console=console, disable=console.quiet or len(mine) < 8, transient=True) as bar:
+        task = bar.add_task("generate", total=len(mine))
+        return generate(model, tokenizer, [prompts[i] for i in mine], settings, seed=seed, prompt_indices=mine,
+                        on_prompts_done=lambda n: bar.advance(task, n))

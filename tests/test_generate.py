@@ -1,0 +1,191 @@
+"""The generation runner against transformers' generate, its sampling bounds, and its CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bookgen.config import GenerateConfig
+from bookgen.generate import generate, generate_rows
+from tests.conftest import SAMPLE
+from tests.ranks import launch
+
+PROMPTS = ["<BOS>", "<BOS> The story is set in a mining town", "<BOS> In the end", "<BOS> Anna"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A small random GPT-2 with bookgen's special tokens, saved as an exported folder would be."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bookgen.data.tokenizer import train_bpe
+
+    texts = [line.split("\t")[6] for line in SAMPLE.read_text().splitlines()[:150]]
+    tok = train_bpe(texts, 500, ["<BOS>", "<EOS>", "<PAD>"])
+    tok.add_special_tokens({"bos_token": "<BOS>", "eos_token": "<EOS>", "pad_token": "<PAD>"})
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=2, n_head=2, n_embd=32, n_positions=128,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id))
+    folder = tmp_path_factory.mktemp("model")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_greedy_equals_transformers_generate(loaded):
+    model, tok = loaded
+    s = GenerateConfig(top_k=1, max_new_tokens=25, num_return_sequences=1)
+    for prompt in PROMPTS:
+        ids = _ids(tok, prompt)
+        expected = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  do_sample=False, max_new_tokens=25, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        (_, _, got, _), = generate_rows(model, [ids], [0], s, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=0)
+        assert got == expected[: len(got)] and len(got) == len(expected), prompt
+
+
+def test_prompt_output_does_not_depend_on_its_batch(loaded):
+    model, tok = loaded
+    greedy = GenerateConfig(top_k=1, max_new_tokens=20, num_return_sequences=1, batch_size=16)
+    alone = [generate(model, tok, [p], greedy, seed=0)[0].text for p in PROMPTS]
+    mixed = [x.text for x in generate(model, tok, PROMPTS, greedy, seed=0)]
+    assert mixed == alone
+    sampled = GenerateConfig(top_k=20, max_new_tokens=20, num_return_sequences=3, batch_size=16)
+    one_by_one = GenerateConfig(top_k=20, max_new_tokens=20, num_return_sequences=3, batch_size=1)
+    assert [x.text for x in generate(model, tok, PROMPTS, sampled, seed=3)] == \
+        [x.text for x in generate(model, tok, PROMPTS, one_by_one, seed=3)]
+
+
+def test_sampled_tokens_stay_inside_top_k(loaded):
+    model, tok = loaded
+    checked = []
+
+    def observe(logits, chosen):
+        top = torch.topk(logits, 5, dim=-1).indices
+        checked.append(bool((top == chosen[:, None]).any(dim=-1).all()))
+
+    s = GenerateConfig(top_k=5, max_new_tokens=30, num_return_sequences=4)
+    generate(model, tok, PROMPTS, s, seed=1, observer=observe)
+    assert len(checked) >= 30 and all(checked)
+
+
+def test_top_p_keeps_only_the_nucleus(loaded):
+    model, tok = loaded
+    checked = []
+
+    def observe(logits, chosen):
+        probs = torch.softmax(logits.float(), dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs
+        for row in range(len(chosen)):
+            nucleus = set(order[row][before[row] < 0.5].tolist())
+            checked.append(int(chosen[row]) in nucleus)
+
+    generate(model, tok, PROMPTS, GenerateConfig(top_k=500, top_p=0.5, max_new_tokens=20, num_return_sequences=2),
+             seed=2, observer=observe)
+    assert checked and all(checked)
+
+
+def test_same_seed_same_output_other_seed_differs(loaded):
+    model, tok = loaded
+    s = GenerateConfig(top_k=50, max_new_tokens=30, num_return_sequences=3, temperature=1.2, repetition_penalty=1.3)
+    a, b = generate(model, tok, PROMPTS, s, seed=5), generate(model, tok, PROMPTS, s, seed=5)
+    assert [x.text for x in a] == [x.text for x in b]
+    assert [x.text for x in a] != [x.text for x in generate(model, tok, PROMPTS, s, seed=6)]
+    assert len({x.text for x in a if x.prompt_index == 0}) > 1, "samples of one prompt differ"
+
+
+def test_each_sequence_stops_at_eos(loaded):
+    model, tok = loaded
+    eos = tok.eos_token_id
+
+    class EosFromPositionFive(torch.nn.Module):
+        """Wraps the model: <EOS> becomes certain once the input token sits at position 5 or later."""
+
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            positions = kw["position_ids"][:, -1]
+            boost = (positions >= 5).float()[:, None] * 1e4
+            out.logits[:, -1, eos] += boost[:, 0]
+            return out
+
+    s = GenerateConfig(top_k=50, max_new_tokens=40, num_return_sequences=2)
+    samples = generate(EosFromPositionFive(), tok, ["<BOS>", "<BOS> The story is set in a mining town"], s, seed=0)
+    assert all(x.stopped == "eos" for x in samples)
+    short = [x for x in samples if x.prompt_index == 0]
+    # the 1-token prompt sits at position 0; tokens fill positions 1..5, then <EOS> comes: 6 new tokens
+    assert all(x.tokens == 6 for x in short)
+    assert all("<EOS>" not in x.text for x in samples)
+    s = GenerateConfig(top_k=50, max_new_tokens=7, num_return_sequences=2)
+    assert all(x.stopped == "length" and x.tokens == 7 for x in generate(model, tok, ["<BOS>"], s, seed=0))
+
+
+def test_cli_writes_jsonl_and_reference_text(tmp_path, model_dir):
+    from bookgen.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
+                 "--num-return-sequences", "2", "--max-new-tokens", "12", "--seed", "4"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(i, j) for i in range(4) for j in range(2)]
+    assert all(set(r) == {"prompt_index", "sample_index", "prompt", "text", "tokens", "stopped"} for r in rows)
+    assert rows[2]["prompt"] == PROMPTS[1] and all(r["stopped"] in ("eos", "length") for r in rows)
+    text = out.with_suffix(".txt").read_text()
+    assert text.startswith("=== GENERATED SEQUENCE 1 ===\n<BOS>") and "=== GENERATED SEQUENCE 8 ===" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nonexistent/model"], "/nonexistent/model is not a model folder"),
+        (["--top-k", "0"], "--top-k (generate.top_k): must be >= 1, got 0"),
+        (["--top-p", "1.5"], "--top-p (generate.top_p): must be in (0, 1], got 1.5"),
+        (["--top-p", "0"], "--top-p (generate.top_p): must be in (0, 1]"),
+        (["--prompts", "EMPTY"], "holds no prompt"),
+        (["--prompt", "  "], "an empty prompt was given"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, model_dir, capsys, args, message):
+    from bookgen.cli import main
+
+    (tmp_path / "empty.txt").write_text("\n\n")
+    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
+    if "--model" not in args:
+        args = ["--model", str(model_dir), *args]
+    assert main(["generate", *args, "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.multirank
+def test_prompts_split_over_ranks_and_gathered_in_order(tmp_path, model_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS * 2) + "\n")
+    outputs = []
+    for world in (1, 2):
+        out = tmp_path / f"gen{world}.jsonl"
+        launch(world, ["--mode", "generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
+                       "--num-return-sequences", "2", "--max-new-tokens", "10", "--seed", "9"])
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1], "same samples, same order, whatever the number of ranks"
+    assert len(outputs[0].splitlines()) == 16
