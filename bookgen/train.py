@@ -52,7 +52,8 @@ def plan_steps(n_examples: int, t: TrainConfig, world_size: int) -> StepPlan:
 @dataclass(slots=True)
 class StepMetrics:
     loss: float
-    tokens: int
+    tokens: int  # non-padding tokens over all ranks
+    input_tokens: int  # tokens fed to the model over all ranks, padding included
     lr: float
     stop_requested: bool
 
@@ -118,7 +119,7 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
             progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr, tokens_per_second=rate)
             if log is not None:
                 log.write({"step": state.global_step, "epoch": state.epoch, "loss": m.loss, "lr": m.lr,
-                           "tokens": m.tokens, "tokens_per_second": rate})
+                           "tokens": m.tokens, "input_tokens": m.input_tokens, "tokens_per_second": rate})
             if _due(cfg.eval.every, state.global_step) and state.global_step < plan.total_steps:
                 evals.append(run_eval(engine, valid_examples, "valid", cfg, dist, pad_id, state.global_step, log))
                 progress.note(_eval_line(evals[-1], state.global_step))
@@ -145,11 +146,19 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
                "seconds": elapsed, "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}
     if evals:
         summary |= {"eval_loss": evals[-1].loss, "perplexity": evals[-1].perplexity}
+    summary["peak_rss_mb_max_rank"] = distributed.all_reduce_max(peak_rss_mb(), engine.device)
     if log is not None:
+        write_json_atomic(cfg.run.output_dir / "run_summary.json", summary)
         log.close()
         plot_loss_curves(log.path, cfg.run.output_dir / "loss_curves.png")
         console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" for k, v in summary.items()}))
     return summary
+
+
+def peak_rss_mb() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
 
 
 def _due(every: int | None, step: int) -> bool:
@@ -209,7 +218,7 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
                pad_id: int, stop_requested: bool) -> StepMetrics:
     """One optimizer step: ``grad_accum_steps`` micro-batches on each rank, then the engine's update."""
     lr = float(engine.get_lr()[0])
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, input_tokens = 0.0, 0, 0
     for micro in range(t.grad_accum_steps):
         picked = micro_batch_indices(order, step=step_in_epoch, micro=micro, rank=dist.rank,
                                      world_size=dist.world_size, micro_batch_size=t.micro_batch_size,
@@ -221,11 +230,12 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
         engine.step()  # updates only at the accumulation boundary
         loss_sum += float(out.loss.detach())
         tokens += int(batch["attention_mask"].sum())
+        input_tokens += batch["input_ids"].numel()
     # one collective for the logged numbers and the preemption flag, so all ranks stop together
-    total_loss, total_tokens, stops = distributed.all_reduce_sum(
-        [loss_sum, float(tokens), float(stop_requested)], engine.device)
-    return StepMetrics(loss=total_loss / (t.grad_accum_steps * dist.world_size), tokens=int(total_tokens), lr=lr,
-                       stop_requested=stops > 0)
+    total_loss, total_tokens, total_inputs, stops = distributed.all_reduce_sum(
+        [loss_sum, float(tokens), float(input_tokens), float(stop_requested)], engine.device)
+    return StepMetrics(loss=total_loss / (t.grad_accum_steps * dist.world_size), tokens=int(total_tokens),
+                       input_tokens=int(total_inputs), lr=lr, stop_requested=stops > 0)
 
 
 def run_eval(engine: Any, examples: Examples, split: str, cfg: ExperimentConfig, dist: DistEnv, pad_id: int,

@@ -135,6 +135,11 @@ def test_requeued_job_resumes_and_completes(tmp_path):
         time.sleep(0.2)
     assert max(_losses(tmp_path / "run"), default=0) < 80, "the job finished before it could be requeued"
     subprocess.run(["scontrol", "requeue", str(job)], check=True)
+    # Slurm holds a requeued job back for about two minutes (BeginTime); let it start at once
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _job_state(job) != "PENDING":
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and _job_state(job) != "COMPLETED":
         if _job_state(job) in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):

@@ -1,0 +1,138 @@
+"""Training throughput: bookgen against transformers' Trainer, same model, data, world size and batch, one run.
+
+    python bench/train_throughput.py [--steps 30] [--ranks 2] [--micro 4] [--block 512]
+
+Writes a synthetic corpus whose lengths look like the CMU summaries (median several hundred tokens, a
+quarter longer than 1024), prepares it with bookgen (the tokenizer both sides use), then runs under
+torchrun: (a) bookgen line by line, fp32 - the reference's semantics; (b) the Trainer baseline
+(bench/hf_trainer_baseline.py); (c) bookgen with its fastest settings (packing, bf16 where the CPU has it).
+Prints non-padding tokens/s after warm-up, the share of compute spent on padding, time to the first step,
+peak memory per rank, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WARMUP = 5
+
+
+def write_corpus(path: Path, docs: int = 1500) -> None:
+    rng = np.random.default_rng(0)
+    vocab = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "we", "zu")
+             for b in ("rat", "mel", "dos", "fin", "gar", "hul", "jin", "pok", "sem", "tov", "ux", "y")]
+    words = np.clip(rng.lognormal(mean=np.log(300), sigma=0.9, size=docs), 20, 3000).astype(int)
+    lines = [" ".join(rng.choice(vocab, size=n)) + "." for n in words]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def experiment(folder: Path, args: argparse.Namespace, name: str, **extra: object) -> Path:
+    cfg = {
+        "seed": 0, "run": {"output_dir": f"run_{name}", "log_every": 10**6},
+        "data": {"source": str(folder / "corpus.txt"), "block_size": args.block, "prepared_dir": "prepared"},
+        "tokenizer": {"vocab_size": 2048},
+        "model": {"n_layer": args.layers, "n_head": args.heads, "n_embd": args.width, "n_positions": args.block,
+                  "dropout": 0.1},
+        "train": {"max_steps": args.steps, "micro_batch_size": args.micro, "learning_rate": 5e-5},
+        "eval": {"at_end": False}, "checkpoint": {"resume": "never", "every": 10**6},
+        "deepspeed": {"zero_stage": 0, "config": str(REPO / "ds_configs" / "zero0.json")},
+    }
+    for dotted, value in extra.items():
+        section, key = dotted.split("__")
+        cfg[section][key] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def torchrun(ranks: int, *cmd: str) -> float:
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                    *cmd], check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return start
+
+
+def summarize(start: float, stamps: list[float], tokens: list[float], inputs: list[float], rss: float) -> dict:
+    rate = sum(tokens[WARMUP:]) / (stamps[-1] - stamps[WARMUP - 1])
+    return {"tokens_per_s": rate, "padding": 1 - sum(tokens) / sum(inputs), "first_step_s": stamps[0] - start,
+            "peak_rss_mb": rss}
+
+
+def run_bookgen(folder: Path, ranks: int, exp: Path) -> dict:
+    start = torchrun(ranks, str(REPO / "launcher" / "run.py"), "--cfg", str(exp))
+    run = folder / f"run_{exp.stem}"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    rss = json.loads((run / "run_summary.json").read_text())["peak_rss_mb_max_rank"]
+    return summarize(start, [r["time"] for r in steps], [r["tokens"] for r in steps],
+                     [r["input_tokens"] for r in steps], rss)
+
+
+def run_trainer(folder: Path, args: argparse.Namespace) -> dict:
+    out = folder / "hf.json"
+    start = torchrun(args.ranks, str(REPO / "bench" / "hf_trainer_baseline.py"), str(folder / "prepared"), str(out),
+                     str(args.steps), str(args.micro), str(args.block), str(args.layers), str(args.heads),
+                     str(args.width))
+    r = json.loads(out.read_text())
+    return summarize(start, r["stamps"], r["tokens"], r["input_tokens"], r["peak_rss_mb"])
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--block", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--folder", type=Path, default=REPO / "runs" / "bench_train")
+    args = ap.parse_args()
+    args.folder.mkdir(parents=True, exist_ok=True)
+    if not (args.folder / "corpus.txt").exists():
+        write_corpus(args.folder / "corpus.txt")
+    line_exp = experiment(args.folder, args, "line_by_line")
+    subprocess.run([sys.executable, "-m", "bookgen.cli", "prepare", "--cfg", str(line_exp)], check=True, cwd=REPO)
+    lengths = np.load(args.folder / "prepared" / "store" / "train" / "offsets_00000.npy")
+    lengths = np.diff(lengths)
+    print(f"corpus: {len(lengths)} training docs, median {int(np.median(lengths))} tokens, "
+          f"{(lengths > 1024).mean():.0%} longer than 1024; block {args.block}, micro-batch {args.micro}, "
+          f"{args.ranks} ranks, {args.steps} steps (first {WARMUP} are warm-up)")
+    fast = {"data__packing": True}
+    if cpu_has_bf16():
+        fast["train__precision"] = "bf16"
+    results = {
+        "bookgen line-by-line fp32": run_bookgen(args.folder, args.ranks, line_exp),
+        "HF Trainer line-by-line fp32": run_trainer(args.folder, args),
+        f"bookgen fastest ({', '.join(k.split('__')[1] for k in fast)})":
+            run_bookgen(args.folder, args.ranks, experiment(args.folder, args, "fastest", **fast)),
+    }
+    print(f"{'':40s} {'tok/s':>9s} {'padding':>8s} {'1st step s':>10s} {'peak MB/rank':>12s}")
+    for name, r in results.items():
+        print(f"{name:40s} {r['tokens_per_s']:9,.0f} {r['padding']:8.1%} {r['first_step_s']:10.1f} "
+              f"{r['peak_rss_mb']:12,.0f}")
+    base = results["HF Trainer line-by-line fp32"]["tokens_per_s"]
+    for name, r in results.items():
+        if not name.startswith("HF"):
+            print(f"{name} / HF Trainer: {r['tokens_per_s'] / base:.2f}x non-padding tokens/s")
+
+
+if __name__ == "__main__":
+    main()
