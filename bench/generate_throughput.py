@@ -70,20 +70,28 @@ def main() -> None:
     tok.padding_side = "left"
     eos, n, new = tok.eos_token_id, args.num_return_sequences, args.max_new_tokens
     prompts = prompts_for(args.prompts)
+    longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    new = min(new, model.config.n_positions - longest)  # the tiny default's context is 256 tokens
     print(f"model {folder} ({sum(p.numel() for p in model.parameters()):,} parameters), {len(prompts)} prompts x {n} "
           f"sequences, top-k 50, <= {new} new tokens, {torch.get_num_threads()} threads")
     results = {}
 
+    from transformers import GenerationConfig
+
+    # the reference's eos id (50256) was not its <EOS>: sampling ran to the length limit every time
+    reference_config = GenerationConfig(do_sample=True, top_k=50, max_new_tokens=new, num_return_sequences=n,
+                                        eos_token_id=None, pad_token_id=tok.pad_token_id)
+    saved_eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
     torch.manual_seed(0)
     start, total, good = time.perf_counter(), 0, 0
     with torch.inference_mode():
         for p in prompts:
             ids = tok(p, return_tensors="pt", add_special_tokens=False)
-            out = model.generate(**ids, do_sample=True, top_k=50, max_new_tokens=new, min_new_tokens=new,
-                                 num_return_sequences=n, pad_token_id=tok.pad_token_id)
+            out = model.generate(**ids, generation_config=reference_config)
             for row in out[:, ids["input_ids"].shape[1]:].tolist():
                 total, good = total + len(row), good + useful(row, eos)
     results["reference (1 prompt at a time)"] = (time.perf_counter() - start, total, good)
+    model.generation_config.eos_token_id = saved_eos
 
     torch.manual_seed(0)
     start = time.perf_counter()

@@ -1,7 +1,11 @@
 """The reference's stack today, for bench/train_throughput.py: transformers' Trainer, line-by-line examples,
 dynamic padding with DataCollatorForLanguageModeling, DDP on gloo (see the README for why not DeepSpeed).
 
-    torchrun --nproc_per_node 2 bench/hf_trainer_baseline.py PREPARED_DIR OUT.json STEPS MICRO BLOCK LAYERS HEADS WIDTH
+    torchrun --nproc_per_node 2 bench/hf_trainer_baseline.py PREPARED_DIR OUT.json STEPS MICRO BLOCK \
+        LAYERS HEADS WIDTH [packed] [bf16] [vocab_multiple=N]
+
+`packed` concatenates the documents into full blocks (run_clm's group_texts) for the GPU check's
+like-for-like comparison; `bf16` trains in bf16 autocast; `vocab_multiple` pads the vocabulary as bookgen does.
 """
 
 from __future__ import annotations
@@ -25,12 +29,20 @@ from transformers import (
 
 def main() -> None:
     prepared, out, steps, micro, block, layers, heads, width = sys.argv[1:9]
+    options = sys.argv[9:]
     steps, micro, block = int(steps), int(micro), int(block)
     tok = AutoTokenizer.from_pretrained(f"{prepared}/tokenizer")
     lines = open(f"{prepared}/train.txt", encoding="utf-8").read().splitlines()
-    examples = [{"input_ids": ids[:block]} for ids in tok(lines, add_special_tokens=False)["input_ids"]]
+    ids = tok(lines, add_special_tokens=False)["input_ids"]
+    if "packed" in options:
+        stream = [t for doc in ids for t in doc]
+        examples = [{"input_ids": stream[i : i + block]} for i in range(0, len(stream) - block + 1, block)]
+    else:
+        examples = [{"input_ids": doc[:block]} for doc in ids]
+    multiple = next((int(o.split("=")[1]) for o in options if o.startswith("vocab_multiple=")), 1)
+    vocab = -(-len(tok) // multiple) * multiple
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=int(layers), n_head=int(heads),
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=int(layers), n_head=int(heads),
                                        n_embd=int(width), n_positions=block, pad_token_id=tok.pad_token_id))
     base = DataCollatorForLanguageModeling(tok, mlm=False)
     counts: list[tuple[int, int]] = []
@@ -46,21 +58,29 @@ def main() -> None:
         def on_step_end(self, args, state, control, **kwargs):
             stamps.append(time.time())
 
+    gpu = torch.cuda.is_available()
     args = TrainingArguments(output_dir="/tmp/hf_baseline", per_device_train_batch_size=micro, max_steps=steps,
-                             learning_rate=5e-5, ddp_backend="gloo", use_cpu=True, report_to=[], save_strategy="no",
+                             learning_rate=5e-5, ddp_backend="nccl" if gpu else "gloo", use_cpu=not gpu,
+                             bf16="bf16" in options, report_to=[], save_strategy="no",
                              logging_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=[Clock()])
     trainer.train()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     used = counts[:steps]
     totals = torch.tensor([[c[0] for c in used], [c[1] for c in used]], dtype=torch.float64)
-    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    if gpu:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = torch.tensor([float(peak)])
     if torch.distributed.is_initialized():
+        totals, rss = totals.to(model.device), rss.to(model.device)
         torch.distributed.all_reduce(totals)
         torch.distributed.all_reduce(rss, op=torch.distributed.ReduceOp.MAX)
     if rank == 0:
         json.dump({"stamps": stamps, "tokens": totals[0].tolist(), "input_tokens": totals[1].tolist(),
-                   "peak_rss_mb": float(rss[0])}, open(out, "w"))
+                   "peak_rss_mb": float(rss[0]),
+                   "params": sum(p.numel() for p in model.parameters())}, open(out, "w"))
 
 
 if __name__ == "__main__":

@@ -17,19 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from corpus import cmu_like_documents  # noqa: E402
 
 
 def write_cmu(path: Path, docs: int) -> None:
-    rng = np.random.default_rng(0)
-    vocab = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "we", "zu")
-             for b in ("rat", "mel", "dos", "fin", "gar", "hul", "jin", "pok", "sem", "tov", "ux", "y")]
-    words = np.clip(rng.lognormal(mean=np.log(300), sigma=0.9, size=docs), 20, 3000).astype(int)
-    rows = [f"{i}\t/m/{i}\tTitle {i}\tAuthor\t2000\t{{}}\t {' '.join(rng.choice(vocab, size=n))}."
-            for i, n in enumerate(words)]
+    rows = [f"{i}\t/m/{i}\tTitle {i}\tAuthor\t2000\t{{}}\t {text}" for i, text in enumerate(cmu_like_documents(docs))]
     path.write_text("\n".join(rows) + "\n")
 
 

@@ -23,16 +23,14 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from corpus import cmu_like_documents  # noqa: E402
+
 WARMUP = 5
 
 
 def write_corpus(path: Path, docs: int = 1500) -> None:
-    rng = np.random.default_rng(0)
-    vocab = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "we", "zu")
-             for b in ("rat", "mel", "dos", "fin", "gar", "hul", "jin", "pok", "sem", "tov", "ux", "y")]
-    words = np.clip(rng.lognormal(mean=np.log(300), sigma=0.9, size=docs), 20, 3000).astype(int)
-    lines = [" ".join(rng.choice(vocab, size=n)) + "." for n in words]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(cmu_like_documents(docs)) + "\n")
 
 
 def experiment(folder: Path, args: argparse.Namespace, name: str, **extra: object) -> Path:
@@ -72,7 +70,7 @@ def run_bookgen(folder: Path, ranks: int, exp: Path) -> dict:
     run = folder / f"run_{exp.stem}"
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r]
-    rss = json.loads((run / "run_summary.json").read_text())["peak_rss_mb_max_rank"]
+    rss = json.loads((run / "run_summary.json").read_text())["peak_memory_mb_max_rank"]
     return summarize(start, [r["time"] for r in steps], [r["tokens"] for r in steps],
                      [r["input_tokens"] for r in steps], rss)
 

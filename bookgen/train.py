@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from bookgen import checkpoint as ckpt
@@ -146,7 +147,7 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
                "seconds": elapsed, "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}
     if evals:
         summary |= {"eval_loss": evals[-1].loss, "perplexity": evals[-1].perplexity}
-    summary["peak_rss_mb_max_rank"] = distributed.all_reduce_max(peak_rss_mb(), engine.device)
+    summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), engine.device)
     if log is not None:
         write_json_atomic(cfg.run.output_dir / "run_summary.json", summary)
         log.close()
@@ -155,7 +156,10 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     return summary
 
 
-def peak_rss_mb() -> int:
+def peak_memory_mb() -> int:
+    """Peak GPU memory allocated on a GPU, else the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated() // 2**20)
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB

@@ -75,15 +75,18 @@ def test_two_rank_run_learns_and_writes_its_records(tmp_path):
 
 
 def test_packed_run_has_no_padding_and_line_by_line_does(tmp_path):
-    packed = write_experiment(tmp_path / "packed", {"data.packing": True, "train.max_steps": 3}, rows=120)
+    packed = write_experiment(tmp_path / "packed", {"data.packing": True, "train.max_steps": 3,
+                                                    "run.tensorboard": True}, rows=120)
     launch(1, ["--cfg", str(packed)])
-    tokens = [r["tokens"] for r in read_metrics(packed.parent / "run" / "metrics.jsonl") if "loss" in r]
-    assert tokens == [2 * 64] * 3, "packed blocks are full: micro-batch 2 x block 64, no padding"
+    steps = [r for r in read_metrics(packed.parent / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["tokens"] for r in steps] == [2 * 64] * 3, "packed blocks are full: micro-batch 2 x block 64"
+    assert all(r["input_tokens"] == r["tokens"] for r in steps), "no padding"
+    assert list((packed.parent / "run" / "tensorboard").glob("events.out.tfevents*")), "TensorBoard was on"
 
     lines = write_experiment(tmp_path / "lines", {"train.max_steps": 3, "data.group_by_length": True}, rows=120)
     launch(1, ["--cfg", str(lines)])
     records = read_metrics(lines.parent / "run" / "metrics.jsonl")
-    assert all(0 < r["tokens"] <= 2 * 64 for r in records if "loss" in r)
+    assert all(0 < r["tokens"] <= r["input_tokens"] <= 2 * 64 for r in records if "loss" in r)
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
