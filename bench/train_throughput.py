@@ -24,7 +24,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO))
 from corpus import cmu_like_documents  # noqa: E402
+
+from bookgen.hardware import cpu_has_bf16  # noqa: E402
 
 WARMUP = 5
 
@@ -84,12 +87,6 @@ def run_trainer(folder: Path, args: argparse.Namespace) -> dict:
     return summarize(start, r["stamps"], r["tokens"], r["input_tokens"], r["peak_rss_mb"])
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def main() -> None:

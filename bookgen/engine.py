@@ -10,6 +10,7 @@ import torch
 from bookgen.config import ExperimentConfig
 from bookgen.ds_config import build_ds_config
 from bookgen.errors import BookgenError
+from bookgen.hardware import cpu_has_bf16
 from bookgen.schedule import lr_multiplier
 
 
@@ -24,6 +25,8 @@ def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, world_size: int,
     ds_config = build_ds_config(cfg, world_size)
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise BookgenError("train.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if cfg.train.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
+        print("bookgen: warning: this CPU has no native bf16; train.precision: bf16 will be slow")
     make_scheduler = partial(_scheduler, warmup=cfg.train.warmup_steps, total=total_steps,
                              kind=cfg.train.lr_schedule)
     engine, _optimizer, _loader, _scheduler_obj = deepspeed.initialize(

@@ -129,23 +129,55 @@ def test_requeued_job_resumes_and_completes(tmp_path):
     exp = write_experiment(tmp_path, SETTINGS | {"train.max_steps": 80, "checkpoint.every": 4}, rows=120)
     job, proc = _sbatch(exp, tmp_path, wait=False)
     assert proc.returncode == 0, proc.stderr
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (metrics.exists() and max(_losses(tmp_path / "run"), default=0) >= 10):
-        time.sleep(0.2)
+    _wait_for_step(tmp_path / "run", 10)
     assert max(_losses(tmp_path / "run"), default=0) < 80, "the job finished before it could be requeued"
     subprocess.run(["scontrol", "requeue", str(job)], check=True)
-    # Slurm holds a requeued job back for about two minutes (BeginTime); let it start at once
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and _job_state(job) != "PENDING":
-        time.sleep(0.5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and _job_state(job) != "COMPLETED":
-        if _job_state(job) in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            break
-        time.sleep(1)
+    time.sleep(1)
+    state = _release_and_wait(job)
     log = next(tmp_path.glob("job-*.out")).read_text()
-    assert _job_state(job) == "COMPLETED", log[-4000:]
+    assert state == "COMPLETED", log[-4000:]
     assert "(restart 1)" in log and "resumed from" in log
     assert sorted(_losses(tmp_path / "run")) == list(range(1, 81))
+
+
+def _wait_for_step(run: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= step:
+            return
+        time.sleep(0.2)
+
+
+def _release_and_wait(job: int, timeout: float = 400) -> str:
+    """Let a requeued job start at once (Slurm holds it back ~2 minutes), then wait for its end."""
+    deadline = time.monotonic() + timeout
+    released = False
+    while time.monotonic() < deadline:
+        state = _job_state(job)
+        if state == "PENDING" and not released:
+            released = subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode == 0
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            return state
+        time.sleep(0.5)
+    return _job_state(job)
+
+
+@pytest.mark.slurm
+@slurm
+def test_time_limit_warning_checkpoints_requeues_and_resumes(tmp_path):
+    """What `--signal=B:USR1@120` does before the time limit, sent by hand: save, requeue, resume."""
+    exp = write_experiment(tmp_path, SETTINGS | {"train.max_steps": 80, "checkpoint.every": 1000}, rows=120)
+    job, proc = _sbatch(exp, tmp_path, wait=False)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "run"
+    _wait_for_step(run, 10)
+    assert 10 <= max(_losses(run), default=0) < 80, "the job must be mid-run when the warning comes"
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
+    time.sleep(1)
+    state = _release_and_wait(job)
+    log = next(tmp_path.glob("job-*.out")).read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert "stop requested by Slurm" in log and "requeueing job" in log and "(restart 1)" in log
+    saved = int(re.search(r"preempted: saved checkpoint at step (\d+)", log).group(1))
+    assert saved >= 10 and f"at step {saved}" in log.split("(restart 1)")[1], "the requeued job resumed there"
+    assert sorted(_losses(run)) == list(range(1, 81))

@@ -14,6 +14,7 @@ from bookgen.data.prepare import open_store, prepare, store_dir, tokenizer_dir
 from bookgen.data.split import reference_split, seeded_split, shuffle_split_indices
 from bookgen.data.store import StoreError, TokenStore, token_dtype
 from bookgen.data.tokenizer import load_tokenizer
+from bookgen.fileio import sha256_file
 from tests.conftest import SAMPLE, SHARED_CMU, write_experiment
 
 
@@ -92,6 +93,7 @@ def test_store_round_trip_decodes_to_the_lines(tmp_path):
     assert manifest["dtype"] == "uint16" and manifest["block_size"] == 64
     assert manifest["num_tokens"] == store.num_tokens == sum(len(store[i]) for i in range(len(store)))
     assert len(manifest["tokenizer_fingerprint"]) == 64 and len(manifest["source_sha256"]) == 64
+    assert manifest["corpus_sha256"] == sha256_file(cfg.data.source)
     assert tok.pad_token == "<PAD>" and tok.convert_tokens_to_ids("<PAD>") != tok.eos_token_id
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from bookgen.hardware import cpu_has_bf16
 from bookgen.metrics import read_metrics
 from tests.conftest import REPO, write_experiment
 from tests.ranks import launch
@@ -19,12 +20,6 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @pytest.mark.multirank
@@ -91,7 +86,7 @@ def test_packed_run_has_no_padding_and_line_by_line_does(tmp_path):
 
 
 def test_bf16_run(tmp_path):
-    if not _cpu_has_bf16():
+    if not cpu_has_bf16():
         pytest.skip("this CPU has no native bf16 (avx512_bf16/amx); bf16 would be emulated")
     exp = write_experiment(tmp_path, {"train.precision": "bf16", "train.max_steps": 4, "train.learning_rate": 3e-3},
                            rows=120)

@@ -35,6 +35,7 @@ class PrepareReport:
     skipped_empty: int = 0
     skipped_malformed: int = 0
     bad_genres: int = 0
+    corpus_sha256: str = ""  # checksum of data.source as read
 
 
 def store_dir(prepared: Path, split: str) -> Path:
@@ -65,8 +66,9 @@ def prepare(cfg: ExperimentConfig, *, quiet: bool = False) -> PrepareReport:
 def _stage_splits(cfg: ExperimentConfig, prepared: Path, report: PrepareReport) -> dict[str, Path]:
     d = cfg.data
     fmt = sources.detect_format(d.source) if d.format == "auto" else d.format
+    report.corpus_sha256 = sources.source_checksum(d.source, fmt)
     key = sha256_json({
-        "version": STAGE_VERSION, "source": sources.source_checksum(d.source, fmt), "format": fmt,
+        "version": STAGE_VERSION, "source": report.corpus_sha256, "format": fmt,
         "split": d.split, "seed": cfg.seed, "skip_malformed": d.skip_malformed,
         "markers": [cfg.tokenizer.bos_token, cfg.tokenizer.eos_token],
     })
@@ -148,6 +150,7 @@ def _stage_store(
 ) -> None:
     meta = {
         "split": split, "tokenizer_fingerprint": fingerprint, "source_sha256": sha256_file(text_file),
+        "corpus_sha256": report.corpus_sha256,
         "block_size": cfg.data.block_size, "shard_tokens": cfg.data.shard_tokens,
     }
     final = store_dir(cfg.prepared_dir, split)
