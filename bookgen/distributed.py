@@ -12,7 +12,8 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -97,9 +98,33 @@ def setup(timeout_s: int) -> DistEnv:
     return dist
 
 
-def teardown() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+@contextmanager
+def process_group(timeout_s: int) -> Iterator[DistEnv]:
+    """Set up, yield the layout, and leave: together after success, at once after an error."""
+    dist = setup(timeout_s)
+    try:
+        yield dist
+    except BaseException:
+        teardown(synchronize=False)
+        raise
+    teardown()
+
+
+def teardown(*, synchronize: bool = True) -> None:
+    """Leave the process group. After a normal run all ranks leave together: a rank that tore down while
+    a peer still used the group was seen to abort at exit ("terminate called without an active
+    exception"). After an error, do not wait for peers that may be gone."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if synchronize and torch.distributed.get_world_size() > 1:
+        try:
+            if torch.distributed.get_backend() == "gloo":
+                torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                torch.distributed.barrier()
+        except RuntimeError:
+            pass  # a peer is gone; leaving is all that is left to do
+    torch.distributed.destroy_process_group()
 
 
 def barrier() -> None:

@@ -53,32 +53,33 @@ def run_generation(
     *, cfg: ExperimentConfig | None, model_dir: Path | None, prompts: list[str], settings: GenerateConfig,
     seed: int, out: Path,
 ) -> list[Sample]:
-    console = Console(stderr=True, soft_wrap=True)
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    dist = distributed.setup(120) if multi else distributed.discover({})
-    console.quiet = not dist.is_main
-    try:
-        model, tokenizer, source = load_model(model_dir, cfg)
-        device = distributed.device_for(dist) if multi else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device)
-        mine = list(range(dist.rank, len(prompts), dist.world_size))  # prompts split over the ranks
-        start = time.perf_counter()
-        samples = _generate_with_progress(model, tokenizer, prompts, mine, settings, seed, console)
-        if multi:
-            gathered: list[list[Sample] | None] = [None] * dist.world_size
-            torch.distributed.all_gather_object(gathered, samples)
-            samples = sorted((x for part in gathered for x in part or []),
-                             key=lambda x: (x.prompt_index, x.sample_index))
-        took = time.perf_counter() - start
-        if dist.is_main:
-            readable = write_outputs(samples, out)
-            new_tokens = sum(x.tokens for x in samples)
-            console.print(f"{len(samples)} sequences from {source}: {new_tokens:,} new tokens in {took:.1f}s "
-                          f"({new_tokens / max(took, 1e-9):,.0f} tokens/s) -> {out}, {readable}")
-        return samples
-    finally:
-        if multi:
-            distributed.teardown()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        with distributed.process_group(120) as dist:
+            return _run(dist, cfg, model_dir, prompts, settings, seed, out)
+    return _run(distributed.discover({}), cfg, model_dir, prompts, settings, seed, out)
+
+
+def _run(dist: distributed.DistEnv, cfg: ExperimentConfig | None, model_dir: Path | None, prompts: list[str],
+         settings: GenerateConfig, seed: int, out: Path) -> list[Sample]:
+    console = Console(stderr=True, soft_wrap=True, quiet=not dist.is_main)
+    multi = dist.world_size > 1
+    model, tokenizer, source = load_model(model_dir, cfg)
+    device = distributed.device_for(dist) if multi else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    mine = list(range(dist.rank, len(prompts), dist.world_size))  # prompts split over the ranks
+    start = time.perf_counter()
+    samples = _generate_with_progress(model, tokenizer, prompts, mine, settings, seed, console)
+    if multi:
+        gathered: list[list[Sample] | None] = [None] * dist.world_size
+        torch.distributed.all_gather_object(gathered, samples)
+        samples = sorted((x for part in gathered for x in part or []), key=lambda x: (x.prompt_index, x.sample_index))
+    took = time.perf_counter() - start
+    if dist.is_main:
+        readable = write_outputs(samples, out)
+        new_tokens = sum(x.tokens for x in samples)
+        console.print(f"{len(samples)} sequences from {source}: {new_tokens:,} new tokens in {took:.1f}s "
+                      f"({new_tokens / max(took, 1e-9):,.0f} tokens/s) -> {out}, {readable}")
+    return samples
 
 
 def _generate_with_progress(model: Any, tokenizer: Any, prompts: list[str], mine: list[int],

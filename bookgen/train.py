@@ -72,11 +72,8 @@ class StopFlag:
 
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
-    dist = distributed.setup(cfg.deepspeed.comm_timeout_s)
-    try:
+    with distributed.process_group(cfg.deepspeed.comm_timeout_s) as dist:
         return _run(cfg, dist)
-    finally:
-        distributed.teardown()
 
 
 def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
@@ -258,8 +255,7 @@ def run_eval(engine: Any, examples: Examples, split: str, cfg: ExperimentConfig,
 
 def evaluate_only(cfg: ExperimentConfig, split: str) -> EvalResult:
     """`bookgen eval`: perplexity of the newest complete checkpoint (or the fresh model) on ``split``."""
-    dist = distributed.setup(cfg.deepspeed.comm_timeout_s)
-    try:
+    with distributed.process_group(cfg.deepspeed.comm_timeout_s) as dist:
         console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
         ensure_prepared(cfg, dist, console)
         tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
@@ -280,5 +276,3 @@ def evaluate_only(cfg: ExperimentConfig, split: str) -> EvalResult:
         result = run_eval(engine, examples, split, cfg, dist, tokenizer.pad_token_id, step, None)
         console.print(_eval_line(result, step))
         return result
-    finally:
-        distributed.teardown()
