@@ -23,6 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 
 from bookgen import faults
 from bookgen.config import ExperimentConfig
@@ -84,7 +89,9 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
             if folder.exists():  # a leftover from an interrupted save of the same step
                 shutil.rmtree(folder)
         barrier()
-        client = {"bookgen_state": asdict(state), "bookgen_fingerprint": model_fingerprint(cfg)}
+        client = {"bookgen_state": asdict(state), "bookgen_fingerprint": model_fingerprint(cfg),
+                  # lets DeepSpeed's ds_to_universal convert the checkpoint for another world size
+                  UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
         torch.save(_rng_state(), folder / f"rng_rank{dist.rank}.pt")
         faults.inject("save", state.global_step, dist.rank)
@@ -99,6 +106,7 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
     if dist.is_main:
         write_json_atomic(folder / MARKER, {
             "state": asdict(state), "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
+            "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dist.world_size,
             "fingerprint": model_fingerprint(cfg),
             "model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer),
             "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing},
@@ -183,13 +191,8 @@ def read_marker(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:
     return marker
 
 
-def check_compatible(folder: Path, cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
+def check_compatible(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:
     marker = read_marker(folder, cfg)
-    if marker["world_size"] != dist.world_size:
-        raise BookgenError(
-            f"{folder} was saved by {marker['world_size']} ranks, this run has {dist.world_size}. Resuming at "
-            "another world size is refused (the optimizer partitions and data position would not match); "
-            f"rerun with {marker['world_size']} ranks, or export the weights and start a new run from them.")
     if marker["zero_stage"] != cfg.deepspeed.zero_stage:
         raise BookgenError(f"{folder} was saved under ZeRO stage {marker['zero_stage']}, this run uses "
                            f"deepspeed.zero_stage {cfg.deepspeed.zero_stage}")
@@ -201,16 +204,27 @@ def _diff(section: str, saved: dict[str, Any], now: dict[str, Any]) -> list[str]
             for k in sorted(set(saved) | set(now)) if k != "dropout" and saved.get(k) != now.get(k)]
 
 
-def load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv) -> TrainState:
-    """Restore engine (weights, optimizer, scheduler), this rank's RNG, and the train state."""
-    marker = check_compatible(folder, cfg, dist)
-    path, _client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+def load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, universal: bool = False,
+         steps_per_epoch: int | None = None) -> TrainState:
+    """Restore engine (weights, optimizer, scheduler), this rank's RNG, and the train state.
+
+    At another world size (see bookgen.reshard) the position is mapped by samples and the RNG reseeded.
+    """
+    from bookgen import reshard
+
+    marker = check_compatible(folder, cfg)
+    load_dir, tag = reshard.load_dir_and_tag(folder, universal)
+    path, _client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
     if path is None:
         raise BookgenError(f"DeepSpeed could not load {folder}")
-    rng_file = folder / f"rng_rank{dist.rank}.pt"
-    _set_rng_state(torch.load(rng_file, weights_only=True))
     state = TrainState(**marker["state"])
+    if marker["world_size"] == dist.world_size:
+        _set_rng_state(torch.load(folder / f"rng_rank{dist.rank}.pt", weights_only=True))
+    else:
+        new_global = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dist.world_size
+        state = reshard.remap_position(state, marker["global_batch"], new_global, steps_per_epoch or 1 << 62)
+        reshard.reseed(cfg.seed, state.global_step, dist.rank)
     # all ranks must agree on where they are
     agreed = broadcast_object(asdict(state))
     if agreed != asdict(state):

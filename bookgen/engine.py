@@ -19,10 +19,13 @@ def _scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, kin
         optimizer, partial(lr_multiplier, warmup_steps=warmup, total_steps=total, kind=kind))
 
 
-def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, world_size: int, total_steps: int) -> Any:
+def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, world_size: int, total_steps: int,
+                 *, load_universal: bool = False) -> Any:
     import deepspeed
 
     ds_config = build_ds_config(cfg, world_size)
+    if load_universal:  # resuming a checkpoint saved at another world size (bookgen.reshard)
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise BookgenError("train.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
     if cfg.train.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from bookgen import checkpoint as ckpt
-from bookgen import distributed, faults
+from bookgen import distributed, faults, reshard
 from bookgen.config import ExperimentConfig, TrainConfig
 from bookgen.config_io import config_to_dict, write_resolved
 from bookgen.data.batches import Examples, collate, epoch_order, micro_batch_indices, steps_per_epoch
@@ -87,8 +87,11 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     train_examples = Examples.build(open_store(cfg, "train"), cfg.data.block_size, cfg.data.packing)
     valid_examples = Examples.build(open_store(cfg, "valid"), cfg.data.block_size, cfg.data.packing)
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
-    engine = build_engine(cfg, model, dist.world_size, plan.total_steps)
-    state = resume(engine, cfg, dist, console)
+    folder, notes = ckpt.find_resume(cfg)
+    universal = reshard.needs_universal(folder, cfg, dist)
+    engine = build_engine(cfg, model, dist.world_size, plan.total_steps, load_universal=universal)
+    state = resume(engine, folder, notes, cfg, dist, console, universal=universal,
+                   steps_per_epoch=plan.steps_per_epoch)
     if dist.is_main:  # a new start clears the previous one's preemption records
         (cfg.run.output_dir / "PREEMPTED").unlink(missing_ok=True)
         (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
@@ -194,13 +197,18 @@ def ensure_prepared(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> N
         raise BookgenError(f"preparing the data failed on rank 0: {failure}")
 
 
-def resume(engine: Any, cfg: ExperimentConfig, dist: DistEnv, console: Console) -> ckpt.TrainState:
-    folder, notes = ckpt.find_resume(cfg)
+def resume(engine: Any, folder: Path | None, notes: list[str], cfg: ExperimentConfig, dist: DistEnv,
+           console: Console, *, universal: bool, steps_per_epoch: int) -> ckpt.TrainState:
     for note in notes:
         console.print(f"[yellow]{note}[/]")
     if folder is None:
         return ckpt.TrainState()
-    state = ckpt.load(engine, folder, cfg, dist)
+    state = ckpt.load(engine, folder, cfg, dist, universal=universal, steps_per_epoch=steps_per_epoch)
+    saved_by = reshard.saved_world_size(folder)
+    if saved_by != dist.world_size:
+        console.print(f"[yellow]{folder} was saved by {saved_by} ranks, this run has {dist.world_size}: "
+                      f"{'loaded through a universal checkpoint; ' if universal else ''}the data position is "
+                      "mapped by samples seen and the random streams restart, so this run is not bit-exact[/]")
     console.print(f"resumed from {folder} at step {state.global_step} (epoch {state.epoch}, "
                   f"step {state.step_in_epoch} of the epoch)")
     return state

@@ -124,12 +124,18 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, reference):
     assert "made with another model or tokenizer: model.n_embd: checkpoint 32, config 48" in proc.stderr
 
 
-def test_world_size_change_is_refused_with_a_clear_message(tmp_path, reference):
+def test_world_size_change_resumes_through_a_universal_checkpoint(tmp_path, reference):
     shutil.copytree(reference, tmp_path / "run")
     exp = _experiment(tmp_path, **{"train.max_steps": STEPS + 4})
-    proc = launch(1, ["--cfg", str(exp)], check=False)
-    assert proc.returncode == 2
-    assert "was saved by 2 ranks, this run has 1" in proc.stderr
+    proc = launch(1, ["--cfg", str(exp)])
+    assert "was saved by 2 ranks, this run has 1: loaded through a universal checkpoint" in proc.stderr
+    # 12 steps of global batch 4 = 48 samples = 24 steps of global batch 2
+    assert "resumed from" in proc.stderr and "at step 12 (epoch 0, step 24 of the epoch)" in proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step00000012" / "universal" / "bookgen_universal.json").is_file()
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, STEPS + 5))
+    # weights and Adam state carried over: training goes on from where it was, not from scratch
+    assert abs(losses[STEPS + 1] - losses[STEPS]) < 0.5 < losses[1] - losses[STEPS + 1]
 
 
 def test_keep_prunes_old_checkpoints(reference):

@@ -142,3 +142,27 @@ def test_pretrained_model_gets_special_tokens_with_mean_rows_and_tied_head(tmp_p
     assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
         tok.convert_tokens_to_ids("<BOS>"), tok.convert_tokens_to_ids("<EOS>"), tok.convert_tokens_to_ids("<PAD>"))
     assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<EOS>")
+
+
+def test_position_at_another_world_size_is_mapped_by_samples():
+    from bookgen.checkpoint import TrainState
+    from bookgen.reshard import remap_position
+
+    state = TrainState(global_step=30, epoch=1, step_in_epoch=9)
+    assert remap_position(state, 8, 4, 100) == TrainState(30, 1, 18)
+    assert remap_position(state, 4, 8, 100) == TrainState(30, 1, 4), "rounded down: nothing skipped"
+    assert remap_position(state, 8, 2, 20).step_in_epoch == 20
+
+
+def test_zero3_checkpoint_at_another_world_size_is_refused(tmp_path):
+    from bookgen.checkpoint import MARKER
+    from bookgen.distributed import DistEnv
+    from bookgen.reshard import needs_universal
+
+    folder = tmp_path / "step00000004"
+    folder.mkdir()
+    (folder / MARKER).write_text(json.dumps({"world_size": 2}))
+    cfg = _cfg(tmp_path, **{"deepspeed.zero_stage": 3})
+    with pytest.raises(BookgenError, match="saved by 2 ranks under ZeRO-3; resuming it with 1 ranks is not supported"):
+        needs_universal(folder, cfg, DistEnv(0, 1, 0, 1, "127.0.0.1", 1))
+    assert needs_universal(folder, cfg, DistEnv(0, 2, 0, 2, "127.0.0.1", 1)) is False
