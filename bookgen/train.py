@@ -76,12 +76,53 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         return _run(cfg, dist)
 
 
+@dataclass(slots=True)
+class Run:
+    """Everything the loop works with, built in order by :func:`_build`."""
+
+    engine: Any
+    pad_id: int
+    train_examples: Examples
+    valid_examples: Examples
+    plan: StepPlan
+    state: ckpt.TrainState
+    log: MetricsLog | None  # rank 0 only
+    save_hf: Any
+    progress: TrainProgress | None = None
+
+
 def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
     stop = StopFlag()
     if dist.is_main:
         announce(cfg, console, dist)
     ensure_prepared(cfg, dist, console)
+    run = _build(cfg, dist, console)
+    run.progress = TrainProgress(console, total_steps=run.plan.total_steps, start_step=run.state.global_step,
+                                 log_every=cfg.run.log_every)
+    start = time.perf_counter()
+    tokens_seen, last_loss, evals = _loop(run, cfg, dist, stop, console)
+    run.progress.close()
+    ckpt.save(run.engine, cfg, dist, run.state, run.save_hf)
+    if cfg.eval.at_end:
+        evals.append(run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id, run.state.global_step,
+                              run.log))
+    elapsed = time.perf_counter() - start
+    summary = {"steps": run.state.global_step, "train_loss": last_loss, "tokens": tokens_seen,
+               "seconds": elapsed, "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}
+    if evals:
+        summary |= {"eval_loss": evals[-1].loss, "perplexity": evals[-1].perplexity}
+    summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), run.engine.device)
+    if run.log is not None:
+        write_json_atomic(cfg.run.output_dir / "run_summary.json", summary)
+        run.log.close()
+        plot_loss_curves(run.log.path, cfg.run.output_dir / "loss_curves.png")
+        console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" for k, v in summary.items()}))
+    return summary
+
+
+def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
+    """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
     model = build_model(cfg, tokenizer)
     train_examples = Examples.build(open_store(cfg, "train"), cfg.data.block_size, cfg.data.packing)
@@ -92,68 +133,65 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     engine = build_engine(cfg, model, dist.world_size, plan.total_steps, load_universal=universal)
     state = resume(engine, folder, notes, cfg, dist, console, universal=universal,
                    steps_per_epoch=plan.steps_per_epoch)
+    log = None
     if dist.is_main:  # a new start clears the previous one's preemption records
         (cfg.run.output_dir / "PREEMPTED").unlink(missing_ok=True)
         (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
-    save_hf = _hf_files_writer(engine, tokenizer)
-    log = MetricsLog(cfg.run.output_dir, tensorboard=cfg.run.tensorboard, resume_step=state.global_step) \
-        if dist.is_main else None
+        log = MetricsLog(cfg.run.output_dir, tensorboard=cfg.run.tensorboard, resume_step=state.global_step)
     console.print(f"model: {count_parameters(engine.module):,} parameters; {len(train_examples)} training examples; "
                   f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
                   f"{plan.total_steps} steps in all")
-    progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step,
-                             log_every=cfg.run.log_every)
+    return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, log,
+               _hf_files_writer(engine, tokenizer))
+
+
+def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, console: Console
+          ) -> tuple[int, float, list[EvalResult]]:
+    """Optimizer steps until the plan is done: log, evaluate and checkpoint on schedule, stop on preemption."""
+    state, plan, progress = run.state, run.plan, run.progress
+    assert progress is not None
     start, tokens_seen, last_loss, evals = time.perf_counter(), 0, math.nan, []
-    pad_id = tokenizer.pad_token_id
     while state.global_step < plan.total_steps:
-        order = epoch_order(train_examples.lengths, seed=cfg.seed, epoch=state.epoch, global_batch=plan.global_batch,
-                            group_by_length=cfg.data.group_by_length)
+        order = epoch_order(run.train_examples.lengths, seed=cfg.seed, epoch=state.epoch,
+                            global_batch=plan.global_batch, group_by_length=cfg.data.group_by_length)
         while state.step_in_epoch < plan.steps_per_epoch and state.global_step < plan.total_steps:
             stop_now = stop.requested or (dist.is_main and (cfg.run.output_dir / STOP_FILE).exists())
-            m = train_step(engine, train_examples, order, state.step_in_epoch, cfg.train, dist, pad_id, stop_now)
+            m = train_step(run.engine, run.train_examples, order, state.step_in_epoch, cfg.train, dist, run.pad_id,
+                           stop_now)
             state.global_step += 1
             state.step_in_epoch += 1
             faults.inject("step", state.global_step, dist.rank)
-            tokens_seen += m.tokens
-            last_loss = m.loss
+            tokens_seen, last_loss = tokens_seen + m.tokens, m.loss
             rate = tokens_seen / max(time.perf_counter() - start, 1e-9)
-            progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr, tokens_per_second=rate)
-            if log is not None:
-                log.write({"step": state.global_step, "epoch": state.epoch, "loss": m.loss, "lr": m.lr,
-                           "tokens": m.tokens, "input_tokens": m.input_tokens, "tokens_per_second": rate})
-            if _due(cfg.eval.every, state.global_step) and state.global_step < plan.total_steps:
-                evals.append(run_eval(engine, valid_examples, "valid", cfg, dist, pad_id, state.global_step, log))
-                progress.note(_eval_line(evals[-1], state.global_step))
+            progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr,
+                                   tokens_per_second=rate)
+            if run.log is not None:
+                run.log.write({"step": state.global_step, "epoch": state.epoch, "loss": m.loss, "lr": m.lr,
+                               "tokens": m.tokens, "input_tokens": m.input_tokens, "tokens_per_second": rate})
             if m.stop_requested:
-                ckpt.save(engine, cfg, dist, state, save_hf)
-                progress.close()
-                console.print(f"preempted: saved checkpoint at step {state.global_step}; rerun to resume")
-                if log is not None:
-                    log.close()
-                    (cfg.run.output_dir / "PREEMPTED").write_text(f"{state.global_step}\n")
-                distributed.teardown()
-                sys.exit(PREEMPTED_EXIT)
-            if _due(cfg.checkpoint.every, state.global_step) and state.global_step < plan.total_steps:
-                ckpt.save(engine, cfg, dist, state, save_hf)
+                _save_and_exit_preempted(run, cfg, dist, console)
+            mid_run = state.global_step < plan.total_steps
+            if _due(cfg.eval.every, state.global_step) and mid_run:
+                evals.append(run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id,
+                                      state.global_step, run.log))
+                progress.note(_eval_line(evals[-1], state.global_step))
+            if _due(cfg.checkpoint.every, state.global_step) and mid_run:
+                ckpt.save(run.engine, cfg, dist, state, run.save_hf)
         if state.step_in_epoch >= plan.steps_per_epoch:
-            state.epoch += 1
-            state.step_in_epoch = 0
-    progress.close()
-    ckpt.save(engine, cfg, dist, state, save_hf)
-    if cfg.eval.at_end:
-        evals.append(run_eval(engine, valid_examples, "valid", cfg, dist, pad_id, state.global_step, log))
-    elapsed = time.perf_counter() - start
-    summary = {"steps": state.global_step, "train_loss": last_loss, "tokens": tokens_seen,
-               "seconds": elapsed, "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}
-    if evals:
-        summary |= {"eval_loss": evals[-1].loss, "perplexity": evals[-1].perplexity}
-    summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), engine.device)
-    if log is not None:
-        write_json_atomic(cfg.run.output_dir / "run_summary.json", summary)
-        log.close()
-        plot_loss_curves(log.path, cfg.run.output_dir / "loss_curves.png")
-        console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" for k, v in summary.items()}))
-    return summary
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    return tokens_seen, last_loss, evals
+
+
+def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, console: Console) -> None:
+    ckpt.save(run.engine, cfg, dist, run.state, run.save_hf)
+    if run.progress is not None:
+        run.progress.close()
+    console.print(f"preempted: saved checkpoint at step {run.state.global_step}; rerun to resume")
+    if run.log is not None:
+        run.log.close()
+        (cfg.run.output_dir / "PREEMPTED").write_text(f"{run.state.global_step}\n")
+    distributed.teardown()
+    sys.exit(PREEMPTED_EXIT)
 
 
 def peak_memory_mb() -> int:
