@@ -123,23 +123,6 @@ def test_sbatch_two_nodes_matches_torchrun(tmp_path, one_node):
     assert _losses(tmp_path / "run") == pytest.approx(one_node, rel=1e-6), "--set after the file reached the ranks"
 
 
-@pytest.mark.slurm
-@slurm
-def test_requeued_job_resumes_and_completes(tmp_path):
-    exp = write_experiment(tmp_path, SETTINGS | {"train.max_steps": 80, "checkpoint.every": 4}, rows=120)
-    job, proc = _sbatch(exp, tmp_path, wait=False)
-    assert proc.returncode == 0, proc.stderr
-    _wait_for_step(tmp_path / "run", 10)
-    assert max(_losses(tmp_path / "run"), default=0) < 80, "the job finished before it could be requeued"
-    subprocess.run(["scontrol", "requeue", str(job)], check=True)
-    time.sleep(1)
-    state = _release_and_wait(job)
-    log = next(tmp_path.glob("job-*.out")).read_text()
-    assert state == "COMPLETED", log[-4000:]
-    assert "(restart 1)" in log and "resumed from" in log
-    assert sorted(_losses(tmp_path / "run")) == list(range(1, 81))
-
-
 def _wait_for_step(run: Path, step: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -162,22 +145,36 @@ def _release_and_wait(job: int, timeout: float = 400) -> str:
     return _job_state(job)
 
 
-@pytest.mark.slurm
-@slurm
-def test_time_limit_warning_checkpoints_requeues_and_resumes(tmp_path):
-    """What `--signal=B:USR1@120` does before the time limit, sent by hand: save, requeue, resume."""
-    exp = write_experiment(tmp_path, SETTINGS | {"train.max_steps": 80, "checkpoint.every": 1000}, rows=120)
+def _interrupt_mid_run(tmp_path: Path, checkpoint_every: int, interrupt: list[str]) -> str:
+    """Submit an 80-step job, run ``interrupt JOBID`` at step 10 or later, let it finish; return its log."""
+    exp = write_experiment(tmp_path, SETTINGS | {"train.max_steps": 80, "checkpoint.every": checkpoint_every},
+                           rows=120)
     job, proc = _sbatch(exp, tmp_path, wait=False)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
     _wait_for_step(run, 10)
-    assert 10 <= max(_losses(run), default=0) < 80, "the job must be mid-run when the warning comes"
-    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
+    assert 10 <= max(_losses(run), default=0) < 80, "the job must be mid-run when it is interrupted"
+    subprocess.run([*interrupt, str(job)], check=True)
     time.sleep(1)
     state = _release_and_wait(job)
     log = next(tmp_path.glob("job-*.out")).read_text()
     assert state == "COMPLETED", log[-4000:]
+    assert sorted(_losses(run)) == list(range(1, 81))
+    return log
+
+
+@pytest.mark.slurm
+@slurm
+def test_requeued_job_resumes_and_completes(tmp_path):
+    log = _interrupt_mid_run(tmp_path, 4, ["scontrol", "requeue"])
+    assert "(restart 1)" in log and "resumed from" in log
+
+
+@pytest.mark.slurm
+@slurm
+def test_time_limit_warning_checkpoints_requeues_and_resumes(tmp_path):
+    """What `--signal=B:USR1@120` does before the time limit, sent by hand: save, requeue, resume."""
+    log = _interrupt_mid_run(tmp_path, 1000, ["scancel", "--batch", "--signal=USR1"])
     assert "stop requested by Slurm" in log and "requeueing job" in log and "(restart 1)" in log
     saved = int(re.search(r"preempted: saved checkpoint at step (\d+)", log).group(1))
     assert saved >= 10 and f"at step {saved}" in log.split("(restart 1)")[1], "the requeued job resumed there"
-    assert sorted(_losses(run)) == list(range(1, 81))
