@@ -91,13 +91,13 @@ def run_trainer(folder: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--block", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--folder", type=Path, default=REPO / "runs" / "bench_train")
     args = ap.parse_args()
     args.folder.mkdir(parents=True, exist_ok=True)

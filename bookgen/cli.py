@@ -1,4 +1,4 @@
-"""The `bookgen` command: prepare, train, eval, config-help.
+"""The `bookgen` command: prepare, train, eval, export, generate, launch, show, config-help.
 
 `train` and `eval` run in this process as one rank, or as one of many when started by torchrun,
 the deepspeed launcher or srun (see launcher/run.py, which calls :func:`main` too).
@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bookgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_cfg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--cfg", required=True, help="experiment YAML file")
+    def with_cfg(p: argparse.ArgumentParser, required: bool = True) -> argparse.ArgumentParser:
+        p.add_argument("--cfg", required=required, help="experiment YAML file")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.max_steps=10 (repeatable)")
         # the deepspeed launcher appends --local_rank=N; rank discovery reads the environment instead
@@ -46,10 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     sh = with_cfg(sub.add_parser("show", help="print one resolved config value (for scripts)"))
     sh.add_argument("--key", required=True, help="dotted key, e.g. run.output_dir")
-    gen = sub.add_parser("generate", help="sample summaries from an exported model or the run's newest checkpoint")
-    gen.add_argument("--cfg", default=None, help="experiment YAML (settings from its generate section)")
-    gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    gen.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    gen = with_cfg(sub.add_parser("generate", help="sample summaries from an exported model or a run's checkpoint"),
+                   required=False)
     gen.add_argument("--model", type=Path, default=None, help="exported Hugging Face folder")
     gen.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable); default <BOS>")
     gen.add_argument("--prompts", type=Path, default=None, help="prompt file: text (one per line) or .jsonl")
@@ -69,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args, console)
     except _user_errors() as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        import os
+
+        rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+        who = f" (rank {rank} of {world})" if world != "1" else ""
+        console.print(f"[bold red]error{who}:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
 
 
