@@ -14,7 +14,6 @@ so a kill during a save could leave it naming an incomplete checkpoint.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -34,7 +33,7 @@ from bookgen.config import ExperimentConfig
 from bookgen.config_io import config_to_dict, model_fingerprint
 from bookgen.distributed import DistEnv, barrier, broadcast_object
 from bookgen.errors import BookgenError
-from bookgen.fileio import read_json, write_json_atomic
+from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
 
 POINTER = "latest_complete"
 MARKER = "COMPLETE.json"
@@ -111,7 +110,7 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
             "model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer),
             "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing},
         })
-        _write_pointer(root, tag)
+        write_text_atomic(root / POINTER, tag + "\n")
         _prune(root, cfg.checkpoint.keep)
     barrier()
     return folder
@@ -123,12 +122,6 @@ def _gather_errors(error: str | None) -> list[str]:
     gathered: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, error)
     return [e for e in gathered if e]
-
-
-def _write_pointer(root: Path, tag: str) -> None:
-    tmp = root / f".{POINTER}.tmp"
-    tmp.write_text(tag + "\n", encoding="utf-8")
-    os.replace(tmp, root / POINTER)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from bookgen.config import PATH, PATH_OR_ID, ConfigError, ExperimentConfig, FieldError
+from bookgen.fileio import write_text_atomic
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -152,10 +153,7 @@ def config_from_dict(data: dict[str, Any], source: str) -> ExperimentConfig:
 
 
 def write_resolved(cfg: ExperimentConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def model_fingerprint(cfg: ExperimentConfig) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bookgen.config import GenerateConfig
+from bookgen.fileio import write_text_atomic
 
 StepObserver = Callable[[torch.Tensor, torch.Tensor], None]  # (raw next-token logits (rows, vocab), chosen (rows,))
 
@@ -174,13 +175,10 @@ def generate(
 
 def write_outputs(samples: list[Sample], out_jsonl: Path) -> Path:
     """JSONL, one sample a line, and the reference's readable form beside it (``.txt``)."""
-    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_jsonl.with_suffix(out_jsonl.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(x.to_dict()) + "\n" for x in samples), encoding="utf-8")
-    tmp.replace(out_jsonl)
+    write_text_atomic(out_jsonl, "".join(json.dumps(x.to_dict()) + "\n" for x in samples))
     readable = out_jsonl.with_suffix(".txt")
     blocks = [f"=== GENERATED SEQUENCE {n} ===\n{x.prompt} {x.text}\n" for n, x in enumerate(samples, start=1)]
-    readable.write_text("\n".join(blocks), encoding="utf-8")
+    write_text_atomic(readable, "\n".join(blocks))
     return readable
 
 

@@ -10,7 +10,6 @@ interrupted prepare leaves nothing a later run trusts and an unchanged rerun doe
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from bookgen.data import sources
 from bookgen.data.split import reference_split, seeded_split
 from bookgen.data.store import MANIFEST, StoreError, TokenStore, tokenize_in_batches, write_store
 from bookgen.data.tokenizer import tokenizer_fingerprint, tokenizer_source
-from bookgen.fileio import read_json, sha256_file, sha256_json, staged_dir, write_json_atomic
+from bookgen.fileio import read_json, sha256_file, sha256_json, staged_dir, write_json_atomic, write_text_atomic
 
 SPLITS = sources.SPLITS
 STAGE_VERSION = 1
@@ -96,7 +95,7 @@ def _stage_splits(cfg: ExperimentConfig, prepared: Path, report: PrepareReport) 
         lines = [format_line(doc, cfg) for doc in parts[split] if doc]
         if not lines:
             raise sources.CorpusError(f"{d.source}: the {split} split is empty; the corpus is too small to split")
-        _write_text_atomic(files[split], "\n".join(lines) + "\n")
+        write_text_atomic(files[split], "\n".join(lines) + "\n")
         report.counts[split] = len(lines)
     write_json_atomic(prepared / "splits.json", {
         "key": key, "counts": report.counts, "sha256": {s: sha256_file(files[s]) for s in SPLITS},
@@ -111,13 +110,6 @@ def _splits_valid(record: object, key: str, files: dict[str, Path]) -> bool:
     if not isinstance(record, dict) or record.get("key") != key:
         return False
     return all(f.is_file() and sha256_file(f) == record["sha256"][s] for s, f in files.items())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _stage_tokenizer(cfg: ExperimentConfig, prepared: Path, train_file: Path, report: PrepareReport) -> Path:
