@@ -54,15 +54,17 @@ def prepare(cfg: ExperimentConfig, *, quiet: bool = False) -> PrepareReport:
     report = PrepareReport()
     prepared = cfg.prepared_dir
     prepared.mkdir(parents=True, exist_ok=True)
-    split_files = _stage_splits(cfg, prepared, report)
-    tok_dir = _stage_tokenizer(cfg, prepared, split_files["train"], report)
-    fingerprint = tokenizer_fingerprint(tok_dir)
+    split_files, split_sha256 = _stage_splits(cfg, prepared, report)
+    tok_dir, fingerprint = _stage_tokenizer(cfg, prepared, split_files["train"], split_sha256["train"], report)
     for split in SPLITS:
-        _stage_store(cfg, split, split_files[split], tok_dir, fingerprint, report, quiet=quiet)
+        _stage_store(cfg, split, split_files[split], split_sha256[split], tok_dir, fingerprint, report, quiet=quiet)
     return report
 
 
-def _stage_splits(cfg: ExperimentConfig, prepared: Path, report: PrepareReport) -> dict[str, Path]:
+def _stage_splits(
+    cfg: ExperimentConfig, prepared: Path, report: PrepareReport
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """The split files and their SHA-256 (hashed once here; the later stages key on them)."""
     d = cfg.data
     fmt = sources.detect_format(d.source) if d.format == "auto" else d.format
     report.corpus_sha256 = sources.source_checksum(d.source, fmt)
@@ -74,9 +76,9 @@ def _stage_splits(cfg: ExperimentConfig, prepared: Path, report: PrepareReport) 
     files = {s: prepared / f"{s}.txt" for s in SPLITS}
     record = read_json(prepared / "splits.json")
     if _splits_valid(record, key, files):
-        assert record is not None
+        assert isinstance(record, dict)
         report.counts = dict(record["counts"])
-        return files
+        return files, dict(record["sha256"])
 
     with tempfile.TemporaryDirectory(dir=prepared, prefix=".extract-") as scratch:
         corpus = sources.read_corpus(d.source, fmt, skip_malformed=d.skip_malformed, scratch=Path(scratch))
@@ -97,13 +99,14 @@ def _stage_splits(cfg: ExperimentConfig, prepared: Path, report: PrepareReport) 
             raise sources.CorpusError(f"{d.source}: the {split} split is empty; the corpus is too small to split")
         write_text_atomic(files[split], "\n".join(lines) + "\n")
         report.counts[split] = len(lines)
+    checksums = {s: sha256_file(files[s]) for s in SPLITS}
     write_json_atomic(prepared / "splits.json", {
-        "key": key, "counts": report.counts, "sha256": {s: sha256_file(files[s]) for s in SPLITS},
+        "key": key, "counts": report.counts, "sha256": checksums,
         "skipped_empty": report.skipped_empty, "skipped_malformed": report.skipped_malformed,
         "bad_genres": report.bad_genres,
     })
     report.rebuilt.append("splits")
-    return files
+    return files, checksums
 
 
 def _splits_valid(record: object, key: str, files: dict[str, Path]) -> bool:
@@ -112,18 +115,22 @@ def _splits_valid(record: object, key: str, files: dict[str, Path]) -> bool:
     return all(f.is_file() and sha256_file(f) == record["sha256"][s] for s, f in files.items())
 
 
-def _stage_tokenizer(cfg: ExperimentConfig, prepared: Path, train_file: Path, report: PrepareReport) -> Path:
+def _stage_tokenizer(
+    cfg: ExperimentConfig, prepared: Path, train_file: Path, train_sha256: str, report: PrepareReport
+) -> tuple[Path, str]:
+    """The tokenizer folder and its fingerprint."""
     t = cfg.tokenizer
     source = tokenizer_source(cfg)
     spec = {"version": STAGE_VERSION, "source": source, "specials": [t.bos_token, t.eos_token, t.pad_token]}
     if source is None:  # a trained BPE depends on the training text and the vocabulary size
-        spec |= {"train_sha256": sha256_file(train_file), "vocab_size": t.vocab_size}
+        spec |= {"train_sha256": train_sha256, "vocab_size": t.vocab_size}
     key = sha256_json(spec)
     final = tokenizer_dir(prepared)
     record = read_json(final / "bookgen.json")
     if isinstance(record, dict) and record.get("key") == key:
-        if record.get("fingerprint") == tokenizer_fingerprint(final):
-            return final
+        fingerprint = tokenizer_fingerprint(final)
+        if record.get("fingerprint") == fingerprint:
+            return final, fingerprint
 
     from bookgen.data.tokenizer import build_tokenizer
 
@@ -131,17 +138,18 @@ def _stage_tokenizer(cfg: ExperimentConfig, prepared: Path, train_file: Path, re
     tokenizer = build_tokenizer(cfg, texts)
     with staged_dir(final) as scratch:
         tokenizer.save_pretrained(str(scratch))
-        write_json_atomic(scratch / "bookgen.json", {"key": key, "fingerprint": tokenizer_fingerprint(scratch)})
+        fingerprint = tokenizer_fingerprint(scratch)
+        write_json_atomic(scratch / "bookgen.json", {"key": key, "fingerprint": fingerprint})
     report.rebuilt.append("tokenizer")
-    return final
+    return final, fingerprint
 
 
 def _stage_store(
-    cfg: ExperimentConfig, split: str, text_file: Path, tok_dir: Path, fingerprint: str,
+    cfg: ExperimentConfig, split: str, text_file: Path, text_sha256: str, tok_dir: Path, fingerprint: str,
     report: PrepareReport, *, quiet: bool,
 ) -> None:
     meta = {
-        "split": split, "tokenizer_fingerprint": fingerprint, "source_sha256": sha256_file(text_file),
+        "split": split, "tokenizer_fingerprint": fingerprint, "source_sha256": text_sha256,
         "corpus_sha256": report.corpus_sha256,
         "block_size": cfg.data.block_size, "shard_tokens": cfg.data.shard_tokens,
     }
