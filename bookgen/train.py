@@ -88,7 +88,7 @@ class Run:
     state: ckpt.TrainState
     log: MetricsLog | None  # rank 0 only
     save_hf: Any
-    progress: TrainProgress | None = None
+    progress: TrainProgress
 
 
 def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
@@ -98,8 +98,6 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
         announce(cfg, console, dist)
     ensure_prepared(cfg, dist, console)
     run = _build(cfg, dist, console)
-    run.progress = TrainProgress(console, total_steps=run.plan.total_steps, start_step=run.state.global_step,
-                                 log_every=cfg.run.log_every)
     start = time.perf_counter()
     tokens_seen, last_loss, evals = _loop(run, cfg, dist, stop, console)
     run.progress.close()
@@ -141,15 +139,16 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
     console.print(f"model: {count_parameters(engine.module):,} parameters; {len(train_examples)} training examples; "
                   f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
                   f"{plan.total_steps} steps in all")
+    progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step,
+                             log_every=cfg.run.log_every)
     return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, log,
-               _hf_files_writer(engine, tokenizer))
+               _hf_files_writer(engine, tokenizer), progress)
 
 
 def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, console: Console
           ) -> tuple[int, float, list[EvalResult]]:
     """Optimizer steps until the plan is done: log, evaluate and checkpoint on schedule, stop on preemption."""
     state, plan, progress = run.state, run.plan, run.progress
-    assert progress is not None
     start, tokens_seen, last_loss, evals = time.perf_counter(), 0, math.nan, []
     while state.global_step < plan.total_steps:
         order = epoch_order(run.train_examples.lengths, seed=cfg.seed, epoch=state.epoch,
@@ -184,8 +183,7 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
 
 def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, console: Console) -> None:
     ckpt.save(run.engine, cfg, dist, run.state, run.save_hf)
-    if run.progress is not None:
-        run.progress.close()
+    run.progress.close()
     console.print(f"preempted: saved checkpoint at step {run.state.global_step}; rerun to resume")
     if run.log is not None:
         run.log.close()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bookgen.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "launcher" / "run.py"
 
@@ -41,3 +43,8 @@ def launch(n: int, args: list[str], *, timeout: float = 300, env: dict[str, str]
         raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    """Training loss by optimizer step, from a run folder's metrics.jsonl."""
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}

@@ -12,9 +12,8 @@ import torch
 
 from bookgen.checkpoint import MARKER, POINTER
 from bookgen.export import consolidated_state_dict
-from bookgen.metrics import read_metrics
 from tests.conftest import REPO, write_experiment
-from tests.ranks import launch, rank_command, rank_env
+from tests.ranks import launch, rank_command, rank_env, step_losses
 
 pytestmark = pytest.mark.multirank
 
@@ -24,16 +23,12 @@ SETTINGS = {"train.max_steps": STEPS, "checkpoint.every": 4, "checkpoint.keep": 
             "deepspeed.config": str(REPO / "ds_configs/zero1.json")}
 
 
-def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
-
-
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return consolidated_state_dict(run / "checkpoints" / f"step{STEPS:08d}")
 
 
 def _assert_same_as_reference(run: Path, reference: Path) -> None:
-    assert _losses(run) == _losses(reference), "per-step losses identical, before and after the resume"
+    assert step_losses(run) == step_losses(reference), "per-step losses identical, before and after the resume"
     ref, got = _final_weights(reference), _final_weights(run)
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k], got[k]) for k in ref), "final weights identical"
@@ -132,7 +127,7 @@ def test_world_size_change_resumes_through_a_universal_checkpoint(tmp_path, refe
     # 12 steps of global batch 4 = 48 samples = 24 steps of global batch 2
     assert "resumed from" in proc.stderr and "at step 12 (epoch 0, step 24 of the epoch)" in proc.stderr
     assert (tmp_path / "run" / "checkpoints" / "step00000012" / "universal" / "bookgen_universal.json").is_file()
-    losses = _losses(tmp_path / "run")
+    losses = step_losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, STEPS + 5))
     # weights and Adam state carried over: training goes on from where it was, not from scratch
     assert abs(losses[STEPS + 1] - losses[STEPS]) < 0.5 < losses[1] - losses[STEPS + 1]

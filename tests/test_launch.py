@@ -13,16 +13,11 @@ import pytest
 
 from bookgen.config_io import load_config
 from bookgen.launch import launch_command
-from bookgen.metrics import read_metrics
 from tests.conftest import REPO, write_experiment
-from tests.ranks import free_port, launch, rank_env
+from tests.ranks import free_port, launch, rank_env, step_losses
 
 SETTINGS = {"train.max_steps": 5, "eval.at_end": False, "deepspeed.zero_stage": 2,
             "deepspeed.config": str(REPO / "ds_configs/zero2.json")}
-
-
-def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +26,7 @@ def one_node(tmp_path_factory) -> dict[int, float]:
     folder = tmp_path_factory.mktemp("one_node")
     exp = write_experiment(folder, SETTINGS, rows=120)
     launch(2, ["--cfg", str(exp)])
-    return _losses(folder / "run")
+    return step_losses(folder / "run")
 
 
 def test_dry_run_commands(tmp_path, capsys):
@@ -64,7 +59,7 @@ def test_torchrun_across_two_nodes_matches_one_node(tmp_path, one_node):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "world size 2" in outputs[0] + outputs[1]
-    assert _losses(tmp_path / "run") == pytest.approx(one_node, rel=1e-6)
+    assert step_losses(tmp_path / "run") == pytest.approx(one_node, rel=1e-6)
 
 
 @pytest.mark.multirank
@@ -77,7 +72,7 @@ def test_deepspeed_launcher_matches_torchrun(tmp_path, one_node):
     cmd[0] = str(Path(sys.executable).parent / "deepspeed")
     proc = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _losses(tmp_path / "run") == pytest.approx(one_node, rel=1e-6)
+    assert step_losses(tmp_path / "run") == pytest.approx(one_node, rel=1e-6)
 
 
 def _slurm_ready() -> str | None:
@@ -120,13 +115,13 @@ def test_sbatch_two_nodes_matches_torchrun(tmp_path, one_node):
     log = next(tmp_path.glob("job-*.out")).read_text()
     assert proc.returncode == 0, proc.stderr + log[-3000:]
     assert f"bookgen job {job} (restart 0): 2 nodes x 1 ranks" in log
-    assert _losses(tmp_path / "run") == pytest.approx(one_node, rel=1e-6), "--set after the file reached the ranks"
+    assert step_losses(tmp_path / "run") == pytest.approx(one_node, rel=1e-6), "--set after the file reached the ranks"
 
 
 def _wait_for_step(run: Path, step: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= step:
+        if (run / "metrics.jsonl").exists() and max(step_losses(run), default=0) >= step:
             return
         time.sleep(0.2)
 
@@ -153,13 +148,13 @@ def _interrupt_mid_run(tmp_path: Path, checkpoint_every: int, interrupt: list[st
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
     _wait_for_step(run, 10)
-    assert 10 <= max(_losses(run), default=0) < 80, "the job must be mid-run when it is interrupted"
+    assert 10 <= max(step_losses(run), default=0) < 80, "the job must be mid-run when it is interrupted"
     subprocess.run([*interrupt, str(job)], check=True)
     time.sleep(1)
     state = _release_and_wait(job)
     log = next(tmp_path.glob("job-*.out")).read_text()
     assert state == "COMPLETED", log[-4000:]
-    assert sorted(_losses(run)) == list(range(1, 81))
+    assert sorted(step_losses(run)) == list(range(1, 81))
     return log
 
 

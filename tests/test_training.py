@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,13 +12,7 @@ import yaml
 from bookgen.hardware import cpu_has_bf16
 from bookgen.metrics import read_metrics
 from tests.conftest import REPO, write_experiment
-from tests.ranks import launch
-
-
-def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
-
-
+from tests.ranks import launch, step_losses
 
 
 @pytest.mark.multirank
@@ -31,7 +24,7 @@ def test_first_steps_agree_across_zero_stages(tmp_path):
             "train.max_steps": 3, "eval.at_end": False,
         }, rows=120)
         launch(2, ["--cfg", str(exp)])
-        losses[stage] = _losses(exp.parent / "run")
+        losses[stage] = step_losses(exp.parent / "run")
     vocab = json.loads((tmp_path / "z0" / "run" / "prepared" / "store" / "train" / "manifest.json").read_text())[
         "vocab_size"]
     assert abs(losses[0][1] - math.log(vocab)) < 0.3, "a sane initialisation starts near ln(vocab)"
@@ -91,7 +84,7 @@ def test_bf16_run(tmp_path):
     exp = write_experiment(tmp_path, {"train.precision": "bf16", "train.max_steps": 4, "train.learning_rate": 3e-3},
                            rows=120)
     launch(1, ["--cfg", str(exp)])
-    losses = _losses(exp.parent / "run")
+    losses = step_losses(exp.parent / "run")
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
     assert losses[4] < losses[1]
 
