@@ -8,10 +8,12 @@ never reads SLURM_* and, with nothing set, tries MPI discovery, so the environme
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import shutil
 import socket
 import sys
+import traceback
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,7 +106,12 @@ def process_group(timeout_s: int) -> Iterator[DistEnv]:
     dist = setup(timeout_s)
     try:
         yield dist
-    except BaseException:
+    except BaseException as exc:
+        # As after a normal return, drop the engine and its communication buffers before the group goes:
+        # the traceback's frames would otherwise keep them alive until interpreter shutdown, where Gloo's
+        # threads releasing them can abort the process ("terminate called without an active exception").
+        traceback.clear_frames(exc.__traceback__)
+        gc.collect()
         teardown(synchronize=False)
         raise
     teardown()
