@@ -28,6 +28,8 @@ write_conf() {
 ClusterName=bookgen
 SlurmctldHost=$HOST
 AuthType=auth/munge
+# a requeued job may start again after the credential lifetime (default 120 s): keep test requeues quick
+AuthInfo=cred_expire=20
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SlurmUser=root
