@@ -133,6 +133,11 @@ class ModelConfig:
     pad_to_multiple_of: int | None = field(
         default=None, metadata=_doc("Round the resized vocabulary up to a multiple of this.")
     )
+    attention: Literal["bookgen", "sdpa", "eager"] = field(
+        default="bookgen",
+        metadata=_doc("Attention kernel: bookgen (blocked causal attention when training on CPU with attention "
+                      "dropout, SDPA otherwise), sdpa or eager (transformers' own)."),
+    )
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "n_embd", "n_positions"):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bookgen import attention
 from bookgen.config import ExperimentConfig
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = m.dropout
+    model.set_attn_implementation(attention.register() if m.attention == "bookgen" else m.attention)
     resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
     set_special_token_ids(model, tokenizer)
     return model

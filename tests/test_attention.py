@@ -1,0 +1,93 @@
+"""bookgen's training attention: same maths as transformers' eager attention, dropout as specified."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from bookgen import attention
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Eager attention in float64: full score matrix, causal (and padding) mask, softmax, times V."""
+    t = q.shape[2]
+    scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    allowed = torch.ones(t, t, dtype=torch.bool).tril() if mask is None else mask
+    probs = torch.softmax(scores.masked_fill(~allowed, torch.finfo(torch.float64).min), dim=-1)
+    return probs @ v.double()
+
+
+@pytest.mark.parametrize("t,block", [(37, 16), (64, 64), (50, 128)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_blocked_attention_equals_eager_without_dropout(t: int, block: int, padded: bool) -> None:
+    gen = torch.Generator().manual_seed(t)
+    q, k, v = (torch.randn(2, 3, t, 8, generator=gen) for _ in range(3))
+    mask = None
+    if padded:  # second row: its last 5 positions are padding (right padding, as training batches have)
+        keys = torch.ones(2, t, dtype=torch.bool)
+        keys[1, -5:] = False
+        mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & keys[:, None, None, :]
+    out = attention.blocked_causal_attention(q, k, v, scaling=8 ** -0.5, dropout=0.0, mask=mask, block=block)
+    torch.testing.assert_close(out.double(), reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_attention_dropout_drops_probabilities_at_rate_p_and_rescales() -> None:
+    # with V = identity the output *is* the (dropped, rescaled) probability matrix
+    t, p = 192, 0.1
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, t, t, generator=gen), torch.randn(1, 4, t, t, generator=gen)
+    eye = torch.eye(t).expand(1, 4, t, t)
+    kept = attention.blocked_causal_attention(q, k, eye, scaling=t ** -0.5, dropout=0.0, block=64)
+    torch.manual_seed(1)
+    dropped = attention.blocked_causal_attention(q, k, eye, scaling=t ** -0.5, dropout=p, block=64)
+    allowed = torch.ones(t, t, dtype=torch.bool).tril().expand_as(kept)
+    assert torch.all(dropped[~allowed] == 0)  # causality still holds
+    zeroed = dropped[allowed] == 0
+    rate = zeroed.float().mean().item()
+    n = int(allowed.sum())
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n), f"dropped {rate:.4f} of {n} probabilities, expected {p}"
+    torch.testing.assert_close(dropped[allowed][~zeroed], kept[allowed][~zeroed] / (1 - p))
+
+
+def tiny_gpt2(attn: str, dropout: float) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, attn_pdrop=dropout,
+                        resid_pdrop=0.0, embd_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    model.set_attn_implementation(attention.register() if attn == "bookgen" else attn)
+    return model
+
+
+def test_model_uses_blocked_attention_only_when_training_with_attention_dropout(monkeypatch) -> None:
+    calls = []
+    real = attention.blocked_causal_attention
+    monkeypatch.setattr(attention, "blocked_causal_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ids = torch.randint(0, 97, (2, 40))
+    model = tiny_gpt2("bookgen", dropout=0.1)
+    reference_model = tiny_gpt2("sdpa", dropout=0.1)
+    with torch.no_grad():  # eval and generation: transformers' SDPA, identical logits
+        torch.testing.assert_close(model.eval()(ids).logits, reference_model.eval()(ids).logits)
+        assert calls == []
+        model.train()(ids, labels=ids)
+    assert len(calls) == 2  # one per layer
+
+
+def test_training_through_blocked_attention_matches_sdpa_loss_and_gradients() -> None:
+    # a dropout rate so small that nothing is dropped still takes the blocked path: loss and gradients
+    # must then equal transformers' SDPA (which with dropout > 0 runs PyTorch's math kernel)
+    ids = torch.randint(0, 97, (3, 48), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, -7:] = 0  # right padding, as line-by-line batches have
+    labels = ids.masked_fill(mask == 0, -100)
+    results = {}
+    for attn in ("bookgen", "sdpa"):
+        model = tiny_gpt2(attn, dropout=1e-12).train()
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        results[attn] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(results["bookgen"][0], results["sdpa"][0], rtol=1e-6, atol=1e-6)
+    for name, grad in results["sdpa"][1].items():
+        torch.testing.assert_close(results["bookgen"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
