@@ -89,7 +89,8 @@ def _slurm_ready() -> str | None:
     return None
 
 
-slurm = pytest.mark.skipif(_slurm_ready() is not None, reason=str(_slurm_ready()))
+_SLURM_MISSING = _slurm_ready()  # asked once: a cluster coming up mid-collection must not skip with no reason
+slurm = pytest.mark.skipif(_SLURM_MISSING is not None, reason=str(_SLURM_MISSING))
 
 
 def _sbatch(exp: Path, log_dir: Path, *extra: str, wait: bool) -> tuple[int, subprocess.CompletedProcess[str]]:
