@@ -62,7 +62,8 @@ def main() -> None:
     args = TrainingArguments(output_dir="/tmp/hf_baseline", per_device_train_batch_size=micro, max_steps=steps,
                              learning_rate=5e-5, ddp_backend="nccl" if gpu else "gloo", use_cpu=not gpu,
                              bf16="bf16" in options, report_to=[], save_strategy="no",
-                             logging_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                             logging_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                             ddp_find_unused_parameters=False)  # its default (True) costs a graph walk a step
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=[Clock()])
     trainer.train()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
