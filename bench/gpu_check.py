@@ -73,7 +73,8 @@ def main() -> None:
     hf_start = time.time()
     subprocess.run([*torchrun, str(REPO / "bench" / "hf_trainer_baseline.py"), str(folder / "prepared"), str(hf_out),
                     str(args.steps), str(args.micro), str(block), str(layers), str(heads), str(width), "packed",
-                    *([] if args.tiny else ["bf16"]), f"vocab_multiple={128 if args.tiny else 50304}"],
+                    *([] if args.tiny else ["bf16"]), f"vocab_multiple={128 if args.tiny else 50304}",
+                    "dropout=0.0"],  # as bookgen's side above
                    check=True, cwd=REPO)
     hf = json.loads(hf_out.read_text())
     params = hf["params"]  # the same architecture and vocabulary on both sides

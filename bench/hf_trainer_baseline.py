@@ -41,9 +41,11 @@ def main() -> None:
         examples = [{"input_ids": doc[:block]} for doc in ids]
     multiple = next((int(o.split("=")[1]) for o in options if o.startswith("vocab_multiple=")), 1)
     vocab = -(-len(tok) // multiple) * multiple
+    dropout = next((float(o.split("=")[1]) for o in options if o.startswith("dropout=")), 0.1)  # GPT-2's
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=int(layers), n_head=int(heads),
-                                       n_embd=int(width), n_positions=block, pad_token_id=tok.pad_token_id))
+                                       n_embd=int(width), n_positions=block, pad_token_id=tok.pad_token_id,
+                                       resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
     base = DataCollatorForLanguageModeling(tok, mlm=False)
     counts: list[tuple[int, int]] = []
 

@@ -163,6 +163,12 @@ class TrainConfig:
     lr_schedule: Literal["linear", "cosine", "constant"] = field(
         default="linear", metadata=_doc("Decay after warm-up: to zero at the last step, or constant.")
     )
+    loss_average: Literal["tokens", "micro_batches"] = field(
+        default="tokens",
+        metadata=_doc("tokens: every predicted token of the global batch weighs the same, however the batch is "
+                      "split over ranks and accumulation; micro_batches: mean of per-micro-batch means (the "
+                      "reference's Trainer before transformers 4.46)."),
+    )
     grad_clip: float = field(default=1.0, metadata=_doc("Gradient norm clipping; 0 disables."))
     precision: Literal["fp32", "bf16", "fp16"] = field(
         default="fp32", metadata=_doc("Training precision; fp16 needs a GPU.")

@@ -17,7 +17,14 @@ from bookgen import checkpoint as ckpt
 from bookgen import distributed, faults, reshard
 from bookgen.config import ExperimentConfig, TrainConfig
 from bookgen.config_io import config_to_dict, write_resolved
-from bookgen.data.batches import Examples, collate, epoch_order, micro_batch_indices, steps_per_epoch
+from bookgen.data.batches import (
+    Examples,
+    collate,
+    epoch_order,
+    micro_batch_indices,
+    predicted_tokens,
+    steps_per_epoch,
+)
 from bookgen.data.prepare import open_store, prepare, tokenizer_dir
 from bookgen.data.tokenizer import load_tokenizer
 from bookgen.distributed import DistEnv
@@ -263,6 +270,13 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
                pad_id: int, stop_requested: bool) -> StepMetrics:
     """One optimizer step: ``grad_accum_steps`` micro-batches on each rank, then the engine's update."""
     lr = float(engine.get_lr()[0])
+    parts = t.grad_accum_steps * dist.world_size
+    by_tokens = t.loss_average == "tokens"
+    if by_tokens:
+        total = predicted_tokens(examples.lengths, order, step=step_in_epoch, global_batch=t.micro_batch_size * parts)
+        # each micro-batch's loss = its summed NLL / (total / parts); DeepSpeed then divides by the
+        # accumulation steps and averages over ranks, leaving sum(NLL) / total for the whole step
+        share = {"num_items_in_batch": max(total, 1) / parts}
     loss_sum, tokens, input_tokens = 0.0, 0, 0
     for micro in range(t.grad_accum_steps):
         picked = micro_batch_indices(order, step=step_in_epoch, micro=micro, rank=dist.rank,
@@ -270,7 +284,7 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
                                      accum=t.grad_accum_steps)
         batch = collate([examples.tokens_of(int(i)) for i in picked], pad_id)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        out = engine(**batch)
+        out = engine(**batch, **share) if by_tokens else engine(**batch)
         engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps; we log the unscaled loss
         engine.step()  # updates only at the accumulation boundary
         loss_sum += float(out.loss.detach())
@@ -279,8 +293,8 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
     # one collective for the logged numbers and the preemption flag, so all ranks stop together
     total_loss, total_tokens, total_inputs, stops = distributed.all_reduce_sum(
         [loss_sum, float(tokens), float(input_tokens), float(stop_requested)], engine.device)
-    return StepMetrics(loss=total_loss / (t.grad_accum_steps * dist.world_size), tokens=int(total_tokens),
-                       input_tokens=int(total_inputs), lr=lr, stop_requested=stops > 0)
+    return StepMetrics(loss=total_loss / parts, tokens=int(total_tokens), input_tokens=int(total_inputs), lr=lr,
+                       stop_requested=stops > 0)
 
 
 def run_eval(engine: Any, examples: Examples, split: str, cfg: ExperimentConfig, dist: DistEnv, pad_id: int,

@@ -87,6 +87,14 @@ def micro_batch_indices(
     return order[start : start + micro_batch_size]
 
 
+def predicted_tokens(lengths: np.ndarray, order: np.ndarray, *, step: int, global_batch: int) -> int:
+    """Tokens the loss predicts in optimizer step ``step`` over all ranks (each example: its length - 1).
+
+    Every rank computes it from the shared order, so token-weighting the loss needs no collective."""
+    picked = lengths[order[step * global_batch : (step + 1) * global_batch]]
+    return int(np.maximum(picked - 1, 0).sum())
+
+
 def eval_shard(n_examples: int, rank: int, world_size: int) -> np.ndarray:
     """Each example exactly once over all ranks, no padding by repetition (unlike DistributedSampler)."""
     return np.arange(rank, n_examples, world_size)
