@@ -30,7 +30,7 @@ from deepspeed.checkpoint.constants import (
 
 from bookgen import faults
 from bookgen.config import ExperimentConfig
-from bookgen.config_io import config_to_dict, model_fingerprint
+from bookgen.config_io import RUNTIME_MODEL_KEYS, config_to_dict, model_fingerprint
 from bookgen.distributed import DistEnv, barrier, broadcast_object
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
@@ -194,7 +194,7 @@ def check_compatible(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:
 
 def _diff(section: str, saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"{section}.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
-            for k in sorted(set(saved) | set(now)) if k != "dropout" and saved.get(k) != now.get(k)]
+            for k in sorted(set(saved) | set(now)) if k not in RUNTIME_MODEL_KEYS and saved.get(k) != now.get(k)]
 
 
 def load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, universal: bool = False,

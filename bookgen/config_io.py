@@ -156,10 +156,15 @@ def write_resolved(cfg: ExperimentConfig, path: Path) -> None:
     write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
+# model settings that leave the weights as they are: a checkpoint resumes across a change of these
+RUNTIME_MODEL_KEYS = ("dropout", "attention")
+
+
 def model_fingerprint(cfg: ExperimentConfig) -> str:
     """Hash of what decides the shape of the weights: a checkpoint from another one cannot be loaded."""
     payload = {"model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer)}
-    payload["model"].pop("dropout", None)
+    for key in RUNTIME_MODEL_KEYS:
+        payload["model"].pop(key, None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

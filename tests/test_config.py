@@ -99,3 +99,14 @@ def test_config_help_lists_every_section(capsys):
     out = capsys.readouterr().out
     for key in ("seed", "run.output_dir", "data.block_size", "train.grad_accum_steps", "deepspeed.zero_stage"):
         assert key in out
+
+
+def test_checkpoint_fingerprint_ignores_runtime_model_settings_but_not_shapes(tmp_path):
+    from bookgen.config_io import model_fingerprint
+
+    def fingerprint(name: str, **overrides: object) -> str:
+        return model_fingerprint(load_config(write_experiment(tmp_path / name, overrides)))
+
+    base = fingerprint("base")
+    assert fingerprint("attn", **{"model.attention": "eager", "model.dropout": 0.2}) == base
+    assert fingerprint("wider", **{"model.n_embd": 48}) != base
