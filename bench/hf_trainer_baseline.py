@@ -39,9 +39,10 @@ def main() -> None:
         examples = [{"input_ids": stream[i : i + block]} for i in range(0, len(stream) - block + 1, block)]
     else:
         examples = [{"input_ids": doc[:block]} for doc in ids]
-    multiple = next((int(o.split("=")[1]) for o in options if o.startswith("vocab_multiple=")), 1)
+    settings = dict(o.split("=", 1) for o in options if "=" in o)  # name=value options; the rest are flags
+    multiple = int(settings.get("vocab_multiple", 1))
     vocab = -(-len(tok) // multiple) * multiple
-    dropout = next((float(o.split("=")[1]) for o in options if o.startswith("dropout=")), 0.1)  # GPT-2's
+    dropout = float(settings.get("dropout", 0.1))  # GPT-2's default
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=int(layers), n_head=int(heads),
                                        n_embd=int(width), n_positions=block, pad_token_id=tok.pad_token_id,

@@ -116,7 +116,7 @@ def main() -> None:
     results = {
         "bookgen line-by-line fp32": run_bookgen(args.folder, args.ranks, line_exp),
         "HF Trainer line-by-line fp32": run_trainer(args.folder, args),
-        f"bookgen fastest ({'packing, bf16' if len(fast) == 2 else 'packing'})":
+        f"bookgen fastest ({'packing, bf16' if 'train__precision' in fast else 'packing'})":
             run_bookgen(args.folder, args.ranks, experiment(args.folder, args, "fastest", **fast)),
     }
     print(f"{'':40s} {'tok/s':>9s} {'padding':>8s} {'1st step s':>10s} {'peak MB/rank':>12s}")

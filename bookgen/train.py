@@ -169,8 +169,7 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
             faults.inject("step", state.global_step, dist.rank)
             tokens_seen, last_loss = tokens_seen + m.tokens, m.loss
             rate = tokens_seen / max(time.perf_counter() - start, 1e-9)
-            progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr,
-                                   tokens_per_second=rate)
+            progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr, tokens_per_second=rate)
             if run.log is not None:
                 run.log.write({"step": state.global_step, "epoch": state.epoch, "loss": m.loss, "lr": m.lr,
                                "tokens": m.tokens, "input_tokens": m.input_tokens, "tokens_per_second": rate})
@@ -271,12 +270,12 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
     """One optimizer step: ``grad_accum_steps`` micro-batches on each rank, then the engine's update."""
     lr = float(engine.get_lr()[0])
     parts = t.grad_accum_steps * dist.world_size
-    by_tokens = t.loss_average == "tokens"
-    if by_tokens:
+    loss_kwargs: dict[str, float] = {}  # micro_batches: the model's own per-micro-batch mean
+    if t.loss_average == "tokens":
         total = predicted_tokens(examples.lengths, order, step=step_in_epoch, global_batch=t.micro_batch_size * parts)
         # each micro-batch's loss = its summed NLL / (total / parts); DeepSpeed then divides by the
         # accumulation steps and averages over ranks, leaving sum(NLL) / total for the whole step
-        share = {"num_items_in_batch": max(total, 1) / parts}
+        loss_kwargs["num_items_in_batch"] = max(total, 1) / parts
     loss_sum, tokens, input_tokens = 0.0, 0, 0
     for micro in range(t.grad_accum_steps):
         picked = micro_batch_indices(order, step=step_in_epoch, micro=micro, rank=dist.rank,
@@ -284,7 +283,7 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
                                      accum=t.grad_accum_steps)
         batch = collate([examples.tokens_of(int(i)) for i in picked], pad_id)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        out = engine(**batch, **share) if by_tokens else engine(**batch)
+        out = engine(**batch, **loss_kwargs)
         engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps; we log the unscaled loss
         engine.step()  # updates only at the accumulation boundary
         loss_sum += float(out.loss.detach())
