@@ -1,17 +1,21 @@
 """GPU check (bench/gpu_check.sh runs it): GPT-2 small size at block 1024, bf16, ZeRO-2, one GPU.
 
-Trains `--steps` steps with bookgen (packed blocks) and the same with transformers' Trainer, then prints
-tokens/s, MFU by the 6*N*T + attention formula against the GPU's bf16 dense peak, and peak memory.
-`--tiny` shrinks everything for a smoke test on a CPU.
+Trains `--steps` steps of packed blocks with bookgen and with transformers' Trainer, each eager and under
+torch.compile, and prints tokens/s, MFU (6*N*T + attention, against the GPU's dense bf16 peak), time to
+the first step and peak memory. A run that fails is reported with its log's tail and the others go on,
+so one bad variant does not cost the whole device slot. `--tiny` shrinks everything for a CPU smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -20,7 +24,36 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from train_throughput import WARMUP, write_corpus  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+# dense bf16 peak, TFLOPS (vendor data sheets); the first name contained in the device name wins
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
+                    "L40S": 362.0}
+VARIANTS = ("bookgen", "bookgen_compile", "trainer", "trainer_compile")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    layers: int
+    heads: int
+    width: int
+    block: int
+    vocab: int  # embedding rows after padding
+
+    def matmul_params(self) -> int:
+        """Weights that take part in matmuls: the blocks and the (tied) LM head; not position embeddings."""
+        return self.layers * (12 * self.width**2 + 13 * self.width) + 2 * self.width + self.vocab * self.width
+
+    def flops_per_token(self) -> float:
+        # 6N for forward and backward matmuls, plus attention scores and values: 12 * layers * width * block
+        return 6 * self.matmul_params() + 12 * self.layers * self.width * self.block
+
+
+@dataclass(slots=True)
+class Result:
+    name: str
+    tokens_per_s: float = float("nan")
+    first_step_s: float = float("nan")
+    peak_mb: float = float("nan")
+    error: str | None = None
 
 
 def peak_tflops() -> tuple[str, float]:
@@ -32,66 +65,119 @@ def peak_tflops() -> tuple[str, float]:
     return name, next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
 
 
-def flops_per_token(params: int, layers: int, width: int, block: int) -> float:
-    # 6N for the matmuls of forward and backward, plus attention scores: 12 * layers * width * block
-    return 6 * params + 12 * layers * width * block
+def bookgen_experiment(folder: Path, args: argparse.Namespace, shape: Shape, *, compiled: bool) -> Path:
+    name = "bookgen_compile" if compiled else "bookgen"
+    cfg = {
+        "seed": 0, "run": {"output_dir": f"run_{name}", "log_every": 50},
+        "data": {"source": "corpus.txt", "block_size": shape.block, "packing": True, "prepared_dir": "prepared"},
+        "tokenizer": {"vocab_size": 8192},
+        # GPT-2's 50,257-row vocabulary padded to 50,304 rows as nanoGPT does; here every run has 50,304 rows
+        "model": {"n_layer": shape.layers, "n_head": shape.heads, "n_embd": shape.width,
+                  "n_positions": shape.block, "dropout": 0.0, "pad_to_multiple_of": shape.vocab},
+        "train": {"max_steps": args.steps, "micro_batch_size": args.micro, "learning_rate": 6e-4,
+                  "precision": "fp32" if args.tiny else "bf16", "warmup_steps": 10, "compile": compiled},
+        "eval": {"at_end": False}, "checkpoint": {"resume": "never", "every": 10**6},
+        "deepspeed": {"zero_stage": 2, "config": str(REPO / "ds_configs" / "zero2.json")},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def torchrun(script: Path, *script_args: str, log: Path) -> float:
+    """Run one rank under torchrun, output to ``log``; returns the start time. Raises with the log's tail."""
+    start = time.time()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(script),
+           *script_args]
+    with log.open("w") as out:
+        code = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+        raise RuntimeError(f"exit {code}; last lines of {log}:\n{tail}")
+    return start
+
+
+def run_bookgen(folder: Path, args: argparse.Namespace, shape: Shape, *, compiled: bool) -> Result:
+    exp = bookgen_experiment(folder, args, shape, compiled=compiled)
+    run = folder / f"run_{exp.stem}"
+    shutil.rmtree(run, ignore_errors=True)
+    start = torchrun(REPO / "launcher" / "run.py", "--cfg", str(exp), log=folder / f"{exp.stem}.log")
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    summary = json.loads((run / "run_summary.json").read_text())
+    tps = sum(r["tokens"] for r in steps[WARMUP:]) / (steps[-1]["time"] - steps[WARMUP - 1]["time"])
+    return Result(exp.stem, tps, steps[0]["time"] - start, summary["peak_memory_mb_max_rank"])
+
+
+def run_trainer(folder: Path, args: argparse.Namespace, shape: Shape, *, compiled: bool) -> Result:
+    name = "trainer_compile" if compiled else "trainer"
+    out = folder / f"{name}.json"
+    options = ["packed", f"vocab_multiple={shape.vocab}", "dropout=0.0"]  # as bookgen's side
+    options += [] if args.tiny else ["bf16"]
+    options += ["compile"] if compiled else []
+    start = torchrun(REPO / "bench" / "hf_trainer_baseline.py", str(folder / "prepared"), str(out), str(args.steps),
+                     str(args.micro), str(shape.block), str(shape.layers), str(shape.heads), str(shape.width),
+                     *options, log=folder / f"{name}.log")
+    hf = json.loads(out.read_text())
+    tps = sum(hf["tokens"][WARMUP:]) / (hf["stamps"][-1] - hf["stamps"][WARMUP - 1])
+    return Result(name, tps, hf["stamps"][0] - start, hf["peak_rss_mb"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--micro", type=int, default=16)
-    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model at block 128, fp32: CPU smoke test")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     args = ap.parse_args()
-    layers, heads, width, block = (2, 2, 64, 128) if args.tiny else (12, 12, 768, 1024)
+    variants = args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        ap.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    shape = Shape(2, 2, 64, 128, 8192) if args.tiny else Shape(12, 12, 768, 1024, 50304)
     folder = REPO / "runs" / "gpu_check"
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "corpus.txt").exists():
         write_corpus(folder / "corpus.txt", docs=600 if args.tiny else 6000)
-    precision = "fp32" if args.tiny else "bf16"
-    cfg = {
-        "seed": 0, "run": {"output_dir": "run", "log_every": 50},
-        "data": {"source": "corpus.txt", "block_size": block, "packing": True, "prepared_dir": "prepared"},
-        "tokenizer": {"vocab_size": 8192},
-        # GPT-2's 50,257-row vocabulary: pad the embeddings to 50,304 rows as nanoGPT does
-        "model": {"n_layer": layers, "n_head": heads, "n_embd": width, "n_positions": block, "dropout": 0.0,
-                  "pad_to_multiple_of": 128 if args.tiny else 50304},
-        "train": {"max_steps": args.steps, "micro_batch_size": args.micro, "learning_rate": 6e-4,
-                  "precision": precision, "warmup_steps": 10},
-        "eval": {"at_end": False}, "checkpoint": {"resume": "never", "every": 10**6},
-        "deepspeed": {"zero_stage": 2, "config": str(REPO / "ds_configs" / "zero2.json")},
-    }
-    exp = folder / "gpu_check.yaml"
-    exp.write_text(yaml.safe_dump(cfg))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    start = time.time()
-    subprocess.run([*torchrun, str(REPO / "launcher" / "run.py"), "--cfg", str(exp)], check=True, cwd=REPO)
-    steps = [json.loads(x) for x in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if "loss" in r]
-    summary = json.loads((folder / "run" / "run_summary.json").read_text())
-    hf_out = folder / "hf.json"
-    hf_start = time.time()
-    subprocess.run([*torchrun, str(REPO / "bench" / "hf_trainer_baseline.py"), str(folder / "prepared"), str(hf_out),
-                    str(args.steps), str(args.micro), str(block), str(layers), str(heads), str(width), "packed",
-                    *([] if args.tiny else ["bf16"]), f"vocab_multiple={128 if args.tiny else 50304}",
-                    "dropout=0.0"],  # as bookgen's side above
-                   check=True, cwd=REPO)
-    hf = json.loads(hf_out.read_text())
-    params = hf["params"]  # the same architecture and vocabulary on both sides
-    name, peak = peak_tflops()
-    per_token = flops_per_token(params, layers, width, block)
-    ours_tps = sum(r["tokens"] for r in steps[WARMUP:]) / (steps[-1]["time"] - steps[WARMUP - 1]["time"])
-    rows = {
-        "bookgen (ZeRO-2, packed)": (ours_tps, steps[0]["time"] - start, summary["peak_memory_mb_max_rank"]),
-        "HF Trainer (packed)": (sum(hf["tokens"][WARMUP:]) / (hf["stamps"][-1] - hf["stamps"][WARMUP - 1]),
-                                hf["stamps"][0] - hf_start, hf["peak_rss_mb"]),
-    }
-    print(f"{name}: GPT-2 {params / 1e6:.0f}M parameters, block {block}, micro-batch {args.micro}, {precision}, "
-          f"{args.steps} steps (first {WARMUP} warm-up); {per_token / 1e9:.2f} GFLOP/token")
-    for label, (tps, first, mem) in rows.items():
-        mfu = tps * per_token / (peak * 1e12)
-        print(f"{label:28s} {tps:12,.0f} tokens/s   MFU {mfu:6.1%}   first step {first:5.1f}s   peak {mem:,.0f} MB")
-    print(f"bookgen / Trainer: {rows['bookgen (ZeRO-2, packed)'][0] / rows['HF Trainer (packed)'][0]:.2f}x")
+    subprocess.run([sys.executable, "-m", "bookgen.cli", "prepare", "--cfg",
+                    str(bookgen_experiment(folder, args, shape, compiled=False))], check=True, cwd=REPO)
+    results = []
+    for name in variants:
+        runner = run_bookgen if name.startswith("bookgen") else run_trainer
+        started = time.time()
+        try:
+            results.append(runner(folder, args, shape, compiled=name.endswith("_compile")))
+        except Exception as exc:  # report and go on: the device time is too scarce to stop at one failure
+            results.append(Result(name, error=str(exc)))
+        print(f"{name}: done in {time.time() - started:.0f} s", flush=True)
+    report(results, shape, args, folder)
+
+
+def report(results: list[Result], shape: Shape, args: argparse.Namespace, folder: Path) -> None:
+    device, peak = peak_tflops()
+    per_token = shape.flops_per_token()
+    print(f"\n{device}: GPT-2 shape {shape.layers}x{shape.width}, vocab {shape.vocab}, "
+          f"{shape.matmul_params() / 1e6:.0f}M matmul parameters, block {shape.block}, micro-batch {args.micro}, "
+          f"{'fp32' if args.tiny else 'bf16'}, {args.steps} steps (first {WARMUP} warm-up); "
+          f"{per_token / 1e9:.2f} GFLOP/token; peak {peak:.0f} TFLOPS")
+    by_name = {r.name: r for r in results}
+    for r in results:
+        if r.error:
+            print(f"{r.name:16s} FAILED: {r.error}")
+            continue
+        mfu = r.tokens_per_s * per_token / (peak * 1e12)
+        print(f"{r.name:16s} {r.tokens_per_s:12,.0f} tokens/s   MFU {mfu:6.1%}   first step {r.first_step_s:6.1f} s"
+              f"   peak {r.peak_mb:9,.0f} MB")
+    for ours, theirs in (("bookgen", "trainer"), ("bookgen_compile", "trainer_compile")):
+        a, b = by_name.get(ours), by_name.get(theirs)
+        if a and b and not (a.error or b.error):
+            print(f"{ours} / {theirs}: {a.tokens_per_s / b.tokens_per_s:.2f}x")
+    record = {"device": device, "peak_tflops": peak, "flops_per_token": per_token, "shape": asdict(shape),
+              "micro_batch": args.micro, "steps": args.steps, "date": time.strftime("%Y-%m-%d"),
+              "results": [asdict(r) for r in results]}
+    (folder / "results.json").write_text(json.dumps(record, indent=1))
+    if out := os.environ.get("OUT"):  # the device tool brings $OUT back
+        for path in [folder / "results.json", *folder.glob("*.log")]:
+            shutil.copy(path, out)
 
 
 if __name__ == "__main__":

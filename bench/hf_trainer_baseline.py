@@ -2,10 +2,11 @@
 dynamic padding with DataCollatorForLanguageModeling, DDP on gloo (see the README for why not DeepSpeed).
 
     torchrun --nproc_per_node 2 bench/hf_trainer_baseline.py PREPARED_DIR OUT.json STEPS MICRO BLOCK \
-        LAYERS HEADS WIDTH [packed] [bf16] [vocab_multiple=N]
+        LAYERS HEADS WIDTH [packed] [bf16] [compile] [vocab_multiple=N] [dropout=P]
 
 `packed` concatenates the documents into full blocks (run_clm's group_texts) for the GPU check's
-like-for-like comparison; `bf16` trains in bf16 autocast; `vocab_multiple` pads the vocabulary as bookgen does.
+like-for-like comparison; `bf16` trains in bf16 autocast; `compile` sets TrainingArguments.torch_compile;
+`vocab_multiple` pads the vocabulary as bookgen does; `dropout` overrides GPT-2's 0.1.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     args = TrainingArguments(output_dir="/tmp/hf_baseline", per_device_train_batch_size=micro, max_steps=steps,
                              learning_rate=5e-5, ddp_backend="nccl" if gpu else "gloo", use_cpu=not gpu,
-                             bf16="bf16" in options, report_to=[], save_strategy="no",
-                             logging_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                             bf16="bf16" in options, torch_compile="compile" in options, report_to=[],
+                             save_strategy="no", logging_strategy="no", dataloader_num_workers=0, seed=0,
+                             disable_tqdm=True,
                              ddp_find_unused_parameters=False)  # its default (True) costs a graph walk a step
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=[Clock()])
     trainer.train()

@@ -139,9 +139,10 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few numbers over all ranks (float64, so token counts stay exact)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Sum a few numbers (floats or 0-d tensors already on ``device``) over all ranks, in float64 so token
+    counts stay exact. Reading the result is the one wait for the device."""
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(tensor)
     return tensor.tolist()

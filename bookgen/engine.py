@@ -36,4 +36,7 @@ def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, world_size: int,
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config, lr_scheduler=make_scheduler,
     )
+    if cfg.train.compile:
+        # in place (nn.Module.compile): parameter names, checkpoints and exports stay as without it
+        engine.compile()
     return engine

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from bookgen.data.batches import IGNORE_INDEX, Examples, collate, eval_shard
+from bookgen.data.batches import IGNORE_INDEX, Examples, collate, eval_shard, to_device
 from bookgen.distributed import DistEnv, all_reduce_max, all_reduce_sum
 
 Forward = Callable[..., object]  # model or engine: forward(input_ids=..., attention_mask=...) -> .logits
@@ -32,13 +32,18 @@ class EvalResult:
         return asdict(self)
 
 
-def batch_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL and the number of predicted tokens. logits: (batch, seq, vocab)."""
+def batch_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (float64, on the logits' device). logits: (batch, seq, vocab)."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return nll, int((shift_labels != IGNORE_INDEX).sum())
+    return nll.double()
+
+
+def predicted_count(labels: torch.Tensor) -> int:
+    """Tokens that have a next-token target (counted on the host copy of the labels)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -48,17 +53,17 @@ def perplexity(
 ) -> EvalResult:
     shard = eval_shard(len(examples), dist.rank, dist.world_size)
     n_batches = all_reduce_max(-(-len(shard) // batch_size), device)
-    total_nll, total_tokens = 0.0, 0
+    total_nll = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = 0
     for b in range(n_batches):
         picked = shard[b * batch_size : (b + 1) * batch_size]
         real = len(picked) > 0
-        batch = collate([examples.tokens_of(int(i)) for i in (picked if real else [0])], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        host = collate([examples.tokens_of(int(i)) for i in (picked if real else [0])], pad_id)
+        batch = {k: to_device(v, device) for k, v in host.items()}
         out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         if real:
-            nll, count = batch_nll(out.logits, batch["labels"])  # type: ignore[attr-defined]
-            total_nll += float(nll.double())
-            total_tokens += count
+            total_nll += batch_nll(out.logits, batch["labels"])  # type: ignore[attr-defined]
+            total_tokens += predicted_count(host["labels"])
         if on_batch is not None:
             on_batch()
     nll_sum, tokens, n_examples = all_reduce_sum([total_nll, float(total_tokens), float(len(shard))], device)

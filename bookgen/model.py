@@ -33,6 +33,10 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
             pad_token_id=tokenizer.pad_token_id,
         )
         model = GPT2LMHeadModel(config)
+    # a model built from a config names no loss type; transformers then warns on every call, which also
+    # breaks a compiled graph in two
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
     if m.dropout is not None:
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             if hasattr(model.config, name):

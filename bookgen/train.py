@@ -24,6 +24,7 @@ from bookgen.data.batches import (
     micro_batch_indices,
     predicted_tokens,
     steps_per_epoch,
+    to_device,
 )
 from bookgen.data.prepare import open_store, prepare, tokenizer_dir
 from bookgen.data.tokenizer import load_tokenizer
@@ -270,26 +271,28 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
     """One optimizer step: ``grad_accum_steps`` micro-batches on each rank, then the engine's update."""
     lr = float(engine.get_lr()[0])
     parts = t.grad_accum_steps * dist.world_size
-    loss_kwargs: dict[str, float] = {}  # micro_batches: the model's own per-micro-batch mean
+    loss_kwargs: dict[str, torch.Tensor] = {}  # micro_batches: the model's own per-micro-batch mean
     if t.loss_average == "tokens":
         total = predicted_tokens(examples.lengths, order, step=step_in_epoch, global_batch=t.micro_batch_size * parts)
         # each micro-batch's loss = its summed NLL / (total / parts); DeepSpeed then divides by the
-        # accumulation steps and averages over ranks, leaving sum(NLL) / total for the whole step
-        loss_kwargs["num_items_in_batch"] = max(total, 1) / parts
-    loss_sum, tokens, input_tokens = 0.0, 0, 0
+        # accumulation steps and averages over ranks, leaving sum(NLL) / total for the whole step.
+        # A tensor, not a float: a compiled model would recompile for every new Python number.
+        loss_kwargs["num_items_in_batch"] = to_device(torch.tensor(max(total, 1) / parts), engine.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    tokens, input_tokens = 0, 0
     for micro in range(t.grad_accum_steps):
         picked = micro_batch_indices(order, step=step_in_epoch, micro=micro, rank=dist.rank,
                                      world_size=dist.world_size, micro_batch_size=t.micro_batch_size,
                                      accum=t.grad_accum_steps)
         batch = collate([examples.tokens_of(int(i)) for i in picked], pad_id)
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        out = engine(**batch, **loss_kwargs)
+        tokens += int(batch["attention_mask"].sum())  # counted on the host: reading a GPU number waits for it
+        input_tokens += batch["input_ids"].numel()
+        out = engine(**{k: to_device(v, engine.device) for k, v in batch.items()}, **loss_kwargs)
         engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps; we log the unscaled loss
         engine.step()  # updates only at the accumulation boundary
-        loss_sum += float(out.loss.detach())
-        tokens += int(batch["attention_mask"].sum())
-        input_tokens += batch["input_ids"].numel()
-    # one collective for the logged numbers and the preemption flag, so all ranks stop together
+        loss_sum += out.loss.detach()
+    # one collective (and the step's only wait for the device) for the logged numbers and the
+    # preemption flag, so all ranks stop together
     total_loss, total_tokens, total_inputs, stops = distributed.all_reduce_sum(
         [loss_sum, float(tokens), float(input_tokens), float(stop_requested)], engine.device)
     return StepMetrics(loss=total_loss / parts, tokens=int(total_tokens), input_tokens=int(total_inputs), lr=lr,

@@ -156,3 +156,31 @@ def test_loss_weighs_tokens_the_same_however_the_global_batch_is_split(tmp_path)
     # summaries of 105-583 tokens (block 256): averaging micro-batch means depends on the split (by ~5e-5
     # at the first step, from a near-uniform start), which the tolerance above would catch
     assert losses["micro_batches", "2x2x2"][1] != pytest.approx(losses["micro_batches", "1x4x2"][1], rel=1e-5)
+
+
+def test_compiled_run_matches_eager_and_saves_the_same_weights(tmp_path):
+    """train.compile: same losses, same evaluation, and a checkpoint with the model's own parameter names."""
+    import torch
+
+    from bookgen.export import consolidated_state_dict, load_checkpoint_model
+
+    runs = {}
+    for compiled in (False, True):
+        exp = write_experiment(tmp_path / str(compiled), {
+            "train.compile": compiled, "train.max_steps": 3, "train.learning_rate": 3e-3, "data.packing": True,
+            "deepspeed.zero_stage": 2, "deepspeed.config": str(REPO / "ds_configs/zero2.json")}, rows=120)
+        launch(1, ["--cfg", str(exp)], env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor_{compiled}")})
+        runs[compiled] = exp.parent / "run"
+    assert list((tmp_path / "inductor_True").rglob("*.py")), "inductor generated the compiled model's code"
+    assert not list((tmp_path / "inductor_False").rglob("*.py")), "the eager run compiled nothing"
+    eager, compiled = (step_losses(runs[c]) for c in (False, True))
+    assert sorted(compiled) == [1, 2, 3]
+    for step in eager:  # fp32 on CPU; the compiled kernels fuse and reorder a few reductions
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-5), step
+    results = [json.loads((runs[c] / "eval_results.json").read_text()) for c in (False, True)]
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+    weights = [consolidated_state_dict(runs[c] / "checkpoints" / "step00000003") for c in (False, True)]
+    assert weights[1].keys() == weights[0].keys(), "no _orig_mod. prefixes from the compiled module"
+    assert all(torch.allclose(weights[1][k], weights[0][k], atol=1e-5) for k in weights[0])
+    model, _ = load_checkpoint_model(runs[True] / "checkpoints" / "step00000003")
+    assert model.config.n_layer == 2

@@ -110,3 +110,10 @@ def collate(token_lists: list[np.ndarray], pad_id: int) -> dict[str, torch.Tenso
         attention[row, : len(tokens)] = 1
     labels = input_ids.masked_fill(attention == 0, IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host batch tensor to ``device``; on a GPU through pinned memory, so the host does not wait."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
