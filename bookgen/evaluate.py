@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from bookgen.data.batches import IGNORE_INDEX, Examples, collate, eval_shard, to_device
+from bookgen.data.batches import IGNORE_INDEX, Examples, collate, eval_shard, model_inputs
 from bookgen.distributed import DistEnv, all_reduce_max, all_reduce_sum
 
-Forward = Callable[..., object]  # model or engine: forward(input_ids=..., attention_mask=...) -> .logits
+Forward = Callable[..., object]  # model or engine: forward(input_ids=..., [attention_mask=...]) -> .logits
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +59,11 @@ def perplexity(
         picked = shard[b * batch_size : (b + 1) * batch_size]
         real = len(picked) > 0
         host = collate([examples.tokens_of(int(i)) for i in (picked if real else [0])], pad_id)
-        batch = {k: to_device(v, device) for k, v in host.items()}
-        out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        batch = model_inputs(host, device)
+        labels = batch.pop("labels")
+        out = forward(**batch)
         if real:
-            total_nll += batch_nll(out.logits, batch["labels"])  # type: ignore[attr-defined]
+            total_nll += batch_nll(out.logits, labels)  # type: ignore[attr-defined]
             total_tokens += predicted_count(host["labels"])
         if on_batch is not None:
             on_batch()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bookgen.config_io import load_config
-from bookgen.data.batches import IGNORE_INDEX, collate, epoch_order, eval_shard, micro_batch_indices
+from bookgen.data.batches import IGNORE_INDEX, collate, epoch_order, eval_shard, micro_batch_indices, model_inputs
 from bookgen.ds_config import build_ds_config
 from bookgen.errors import BookgenError
 from bookgen.schedule import lr_multiplier
@@ -117,6 +117,20 @@ def test_collate_pads_right_and_masks_labels():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_batches_without_padding_reach_the_model_without_a_mask_and_give_the_same_loss():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cpu = torch.device("cpu")
+    full = collate([np.arange(1, 9), np.arange(2, 10)], pad_id=0)
+    padded = collate([np.arange(1, 9), np.arange(2, 6)], pad_id=0)
+    assert set(model_inputs(full, cpu)) == {"input_ids", "labels"}, "plain causal attention: flash kernels"
+    assert set(model_inputs(padded, cpu)) == {"input_ids", "attention_mask", "labels"}
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_layer=1, n_head=2, n_embd=16, n_positions=16)).eval()
+    with torch.no_grad():
+        assert torch.equal(model(**model_inputs(full, cpu)).logits, model(**full).logits)
 
 
 def test_pretrained_model_gets_special_tokens_with_mean_rows_and_tied_head(tmp_path):

@@ -117,3 +117,13 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host batch as model arguments on ``device``. Without padding (packed blocks) the attention mask is
+    left out: attention is then plainly causal, which picks the flash kernels on GPUs. transformers can
+    drop an all-ones mask itself, but not under torch.compile (it cannot read the mask's values while
+    tracing), where it would build a dense mask instead."""
+    full = bool(batch["attention_mask"].all())
+    return {k: to_device(v, device) for k, v in batch.items() if not (full and k == "attention_mask")}
+
