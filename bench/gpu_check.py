@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ from train_throughput import WARMUP, write_corpus  # noqa: E402
 # dense bf16 peak, TFLOPS (vendor data sheets); the first name contained in the device name wins
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
                     "L40S": 362.0}
-VARIANTS = ("bookgen", "bookgen_compile", "trainer", "trainer_compile")
+# most telling first, should the device time run out: bookgen's best, then the Hugging Face stack as is
+VARIANTS = ("bookgen_compile", "trainer", "bookgen", "trainer_compile")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +86,23 @@ def bookgen_experiment(folder: Path, args: argparse.Namespace, shape: Shape, *, 
     return path
 
 
-def torchrun(script: Path, *script_args: str, log: Path) -> float:
+def torchrun(script: Path, *script_args: str, log: Path, timeout_s: float) -> float:
     """Run one rank under torchrun, output to ``log``; returns the start time. Raises with the log's tail."""
     start = time.time()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(script),
            *script_args]
     with log.open("w") as out:
-        code = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code: int | str = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:  # a hung run must not eat the other variants' time
+            proc.send_signal(signal.SIGTERM)  # torchrun stops its workers (their own sessions) on SIGTERM
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            code = f"none, stopped after {timeout_s:.0f} s"
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         raise RuntimeError(f"exit {code}; last lines of {log}:\n{tail}")
@@ -101,7 +113,8 @@ def run_bookgen(folder: Path, args: argparse.Namespace, shape: Shape, *, compile
     exp = bookgen_experiment(folder, args, shape, compiled=compiled)
     run = folder / f"run_{exp.stem}"
     shutil.rmtree(run, ignore_errors=True)
-    start = torchrun(REPO / "launcher" / "run.py", "--cfg", str(exp), log=folder / f"{exp.stem}.log")
+    start = torchrun(REPO / "launcher" / "run.py", "--cfg", str(exp), log=folder / f"{exp.stem}.log",
+                     timeout_s=args.timeout)
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r]
     summary = json.loads((run / "run_summary.json").read_text())
@@ -117,7 +130,7 @@ def run_trainer(folder: Path, args: argparse.Namespace, shape: Shape, *, compile
     options += ["compile"] if compiled else []
     start = torchrun(REPO / "bench" / "hf_trainer_baseline.py", str(folder / "prepared"), str(out), str(args.steps),
                      str(args.micro), str(shape.block), str(shape.layers), str(shape.heads), str(shape.width),
-                     *options, log=folder / f"{name}.log")
+                     *options, log=folder / f"{name}.log", timeout_s=args.timeout)
     hf = json.loads(out.read_text())
     tps = sum(hf["tokens"][WARMUP:]) / (hf["stamps"][-1] - hf["stamps"][WARMUP - 1])
     return Result(name, tps, hf["stamps"][0] - start, hf["peak_rss_mb"])
@@ -128,6 +141,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model at block 128, fp32: CPU smoke test")
+    ap.add_argument("--timeout", type=float, default=240, help="seconds one variant may take")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     args = ap.parse_args()
     variants = args.variants.split(",")
@@ -140,7 +154,12 @@ def main() -> None:
         write_corpus(folder / "corpus.txt", docs=600 if args.tiny else 6000)
     subprocess.run([sys.executable, "-m", "bookgen.cli", "prepare", "--cfg",
                     str(bookgen_experiment(folder, args, shape, compiled=False))], check=True, cwd=REPO)
-    results = []
+    device, peak = peak_tflops()
+    print(f"{device}: GPT-2 shape {shape.layers}x{shape.width}, vocab {shape.vocab}, "
+          f"{shape.matmul_params() / 1e6:.0f}M matmul parameters, block {shape.block}, micro-batch {args.micro}, "
+          f"{'fp32' if args.tiny else 'bf16'}, {args.steps} steps (first {WARMUP} warm-up); "
+          f"{shape.flops_per_token() / 1e9:.2f} GFLOP/token; peak {peak:.0f} TFLOPS", flush=True)
+    results: list[Result] = []
     for name in variants:
         runner = run_bookgen if name.startswith("bookgen") else run_trainer
         started = time.time()
@@ -148,32 +167,32 @@ def main() -> None:
             results.append(runner(folder, args, shape, compiled=name.endswith("_compile")))
         except Exception as exc:  # report and go on: the device time is too scarce to stop at one failure
             results.append(Result(name, error=str(exc)))
-        print(f"{name}: done in {time.time() - started:.0f} s", flush=True)
-    report(results, shape, args, folder)
-
-
-def report(results: list[Result], shape: Shape, args: argparse.Namespace, folder: Path) -> None:
-    device, peak = peak_tflops()
-    per_token = shape.flops_per_token()
-    print(f"\n{device}: GPT-2 shape {shape.layers}x{shape.width}, vocab {shape.vocab}, "
-          f"{shape.matmul_params() / 1e6:.0f}M matmul parameters, block {shape.block}, micro-batch {args.micro}, "
-          f"{'fp32' if args.tiny else 'bf16'}, {args.steps} steps (first {WARMUP} warm-up); "
-          f"{per_token / 1e9:.2f} GFLOP/token; peak {peak:.0f} TFLOPS")
-    by_name = {r.name: r for r in results}
+        print(f"[{time.time() - started:4.0f} s] {describe(results[-1], shape, peak)}", flush=True)
+        save(results, shape, args, device, peak, folder)  # kept even if a later variant runs out of time
+    print("\nsummary")
     for r in results:
-        if r.error:
-            print(f"{r.name:16s} FAILED: {r.error}")
-            continue
-        mfu = r.tokens_per_s * per_token / (peak * 1e12)
-        print(f"{r.name:16s} {r.tokens_per_s:12,.0f} tokens/s   MFU {mfu:6.1%}   first step {r.first_step_s:6.1f} s"
-              f"   peak {r.peak_mb:9,.0f} MB")
-    for ours, theirs in (("bookgen", "trainer"), ("bookgen_compile", "trainer_compile")):
+        print(describe(r, shape, peak))
+    by_name = {r.name: r for r in results}
+    for ours, theirs in (("bookgen", "trainer"), ("bookgen_compile", "trainer_compile"),
+                         ("bookgen_compile", "trainer")):
         a, b = by_name.get(ours), by_name.get(theirs)
         if a and b and not (a.error or b.error):
             print(f"{ours} / {theirs}: {a.tokens_per_s / b.tokens_per_s:.2f}x")
-    record = {"device": device, "peak_tflops": peak, "flops_per_token": per_token, "shape": asdict(shape),
-              "micro_batch": args.micro, "steps": args.steps, "date": time.strftime("%Y-%m-%d"),
-              "results": [asdict(r) for r in results]}
+
+
+def describe(r: Result, shape: Shape, peak: float) -> str:
+    if r.error:
+        return f"{r.name:16s} FAILED: {r.error}"
+    mfu = r.tokens_per_s * shape.flops_per_token() / (peak * 1e12)
+    return (f"{r.name:16s} {r.tokens_per_s:12,.0f} tokens/s   MFU {mfu:6.1%}   first step {r.first_step_s:6.1f} s"
+            f"   peak {r.peak_mb:9,.0f} MB")
+
+
+def save(results: list[Result], shape: Shape, args: argparse.Namespace, device: str, peak: float,
+         folder: Path) -> None:
+    record = {"device": device, "peak_tflops": peak, "flops_per_token": shape.flops_per_token(),
+              "shape": asdict(shape), "micro_batch": args.micro, "steps": args.steps,
+              "date": time.strftime("%Y-%m-%d"), "results": [asdict(r) for r in results]}
     (folder / "results.json").write_text(json.dumps(record, indent=1))
     if out := os.environ.get("OUT"):  # the device tool brings $OUT back
         for path in [folder / "results.json", *folder.glob("*.log")]:
