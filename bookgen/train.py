@@ -132,8 +132,9 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
     """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
     model = build_model(cfg, tokenizer)
-    train_examples = Examples.build(open_store(cfg, "train"), cfg.data.block_size, cfg.data.packing)
-    valid_examples = Examples.build(open_store(cfg, "valid"), cfg.data.block_size, cfg.data.packing)
+    # ensure_prepared has just had rank 0 check every shard's checksum: the ranks do not hash them again
+    train_examples = Examples.build(open_store(cfg, "train", verify=False), cfg.data.block_size, cfg.data.packing)
+    valid_examples = Examples.build(open_store(cfg, "valid", verify=False), cfg.data.block_size, cfg.data.packing)
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
     folder, notes = ckpt.find_resume(cfg)
     universal = reshard.needs_universal(folder, cfg, dist)
@@ -332,7 +333,7 @@ def evaluate_only(cfg: ExperimentConfig, split: str) -> EvalResult:
             step = ckpt.read_marker(folder, cfg)["state"]["global_step"]
             model, _ = load_checkpoint_model(folder)
             console.print(f"evaluating {folder}")
-        examples = Examples.build(open_store(cfg, split), cfg.data.block_size, cfg.data.packing)
+        examples = Examples.build(open_store(cfg, split, verify=False), cfg.data.block_size, cfg.data.packing)
         engine = build_engine(cfg, model, dist.world_size, total_steps=1)
         result = run_eval(engine, examples, split, cfg, dist, tokenizer.pad_token_id, step, None)
         console.print(_eval_line(result, step))
