@@ -126,4 +126,3 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
     tracing), where it would build a dense mask instead."""
     full = bool(batch["attention_mask"].all())
     return {k: to_device(v, device) for k, v in batch.items() if not (full and k == "attention_mask")}
-
