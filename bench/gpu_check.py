@@ -23,7 +23,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from train_throughput import WARMUP, write_corpus  # noqa: E402
+from train_throughput import WARMUP, summarize_bookgen, summarize_trainer, write_corpus  # noqa: E402
 
 # dense bf16 peak, TFLOPS (vendor data sheets); the first name contained in the device name wins
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
@@ -56,6 +56,11 @@ class Result:
     first_step_s: float = float("nan")
     peak_mb: float = float("nan")
     error: str | None = None
+
+    @classmethod
+    def of(cls, name: str, numbers: dict) -> Result:
+        """From bench/train_throughput.py's summary of a run."""
+        return cls(name, numbers["tokens_per_s"], numbers["first_step_s"], numbers["peak_rss_mb"])
 
 
 def peak_tflops() -> tuple[str, float]:
@@ -115,11 +120,7 @@ def run_bookgen(folder: Path, args: argparse.Namespace, shape: Shape, *, compile
     shutil.rmtree(run, ignore_errors=True)
     start = torchrun(REPO / "launcher" / "run.py", "--cfg", str(exp), log=folder / f"{exp.stem}.log",
                      timeout_s=args.timeout)
-    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if "loss" in r]
-    summary = json.loads((run / "run_summary.json").read_text())
-    tps = sum(r["tokens"] for r in steps[WARMUP:]) / (steps[-1]["time"] - steps[WARMUP - 1]["time"])
-    return Result(exp.stem, tps, steps[0]["time"] - start, summary["peak_memory_mb_max_rank"])
+    return Result.of(exp.stem, summarize_bookgen(start, run))
 
 
 def run_trainer(folder: Path, args: argparse.Namespace, shape: Shape, *, compiled: bool) -> Result:
@@ -131,9 +132,7 @@ def run_trainer(folder: Path, args: argparse.Namespace, shape: Shape, *, compile
     start = torchrun(REPO / "bench" / "hf_trainer_baseline.py", str(folder / "prepared"), str(out), str(args.steps),
                      str(args.micro), str(shape.block), str(shape.layers), str(shape.heads), str(shape.width),
                      *options, log=folder / f"{name}.log", timeout_s=args.timeout)
-    hf = json.loads(out.read_text())
-    tps = sum(hf["tokens"][WARMUP:]) / (hf["stamps"][-1] - hf["stamps"][WARMUP - 1])
-    return Result(name, tps, hf["stamps"][0] - start, hf["peak_rss_mb"])
+    return Result.of(name, summarize_trainer(start, out))
 
 
 def main() -> None:

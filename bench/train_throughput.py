@@ -68,9 +68,8 @@ def summarize(start: float, stamps: list[float], tokens: list[float], inputs: li
             "peak_rss_mb": rss}
 
 
-def run_bookgen(folder: Path, ranks: int, exp: Path) -> dict:
-    start = torchrun(ranks, str(REPO / "launcher" / "run.py"), "--cfg", str(exp))
-    run = folder / f"run_{exp.stem}"
+def summarize_bookgen(start: float, run: Path) -> dict:
+    """The numbers of a bookgen run folder (its metrics.jsonl and run_summary.json)."""
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r]
     rss = json.loads((run / "run_summary.json").read_text())["peak_memory_mb_max_rank"]
@@ -78,13 +77,23 @@ def run_bookgen(folder: Path, ranks: int, exp: Path) -> dict:
                      [r["input_tokens"] for r in steps], rss)
 
 
+def summarize_trainer(start: float, out: Path) -> dict:
+    """The numbers of a bench/hf_trainer_baseline.py run (its OUT.json)."""
+    r = json.loads(out.read_text())
+    return summarize(start, r["stamps"], r["tokens"], r["input_tokens"], r["peak_rss_mb"])
+
+
+def run_bookgen(folder: Path, ranks: int, exp: Path) -> dict:
+    start = torchrun(ranks, str(REPO / "launcher" / "run.py"), "--cfg", str(exp))
+    return summarize_bookgen(start, folder / f"run_{exp.stem}")
+
+
 def run_trainer(folder: Path, args: argparse.Namespace) -> dict:
     out = folder / "hf.json"
     start = torchrun(args.ranks, str(REPO / "bench" / "hf_trainer_baseline.py"), str(folder / "prepared"), str(out),
                      str(args.steps), str(args.micro), str(args.block), str(args.layers), str(args.heads),
                      str(args.width))
-    r = json.loads(out.read_text())
-    return summarize(start, r["stamps"], r["tokens"], r["input_tokens"], r["peak_rss_mb"])
+    return summarize_trainer(start, out)
 
 
 

@@ -132,9 +132,7 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
     """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
     model = build_model(cfg, tokenizer)
-    # ensure_prepared has just had rank 0 check every shard's checksum: the ranks do not hash them again
-    train_examples = Examples.build(open_store(cfg, "train", verify=False), cfg.data.block_size, cfg.data.packing)
-    valid_examples = Examples.build(open_store(cfg, "valid", verify=False), cfg.data.block_size, cfg.data.packing)
+    train_examples, valid_examples = prepared_examples(cfg, "train"), prepared_examples(cfg, "valid")
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
     folder, notes = ckpt.find_resume(cfg)
     universal = reshard.needs_universal(folder, cfg, dist)
@@ -242,6 +240,12 @@ def ensure_prepared(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> N
         raise BookgenError(f"preparing the data failed on rank 0: {failure}")
 
 
+def prepared_examples(cfg: ExperimentConfig, split: str) -> Examples:
+    """A split's examples, after :func:`ensure_prepared`: rank 0 has just checked every shard's checksum
+    there, so the ranks do not hash the shards again."""
+    return Examples.build(open_store(cfg, split, verify=False), cfg.data.block_size, cfg.data.packing)
+
+
 def resume(engine: Any, folder: Path | None, notes: list[str], cfg: ExperimentConfig, dist: DistEnv,
            console: Console, *, universal: bool, steps_per_epoch: int) -> ckpt.TrainState:
     for note in notes:
@@ -333,7 +337,7 @@ def evaluate_only(cfg: ExperimentConfig, split: str) -> EvalResult:
             step = ckpt.read_marker(folder, cfg)["state"]["global_step"]
             model, _ = load_checkpoint_model(folder)
             console.print(f"evaluating {folder}")
-        examples = Examples.build(open_store(cfg, split, verify=False), cfg.data.block_size, cfg.data.packing)
+        examples = prepared_examples(cfg, split)
         engine = build_engine(cfg, model, dist.world_size, total_steps=1)
         result = run_eval(engine, examples, split, cfg, dist, tokenizer.pad_token_id, step, None)
         console.print(_eval_line(result, step))
