@@ -133,6 +133,11 @@ class ModelConfig:
     pad_to_multiple_of: int | None = field(
         default=None, metadata=_doc("Round the resized vocabulary up to a multiple of this.")
     )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata=_doc("Recompute each block's activations in the backward pass: activation memory of about one "
+                      "block instead of all, for about a third more compute per step."),
+    )
     attention: Literal["bookgen", "sdpa", "eager"] = field(
         default="bookgen",
         metadata=_doc("Attention kernel: bookgen (blocked causal attention when training on CPU with attention "

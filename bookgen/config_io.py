@@ -157,7 +157,7 @@ def write_resolved(cfg: ExperimentConfig, path: Path) -> None:
 
 
 # model settings that leave the weights as they are: a checkpoint resumes across a change of these
-RUNTIME_MODEL_KEYS = ("dropout", "attention")
+RUNTIME_MODEL_KEYS = ("dropout", "attention", "activation_checkpointing")
 
 
 def model_fingerprint(cfg: ExperimentConfig) -> str:

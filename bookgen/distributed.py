@@ -14,6 +14,7 @@ import shutil
 import socket
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,6 +95,10 @@ def setup(timeout_s: int) -> DistEnv:
             # DeepSpeed JIT-compiles its shared-memory collectives at start; without a compiler, skip them
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     device_for(dist)
+    # DeepSpeed's ZeRO-3 calls these renamed collectives several times a step, and a warnings filter
+    # reset inside its step brings the warning back every time: thousands of lines in a long run
+    renamed = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    warnings.filterwarnings("ignore", message=renamed, category=FutureWarning)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                verbose=False)

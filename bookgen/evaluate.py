@@ -61,7 +61,7 @@ def perplexity(
         host = collate([examples.tokens_of(int(i)) for i in (picked if real else [0])], pad_id)
         batch = model_inputs(host, device)
         labels = batch.pop("labels")
-        out = forward(**batch)
+        out = forward(**batch, use_cache=False)  # a KV cache would keep every layer's keys and values alive
         if real:
             total_nll += batch_nll(out.logits, labels)  # type: ignore[attr-defined]
             total_tokens += predicted_count(host["labels"])

@@ -14,6 +14,7 @@ import torch
 
 from bookgen import attention
 from bookgen.config import ExperimentConfig
+from bookgen.errors import BookgenError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,9 +46,23 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
             if isinstance(module, torch.nn.Dropout):
                 module.p = m.dropout
     model.set_attn_implementation(attention.register() if m.attention == "bookgen" else m.attention)
+    if m.activation_checkpointing:
+        enable_activation_checkpointing(model)
     resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
     set_special_token_ids(model, tokenizer)
     return model
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each block in the backward pass. Non-reentrant checkpointing: it works with ZeRO-3's
+    parameter hooks and torch.compile, and it restores the RNG state, so dropout draws the same masks."""
+    if not model.supports_gradient_checkpointing:
+        raise BookgenError(f"model.activation_checkpointing: {type(model).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def resize_embeddings(model: PreTrainedModel, vocab_size: int, pad_to_multiple_of: int | None) -> None:

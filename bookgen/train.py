@@ -293,7 +293,7 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
         batch = collate([examples.tokens_of(int(i)) for i in picked], pad_id)
         tokens += int(batch["attention_mask"].sum())  # counted on the host: reading a GPU number waits for it
         input_tokens += batch["input_ids"].numel()
-        out = engine(**model_inputs(batch, engine.device), **loss_kwargs)
+        out = engine(**model_inputs(batch, engine.device), use_cache=False, **loss_kwargs)
         engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps; we log the unscaled loss
         engine.step()  # updates only at the accumulation boundary
         loss_sum += out.loss.detach()

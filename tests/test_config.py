@@ -108,5 +108,6 @@ def test_checkpoint_fingerprint_ignores_runtime_model_settings_but_not_shapes(tm
         return model_fingerprint(load_config(write_experiment(tmp_path / name, overrides)))
 
     base = fingerprint("base")
-    assert fingerprint("attn", **{"model.attention": "eager", "model.dropout": 0.2}) == base
+    assert fingerprint("attn", **{"model.attention": "eager", "model.dropout": 0.2,
+                                  "model.activation_checkpointing": True}) == base
     assert fingerprint("wider", **{"model.n_embd": 48}) != base

@@ -180,3 +180,42 @@ def test_zero3_checkpoint_at_another_world_size_is_refused(tmp_path):
     with pytest.raises(BookgenError, match="saved by 2 ranks under ZeRO-3; resuming it with 1 ranks is not supported"):
         needs_universal(folder, cfg, DistEnv(0, 1, 0, 1, "127.0.0.1", 1))
     assert needs_universal(folder, cfg, DistEnv(0, 2, 0, 2, "127.0.0.1", 1)) is False
+
+
+def _saved_activation_bytes_loss_and_grads(model, batch):
+    """Bytes autograd keeps for the backward pass of one forward, then the loss and the gradients."""
+    saved = 0
+
+    def pack(t):
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    model.zero_grad()
+    torch.manual_seed(3)  # the same dropout masks for both models
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return saved, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_keeps_less_and_gives_the_same_loss_and_gradients(tmp_path):
+    from bookgen.data.tokenizer import add_special_tokens, train_bpe
+    from bookgen.model import build_model
+
+    tok = train_bpe(["a story about a ship", "the ship sails far"] * 20, 300, ["<|endoftext|>"])
+    batch = collate([np.arange(5, 5 + n) for n in (40, 33)], pad_id=0)
+    runs = {}
+    for on in (False, True):
+        # dropout on: recomputation must draw the same masks as the first forward
+        cfg = _cfg(tmp_path / str(on), **{"model.activation_checkpointing": on, "model.dropout": 0.1,
+                                          "model.n_layer": 4})
+        model = build_model(cfg, add_special_tokens(tok, cfg)).train()
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is on
+        runs[on] = _saved_activation_bytes_loss_and_grads(model, batch)
+    (plain_bytes, plain_loss, plain_grads), (ckpt_bytes, ckpt_loss, ckpt_grads) = runs[False], runs[True]
+    # only the embeddings, the final norm, the head and each block's input remain
+    assert ckpt_bytes < plain_bytes / 3, (ckpt_bytes, plain_bytes)
+    assert torch.equal(ckpt_loss, plain_loss)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
