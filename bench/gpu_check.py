@@ -25,9 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from train_throughput import WARMUP, summarize_bookgen, summarize_trainer, write_corpus  # noqa: E402
 
-# dense bf16 peak, TFLOPS (vendor data sheets); the first name contained in the device name wins
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
-                    "L40S": 362.0}
 # most telling first, should the device time run out: bookgen's best, then the Hugging Face stack as is
 VARIANTS = ("bookgen_compile", "trainer", "bookgen", "trainer_compile")
 
@@ -40,13 +37,17 @@ class Shape:
     block: int
     vocab: int  # embedding rows after padding
 
-    def matmul_params(self) -> int:
-        """Weights that take part in matmuls: the blocks and the (tied) LM head; not position embeddings."""
-        return self.layers * (12 * self.width**2 + 13 * self.width) + 2 * self.width + self.vocab * self.width
-
     def flops_per_token(self) -> float:
-        # 6N for forward and backward matmuls, plus attention scores and values: 12 * layers * width * block
-        return 6 * self.matmul_params() + 12 * self.layers * self.width * self.block
+        """bookgen's own MFU count (bookgen.flops) for this shape, on an unallocated model."""
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from bookgen.flops import flops_per_token
+
+        config = GPT2Config(vocab_size=self.vocab, n_positions=self.block, n_embd=self.width, n_layer=self.layers,
+                            n_head=self.heads)
+        with torch.device("meta"):
+            return flops_per_token(GPT2LMHeadModel(config), self.block)
 
 
 @dataclass(slots=True)
@@ -66,10 +67,13 @@ class Result:
 def peak_tflops() -> tuple[str, float]:
     import torch
 
+    from bookgen.flops import peak_for_name
+
     if not torch.cuda.is_available():
         return "cpu", float("nan")
     name = torch.cuda.get_device_name()
-    return name, next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
+    peak = peak_for_name(name)
+    return name, float("nan") if peak is None else peak / 1e12
 
 
 def bookgen_experiment(folder: Path, args: argparse.Namespace, shape: Shape, *, compiled: bool) -> Path:
@@ -155,7 +159,7 @@ def main() -> None:
                     str(bookgen_experiment(folder, args, shape, compiled=False))], check=True, cwd=REPO)
     device, peak = peak_tflops()
     print(f"{device}: GPT-2 shape {shape.layers}x{shape.width}, vocab {shape.vocab}, "
-          f"{shape.matmul_params() / 1e6:.0f}M matmul parameters, block {shape.block}, micro-batch {args.micro}, "
+          f"block {shape.block}, micro-batch {args.micro}, "
           f"{'fp32' if args.tiny else 'bf16'}, {args.steps} steps (first {WARMUP} warm-up); "
           f"{shape.flops_per_token() / 1e9:.2f} GFLOP/token; peak {peak:.0f} TFLOPS", flush=True)
     results: list[Result] = []

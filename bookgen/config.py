@@ -45,9 +45,15 @@ class RunConfig:
     output_dir: Path = field(metadata=_doc("Run folder: resolved config, metrics, checkpoints.", path=True))
     log_every: int = field(default=1, metadata=_doc("Print a progress line every N optimizer steps."))
     tensorboard: bool = field(default=False, metadata=_doc("Also log to TensorBoard (if installed)."))
+    peak_tflops: float | None = field(
+        default=None,
+        metadata=_doc("One device's dense peak TFLOPS, for the MFU column; unset: known GPUs in bf16/fp16."),
+    )
 
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "log_every", "must be >= 1")
+        if self.peak_tflops is not None:
+            _require(self.peak_tflops > 0, "peak_tflops", "must be > 0")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -14,18 +14,19 @@ class TrainProgress:
         self.live = console.is_terminal and not console.quiet
         self.bar = Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[rate]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not self.live,
         )
         self.task = self.bar.add_task("train", total=total_steps, completed=start_step, epoch=0, loss=0.0,
-                                      lr=0.0, tps=0.0)
+                                      lr=0.0, rate="")
         self.bar.start()
 
-    def update(self, *, step: int, epoch: int, loss: float, lr: float, tokens_per_second: float) -> None:
-        self.bar.update(self.task, completed=step, epoch=epoch, loss=loss, lr=lr, tps=tokens_per_second)
+    def update(self, *, step: int, epoch: int, loss: float, lr: float, tokens_per_second: float,
+               mfu: float | None = None) -> None:
+        rate = f"{tokens_per_second:,.0f} tok/s" + (f"  MFU {mfu:.1%}" if mfu is not None else "")
+        self.bar.update(self.task, completed=step, epoch=epoch, loss=loss, lr=lr, rate=rate)
         if not self.live and not self.console.quiet and step % self.log_every == 0:
-            self.console.print(f"step {step} epoch {epoch} loss {loss:.4f} lr {lr:.3e} "
-                               f"{tokens_per_second:,.0f} tok/s", highlight=False)
+            self.console.print(f"step {step} epoch {epoch} loss {loss:.4f} lr {lr:.3e} {rate}", highlight=False)
 
     def note(self, message: str) -> None:
         self.console.print(message, highlight=False)

@@ -34,6 +34,7 @@ from bookgen.engine import build_engine
 from bookgen.errors import BookgenError
 from bookgen.evaluate import EvalResult, perplexity
 from bookgen.fileio import write_json_atomic
+from bookgen.flops import flops_per_token, mfu, peak_flops
 from bookgen.metrics import MetricsLog, plot_loss_curves
 from bookgen.model import build_model, count_parameters
 from bookgen.progress import TrainProgress, summary_table
@@ -98,6 +99,7 @@ class Run:
     log: MetricsLog | None  # rank 0 only
     save_hf: Any
     progress: TrainProgress
+    mfu_per_token_rate: float | None  # MFU = tokens/s over all ranks x this; None where the peak is unknown
 
 
 def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
@@ -108,15 +110,18 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     ensure_prepared(cfg, dist, console)
     run = _build(cfg, dist, console)
     start = time.perf_counter()
-    tokens_seen, last_loss, evals = _loop(run, cfg, dist, stop, console)
+    done = _loop(run, cfg, dist, stop, console)
+    evals = done.evals
     run.progress.close()
     ckpt.save(run.engine, cfg, dist, run.state, run.save_hf)
     if cfg.eval.at_end:
         evals.append(run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id, run.state.global_step,
                               run.log))
     elapsed = time.perf_counter() - start
-    summary = {"steps": run.state.global_step, "train_loss": last_loss, "tokens": tokens_seen,
-               "seconds": elapsed, "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}
+    summary = {"steps": run.state.global_step, "train_loss": done.last_loss, "tokens": done.tokens,
+               "seconds": elapsed, "tokens_per_second": done.tokens / max(elapsed, 1e-9)}
+    if run.mfu_per_token_rate is not None:  # over the loop only: the final save and evaluation are not training
+        summary["mfu"] = done.tokens / max(done.seconds, 1e-9) * run.mfu_per_token_rate
     if evals:
         summary |= {"eval_loss": evals[-1].loss, "perplexity": evals[-1].perplexity}
     summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), run.engine.device)
@@ -132,6 +137,7 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
     """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
     model = build_model(cfg, tokenizer)
+    model_flops = flops_per_token(model, cfg.data.block_size)  # before ZeRO-3 partitions the weights
     train_examples, valid_examples = prepared_examples(cfg, "train"), prepared_examples(cfg, "valid")
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
     folder, notes = ckpt.find_resume(cfg)
@@ -149,12 +155,21 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
                   f"{plan.total_steps} steps in all")
     progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step,
                              log_every=cfg.run.log_every)
+    peak = peak_flops(engine.device, cfg.train.precision, cfg.run.peak_tflops)
+    mfu_rate = None if peak is None else mfu(1.0, model_flops, dist.world_size, peak)
     return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, log,
-               _hf_files_writer(engine, tokenizer), progress)
+               _hf_files_writer(engine, tokenizer), progress, mfu_rate)
 
 
-def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, console: Console
-          ) -> tuple[int, float, list[EvalResult]]:
+@dataclass(slots=True)
+class LoopTotals:
+    tokens: int  # non-padding tokens over all ranks
+    seconds: float
+    last_loss: float
+    evals: list[EvalResult]
+
+
+def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, console: Console) -> LoopTotals:
     """Optimizer steps until the plan is done: log, evaluate and checkpoint on schedule, stop on preemption."""
     state, plan, progress = run.state, run.plan, run.progress
     start, tokens_seen, last_loss, evals = time.perf_counter(), 0, math.nan, []
@@ -170,10 +185,13 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
             faults.inject("step", state.global_step, dist.rank)
             tokens_seen, last_loss = tokens_seen + m.tokens, m.loss
             rate = tokens_seen / max(time.perf_counter() - start, 1e-9)
-            progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr, tokens_per_second=rate)
+            utilisation = None if run.mfu_per_token_rate is None else rate * run.mfu_per_token_rate
+            progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr, tokens_per_second=rate,
+                            mfu=utilisation)
             if run.log is not None:
                 run.log.write({"step": state.global_step, "epoch": state.epoch, "loss": m.loss, "lr": m.lr,
-                               "tokens": m.tokens, "input_tokens": m.input_tokens, "tokens_per_second": rate})
+                               "tokens": m.tokens, "input_tokens": m.input_tokens, "tokens_per_second": rate}
+                              | ({} if utilisation is None else {"mfu": utilisation}))
             if m.stop_requested:
                 _save_and_exit_preempted(run, cfg, dist, console)
             mid_run = state.global_step < plan.total_steps
@@ -185,7 +203,7 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
                 ckpt.save(run.engine, cfg, dist, state, run.save_hf)
         if state.step_in_epoch >= plan.steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-    return tokens_seen, last_loss, evals
+    return LoopTotals(tokens_seen, time.perf_counter() - start, last_loss, evals)
 
 
 def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, console: Console) -> None:

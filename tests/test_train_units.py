@@ -219,3 +219,31 @@ def test_activation_checkpointing_keeps_less_and_gives_the_same_loss_and_gradien
     assert torch.equal(ckpt_loss, plain_loss)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_flops_count_gpt2_small_by_hand_and_survive_zero3_partitioning():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bookgen.flops import flops_per_token, matmul_params
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config())  # GPT-2 small: 12 layers x 768, vocabulary 50,257
+    # per block: qkv 3d^2, attention out d^2, MLP 8d^2; the tied head 50,257 x 768; no position embeddings
+    by_hand = 12 * 12 * 768**2 + 50257 * 768
+    assert matmul_params(model) == by_hand
+    assert flops_per_token(model, 1024) == 6 * by_hand + 12 * 12 * 768 * 1024
+    for p in model.parameters():  # what ZeRO-3 leaves on a rank: an empty tensor and the real shape
+        p.ds_shape = p.shape
+        p.data = torch.empty(0, device="meta")
+    assert matmul_params(model) == by_hand
+
+
+def test_mfu_peak_is_known_only_for_listed_gpus_in_half_precision():
+    from bookgen.flops import peak_flops, peak_for_name
+
+    assert peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_for_name("NVIDIA H100 PCIe") == 756e12, "the PCIe card has its own, lower peak"
+    assert peak_for_name("NVIDIA H200") == 989e12 and peak_for_name("NVIDIA L40S") == 362e12
+    assert peak_for_name("Some Future GPU") is None
+    assert peak_flops(torch.device("cpu"), "bf16") is None, "no MFU made up for a CPU"
+    assert peak_flops(torch.device("cpu"), "fp32", override_tflops=2.0) == 2e12

@@ -70,17 +70,25 @@ def test_two_rank_run_learns_and_writes_its_records(tmp_path):
 
 def test_packed_run_has_no_padding_and_line_by_line_does(tmp_path):
     packed = write_experiment(tmp_path / "packed", {"data.packing": True, "train.max_steps": 3,
-                                                    "run.tensorboard": True}, rows=120)
+                                                    "run.tensorboard": True, "run.peak_tflops": 0.5}, rows=120)
     launch(1, ["--cfg", str(packed)])
-    steps = [r for r in read_metrics(packed.parent / "run" / "metrics.jsonl") if "loss" in r]
+    run = packed.parent / "run"
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert [r["tokens"] for r in steps] == [2 * 64] * 3, "packed blocks are full: micro-batch 2 x block 64"
     assert all(r["input_tokens"] == r["tokens"] for r in steps), "no padding"
-    assert list((packed.parent / "run" / "tensorboard").glob("events.out.tfevents*")), "TensorBoard was on"
+    assert list((run / "tensorboard").glob("events.out.tfevents*")), "TensorBoard was on"
+    # MFU against the given peak: 2 layers x 32 wide, tied head, block 64 (no known peak on a CPU otherwise)
+    vocab = json.loads(next((run / "checkpoints").glob("step*/hf/config.json")).read_text())["vocab_size"]
+    flops_per_token = 6 * (2 * 12 * 32**2 + vocab * 32) + 12 * 2 * 32 * 64
+    for r in steps:
+        assert r["mfu"] == pytest.approx(r["tokens_per_second"] * flops_per_token / 0.5e12)
+    assert 0 < json.loads((run / "run_summary.json").read_text())["mfu"] < 1
 
     lines = write_experiment(tmp_path / "lines", {"train.max_steps": 3, "data.group_by_length": True}, rows=120)
     launch(1, ["--cfg", str(lines)])
     records = read_metrics(lines.parent / "run" / "metrics.jsonl")
     assert all(0 < r["tokens"] <= r["input_tokens"] <= 2 * 64 for r in records if "loss" in r)
+    assert not any("mfu" in r for r in records), "no MFU without a known peak"
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
