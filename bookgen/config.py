@@ -167,7 +167,9 @@ class TrainConfig:
     micro_batch_size: int = field(default=2, metadata=_doc("Examples per rank per forward pass."))
     grad_accum_steps: int = field(default=1, metadata=_doc("Micro-batches per optimizer step."))
     learning_rate: float = field(default=5e-5, metadata=_doc("Peak learning rate (AdamW)."))
-    weight_decay: float = field(default=0.0, metadata=_doc("AdamW weight decay."))
+    weight_decay: float = field(
+        default=0.0, metadata=_doc("AdamW weight decay (matrices and embeddings; not biases or norm gains).")
+    )
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_doc("AdamW betas."))
     adam_eps: float = field(default=1e-8, metadata=_doc("AdamW epsilon."))
     warmup_steps: int = field(default=0, metadata=_doc("Linear warm-up steps."))

@@ -19,6 +19,16 @@ def _scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, kin
         optimizer, partial(lr_multiplier, warmup_steps=warmup, total_steps=total, kind=kind))
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices and embeddings, not biases and norm gains (as transformers' Trainer
+    and nanoGPT do), so decay does not pull LayerNorm gains towards 0. Always two groups, so a checkpoint
+    resumes whatever the decay. ``parameters()`` yields a tied weight once."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, world_size: int, total_steps: int,
                  *, load_universal: bool = False) -> Any:
     import deepspeed
@@ -33,7 +43,7 @@ def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, world_size: int,
     make_scheduler = partial(_scheduler, warmup=cfg.train.warmup_steps, total=total_steps,
                              kind=cfg.train.lr_schedule)
     engine, _optimizer, _loader, _scheduler_obj = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
         config=ds_config, lr_scheduler=make_scheduler,
     )
     if cfg.train.compile:

@@ -198,3 +198,35 @@ def test_compiled_run_matches_eager_and_saves_the_same_weights(tmp_path):
     assert all(torch.allclose(weights[1][k], weights[0][k], atol=1e-5) for k in weights[0])
     model, _ = load_checkpoint_model(runs[True] / "checkpoints" / "step00000003")
     assert model.config.n_layer == 2
+
+
+def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_gains(tmp_path):
+    """After one step from the same start, runs with and without decay differ by exactly lr x decay x weight
+    on matrices and embeddings, and not at all on biases and LayerNorm gains (ZeRO-2's flat groups)."""
+    import torch
+
+    from bookgen.config_io import load_config
+    from bookgen.data.prepare import tokenizer_dir
+    from bookgen.data.tokenizer import load_tokenizer
+    from bookgen.export import load_checkpoint_model
+    from bookgen.model import build_model
+
+    lr, decay = 1e-2, 0.5
+    after = {}
+    for wd in (0.0, decay):
+        exp = write_experiment(tmp_path / f"wd{wd}", {
+            "train.weight_decay": wd, "train.learning_rate": lr, "train.max_steps": 1, "eval.at_end": False,
+            "deepspeed.zero_stage": 2, "deepspeed.config": str(REPO / "ds_configs/zero2.json")}, rows=120)
+        launch(1, ["--cfg", str(exp)])
+        model, _ = load_checkpoint_model(next((exp.parent / "run" / "checkpoints").glob("step*")))
+        after[wd] = dict(model.named_parameters())
+    cfg = load_config(exp)
+    start = dict(build_model(cfg, load_tokenizer(tokenizer_dir(cfg.prepared_dir))).named_parameters())
+    kept = [name for name, p in start.items() if p.dim() < 2]
+    assert any("ln_" in name for name in kept) and any("bias" in name for name in kept)
+    for name, p0 in start.items():
+        if p0.dim() < 2:
+            assert torch.equal(after[decay][name], after[0.0][name]), name
+        else:  # AdamW: p <- p (1 - lr wd) - lr adam; the Adam part is the same in both runs
+            torch.testing.assert_close(after[0.0][name] - after[decay][name], lr * decay * p0.detach(),
+                                       rtol=1e-4, atol=1e-8, msg=name)
