@@ -7,6 +7,7 @@ Layout under ``<output_dir>/checkpoints``::
         hf/                  model config and tokenizer, so export needs nothing else
         COMPLETE.json        written by rank 0 after every rank finished: train state, config fingerprint
     latest_complete          name of the newest complete checkpoint, replaced atomically
+    best_complete            with checkpoint.keep_best: the complete one with the lowest validation loss
 
 DeepSpeed's own ``latest`` file is not used: rank 0 writes it before the other ranks have finished,
 so a kill during a save could leave it naming an incomplete checkpoint.
@@ -36,6 +37,7 @@ from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
 
 POINTER = "latest_complete"
+BEST_POINTER = "best_complete"
 MARKER = "COMPLETE.json"
 
 
@@ -76,8 +78,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, hf_files: Any) -> Path:
-    """All ranks call this with the same state. Returns the checkpoint folder."""
+def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, hf_files: Any,
+         eval_loss: float | None = None) -> Path:
+    """All ranks call this with the same state; ``eval_loss`` is the validation loss at this step, if
+    one was just computed. Returns the checkpoint folder."""
     root = checkpoint_root(cfg)
     tag = tag_for(state.global_step)
     folder = root / tag
@@ -109,9 +113,10 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
             "fingerprint": model_fingerprint(cfg),
             "model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer),
             "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing},
+            "eval_loss": eval_loss,
         })
         write_text_atomic(root / POINTER, tag + "\n")
-        _prune(root, cfg.checkpoint.keep)
+        _prune(root, cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best)
     barrier()
     return folder
 
@@ -135,10 +140,21 @@ def newest_complete(cfg: ExperimentConfig) -> Path | None:
     return done[-1] if done else None
 
 
-def _prune(root: Path, keep: int) -> None:
+def best_complete(root: Path) -> Path | None:
+    """The complete checkpoint with the lowest recorded validation loss (the earlier one on a tie)."""
+    scored = [(loss, p) for p in complete_checkpoints(root)
+              if isinstance(loss := read_json(p / MARKER).get("eval_loss"), int | float)]
+    return min(scored, key=lambda item: (item[0], item[1].name))[1] if scored else None
+
+
+def _prune(root: Path, keep: int, *, keep_best: bool) -> None:
     done = complete_checkpoints(root)
+    best = best_complete(root) if keep_best else None
     for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != best:
+            shutil.rmtree(old, ignore_errors=True)
+    if best is not None:
+        write_text_atomic(root / BEST_POINTER, best.name + "\n")
     newest = done[-1].name if done else ""
     for partial in root.iterdir():  # interrupted saves older than the newest complete one
         if partial.is_dir() and partial.name.startswith("step") and partial.name < newest and partial not in done:
@@ -169,6 +185,24 @@ def find_resume(cfg: ExperimentConfig) -> tuple[Path | None, list[str]]:
         notes.append(f"checkpoint {max(incomplete)} is incomplete (interrupted save); "
                      f"resuming from the previous complete one, {done[-1].name}")
     return (done[-1] if done else None), notes
+
+
+def resolve(cfg: ExperimentConfig, choice: str | None) -> Path | None:
+    """A checkpoint to read from, for eval, export and generate: ``latest`` (or None: the newest complete
+    one), ``best`` (lowest validation loss) or a folder. None when the run has no complete checkpoint."""
+    root = checkpoint_root(cfg)
+    if choice in (None, "latest"):
+        return newest_complete(cfg)
+    if choice == "best":
+        best = best_complete(root)
+        if best is None and complete_checkpoints(root):
+            raise BookgenError(f"no checkpoint under {root} has a validation loss; train with "
+                               "checkpoint.keep_best: true (or pass a folder)")
+        return best
+    folder = Path(choice)
+    if not (folder / MARKER).is_file():
+        raise BookgenError(f"--checkpoint: {folder} is not a complete bookgen checkpoint (no {MARKER})")
+    return folder
 
 
 def read_marker(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:

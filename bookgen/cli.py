@@ -37,10 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep = with_cfg(sub.add_parser("prepare", help="split, tokenize and store the corpus"))
     prep.add_argument("--download", action="store_true", help="fetch the corpus archive from data.download_url")
     with_cfg(sub.add_parser("train", help="train (prepares the data first when needed)"))
-    ev = with_cfg(sub.add_parser("eval", help="perplexity of the newest checkpoint (or the model) on a split"))
+    which = {"default": None, "metavar": "latest|best|DIR",
+             "help": "checkpoint: the newest complete one (default), the best by validation loss, or a folder"}
+    ev = with_cfg(sub.add_parser("eval", help="perplexity of a checkpoint (or the fresh model) on a split"))
     ev.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    ev.add_argument("--checkpoint", **which)
     ex = with_cfg(sub.add_parser("export", help="write a Hugging Face folder from a checkpoint"))
-    ex.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: newest complete)")
+    ex.add_argument("--checkpoint", **which)
     ex.add_argument("--out", type=Path, required=True, help="folder to write")
     la = with_cfg(sub.add_parser("launch", help="start the ranks as the launch section says"))
     la.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
@@ -49,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = with_cfg(sub.add_parser("generate", help="sample summaries from an exported model or a run's checkpoint"),
                    required=False)
     gen.add_argument("--model", type=Path, default=None, help="exported Hugging Face folder")
+    gen.add_argument("--checkpoint", **which)
     gen.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable); default <BOS>")
     gen.add_argument("--prompts", type=Path, default=None, help="prompt file: text (one per line) or .jsonl")
     gen.add_argument("--out", type=Path, default=None, help="JSONL output (a .txt is written beside it)")
@@ -98,7 +102,7 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
     if args.command == "eval":
         from bookgen.train import evaluate_only
 
-        evaluate_only(cfg, args.split)
+        evaluate_only(cfg, args.split, args.checkpoint)
         return 0
     if args.command == "launch":
         import shlex
@@ -120,9 +124,13 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         print(value)
         return 0
     if args.command == "export":
-        from bookgen.export import export, resolve_checkpoint
+        from bookgen.checkpoint import checkpoint_root, resolve
+        from bookgen.errors import BookgenError
+        from bookgen.export import export
 
-        folder = resolve_checkpoint(cfg, args.checkpoint)
+        folder = resolve(cfg, args.checkpoint)
+        if folder is None:
+            raise BookgenError(f"no complete checkpoint under {checkpoint_root(cfg)}; train first or pass --checkpoint")
         export(folder, args.out)
         console.print(f"exported {folder} to {args.out}")
         return 0
@@ -148,7 +156,8 @@ def _generate(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         raise BookgenError("an empty prompt was given; use <BOS> to start a summary from nothing")
     seed = settings.seed if settings.seed is not None else (cfg.seed if cfg else 0)
     out = args.out or ((cfg.run.output_dir if cfg else Path(".")) / "generated.jsonl")
-    run_generation(cfg=cfg, model_dir=args.model, prompts=prompts, settings=settings, seed=seed, out=out)
+    run_generation(cfg=cfg, model_dir=args.model, checkpoint=args.checkpoint, prompts=prompts, settings=settings,
+                   seed=seed, out=out)
     return 0
 
 

@@ -237,6 +237,11 @@ class CheckpointConfig:
     every: int | None = field(default=None, metadata=_doc("Save every N optimizer steps (and at the end)."))
     keep: int = field(default=2, metadata=_doc("Complete checkpoints to keep."))
     resume: str = field(default="auto", metadata=_doc("`auto` (newest complete), `never`, or a folder."))
+    keep_best: bool = field(
+        default=False,
+        metadata=_doc("Also keep the checkpoint with the lowest validation loss (`best_complete` names it); "
+                      "checkpoint.every must be a multiple of eval.every."),
+    )
 
     def __post_init__(self) -> None:
         if self.every is not None:
@@ -303,6 +308,14 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=_doc("Checkpoints."))
     generate: GenerateConfig = field(default_factory=GenerateConfig, metadata=_doc("Sampling."))
     launch: LaunchConfig = field(default_factory=LaunchConfig, metadata=_doc("How `bookgen launch` starts ranks."))
+
+    def __post_init__(self) -> None:
+        if self.checkpoint.keep_best:
+            # only a checkpoint saved right after an evaluation has a loss to rank it by
+            every, eval_every = self.checkpoint.every, self.eval.every
+            _require(every is not None and eval_every is not None and every % eval_every == 0,
+                     "checkpoint.keep_best", f"needs checkpoint.every ({every}) to be a multiple of eval.every "
+                     f"({eval_every}), so that every checkpoint has a validation loss")
 
     @property
     def prepared_dir(self) -> Path:

@@ -9,7 +9,7 @@ stage 0 keeps full weights in ``mp_rank_00_model_states.pt`` (read with ``weight
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -56,12 +56,3 @@ def export(folder: Path, out: Path) -> Path:
         model.save_pretrained(str(scratch), safe_serialization=True)
         tokenizer.save_pretrained(str(scratch))
     return out
-
-
-def resolve_checkpoint(cfg: Any, explicit: Path | None) -> Path:
-    from bookgen.checkpoint import checkpoint_root, newest_complete
-
-    folder = explicit if explicit is not None else newest_complete(cfg)
-    if folder is None:
-        raise BookgenError(f"no complete checkpoint under {checkpoint_root(cfg)}; train first or pass --checkpoint")
-    return folder

@@ -27,8 +27,10 @@ def settings_from(base: GenerateConfig, flags: dict[str, Any]) -> GenerateConfig
         raise BookgenError(f"--{exc.key.replace('_', '-')} (generate.{exc.key}): {exc}") from exc
 
 
-def load_model(model_dir: Path | None, cfg: ExperimentConfig | None) -> tuple[Any, Any, str]:
-    """An exported Hugging Face folder, or the newest complete checkpoint of the experiment's run."""
+def load_model(model_dir: Path | None, cfg: ExperimentConfig | None, checkpoint: str | None = None
+               ) -> tuple[Any, Any, str]:
+    """An exported Hugging Face folder, or a checkpoint of the experiment's run (``checkpoint``: latest,
+    best or a folder; see ``bookgen.checkpoint.resolve``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_dir is not None:
@@ -41,7 +43,7 @@ def load_model(model_dir: Path | None, cfg: ExperimentConfig | None) -> tuple[An
     from bookgen import checkpoint as ckpt
     from bookgen.export import load_checkpoint_model
 
-    folder = ckpt.newest_complete(cfg)
+    folder = ckpt.resolve(cfg, checkpoint)
     if folder is None:
         raise BookgenError(f"no complete checkpoint under {ckpt.checkpoint_root(cfg)}; train first or pass --model")
     ckpt.read_marker(folder, cfg)
@@ -51,19 +53,19 @@ def load_model(model_dir: Path | None, cfg: ExperimentConfig | None) -> tuple[An
 
 def run_generation(
     *, cfg: ExperimentConfig | None, model_dir: Path | None, prompts: list[str], settings: GenerateConfig,
-    seed: int, out: Path,
+    seed: int, out: Path, checkpoint: str | None = None,
 ) -> list[Sample]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         with distributed.process_group(120) as dist:
-            return _run(dist, cfg, model_dir, prompts, settings, seed, out)
-    return _run(distributed.discover({}), cfg, model_dir, prompts, settings, seed, out)
+            return _run(dist, cfg, model_dir, checkpoint, prompts, settings, seed, out)
+    return _run(distributed.discover({}), cfg, model_dir, checkpoint, prompts, settings, seed, out)
 
 
-def _run(dist: distributed.DistEnv, cfg: ExperimentConfig | None, model_dir: Path | None, prompts: list[str],
-         settings: GenerateConfig, seed: int, out: Path) -> list[Sample]:
+def _run(dist: distributed.DistEnv, cfg: ExperimentConfig | None, model_dir: Path | None, checkpoint: str | None,
+         prompts: list[str], settings: GenerateConfig, seed: int, out: Path) -> list[Sample]:
     console = Console(stderr=True, soft_wrap=True, quiet=not dist.is_main)
     multi = dist.world_size > 1
-    model, tokenizer, source = load_model(model_dir, cfg)
+    model, tokenizer, source = load_model(model_dir, cfg, checkpoint)
     device = distributed.device_for(dist) if multi else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     mine = list(range(dist.rank, len(prompts), dist.world_size))  # prompts split over the ranks

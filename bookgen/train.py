@@ -113,10 +113,12 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     done = _loop(run, cfg, dist, stop, console)
     evals = done.evals
     run.progress.close()
-    ckpt.save(run.engine, cfg, dist, run.state, run.save_hf)
-    if cfg.eval.at_end:
+    final_loss = None
+    if cfg.eval.at_end:  # before the save, so the last checkpoint records its validation loss
         evals.append(run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id, run.state.global_step,
                               run.log))
+        final_loss = evals[-1].loss
+    ckpt.save(run.engine, cfg, dist, run.state, run.save_hf, eval_loss=final_loss)
     elapsed = time.perf_counter() - start
     summary = {"steps": run.state.global_step, "train_loss": done.last_loss, "tokens": done.tokens,
                "seconds": elapsed, "tokens_per_second": done.tokens / max(elapsed, 1e-9)}
@@ -195,12 +197,14 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
             if m.stop_requested:
                 _save_and_exit_preempted(run, cfg, dist, console)
             mid_run = state.global_step < plan.total_steps
+            eval_loss = None
             if _due(cfg.eval.every, state.global_step) and mid_run:
                 evals.append(run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id,
                                       state.global_step, run.log))
                 progress.note(_eval_line(evals[-1], state.global_step))
+                eval_loss = evals[-1].loss
             if _due(cfg.checkpoint.every, state.global_step) and mid_run:
-                ckpt.save(run.engine, cfg, dist, state, run.save_hf)
+                ckpt.save(run.engine, cfg, dist, state, run.save_hf, eval_loss=eval_loss)
         if state.step_in_epoch >= plan.steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
     return LoopTotals(tokens_seen, time.perf_counter() - start, last_loss, evals)
@@ -337,13 +341,13 @@ def run_eval(engine: Any, examples: Examples, split: str, cfg: ExperimentConfig,
     return result
 
 
-def evaluate_only(cfg: ExperimentConfig, split: str) -> EvalResult:
-    """`bookgen eval`: perplexity of the newest complete checkpoint (or the fresh model) on ``split``."""
+def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = None) -> EvalResult:
+    """`bookgen eval`: perplexity of a checkpoint (``ckpt.resolve``; or the fresh model) on ``split``."""
     with distributed.process_group(cfg.deepspeed.comm_timeout_s) as dist:
         console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
         ensure_prepared(cfg, dist, console)
         tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
-        folder = ckpt.newest_complete(cfg)
+        folder = ckpt.resolve(cfg, checkpoint)
         step = 0
         if folder is None:
             console.print("[yellow]no checkpoint found: evaluating the freshly initialised model[/]")

@@ -163,3 +163,55 @@ def test_export_loads_in_transformers_and_matches_engine_logits(tmp_path, stage)
     gen = pipeline("text-generation", model=str(out), device="cpu")
     text = gen("<BOS> The story", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert text.startswith("<BOS> The story")
+
+
+def test_best_checkpoint_outlives_rotation(tmp_path):
+    """Pure rotation: the lowest validation loss is kept beside the newest `keep` ones."""
+    from bookgen.checkpoint import BEST_POINTER, _prune, best_complete
+    from bookgen.fileio import write_json_atomic
+
+    root = tmp_path / "checkpoints"
+    for step, loss in ((2, 3.0), (4, 2.0), (6, 2.5), (8, None)):  # the last one was saved without evaluating
+        (root / f"step{step:08d}").mkdir(parents=True)
+        write_json_atomic(root / f"step{step:08d}" / MARKER, {"eval_loss": loss})
+        _prune(root, 1, keep_best=True)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000004", "step00000008"]
+    assert (root / BEST_POINTER).read_text().strip() == "step00000004" == best_complete(root).name
+    _prune(root, 1, keep_best=False)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000008"]
+
+
+def test_keep_best_records_losses_and_eval_export_use_the_best(tmp_path):
+    import json
+
+    from bookgen.checkpoint import BEST_POINTER
+    from bookgen.metrics import read_metrics
+
+    # a learning rate that makes training diverge, so an early checkpoint is the best and must outlive rotation
+    exp = write_experiment(tmp_path, {"train.max_steps": 6, "eval.every": 2, "checkpoint.every": 2,
+                                      "checkpoint.keep": 1, "checkpoint.keep_best": True,
+                                      "train.learning_rate": 1.0, "train.lr_schedule": "constant"}, rows=120)
+    launch(1, ["--cfg", str(exp)])
+    run = tmp_path / "run"
+    logged = {r["step"]: r["eval_loss"] for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r}
+    assert sorted(logged) == [2, 4, 6], "every checkpoint step was evaluated, the last one at the end"
+    best = min(logged, key=lambda s: logged[s])
+    assert best < 6, f"the diverging run's validation losses: {logged}"
+    root = run / "checkpoints"
+    assert (root / BEST_POINTER).read_text().strip() == f"step{best:08d}"
+    assert {p.name for p in root.iterdir() if p.is_dir()} == {f"step{best:08d}", "step00000006"}
+    for folder in root.glob("step*"):
+        recorded = json.loads((folder / MARKER).read_text())["eval_loss"]
+        assert recorded == pytest.approx(logged[int(folder.name[4:])])
+    # evaluating the best checkpoint again gives the loss logged when it was saved
+    launch(1, ["--mode", "eval", "--cfg", str(exp), "--split", "valid", "--checkpoint", "best"])
+    result = json.loads((run / "eval_results.json").read_text())
+    assert result["step"] == best and result["loss"] == pytest.approx(logged[best], rel=1e-5)
+    launch(1, ["--mode", "export", "--cfg", str(exp), "--checkpoint", "best", "--out", str(tmp_path / "best")])
+    sampled = launch(1, ["--mode", "generate", "--cfg", str(exp), "--checkpoint", "best", "--max-new-tokens", "4",
+                         "--num-return-sequences", "1", "--out", str(tmp_path / "samples.jsonl")])
+    assert f"from {root / f'step{best:08d}'}" in sampled.stderr
+    assert json.loads((tmp_path / "best" / "config.json").read_text())["n_layer"] == 2
+    bad = launch(1, ["--mode", "export", "--cfg", str(exp), "--checkpoint", str(tmp_path), "--out",
+                     str(tmp_path / "x")], check=False)
+    assert bad.returncode == 2 and f"--checkpoint: {tmp_path} is not a complete bookgen checkpoint" in bad.stderr

@@ -111,3 +111,14 @@ def test_checkpoint_fingerprint_ignores_runtime_model_settings_but_not_shapes(tm
     assert fingerprint("attn", **{"model.attention": "eager", "model.dropout": 0.2,
                                   "model.activation_checkpointing": True}) == base
     assert fingerprint("wider", **{"model.n_embd": 48}) != base
+
+
+def test_keep_best_needs_an_evaluation_at_every_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match=r"checkpoint.keep_best: needs checkpoint.every \(4\) to be a multiple of "
+                                          r"eval.every \(3\)"):
+        load_config(write_experiment(tmp_path, {"checkpoint.keep_best": True, "checkpoint.every": 4,
+                                                "eval.every": 3}))
+    with pytest.raises(ConfigError, match=r"exp.yaml: checkpoint.keep_best: needs checkpoint.every \(None\)"):
+        load_config(write_experiment(tmp_path, {"checkpoint.keep_best": True, "eval.every": 3}))
+    assert load_config(write_experiment(tmp_path, {"checkpoint.keep_best": True, "checkpoint.every": 6,
+                                                   "eval.every": 3})).checkpoint.keep_best
