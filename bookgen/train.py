@@ -67,6 +67,7 @@ class StepMetrics:
     input_tokens: int  # tokens fed to the model over all ranks, padding included
     lr: float
     stop_requested: bool
+    grad_norm: float | None  # before clipping, over all ranks' reduced gradients
 
 
 class StopFlag:
@@ -191,9 +192,10 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
             progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr, tokens_per_second=rate,
                             mfu=utilisation)
             if run.log is not None:
-                run.log.write({"step": state.global_step, "epoch": state.epoch, "loss": m.loss, "lr": m.lr,
-                               "tokens": m.tokens, "input_tokens": m.input_tokens, "tokens_per_second": rate}
-                              | ({} if utilisation is None else {"mfu": utilisation}))
+                record = {"step": state.global_step, "epoch": state.epoch, "loss": m.loss, "lr": m.lr,
+                          "grad_norm": m.grad_norm, "tokens": m.tokens, "input_tokens": m.input_tokens,
+                          "tokens_per_second": rate, "mfu": utilisation}
+                run.log.write({k: v for k, v in record.items() if v is not None})
             if m.stop_requested:
                 _save_and_exit_preempted(run, cfg, dist, console)
             mid_run = state.global_step < plan.total_steps
@@ -308,6 +310,7 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
         loss_kwargs["num_items_in_batch"] = to_device(torch.tensor(max(total, 1) / parts), engine.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     tokens, input_tokens = 0, 0
+    grad_norm: torch.Tensor | float | None = None
     for micro in range(t.grad_accum_steps):
         picked = micro_batch_indices(order, step=step_in_epoch, micro=micro, rank=dist.rank,
                                      world_size=dist.world_size, micro_batch_size=t.micro_batch_size,
@@ -317,14 +320,28 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
         input_tokens += batch["input_ids"].numel()
         out = engine(**model_inputs(batch, engine.device), use_cache=False, **loss_kwargs)
         engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps; we log the unscaled loss
+        if micro == t.grad_accum_steps - 1:
+            grad_norm = reduced_grad_norm(engine)
         engine.step()  # updates only at the accumulation boundary
         loss_sum += out.loss.detach()
     # one collective (and the step's only wait for the device) for the logged numbers and the
     # preemption flag, so all ranks stop together
     total_loss, total_tokens, total_inputs, stops = distributed.all_reduce_sum(
         [loss_sum, float(tokens), float(input_tokens), float(stop_requested)], engine.device)
+    if grad_norm is None:  # DeepSpeed's ZeRO and mixed-precision optimizers measure it in their step
+        grad_norm = engine.get_global_grad_norm()
     return StepMetrics(loss=total_loss / parts, tokens=int(total_tokens), input_tokens=int(total_inputs), lr=lr,
-                       stop_requested=stops > 0)
+                       stop_requested=stops > 0, grad_norm=None if grad_norm is None else float(grad_norm))
+
+
+def reduced_grad_norm(engine: Any) -> torch.Tensor | None:
+    """The gradient norm where DeepSpeed does not record one: with a plain torch optimizer (ZeRO-0 in fp32)
+    the gradients are whole and already all-reduced after the boundary's backward, so it is measured here,
+    before the step clips them. None where the engine's optimizer records it itself."""
+    if hasattr(engine.optimizer, "_global_grad_norm"):
+        return None
+    norms = [torch.linalg.vector_norm(p.grad) for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
 
 
 def run_eval(engine: Any, examples: Examples, split: str, cfg: ExperimentConfig, dist: DistEnv, pad_id: int,

@@ -20,7 +20,7 @@ from tests.ranks import launch, step_losses
 def test_first_steps_agree_across_zero_stages(tmp_path):
     """Also ZeRO-3 with activation checkpointing: recomputing the blocks under ZeRO-3's parameter
     gathering must give the same training."""
-    losses = {}
+    losses, norms = {}, {}
     for variant, stage, checkpointing in (("z0", 0, False), ("z1", 1, False), ("z2", 2, False), ("z3", 3, False),
                                           ("z3-recompute", 3, True)):
         exp = write_experiment(tmp_path / variant, {
@@ -29,6 +29,8 @@ def test_first_steps_agree_across_zero_stages(tmp_path):
         }, rows=120)
         proc = launch(2, ["--cfg", str(exp)])
         losses[variant] = step_losses(exp.parent / "run")
+        norms[variant] = {r["step"]: r["grad_norm"] for r in read_metrics(exp.parent / "run" / "metrics.jsonl")
+                          if "loss" in r}
         warned = Counter(line for line in proc.stderr.splitlines() if "Warning:" in line)
         assert max(warned.values(), default=0) <= 2, f"a warning repeats during training: {warned.most_common(1)}"
     vocab = json.loads((tmp_path / "z0" / "run" / "prepared" / "store" / "train" / "manifest.json").read_text())[
@@ -39,6 +41,9 @@ def test_first_steps_agree_across_zero_stages(tmp_path):
         for step in (1, 2, 3):
             # fp32 on CPU; stages differ only in the order of reductions
             assert losses[variant][step] == pytest.approx(losses["z0"][step], rel=1e-5), (variant, step)
+            # ZeRO-0's norm is bookgen's own (after the all-reduce), the others' are DeepSpeed's
+            assert norms[variant][step] == pytest.approx(norms["z0"][step], rel=1e-5), (variant, step)
+    assert all(0 < norm < 100 for norm in norms["z0"].values())
 
 
 @pytest.mark.multirank
@@ -53,7 +58,7 @@ def test_two_rank_run_learns_and_writes_its_records(tmp_path):
     records = read_metrics(run / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 21)), "84 examples / (2 x 2 x 2) = 10 steps x 2 epochs"
-    assert all({"step", "time", "loss", "lr", "tokens"} <= set(r) for r in steps)
+    assert all({"step", "time", "loss", "lr", "grad_norm", "tokens"} <= set(r) for r in steps)
     assert all(r["tokens"] > 0 for r in steps)
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [5, 10, 15, 20]
