@@ -19,13 +19,8 @@ from bookgen.config import ExperimentConfig, TrainConfig
 from bookgen.config_io import config_to_dict, write_resolved
 from bookgen.data.batches import (
     Examples,
-    collate,
     epoch_order,
-    micro_batch_indices,
-    model_inputs,
-    predicted_tokens,
     steps_per_epoch,
-    to_device,
 )
 from bookgen.data.prepare import open_store, prepare, tokenizer_dir
 from bookgen.data.tokenizer import load_tokenizer
@@ -38,6 +33,7 @@ from bookgen.flops import flops_per_token, mfu, peak_flops
 from bookgen.metrics import MetricsLog, plot_loss_curves
 from bookgen.model import build_model, count_parameters
 from bookgen.progress import TrainProgress, summary_table
+from bookgen.step import train_step
 
 STOP_FILE = "STOP_REQUESTED"  # slurm/train.sh creates it when Slurm warns of the time limit
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues the job on it
@@ -58,16 +54,6 @@ def plan_steps(n_examples: int, t: TrainConfig, world_size: int) -> StepPlan:
                            f"{global_batch} (train.micro_batch_size x train.grad_accum_steps x {world_size} ranks)")
     total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
     return StepPlan(global_batch, per_epoch, total)
-
-
-@dataclass(slots=True)
-class StepMetrics:
-    loss: float
-    tokens: int  # non-padding tokens over all ranks
-    input_tokens: int  # tokens fed to the model over all ranks, padding included
-    lr: float
-    stop_requested: bool
-    grad_norm: float | None  # before clipping, over all ranks' reduced gradients
 
 
 class StopFlag:
@@ -294,54 +280,6 @@ def _hf_files_writer(engine: Any, tokenizer: Any) -> Any:
         tokenizer.save_pretrained(str(folder))
 
     return write
-
-
-def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, t: TrainConfig, dist: DistEnv,
-               pad_id: int, stop_requested: bool) -> StepMetrics:
-    """One optimizer step: ``grad_accum_steps`` micro-batches on each rank, then the engine's update."""
-    lr = float(engine.get_lr()[0])
-    parts = t.grad_accum_steps * dist.world_size
-    loss_kwargs: dict[str, torch.Tensor] = {}  # micro_batches: the model's own per-micro-batch mean
-    if t.loss_average == "tokens":
-        total = predicted_tokens(examples.lengths, order, step=step_in_epoch, global_batch=t.micro_batch_size * parts)
-        # each micro-batch's loss = its summed NLL / (total / parts); DeepSpeed then divides by the
-        # accumulation steps and averages over ranks, leaving sum(NLL) / total for the whole step.
-        # A tensor, not a float: a compiled model would recompile for every new Python number.
-        loss_kwargs["num_items_in_batch"] = to_device(torch.tensor(max(total, 1) / parts), engine.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-    tokens, input_tokens = 0, 0
-    grad_norm: torch.Tensor | float | None = None
-    for micro in range(t.grad_accum_steps):
-        picked = micro_batch_indices(order, step=step_in_epoch, micro=micro, rank=dist.rank,
-                                     world_size=dist.world_size, micro_batch_size=t.micro_batch_size,
-                                     accum=t.grad_accum_steps)
-        batch = collate([examples.tokens_of(int(i)) for i in picked], pad_id)
-        tokens += int(batch["attention_mask"].sum())  # counted on the host: reading a GPU number waits for it
-        input_tokens += batch["input_ids"].numel()
-        out = engine(**model_inputs(batch, engine.device), use_cache=False, **loss_kwargs)
-        engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps; we log the unscaled loss
-        if micro == t.grad_accum_steps - 1:
-            grad_norm = reduced_grad_norm(engine)
-        engine.step()  # updates only at the accumulation boundary
-        loss_sum += out.loss.detach()
-    # one collective (and the step's only wait for the device) for the logged numbers and the
-    # preemption flag, so all ranks stop together
-    total_loss, total_tokens, total_inputs, stops = distributed.all_reduce_sum(
-        [loss_sum, float(tokens), float(input_tokens), float(stop_requested)], engine.device)
-    if grad_norm is None:  # DeepSpeed's ZeRO and mixed-precision optimizers measure it in their step
-        grad_norm = engine.get_global_grad_norm()
-    return StepMetrics(loss=total_loss / parts, tokens=int(total_tokens), input_tokens=int(total_inputs), lr=lr,
-                       stop_requested=stops > 0, grad_norm=None if grad_norm is None else float(grad_norm))
-
-
-def reduced_grad_norm(engine: Any) -> torch.Tensor | None:
-    """The gradient norm where DeepSpeed does not record one: with a plain torch optimizer (ZeRO-0 in fp32)
-    the gradients are whole and already all-reduced after the boundary's backward, so it is measured here,
-    before the step clips them. None where the engine's optimizer records it itself."""
-    if hasattr(engine.optimizer, "_global_grad_norm"):
-        return None
-    norms = [torch.linalg.vector_norm(p.grad) for p in engine.module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
 
 
 def run_eval(engine: Any, examples: Examples, split: str, cfg: ExperimentConfig, dist: DistEnv, pad_id: int,
