@@ -211,11 +211,22 @@ class EvalConfig:
     every: int | None = field(default=None, metadata=_doc("Evaluate on the validation split every N steps."))
     at_end: bool = field(default=True, metadata=_doc("Evaluate on the validation split after training."))
     batch_size: int = field(default=4, metadata=_doc("Examples per rank per evaluation forward pass."))
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata=_doc("Stop training after this many evaluations in a row without a new lowest validation loss."),
+    )
+    early_stopping_min_delta: float = field(
+        default=0.0, metadata=_doc("How much lower a validation loss must be to count as a new lowest.")
+    )
 
     def __post_init__(self) -> None:
         if self.every is not None:
             _require(self.every >= 1, "every", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        if self.early_stopping_patience is not None:
+            _require(self.early_stopping_patience >= 1, "early_stopping_patience", "must be >= 1")
+            _require(self.every is not None, "early_stopping_patience", "needs eval.every: it counts evaluations")
+        _require(self.early_stopping_min_delta >= 0, "early_stopping_min_delta", "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -98,14 +98,8 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     run = _build(cfg, dist, console)
     start = time.perf_counter()
     done = _loop(run, cfg, dist, stop, console)
-    evals = done.evals
     run.progress.close()
-    final_loss = None
-    if cfg.eval.at_end:  # before the save, so the last checkpoint records its validation loss
-        evals.append(run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id, run.state.global_step,
-                              run.log))
-        final_loss = evals[-1].loss
-    ckpt.save(run.engine, cfg, dist, run.state, run.save_hf, eval_loss=final_loss)
+    evals = _finish(run, cfg, dist, done)
     elapsed = time.perf_counter() - start
     summary = {"steps": run.state.global_step, "train_loss": done.last_loss, "tokens": done.tokens,
                "seconds": elapsed, "tokens_per_second": done.tokens / max(elapsed, 1e-9)}
@@ -150,22 +144,44 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
                _hf_files_writer(engine, tokenizer), progress, mfu_rate)
 
 
+def _finish(run: Run, cfg: ExperimentConfig, dist: DistEnv, done: LoopTotals) -> list[EvalResult]:
+    """The last evaluation, then the last checkpoint (so it records that loss); neither twice for a step
+    the loop has just evaluated or saved, as when early stopping ends it."""
+    step, evals = run.state.global_step, done.evals
+    final_loss = evals[-1].loss if done.evaluated_at == step else None
+    if cfg.eval.at_end and final_loss is None:
+        evals.append(run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id, step, run.log))
+        final_loss = evals[-1].loss
+    if done.saved_at != step:
+        ckpt.save(run.engine, cfg, dist, run.state, run.save_hf, eval_loss=final_loss)
+    return evals
+
+
 @dataclass(slots=True)
 class LoopTotals:
     tokens: int  # non-padding tokens over all ranks
     seconds: float
     last_loss: float
     evals: list[EvalResult]
+    evaluated_at: int | None  # the step of the last evaluation in the loop
+    saved_at: int | None  # the step of the last checkpoint saved in the loop
+
+
+def _stopped_early(state: ckpt.TrainState, cfg: ExperimentConfig) -> bool:
+    patience = cfg.eval.early_stopping_patience
+    return patience is not None and state.evals_since_best >= patience
 
 
 def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, console: Console) -> LoopTotals:
     """Optimizer steps until the plan is done: log, evaluate and checkpoint on schedule, stop on preemption."""
     state, plan, progress = run.state, run.plan, run.progress
     start, tokens_seen, last_loss, evals = time.perf_counter(), 0, math.nan, []
-    while state.global_step < plan.total_steps:
+    evaluated_at = saved_at = None
+    while state.global_step < plan.total_steps and not _stopped_early(state, cfg):
         order = epoch_order(run.train_examples.lengths, seed=cfg.seed, epoch=state.epoch,
                             global_batch=plan.global_batch, group_by_length=cfg.data.group_by_length)
-        while state.step_in_epoch < plan.steps_per_epoch and state.global_step < plan.total_steps:
+        while (state.step_in_epoch < plan.steps_per_epoch and state.global_step < plan.total_steps
+               and not _stopped_early(state, cfg)):
             stop_now = stop.requested or (dist.is_main and (cfg.run.output_dir / STOP_FILE).exists())
             m = train_step(run.engine, run.train_examples, order, state.step_in_epoch, cfg.train, dist, run.pad_id,
                            stop_now)
@@ -190,12 +206,18 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
                 evals.append(run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id,
                                       state.global_step, run.log))
                 progress.note(_eval_line(evals[-1], state.global_step))
-                eval_loss = evals[-1].loss
+                eval_loss, evaluated_at = evals[-1].loss, state.global_step
+                state.note_eval(eval_loss, cfg.eval.early_stopping_min_delta)
+                if _stopped_early(state, cfg):
+                    progress.note(f"early stopping at step {state.global_step}: no lower validation loss in "
+                                  f"{state.evals_since_best} evaluations (best {state.best_eval_loss:.4f} at step "
+                                  f"{state.best_eval_step})")
             if _due(cfg.checkpoint.every, state.global_step) and mid_run:
                 ckpt.save(run.engine, cfg, dist, state, run.save_hf, eval_loss=eval_loss)
+                saved_at = state.global_step
         if state.step_in_epoch >= plan.steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-    return LoopTotals(tokens_seen, time.perf_counter() - start, last_loss, evals)
+    return LoopTotals(tokens_seen, time.perf_counter() - start, last_loss, evals, evaluated_at, saved_at)
 
 
 def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, console: Console) -> None:

@@ -122,3 +122,10 @@ def test_keep_best_needs_an_evaluation_at_every_checkpoint(tmp_path):
         load_config(write_experiment(tmp_path, {"checkpoint.keep_best": True, "eval.every": 3}))
     assert load_config(write_experiment(tmp_path, {"checkpoint.keep_best": True, "checkpoint.every": 6,
                                                    "eval.every": 3})).checkpoint.keep_best
+
+
+def test_early_stopping_needs_evaluations_to_count(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp.yaml: eval.early_stopping_patience: needs eval.every"):
+        load_config(write_experiment(tmp_path, {"eval.early_stopping_patience": 3}))
+    with pytest.raises(ConfigError, match=r"eval.early_stopping_patience: must be >= 1"):
+        load_config(write_experiment(tmp_path, {"eval.early_stopping_patience": 0, "eval.every": 5}))

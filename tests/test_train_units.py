@@ -247,3 +247,22 @@ def test_mfu_peak_is_known_only_for_listed_gpus_in_half_precision():
     assert peak_for_name("Some Future GPU") is None
     assert peak_flops(torch.device("cpu"), "bf16") is None, "no MFU made up for a CPU"
     assert peak_flops(torch.device("cpu"), "fp32", override_tflops=2.0) == 2e12
+
+
+def test_early_stopping_counts_evaluations_without_a_new_best():
+    from bookgen.checkpoint import TrainState
+
+    state = TrainState()
+    counts = []
+    for step, loss in ((2, 5.0), (4, 4.0), (6, 4.05), (8, 3.9), (10, 3.95), (12, 3.96)):
+        state.global_step = step
+        state.note_eval(loss, min_delta=0.0)
+        counts.append(state.evals_since_best)
+    assert counts == [0, 0, 1, 0, 1, 2]
+    assert (state.best_eval_loss, state.best_eval_step) == (3.9, 8)
+    strict = TrainState()
+    for loss in (5.0, 4.0, 3.85, 3.7):  # 3.85 is not 0.2 below 4.0; 3.7 is
+        strict.note_eval(loss, min_delta=0.2)
+    assert (strict.best_eval_loss, strict.evals_since_best) == (3.7, 0)
+    strict.note_eval(3.6, min_delta=0.2)
+    assert strict.evals_since_best == 1

@@ -235,3 +235,24 @@ def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_gains(tmp_path):
         else:  # AdamW: p <- p (1 - lr wd) - lr adam; the Adam part is the same in both runs
             torch.testing.assert_close(after[0.0][name] - after[decay][name], lr * decay * p0.detach(),
                                        rtol=1e-4, atol=1e-8, msg=name)
+
+
+def test_early_stopping_ends_a_diverging_run_and_a_rerun_does_not_train_on(tmp_path):
+    # a learning rate that makes the validation loss rise: the first evaluation stays the best
+    exp = write_experiment(tmp_path, {
+        "train.max_steps": 20, "train.learning_rate": 1.0, "train.lr_schedule": "constant", "eval.every": 2,
+        "eval.early_stopping_patience": 2, "checkpoint.every": 2, "checkpoint.keep_best": True}, rows=120)
+    proc = launch(1, ["--cfg", str(exp)])
+    run = exp.parent / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert list(evals) == [2, 4, 6], "stopped after two evaluations without a new best; step 6 evaluated once"
+    assert evals[4] > evals[2] and evals[6] > evals[2]
+    assert max(step_losses(run)) == 6
+    assert "early stopping at step 6: no lower validation loss in 2 evaluations" in proc.stderr
+    assert json.loads((run / "run_summary.json").read_text())["steps"] == 6
+    assert (run / "checkpoints" / "best_complete").read_text().strip() == "step00000002"
+    marker = json.loads((run / "checkpoints" / "step00000006" / "COMPLETE.json").read_text())
+    assert marker["state"]["evals_since_best"] == 2 and marker["eval_loss"] == pytest.approx(evals[6])
+    launch(1, ["--cfg", str(exp)])  # the same command again: resumes, and the stop still holds
+    assert max(step_losses(run)) == 6
