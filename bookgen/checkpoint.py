@@ -200,14 +200,14 @@ def find_resume(cfg: ExperimentConfig) -> tuple[Path | None, list[str]]:
 
 def resolve(cfg: ExperimentConfig, choice: str | None) -> Path | None:
     """A checkpoint to read from, for eval, export and generate: ``latest`` (or None: the newest complete
-    one), ``best`` (lowest validation loss) or a folder. None when the run has no complete checkpoint."""
+    one; None when the run has none), ``best`` (lowest validation loss) or a folder."""
     root = checkpoint_root(cfg)
     if choice in (None, "latest"):
         return newest_complete(cfg)
     if choice == "best":
         best = best_complete(root)
-        if best is None and complete_checkpoints(root):
-            raise BookgenError(f"no checkpoint under {root} has a validation loss; train with "
+        if best is None:  # asked for by name: never fall back to another model
+            raise BookgenError(f"--checkpoint best: no checkpoint under {root} has a validation loss; train with "
                                "checkpoint.keep_best: true (or pass a folder)")
         return best
     folder = Path(choice)

@@ -215,3 +215,8 @@ def test_keep_best_records_losses_and_eval_export_use_the_best(tmp_path):
     bad = launch(1, ["--mode", "export", "--cfg", str(exp), "--checkpoint", str(tmp_path), "--out",
                      str(tmp_path / "x")], check=False)
     assert bad.returncode == 2 and f"--checkpoint: {tmp_path} is not a complete bookgen checkpoint" in bad.stderr
+    # a run without recorded losses has no best: an error, not the fresh model evaluated instead
+    other = write_experiment(tmp_path / "other", {"train.max_steps": 2, "eval.at_end": False}, rows=120)
+    launch(1, ["--cfg", str(other)])
+    none = launch(1, ["--mode", "eval", "--cfg", str(other), "--checkpoint", "best"], check=False)
+    assert none.returncode == 2 and "--checkpoint best: no checkpoint under" in none.stderr
