@@ -51,7 +51,7 @@ def perplexity(
     forward: Forward, examples: Examples, *, split: str, dist: DistEnv, batch_size: int, pad_id: int,
     device: torch.device, on_batch: Callable[[], None] | None = None,
 ) -> EvalResult:
-    shard = eval_shard(len(examples), dist.rank, dist.world_size)
+    shard = eval_shard(examples.lengths, dist.rank, dist.world_size)
     n_batches = all_reduce_max(-(-len(shard) // batch_size), device)
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = 0

@@ -106,10 +106,20 @@ def test_length_grouping_reduces_padding():
     assert grouped < plain / 5
 
 
-def test_eval_shard_counts_every_example_once():
+def test_eval_shard_counts_every_example_once_longest_first():
+    lengths = np.random.default_rng(0).integers(5, 500, size=11)
     for world in (1, 2, 3, 5):
-        shards = [eval_shard(11, r, world) for r in range(world)]
+        shards = [eval_shard(lengths, r, world) for r in range(world)]
         assert sorted(np.concatenate(shards).tolist()) == list(range(11))
+        assert all((np.diff(lengths[shard]) <= 0).all() for shard in shards), "longest first"
+    # batches of similar lengths: far less padding than in corpus order
+    lengths = np.random.default_rng(1).lognormal(np.log(300), 1.0, size=400).clip(10, 1024).astype(int)
+
+    def padding(order):
+        batches = [lengths[order[i : i + 8]] for i in range(0, len(order), 8)]
+        return sum(len(b) * b.max() - b.sum() for b in batches)
+
+    assert padding(eval_shard(lengths, 0, 1)) < padding(np.arange(400)) / 5
 
 
 def test_collate_pads_right_and_masks_labels():

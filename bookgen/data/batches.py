@@ -95,9 +95,12 @@ def predicted_tokens(lengths: np.ndarray, order: np.ndarray, *, step: int, globa
     return int(np.maximum(picked - 1, 0).sum())
 
 
-def eval_shard(n_examples: int, rank: int, world_size: int) -> np.ndarray:
-    """Each example exactly once over all ranks, no padding by repetition (unlike DistributedSampler)."""
-    return np.arange(rank, n_examples, world_size)
+def eval_shard(lengths: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Each example exactly once over all ranks, no padding by repetition (unlike DistributedSampler),
+    longest first: batches of similar lengths spend little on padding (the token-weighted result does not
+    depend on the order), and a batch too large for memory fails at once, not at the end."""
+    shard = np.arange(rank, len(lengths), world_size)
+    return shard[np.argsort(-lengths[shard], kind="stable")]
 
 
 def collate(token_lists: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
