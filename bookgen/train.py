@@ -113,7 +113,17 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
         run.log.close()
         plot_loss_curves(run.log.path, cfg.run.output_dir / "loss_curves.png")
         console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" for k, v in summary.items()}))
+        console.print(_where_things_are(cfg), highlight=False)
     return summary
+
+
+def _where_things_are(cfg: ExperimentConfig) -> str:
+    root = ckpt.checkpoint_root(cfg)
+    newest, best = ckpt.newest_complete(cfg), ckpt.best_complete(root) if cfg.checkpoint.keep_best else None
+    lines = [f"run folder {cfg.run.output_dir}: metrics.jsonl, loss_curves.png, eval_results.json, run_summary.json",
+             f"checkpoint {newest}" + (f"; best by validation loss {best}" if best is not None else ""),
+             f"export it: bookgen export --cfg <exp.yaml>{' --checkpoint best' if best else ''} --out <folder>"]
+    return "\n".join(lines)
 
 
 def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:

@@ -70,6 +70,7 @@ def test_two_rank_run_learns_and_writes_its_records(tmp_path):
     resolved = yaml.safe_load((run / "resolved_config.yaml").read_text())
     assert resolved["train"]["grad_accum_steps"] == 2 and resolved["data"]["source"].endswith("booksummaries.txt")
     assert "bookgen run summary" in proc.stderr
+    assert f"checkpoint {run / 'checkpoints' / 'step00000020'}" in proc.stderr, "the end says where things are"
     assert steps[0]["lr"] == pytest.approx(3e-3) and steps[-1]["lr"] == pytest.approx(3e-3 / 20)
 
 
