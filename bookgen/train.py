@@ -33,7 +33,7 @@ from bookgen.flops import flops_per_token, mfu, peak_flops
 from bookgen.metrics import MetricsLog, plot_loss_curves
 from bookgen.model import build_model, count_parameters
 from bookgen.progress import TrainProgress, summary_table
-from bookgen.step import train_step
+from bookgen.step import StepMetrics, train_step
 
 STOP_FILE = "STOP_REQUESTED"  # slurm/train.sh creates it when Slurm warns of the time limit
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues the job on it
@@ -170,7 +170,7 @@ def _finish(run: Run, cfg: ExperimentConfig, dist: DistEnv, done: LoopTotals) ->
 @dataclass(slots=True)
 class LoopTotals:
     tokens: int  # non-padding tokens over all ranks
-    seconds: float
+    seconds: float  # from the loop's start to its last step
     last_loss: float
     evals: list[EvalResult]
     evaluated_at: int | None  # the step of the last evaluation in the loop
@@ -183,10 +183,11 @@ def _stopped_early(state: ckpt.TrainState, cfg: ExperimentConfig) -> bool:
 
 
 def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, console: Console) -> LoopTotals:
-    """Optimizer steps until the plan is done: log, evaluate and checkpoint on schedule, stop on preemption."""
-    state, plan, progress = run.state, run.plan, run.progress
-    start, tokens_seen, last_loss, evals = time.perf_counter(), 0, math.nan, []
-    evaluated_at = saved_at = None
+    """Optimizer steps until the plan is done or early stopping ends it: log, evaluate and checkpoint on
+    schedule, stop on preemption."""
+    state, plan = run.state, run.plan
+    totals = LoopTotals(tokens=0, seconds=0.0, last_loss=math.nan, evals=[], evaluated_at=None, saved_at=None)
+    start = time.perf_counter()
     while state.global_step < plan.total_steps and not _stopped_early(state, cfg):
         order = epoch_order(run.train_examples.lengths, seed=cfg.seed, epoch=state.epoch,
                             global_batch=plan.global_batch, group_by_length=cfg.data.group_by_length)
@@ -198,36 +199,46 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
             state.global_step += 1
             state.step_in_epoch += 1
             faults.inject("step", state.global_step, dist.rank)
-            tokens_seen, last_loss = tokens_seen + m.tokens, m.loss
-            rate = tokens_seen / max(time.perf_counter() - start, 1e-9)
-            utilisation = None if run.mfu_per_token_rate is None else rate * run.mfu_per_token_rate
-            progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr, tokens_per_second=rate,
-                            mfu=utilisation)
-            if run.log is not None:
-                record = {"step": state.global_step, "epoch": state.epoch, "loss": m.loss, "lr": m.lr,
-                          "grad_norm": m.grad_norm, "tokens": m.tokens, "input_tokens": m.input_tokens,
-                          "tokens_per_second": rate, "mfu": utilisation}
-                run.log.write({k: v for k, v in record.items() if v is not None})
+            totals.tokens, totals.last_loss = totals.tokens + m.tokens, m.loss
+            totals.seconds = time.perf_counter() - start
+            _log_step(run, m, tokens_per_second=totals.tokens / max(totals.seconds, 1e-9))
             if m.stop_requested:
                 _save_and_exit_preempted(run, cfg, dist, console)
-            mid_run = state.global_step < plan.total_steps
-            eval_loss = None
-            if _due(cfg.eval.every, state.global_step) and mid_run:
-                evals.append(run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id,
-                                      state.global_step, run.log))
-                progress.note(_eval_line(evals[-1], state.global_step))
-                eval_loss, evaluated_at = evals[-1].loss, state.global_step
-                state.note_eval(eval_loss, cfg.eval.early_stopping_min_delta)
-                if _stopped_early(state, cfg):
-                    progress.note(f"early stopping at step {state.global_step}: no lower validation loss in "
-                                  f"{state.evals_since_best} evaluations (best {state.best_eval_loss:.4f} at step "
-                                  f"{state.best_eval_step})")
-            if _due(cfg.checkpoint.every, state.global_step) and mid_run:
-                ckpt.save(run.engine, cfg, dist, state, run.save_hf, eval_loss=eval_loss)
-                saved_at = state.global_step
+            if state.global_step < plan.total_steps:  # the last step's evaluation and save are _finish's
+                _evaluate_and_save_on_schedule(run, cfg, dist, totals)
         if state.step_in_epoch >= plan.steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-    return LoopTotals(tokens_seen, time.perf_counter() - start, last_loss, evals, evaluated_at, saved_at)
+    return totals
+
+
+def _log_step(run: Run, m: StepMetrics, *, tokens_per_second: float) -> None:
+    state = run.state
+    utilisation = None if run.mfu_per_token_rate is None else tokens_per_second * run.mfu_per_token_rate
+    run.progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr,
+                        tokens_per_second=tokens_per_second, mfu=utilisation)
+    if run.log is not None:
+        record = {"step": state.global_step, "epoch": state.epoch, "loss": m.loss, "lr": m.lr,
+                  "grad_norm": m.grad_norm, "tokens": m.tokens, "input_tokens": m.input_tokens,
+                  "tokens_per_second": tokens_per_second, "mfu": utilisation}
+        run.log.write({k: v for k, v in record.items() if v is not None})
+
+
+def _evaluate_and_save_on_schedule(run: Run, cfg: ExperimentConfig, dist: DistEnv, totals: LoopTotals) -> None:
+    """The evaluation and the checkpoint due at this step; the checkpoint records that evaluation's loss."""
+    state, eval_loss = run.state, None
+    if _due(cfg.eval.every, state.global_step):
+        result = run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id, state.global_step, run.log)
+        totals.evals.append(result)
+        run.progress.note(_eval_line(result, state.global_step))
+        eval_loss, totals.evaluated_at = result.loss, state.global_step
+        state.note_eval(eval_loss, cfg.eval.early_stopping_min_delta)
+        if _stopped_early(state, cfg):
+            run.progress.note(f"early stopping at step {state.global_step}: no lower validation loss in "
+                              f"{state.evals_since_best} evaluations (best {state.best_eval_loss:.4f} at step "
+                              f"{state.best_eval_step})")
+    if _due(cfg.checkpoint.every, state.global_step):
+        ckpt.save(run.engine, cfg, dist, state, run.save_hf, eval_loss=eval_loss)
+        totals.saved_at = state.global_step
 
 
 def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, console: Console) -> None:
