@@ -242,6 +242,16 @@ def _diff(section: str, saved: dict[str, Any], now: dict[str, Any]) -> list[str]
             for k in sorted(set(saved) | set(now)) if k not in RUNTIME_MODEL_KEYS and saved.get(k) != now.get(k)]
 
 
+def _apply_schedule_at_loaded_step(scheduler: Any) -> None:
+    """The loaded scheduler state carries the learning rate the saving run computed for its next step.
+    Recompute it with this run's schedule, which differs when the run is extended (more steps or
+    epochs): otherwise the first resumed step would use the old schedule's rate (0 at a linear end)."""
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
+
+
 def load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, universal: bool = False,
          steps_per_epoch: int | None = None) -> TrainState:
     """Restore engine (weights, optimizer, scheduler), this rank's RNG, and the train state.
@@ -256,6 +266,7 @@ def load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, uni
                                            load_lr_scheduler_states=True)
     if path is None:
         raise BookgenError(f"DeepSpeed could not load {folder}")
+    _apply_schedule_at_loaded_step(engine.lr_scheduler)
     state = TrainState(**marker["state"])
     if marker["world_size"] == dist.world_size:
         _set_rng_state(torch.load(folder / f"rng_rank{dist.rank}.pt", weights_only=True))

@@ -1,6 +1,6 @@
-"""Resume at another world size: DeepSpeed's universal checkpoint for ZeRO-1/2, a position by samples.
+"""Resume at another world size: DeepSpeed's universal checkpoint for ZeRO-1/2/3, a position by samples.
 
-Optimizer partitions depend on the number of ranks, so a ZeRO-1/2 checkpoint is converted once (by
+Optimizer partitions depend on the number of ranks, so a ZeRO-1/2/3 checkpoint is converted once (by
 rank 0, with DeepSpeed's ``ds_to_universal``) into ``<checkpoint>/universal`` and loaded with
 ``"checkpoint": {"load_universal": true}``. Stage 0 keeps whole optimizer state and loads directly.
 Not exact, and said so: the data position is mapped by samples seen (rounded down, so a few samples
@@ -40,10 +40,6 @@ def needs_universal(folder: Path | None, cfg: ExperimentConfig, dist: DistEnv) -
     stage = cfg.deepspeed.zero_stage
     if stage == 0:
         return False
-    if stage == 3:
-        raise BookgenError(f"{folder} was saved by {saved_world_size(folder)} ranks under ZeRO-3; resuming it with "
-                           f"{dist.world_size} ranks is not supported yet. Rerun with {saved_world_size(folder)} "
-                           "ranks, or export the weights and start a new run from them.")
     error = None
     if dist.is_main and not (folder / UNIVERSAL_DIR / DONE).is_file():
         error = _convert(folder)

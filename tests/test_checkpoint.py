@@ -12,6 +12,7 @@ import torch
 
 from bookgen.checkpoint import MARKER, POINTER
 from bookgen.export import consolidated_state_dict
+from bookgen.metrics import read_metrics
 from tests.conftest import REPO, write_experiment
 from tests.ranks import launch, rank_command, rank_env, step_losses
 
@@ -133,6 +134,27 @@ def test_world_size_change_resumes_through_a_universal_checkpoint(tmp_path, refe
     assert abs(losses[STEPS + 1] - losses[STEPS]) < 0.5 < losses[1] - losses[STEPS + 1]
 
 
+def test_zero3_resumes_at_another_world_size_and_an_extended_run_gets_its_new_schedule(tmp_path):
+    import json
+
+    exp = write_experiment(tmp_path, {"train.max_steps": 8, "train.learning_rate": 3e-3, "deepspeed.zero_stage": 3,
+                                      "deepspeed.config": str(REPO / "ds_configs/zero3.json")}, rows=120)
+    launch(2, ["--cfg", str(exp)])
+    results = tmp_path / "run" / "eval_results.json"
+    on_two = json.loads(results.read_text())
+    # one rank, nothing left to train: the final evaluation runs on the weights loaded through the
+    # universal checkpoint, and perplexity does not depend on the world size
+    proc = launch(1, ["--cfg", str(exp)])
+    assert "was saved by 2 ranks, this run has 1: loaded through a universal checkpoint" in proc.stderr
+    assert json.loads(results.read_text())["loss"] == pytest.approx(on_two["loss"], rel=1e-5)
+    # extended by 4 steps: the linear decay is recomputed for 12 steps, not carried over from 8 (where it hit 0)
+    launch(1, ["--cfg", str(exp), "--set", "train.max_steps=12"])
+    steps = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r}
+    assert sorted(steps) == list(range(1, 13))
+    assert steps[9]["lr"] == pytest.approx(3e-3 * (12 - 8) / 12)
+    assert abs(steps[9]["loss"] - steps[8]["loss"]) < 0.3, "weights and optimizer state carried over"
+
+
 def test_keep_prunes_old_checkpoints(reference):
     names = sorted(p.name for p in (reference / "checkpoints").iterdir() if p.is_dir())
     assert names == ["step00000008", "step00000012"]
@@ -185,7 +207,6 @@ def test_keep_best_records_losses_and_eval_export_use_the_best(tmp_path):
     import json
 
     from bookgen.checkpoint import BEST_POINTER
-    from bookgen.metrics import read_metrics
 
     # a learning rate that makes training diverge, so an early checkpoint is the best and must outlive rotation
     exp = write_experiment(tmp_path, {"train.max_steps": 6, "eval.every": 2, "checkpoint.every": 2,
