@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -121,12 +122,16 @@ def test_each_sequence_stops_at_eos(loaded):
             super().__init__()
             self.inner, self.config = model, model.config
 
-        def forward(self, **kw):
-            out = self.inner(**kw)
-            positions = kw["position_ids"][:, -1]
-            boost = (positions >= 5).float()[:, None] * 1e4
-            out.logits[:, -1, eos] += boost[:, 0]
-            return out
+            # with the inner model's signature, so generation passes the cache under the name it takes
+            @functools.wraps(model.forward)
+            def forward(**kw):
+                out = model(**kw)
+                positions = kw["position_ids"][:, -1]
+                boost = (positions >= 5).float()[:, None] * 1e4
+                out.logits[:, -1, eos] += boost[:, 0]
+                return out
+
+            self.forward = forward
 
     s = GenerateConfig(top_k=50, max_new_tokens=40, num_return_sequences=2)
     samples = generate(EosFromPositionFive(), tok, ["<BOS>", "<BOS> The story is set in a mining town"], s, seed=0)
