@@ -191,6 +191,11 @@ class TrainConfig:
         metadata=_doc("torch.compile the model (DeepSpeed's engine.compile): faster steps on GPUs after a slower "
                       "start while it compiles; also used for evaluation."),
     )
+    tf32: bool = field(
+        default=True,
+        metadata=_doc("On GPUs, let fp32 matrix products use TF32 tensor cores (float32 matmul precision "
+                      "'high'), as nanoGPT does; no effect on CPUs."),
+    )
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")

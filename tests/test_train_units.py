@@ -262,3 +262,11 @@ def test_early_stopping_counts_evaluations_without_a_new_best():
     assert (strict.best_eval_loss, strict.evals_since_best) == (3.7, 0)
     strict.note_eval(3.6, min_delta=0.2)
     assert strict.evals_since_best == 1
+
+
+def test_tf32_only_on_gpus_and_only_when_allowed():
+    from bookgen.engine import float32_matmul_precision
+
+    assert float32_matmul_precision(tf32=True, on_gpu=True) == "high"
+    assert float32_matmul_precision(tf32=False, on_gpu=True) == "highest"
+    assert float32_matmul_precision(tf32=True, on_gpu=False) == "highest", "CPU runs keep exact fp32"
