@@ -158,10 +158,11 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "bookgen.cli", "prepare", "--cfg",
                     str(bookgen_experiment(folder, args, shape, compiled=False))], check=True, cwd=REPO)
     device, peak = peak_tflops()
+    flops = shape.flops_per_token()
     print(f"{device}: GPT-2 shape {shape.layers}x{shape.width}, vocab {shape.vocab}, "
           f"block {shape.block}, micro-batch {args.micro}, "
           f"{'fp32' if args.tiny else 'bf16'}, {args.steps} steps (first {WARMUP} warm-up); "
-          f"{shape.flops_per_token() / 1e9:.2f} GFLOP/token; peak {peak:.0f} TFLOPS", flush=True)
+          f"{flops / 1e9:.2f} GFLOP/token; peak {peak:.0f} TFLOPS", flush=True)
     results: list[Result] = []
     for name in variants:
         runner = run_bookgen if name.startswith("bookgen") else run_trainer
@@ -170,11 +171,11 @@ def main() -> None:
             results.append(runner(folder, args, shape, compiled=name.endswith("_compile")))
         except Exception as exc:  # report and go on: the device time is too scarce to stop at one failure
             results.append(Result(name, error=str(exc)))
-        print(f"[{time.time() - started:4.0f} s] {describe(results[-1], shape, peak)}", flush=True)
-        save(results, shape, args, device, peak, folder)  # kept even if a later variant runs out of time
+        print(f"[{time.time() - started:4.0f} s] {describe(results[-1], flops, peak)}", flush=True)
+        save(results, shape, flops, args, device, peak, folder)  # kept even if a later variant runs out of time
     print("\nsummary")
     for r in results:
-        print(describe(r, shape, peak))
+        print(describe(r, flops, peak))
     by_name = {r.name: r for r in results}
     for ours, theirs in (("bookgen", "trainer"), ("bookgen_compile", "trainer_compile"),
                          ("bookgen_compile", "trainer")):
@@ -183,17 +184,19 @@ def main() -> None:
             print(f"{ours} / {theirs}: {a.tokens_per_s / b.tokens_per_s:.2f}x")
 
 
-def describe(r: Result, shape: Shape, peak: float) -> str:
+def describe(r: Result, flops_per_token: float, peak: float) -> str:
+    from bookgen.flops import mfu
+
     if r.error:
         return f"{r.name:16s} FAILED: {r.error}"
-    mfu = r.tokens_per_s * shape.flops_per_token() / (peak * 1e12)
-    return (f"{r.name:16s} {r.tokens_per_s:12,.0f} tokens/s   MFU {mfu:6.1%}   first step {r.first_step_s:6.1f} s"
-            f"   peak {r.peak_mb:9,.0f} MB")
+    utilisation = mfu(r.tokens_per_s, flops_per_token, devices=1, peak=peak * 1e12)
+    return (f"{r.name:16s} {r.tokens_per_s:12,.0f} tokens/s   MFU {utilisation:6.1%}   "
+            f"first step {r.first_step_s:6.1f} s   peak {r.peak_mb:9,.0f} MB")
 
 
-def save(results: list[Result], shape: Shape, args: argparse.Namespace, device: str, peak: float,
-         folder: Path) -> None:
-    record = {"device": device, "peak_tflops": peak, "flops_per_token": shape.flops_per_token(),
+def save(results: list[Result], shape: Shape, flops_per_token: float, args: argparse.Namespace, device: str,
+         peak: float, folder: Path) -> None:
+    record = {"device": device, "peak_tflops": peak, "flops_per_token": flops_per_token,
               "shape": asdict(shape), "micro_batch": args.micro, "steps": args.steps,
               "date": time.strftime("%Y-%m-%d"), "results": [asdict(r) for r in results]}
     (folder / "results.json").write_text(json.dumps(record, indent=1))

@@ -153,14 +153,17 @@ def newest_complete(cfg: ExperimentConfig) -> Path | None:
 
 def best_complete(root: Path) -> Path | None:
     """The complete checkpoint with the lowest recorded validation loss (the earlier one on a tie)."""
-    scored = [(loss, p) for p in complete_checkpoints(root)
-              if isinstance(loss := read_json(p / MARKER).get("eval_loss"), int | float)]
+    return _lowest_eval_loss(complete_checkpoints(root))
+
+
+def _lowest_eval_loss(folders: list[Path]) -> Path | None:
+    scored = [(loss, p) for p in folders if isinstance(loss := read_json(p / MARKER).get("eval_loss"), int | float)]
     return min(scored, key=lambda item: (item[0], item[1].name))[1] if scored else None
 
 
 def _prune(root: Path, keep: int, *, keep_best: bool) -> None:
     done = complete_checkpoints(root)
-    best = best_complete(root) if keep_best else None
+    best = _lowest_eval_loss(done) if keep_best else None
     for old in done[:-keep]:
         if old != best:
             shutil.rmtree(old, ignore_errors=True)

@@ -95,7 +95,7 @@ def setup(timeout_s: int) -> DistEnv:
             # DeepSpeed JIT-compiles its shared-memory collectives at start; without a compiler, skip them
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     device_for(dist)
-    # DeepSpeed's ZeRO-3 calls these renamed collectives several times a step, and a warnings filter
+    # DeepSpeed's ZeRO-1/2/3 call these renamed collectives several times a step, and a warnings filter
     # reset inside its step brings the warning back every time: thousands of lines in a long run
     renamed = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
     warnings.filterwarnings("ignore", message=renamed, category=FutureWarning)

@@ -6,7 +6,9 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +88,7 @@ class Run:
     log: MetricsLog | None  # rank 0 only
     save_hf: Any
     progress: TrainProgress
-    mfu_per_token_rate: float | None  # MFU = tokens/s over all ranks x this; None where the peak is unknown
+    mfu_of: Callable[[float], float] | None  # tokens/s over all ranks -> MFU; None where the peak is unknown
 
 
 def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
@@ -103,8 +105,8 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     summary = {"steps": run.state.global_step, "train_loss": done.last_loss, "tokens": done.tokens,
                "seconds": elapsed, "tokens_per_second": done.tokens / max(elapsed, 1e-9)}
-    if run.mfu_per_token_rate is not None:  # over the loop only: the final save and evaluation are not training
-        summary["mfu"] = done.tokens / max(done.seconds, 1e-9) * run.mfu_per_token_rate
+    if run.mfu_of is not None:  # over the loop only: the final save and evaluation are not training
+        summary["mfu"] = run.mfu_of(done.tokens / max(done.seconds, 1e-9))
     if evals:
         summary |= {"eval_loss": evals[-1].loss, "perplexity": evals[-1].perplexity}
     summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), run.engine.device)
@@ -149,9 +151,9 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
     progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step,
                              log_every=cfg.run.log_every)
     peak = peak_flops(engine.device, cfg.train.precision, cfg.run.peak_tflops)
-    mfu_rate = None if peak is None else mfu(1.0, model_flops, dist.world_size, peak)
+    mfu_of = None if peak is None else partial(mfu, flops_per_token=model_flops, devices=dist.world_size, peak=peak)
     return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, log,
-               _hf_files_writer(engine, tokenizer), progress, mfu_rate)
+               _hf_files_writer(engine, tokenizer), progress, mfu_of)
 
 
 def _finish(run: Run, cfg: ExperimentConfig, dist: DistEnv, done: LoopTotals) -> list[EvalResult]:
@@ -213,7 +215,7 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
 
 def _log_step(run: Run, m: StepMetrics, *, tokens_per_second: float) -> None:
     state = run.state
-    utilisation = None if run.mfu_per_token_rate is None else tokens_per_second * run.mfu_per_token_rate
+    utilisation = None if run.mfu_of is None else run.mfu_of(tokens_per_second)
     run.progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr,
                         tokens_per_second=tokens_per_second, mfu=utilisation)
     if run.log is not None:
