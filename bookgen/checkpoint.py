@@ -32,9 +32,10 @@ from deepspeed.checkpoint.constants import (
 from bookgen import faults
 from bookgen.config import ExperimentConfig
 from bookgen.config_io import RUNTIME_MODEL_KEYS, config_to_dict, model_fingerprint
-from bookgen.distributed import DistEnv, barrier, broadcast_object
+from bookgen.distributed import DistEnv, barrier, broadcast_object, gather_errors
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
+from bookgen.layout import BatchLayout
 
 POINTER = "latest_complete"
 BEST_POINTER = "best_complete"
@@ -96,6 +97,10 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
     root = checkpoint_root(cfg)
     tag = tag_for(state.global_step)
     folder = root / tag
+    # a rerun of a finished run ends at a step that is saved already: keep that checkpoint rather than
+    # remove it to save the same weights again (a kill during that save would leave none)
+    if broadcast_object((folder / MARKER).is_file() if dist.is_main else None):
+        return folder
     error: str | None = None
     try:
         if dist.is_main:
@@ -114,13 +119,14 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
     except OSError as exc:
         error = f"rank {dist.rank}: cannot write checkpoint {folder}: {exc}"
     # every rank learns whether any rank failed, so none of them marks a broken checkpoint complete
-    errors = _gather_errors(error)
+    errors = gather_errors(error)
     if errors:
         raise BookgenError("; ".join(errors) + ". Earlier checkpoints are untouched.")
     if dist.is_main:
         write_json_atomic(folder / MARKER, {
             "state": asdict(state), "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
-            "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dist.world_size,
+            "global_batch": BatchLayout.of(cfg.train, dist.world_size).global_batch,
+            "files": _file_sizes(folder),
             "fingerprint": model_fingerprint(cfg),
             "model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer),
             "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing},
@@ -132,12 +138,30 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
     return folder
 
 
-def _gather_errors(error: str | None) -> list[str]:
-    if not torch.distributed.is_initialized():
-        return [error] if error else []
-    gathered: list[str | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, error)
-    return [e for e in gathered if e]
+def _file_sizes(folder: Path) -> dict[str, int]:
+    """Every file's size, recorded in the marker: a truncated file is then found (and named) before loading."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MARKER}
+
+
+def check_files(folder: Path) -> None:
+    """Raise, naming the file and the previous complete checkpoint, when a file recorded at save time is
+    missing or has another size (a truncated copy, a disk that filled up after the save)."""
+    marker = read_json(folder / MARKER)
+    sizes = marker.get("files") if isinstance(marker, dict) else None
+    for name, size in (sizes or {}).items():
+        path = folder / name
+        found = path.stat().st_size if path.is_file() else None
+        if found != size:
+            what = "is missing" if found is None else f"has {found} bytes, {size} were saved"
+            raise BookgenError(f"{path} {what}: checkpoint {folder.name} is damaged. {_previous_hint(folder)}")
+
+
+def _previous_hint(folder: Path) -> str:
+    earlier = [p for p in complete_checkpoints(folder.parent) if p.name < folder.name]
+    if not earlier:
+        return "No earlier complete checkpoint is left; restore the file or start again with checkpoint.resume: never."
+    return f"Resume from the previous complete one with --set checkpoint.resume={earlier[-1]}"
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -182,9 +206,8 @@ def find_resume(cfg: ExperimentConfig) -> tuple[Path | None, list[str]]:
         return None, []
     if mode != "auto":
         folder = Path(mode)
-        if not (folder / MARKER).is_file():
-            raise BookgenError(f"checkpoint.resume: {folder} is not a complete bookgen checkpoint "
-                               f"(no {MARKER}; an interrupted save?)")
+        check_resume_folder(folder)
+        check_files(folder)
         return folder, []
     root = checkpoint_root(cfg)
     done = complete_checkpoints(root)
@@ -198,7 +221,19 @@ def find_resume(cfg: ExperimentConfig) -> tuple[Path | None, list[str]]:
     if done and any(name > done[-1].name for name in incomplete):
         notes.append(f"checkpoint {max(incomplete)} is incomplete (interrupted save); "
                      f"resuming from the previous complete one, {done[-1].name}")
+    if done:
+        check_files(done[-1])
     return (done[-1] if done else None), notes
+
+
+def check_resume_folder(folder: Path) -> None:
+    """checkpoint.resume names a folder: it must exist and be a complete checkpoint."""
+    if not folder.exists():
+        raise BookgenError(f"checkpoint.resume: {folder} does not exist (a relative path is read from the "
+                           "experiment file's folder)")
+    if not (folder / MARKER).is_file():
+        raise BookgenError(f"checkpoint.resume: {folder} is not a complete bookgen checkpoint "
+                           f"(no {MARKER}; an interrupted save, or not a checkpoint folder?)")
 
 
 def resolve(cfg: ExperimentConfig, choice: str | None) -> Path | None:
@@ -255,27 +290,35 @@ def _apply_schedule_at_loaded_step(scheduler: Any) -> None:
     scheduler._last_lr = lrs  # what get_last_lr() reports
 
 
-def load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, universal: bool = False,
-         steps_per_epoch: int | None = None) -> TrainState:
+def load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, steps_per_epoch: int,
+         universal: bool = False) -> TrainState:
     """Restore engine (weights, optimizer, scheduler), this rank's RNG, and the train state.
 
-    At another world size (see bookgen.reshard) the position is mapped by samples and the RNG reseeded.
+    With another global batch (world size, micro-batch or accumulation) the position is mapped by samples
+    seen (see bookgen.reshard); at another world size the RNG is reseeded.
     """
     from bookgen import reshard
 
     marker = check_compatible(folder, cfg)
     load_dir, tag = reshard.load_dir_and_tag(folder, universal)
-    path, _client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+    try:
+        path, _client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # torch names no file for a truncated one
+        raise BookgenError(f"{folder}: cannot load this checkpoint ({type(exc).__name__}: {str(exc)[:300]}). "
+                           + _previous_hint(folder)) from exc
     if path is None:
         raise BookgenError(f"DeepSpeed could not load {folder}")
-    _apply_schedule_at_loaded_step(engine.lr_scheduler)
     state = TrainState(**marker["state"])
+    layout = BatchLayout.of(cfg.train, dist.world_size)
+    if marker["global_batch"] != layout.global_batch:
+        state = reshard.remap_position(state, marker["global_batch"], layout.global_batch,
+                                       steps_per_epoch, counted_in_epochs=cfg.train.max_steps is None)
+        engine.lr_scheduler.last_epoch = state.global_step
+    _apply_schedule_at_loaded_step(engine.lr_scheduler)
     if marker["world_size"] == dist.world_size:
         _set_rng_state(torch.load(folder / f"rng_rank{dist.rank}.pt", weights_only=True))
     else:
-        new_global = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dist.world_size
-        state = reshard.remap_position(state, marker["global_batch"], new_global, steps_per_epoch or 1 << 62)
         reshard.reseed(cfg.seed, state.global_step, dist.rank)
     # all ranks must agree on where they are
     agreed = broadcast_object(asdict(state))

@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", **which)
     ex = with_cfg(sub.add_parser("export", help="write a Hugging Face folder from a checkpoint"))
     ex.add_argument("--checkpoint", **which)
-    ex.add_argument("--out", type=Path, required=True, help="folder to write")
+    ex.add_argument("--out", type=Path, required=True, help="folder to write: a new one or a previous export")
+    ex.add_argument("--force", action="store_true",
+                    help="write into a non-empty folder that is not a previous export (adds files, deletes none)")
     la = with_cfg(sub.add_parser("launch", help="start the ranks as the launch section says"))
     la.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     sh = with_cfg(sub.add_parser("show", help="print one resolved config value (for scripts)"))
@@ -108,9 +110,11 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         import shlex
         import subprocess
 
-        from bookgen.launch import launch_command
+        from bookgen.launch import launch_command, launch_warnings
 
         cmd = launch_command(cfg, Path(args.cfg).resolve(), args.overrides)
+        for warning in launch_warnings(cfg):
+            console.print(f"[yellow]warning: {warning}[/]", highlight=False)
         print(shlex.join(cmd))
         return 0 if args.dry_run else subprocess.call(cmd)
     if args.command == "show":
@@ -131,23 +135,22 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         folder = resolve(cfg, args.checkpoint)
         if folder is None:
             raise BookgenError(f"no complete checkpoint under {checkpoint_root(cfg)}; train first or pass --checkpoint")
-        export(folder, args.out)
-        console.print(f"exported {folder} to {args.out}")
+        out = export(folder, args.out, force=args.force)
+        console.print(f"exported {folder} to {out}")
         return 0
     raise AssertionError(args.command)
 
 
 def _generate(args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
-    from bookgen.config import GenerateConfig
-    from bookgen.config_io import load_config
+    from bookgen.config_io import load_config, load_generate_overrides
     from bookgen.errors import BookgenError
-    from bookgen.generate import read_prompts
+    from bookgen.generate import check_output_paths, read_prompts
     from bookgen.generate_run import run_generation, settings_from
 
     if args.cfg is None and args.model is None:
         raise BookgenError("generate needs --model DIR (an exported folder) or --cfg EXP.yaml")
     cfg = load_config(args.cfg, args.overrides) if args.cfg else None
-    base = cfg.generate if cfg else GenerateConfig()
+    base = cfg.generate if cfg else load_generate_overrides(args.overrides)
     flags = {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "repetition_penalty", "max_new_tokens",
                                            "num_return_sequences", "seed", "batch_size")}
     settings = settings_from(base, flags)
@@ -156,6 +159,7 @@ def _generate(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         raise BookgenError("an empty prompt was given; use <BOS> to start a summary from nothing")
     seed = settings.seed if settings.seed is not None else (cfg.seed if cfg else 0)
     out = args.out or ((cfg.run.output_dir if cfg else Path(".")) / "generated.jsonl")
+    check_output_paths(out, inputs=[p for p in (args.prompts, args.model) if p is not None])
     run_generation(cfg=cfg, model_dir=args.model, checkpoint=args.checkpoint, prompts=prompts, settings=settings,
                    seed=seed, out=out)
     return 0

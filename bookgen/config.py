@@ -38,6 +38,7 @@ def _doc(help_text: str, **extra: object) -> dict[str, object]:
 # metadata flags understood by the loader
 PATH = "path"  # relative value resolves against the YAML file's folder
 PATH_OR_ID = "path_or_id"  # a local folder if it exists next to the YAML file, else a hub id
+PATH_UNLESS = "path_unless"  # a path resolved as PATH unless the value is one of these keywords
 
 
 @dataclass(kw_only=True, slots=True)
@@ -252,7 +253,11 @@ class DeepSpeedSection:
 class CheckpointConfig:
     every: int | None = field(default=None, metadata=_doc("Save every N optimizer steps (and at the end)."))
     keep: int = field(default=2, metadata=_doc("Complete checkpoints to keep."))
-    resume: str = field(default="auto", metadata=_doc("`auto` (newest complete), `never`, or a folder."))
+    resume: str = field(
+        default="auto",
+        metadata=_doc("`auto` (newest complete), `never`, or a checkpoint folder (relative: to the YAML's folder).",
+                      path_unless=("auto", "never")),
+    )
     keep_best: bool = field(
         default=False,
         metadata=_doc("Also keep the checkpoint with the lowest validation loss (`best_complete` names it); "
@@ -326,6 +331,10 @@ class ExperimentConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig, metadata=_doc("How `bookgen launch` starts ranks."))
 
     def __post_init__(self) -> None:
+        if self.model.name_or_path is None:  # a pretrained model's positions are checked once it is known
+            _require(self.data.block_size <= self.model.n_positions, "data.block_size",
+                     f"{self.data.block_size} is more than model.n_positions ({self.model.n_positions}): the model "
+                     "has no position embedding beyond that; lower data.block_size or raise model.n_positions")
         if self.checkpoint.keep_best:
             # only a checkpoint saved right after an evaluation has a loss to rank it by
             every, eval_every = self.checkpoint.every, self.eval.every

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from bookgen.config import PATH, PATH_OR_ID, ConfigError, ExperimentConfig, FieldError
+from bookgen.config import PATH, PATH_OR_ID, PATH_UNLESS, ConfigError, ExperimentConfig, FieldError, GenerateConfig
 from bookgen.fileio import write_text_atomic
 
 
@@ -27,19 +28,38 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if raw is None:
-        raw = {}
+        raise ConfigError(f"{path}: the experiment file is empty; it needs at least run.output_dir and data.source "
+                          "(see experiments/tiny_cpu.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides or []:
-        _apply_override(raw, item, path)
-    return _build(ExperimentConfig, raw, prefix="", source=str(path), base_dir=path.resolve().parent)
+    given = {_apply_override(raw, item, path): item for item in overrides or []}
+    return _build(ExperimentConfig, raw, prefix="", source=str(path), base_dir=path.resolve().parent,
+                  overrides=given)
 
 
-def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:
+def load_generate_overrides(overrides: list[str]) -> GenerateConfig:
+    """`bookgen generate --model DIR` without an experiment: only ``generate.*`` keys mean something."""
+    raw: dict[str, Any] = {}
+    given = {}
+    for item in overrides:
+        key = item.partition("=")[0]
+        if not key.startswith("generate.") or key.count(".") != 1:
+            raise ConfigError(f"--set {item}: without --cfg only generate.<key> settings apply "
+                              "(see `bookgen config-help`)")
+        given[_apply_override(raw, item, Path("--set"))] = item
+    return _build(GenerateConfig, raw.get("generate", {}), prefix="generate.", source="--set", base_dir=Path("."),
+                  overrides=given)
+
+
+def _apply_override(raw: dict[str, Any], item: str, path: Path) -> str:
+    """Set ``key=value`` in the raw YAML tree; returns the dotted key."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected key.sub=value")
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item}: the value is not valid YAML: {exc}") from exc
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -48,10 +68,15 @@ def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:
             raise ConfigError(f"--set {item!r}: {part} is not a section in {path}")
         node = child
     node[parts[-1]] = value
+    return key
 
 
-def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path) -> Any:
+def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path,
+           overrides: dict[str, str] | None = None) -> Any:
+    """``overrides``: dotted key -> the ``--set`` item that gave it, so its errors name --set, not the file."""
+    overrides = overrides or {}
     section = prefix.rstrip(".") or "top level"
+    source = f"--set {overrides[section]}" if section in overrides else source
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {section}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -60,7 +85,8 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path) -> 
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(fields)}"
-            raise ConfigError(f"{source}: {prefix}{key}: unknown key{hint}")
+            where = f"--set {overrides[prefix + str(key)]}" if prefix + str(key) in overrides else source
+            raise ConfigError(f"{where}: {prefix}{key}: unknown key{hint}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         dotted = f"{prefix}{name}"
@@ -73,19 +99,25 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path) -> 
             continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, raw[name], prefix=f"{dotted}.", source=source, base_dir=base_dir)
+            kwargs[name] = _build(tp, raw[name], prefix=f"{dotted}.", source=source, base_dir=base_dir,
+                                  overrides=overrides)
             continue
-        value = _coerce(raw[name], tp, dotted, source)
+        value = _coerce(raw[name], tp, dotted, f"--set {overrides[dotted]}" if dotted in overrides else source)
+        keywords = f.metadata.get(PATH_UNLESS)
         if value is not None and f.metadata.get(PATH):
             value = Path(value) if Path(value).is_absolute() else (base_dir / value).resolve()
         elif value is not None and f.metadata.get(PATH_OR_ID):
             local = base_dir / value
             value = str(local.resolve()) if local.exists() else value
+        elif isinstance(value, str) and keywords and value not in keywords:
+            value = str(Path(value) if Path(value).is_absolute() else (base_dir / value).resolve())
         kwargs[name] = value
     try:
         return cls(**kwargs)
     except FieldError as exc:
-        raise ConfigError(f"{source}: {prefix}{exc.key}: {exc}") from exc
+        dotted = f"{prefix}{exc.key}"
+        where = f"--set {overrides[dotted]}" if dotted in overrides else source
+        raise ConfigError(f"{where}: {dotted}: {exc}") from exc
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -119,11 +151,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `5e-5` (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 fail("a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
+        if not math.isfinite(value):  # YAML reads .inf and .nan as floats; no setting means them
+            fail("a finite number")
         return float(value)
     if tp is str or tp is Path:
         if not isinstance(value, str) or not value:

@@ -168,6 +168,15 @@ def broadcast_object(value: object) -> object:
     return value
 
 
+def gather_errors(error: str | None) -> list[str]:
+    """Every rank's error message (None: no error), so that all ranks stop together when any one fails."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [error] if error else []
+    gathered: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, error)
+    return [e for e in gathered if e]
+
+
 def warn(dist: DistEnv, message: str) -> None:
     """Non-zero ranks are quiet, except when something is wrong: then they say who they are."""
     print(f"[bookgen rank {dist.rank}/{dist.world_size}] {message}", file=sys.stderr, flush=True)

@@ -66,7 +66,8 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
             node = node.setdefault(part, {})
         current = node.get(last, "auto")
         if current != "auto" and not _same(current, value):
-            problems.append(f"{dotted} is {current!r} in {where}, but {yaml_key} gives {value!r}")
+            problems.append(f"{dotted} is {current!r} in {where}, but {yaml_key} gives {value!r}"
+                            + (_stage_hint(source, value) if dotted == "zero_optimization.stage" else ""))
         node[last] = value
     if problems:
         raise BookgenError("DeepSpeed config disagrees with the experiment:\n  " + "\n  ".join(problems)
@@ -74,6 +75,14 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     if cfg.train.grad_clip == 0:
         ds.pop("gradient_clipping")
     return ds
+
+
+def _stage_hint(source: Path | None, stage: int) -> str:
+    """Name the shipped JSON for ``stage`` beside the one given: the usual fix for a stage clash."""
+    match = source.parent / f"zero{stage}.json" if source is not None else None
+    if match is not None and match.is_file():
+        return f" (for stage {stage} use --set deepspeed.config={match})"
+    return ""
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -33,11 +33,26 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path | str, *, folder: bool) -> None:
+    """Give a file or folder the mode a plain ``open``/``mkdir`` would have given it. ``tempfile`` makes them
+    0600/0700 whatever the umask, which would hide an export or a resolved config from the other users of a
+    shared cluster."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write beside ``path``, then rename over it: readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        apply_umask(tmp, folder=False)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -60,6 +75,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    apply_umask(scratch, folder=True)
     try:
         yield scratch
     except BaseException:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +80,11 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def context_length(model: Any) -> int:
+    """Positions the model has embeddings for (GPT-2: n_positions)."""
+    return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1 << 30)
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(input_ids, attention_mask, position_ids), each (prompts, longest); padding on the left."""
     width = max(len(p) for p in prompts)
@@ -114,7 +121,7 @@ def generate_rows(
     generators = [torch.Generator().manual_seed(row_seed(seed, p, j)) for p, j in rows]
     generated: list[list[int]] = [[] for _ in rows]
     next_pos = positions[:, -1] + 1
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1 << 30)
+    limit = context_length(model)
     active = list(range(len(rows)))  # indices into rows of sequences still decoding
     results: dict[int, str] = {}
     while active:
@@ -156,6 +163,12 @@ def generate(
     """Sample for every prompt; batches hold about ``s.batch_size`` rows of prompts of similar length."""
     indices = prompt_indices if prompt_indices is not None else list(range(len(prompts)))
     encoded = {i: tokenizer(p, add_special_tokens=False)["input_ids"] for i, p in zip(indices, prompts, strict=True)}
+    limit = context_length(model)
+    for i, ids in encoded.items():
+        if len(ids) >= limit:  # keep the prompt's end, the part the next tokens follow
+            encoded[i] = ids[len(ids) - limit + 1 :]
+            warnings.warn(f"prompt {i}: {len(ids)} tokens, the model sees at most {limit}; kept its last "
+                          f"{limit - 1} so that one new token fits", stacklevel=2)
     text_of = dict(zip(indices, prompts, strict=True))
     per_batch = max(1, s.batch_size // s.num_return_sequences)
     by_length = sorted(indices, key=lambda i: len(encoded[i]))  # similar lengths: little left padding
@@ -173,10 +186,38 @@ def generate(
     return sorted(samples, key=lambda x: (x.prompt_index, x.sample_index))
 
 
+def readable_path(out_jsonl: Path) -> Path:
+    """The readable copy written beside the JSONL: the same name with ``.txt`` for its suffix."""
+    return out_jsonl.with_suffix(".txt")
+
+
+def check_output_paths(out_jsonl: Path, *, inputs: list[Path]) -> None:
+    """Refuse an --out whose JSONL or readable copy would overwrite an input or each other, or that cannot
+    be written: checked before the model loads, so no sampling time is lost to a bad path."""
+    from bookgen.errors import BookgenError
+
+    readable = readable_path(out_jsonl)
+    if out_jsonl.suffix == ".txt":
+        raise BookgenError(f"--out: {out_jsonl} would be overwritten by the readable copy (.txt); give the JSONL "
+                           "output a .jsonl name")
+    for given in inputs:
+        for written in (out_jsonl, readable):
+            if written.resolve() == given.resolve() or given.resolve() in written.resolve().parents:
+                raise BookgenError(f"--out: writing {written} would overwrite the input {given}; choose another "
+                                   "--out")
+    for written in (out_jsonl, readable):
+        if written.is_dir():
+            raise BookgenError(f"--out: {written} is a folder; name a .jsonl file")
+    folder = out_jsonl.parent
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise BookgenError(f"--out: cannot write into {existing} (not a writable folder)")
+
+
 def write_outputs(samples: list[Sample], out_jsonl: Path) -> Path:
     """JSONL, one sample a line, and the reference's readable form beside it (``.txt``)."""
     write_text_atomic(out_jsonl, "".join(json.dumps(x.to_dict()) + "\n" for x in samples))
-    readable = out_jsonl.with_suffix(".txt")
+    readable = readable_path(out_jsonl)
     blocks = [f"=== GENERATED SEQUENCE {n} ===\n{x.prompt} {x.text}\n" for n, x in enumerate(samples, start=1)]
     write_text_atomic(readable, "\n".join(blocks))
     return readable
@@ -187,15 +228,23 @@ def read_prompts(path: Path) -> list[str]:
 
     if not path.is_file():
         raise BookgenError(f"--prompts: {path} does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BookgenError(f"--prompts: {path} is not UTF-8 text ({exc})") from exc
+    lines = [line for line in text.splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         prompts = []
         for n, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
-                prompts.append(record["prompt"] if isinstance(record, dict) else str(record))
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise BookgenError(f"{path}:{n}: expected a JSON object with a \"prompt\" key ({exc})") from exc
+            except json.JSONDecodeError as exc:
+                raise BookgenError(f"{path}:{n}: not JSON ({exc})") from exc
+            prompt = record.get("prompt") if isinstance(record, dict) else record
+            if not isinstance(prompt, str):
+                raise BookgenError(f"{path}:{n}: expected a JSON object with a \"prompt\" string (or a JSON "
+                                   f"string), got {line.strip()[:80]}")
+            prompts.append(prompt)
     else:
         prompts = lines
     if not prompts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,12 @@ def _run(dist: distributed.DistEnv, cfg: ExperimentConfig | None, model_dir: Pat
     model.to(device)
     mine = list(range(dist.rank, len(prompts), dist.world_size))  # prompts split over the ranks
     start = time.perf_counter()
-    samples = _generate_with_progress(model, tokenizer, prompts, mine, settings, seed, console)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a prompt longer than the model's context
+        warnings.simplefilter("always", UserWarning)
+        samples = _generate_with_progress(model, tokenizer, prompts, mine, settings, seed, console)
+    for warning in caught:
+        if issubclass(warning.category, UserWarning) and str(warning.message).startswith("prompt "):
+            console.print(f"[yellow]warning: {warning.message}[/]", highlight=False)
     if multi:
         gathered: list[list[Sample] | None] = [None] * dist.world_size
         torch.distributed.all_gather_object(gathered, samples)

@@ -12,6 +12,19 @@ RUN = REPO / "launcher" / "run.py"
 SBATCH_SCRIPT = REPO / "slurm" / "train.sh"
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def launch_warnings(cfg: ExperimentConfig) -> list[str]:
+    """What would make the launched job hang rather than fail."""
+    la = cfg.launch
+    if la.nodes > 1 and la.backend != "slurm" and la.master_addr in LOOPBACK:
+        return [f"launch.nodes is {la.nodes} but launch.master_addr is {la.master_addr}: the other nodes cannot "
+                "reach a loopback address, and they wait for the rendezvous until they time out; set "
+                "launch.master_addr to the first node's hostname or IP"]
+    return []
+
+
 def launch_command(cfg: ExperimentConfig, cfg_path: Path, overrides: list[str]) -> list[str]:
     la = cfg.launch
     args = ["--cfg", str(cfg_path), *(f"--set={o}" for o in overrides)]

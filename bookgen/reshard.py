@@ -63,11 +63,15 @@ def load_dir_and_tag(folder: Path, universal: bool) -> tuple[str, str]:
     return (str(folder), UNIVERSAL_DIR) if universal else (str(folder.parent), folder.name)
 
 
-def remap_position(state: TrainState, old_global_batch: int, new_global_batch: int, steps_per_epoch: int
-                   ) -> TrainState:
-    """The same epoch, at the step whose samples were all seen before (rounding down)."""
+def remap_position(state: TrainState, old_global_batch: int, new_global_batch: int, steps_per_epoch: int, *,
+                   counted_in_epochs: bool = False) -> TrainState:
+    """The same epoch, at the step whose samples were all seen before (rounding down). With
+    ``counted_in_epochs`` (the run's length is train.epochs) the step count is restated in steps of the
+    new batch, so the run still ends after its epochs; with train.max_steps it stays the steps taken."""
     samples = state.step_in_epoch * old_global_batch
-    return replace(state, step_in_epoch=min(samples // new_global_batch, steps_per_epoch))
+    step_in_epoch = min(samples // new_global_batch, steps_per_epoch)
+    global_step = state.epoch * steps_per_epoch + step_in_epoch if counted_in_epochs else state.global_step
+    return replace(state, step_in_epoch=step_in_epoch, global_step=global_step)
 
 
 def reseed(seed: int, step: int, rank: int) -> None:

@@ -32,8 +32,10 @@ from bookgen.errors import BookgenError
 from bookgen.evaluate import EvalResult, perplexity
 from bookgen.fileio import write_json_atomic
 from bookgen.flops import flops_per_token, mfu, peak_flops
+from bookgen.layout import BatchLayout
 from bookgen.metrics import MetricsLog, plot_loss_curves
 from bookgen.model import build_model, count_parameters
+from bookgen.preflight import check_training
 from bookgen.progress import TrainProgress, summary_table
 from bookgen.step import StepMetrics, train_step
 
@@ -49,7 +51,7 @@ class StepPlan:
 
 
 def plan_steps(n_examples: int, t: TrainConfig, world_size: int) -> StepPlan:
-    global_batch = t.micro_batch_size * t.grad_accum_steps * world_size
+    global_batch = BatchLayout.of(t, world_size).global_batch
     per_epoch = steps_per_epoch(n_examples, global_batch)
     if per_epoch == 0:
         raise BookgenError(f"the training split has {n_examples} examples, fewer than one global batch of "
@@ -94,6 +96,7 @@ class Run:
 def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
     stop = StopFlag()
+    check_training(cfg, dist)
     if dist.is_main:
         announce(cfg, console, dist)
     ensure_prepared(cfg, dist, console)
@@ -204,6 +207,8 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
             totals.tokens, totals.last_loss = totals.tokens + m.tokens, m.loss
             totals.seconds = time.perf_counter() - start
             _log_step(run, m, tokens_per_second=totals.tokens / max(totals.seconds, 1e-9))
+            if not math.isfinite(m.loss):  # every rank sees the same all-reduced loss and stops here
+                _stop_non_finite(run, cfg, m.loss)
             if m.stop_requested:
                 _save_and_exit_preempted(run, cfg, dist, console)
             if state.global_step < plan.total_steps:  # the last step's evaluation and save are _finish's
@@ -211,6 +216,17 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
         if state.step_in_epoch >= plan.steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
     return totals
+
+
+def _stop_non_finite(run: Run, cfg: ExperimentConfig, loss: float) -> None:
+    """A nan/inf loss poisons the weights: stop before any checkpoint or evaluation records them."""
+    run.progress.close()
+    if run.log is not None:
+        run.log.close()
+    last = ckpt.newest_complete(cfg)
+    raise BookgenError(f"step {run.state.global_step}: the training loss is {loss}; stopped without saving. "
+                       f"The last good checkpoint is {last or 'none (nothing was saved)'}. Lower "
+                       "train.learning_rate, raise train.warmup_steps or use train.precision: fp32")
 
 
 def _log_step(run: Run, m: StepMetrics, *, tokens_per_second: float) -> None:
@@ -308,11 +324,16 @@ def resume(engine: Any, folder: Path | None, notes: list[str], cfg: ExperimentCo
     if folder is None:
         return ckpt.TrainState()
     state = ckpt.load(engine, folder, cfg, dist, universal=universal, steps_per_epoch=steps_per_epoch)
-    saved_by = reshard.saved_world_size(folder)
+    saved = ckpt.read_marker(folder, cfg)
+    saved_by, saved_batch = saved["world_size"], saved["global_batch"]
     if saved_by != dist.world_size:
         console.print(f"[yellow]{folder} was saved by {saved_by} ranks, this run has {dist.world_size}: "
                       f"{'loaded through a universal checkpoint; ' if universal else ''}the data position is "
                       "mapped by samples seen and the random streams restart, so this run is not bit-exact[/]")
+    elif saved_batch != BatchLayout.of(cfg.train, dist.world_size).global_batch:
+        console.print(f"[yellow]{folder} was saved with a global batch of {saved_batch}, this run's is "
+                      f"{BatchLayout.of(cfg.train, dist.world_size).global_batch}: the data position is mapped by "
+                      "samples seen (rounded down: a few samples may be seen twice, none skipped)[/]")
     console.print(f"resumed from {folder} at step {state.global_step} (epoch {state.epoch}, "
                   f"step {state.step_in_epoch} of the epoch)")
     return state

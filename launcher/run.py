@@ -17,13 +17,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bookgen.cli import main  # noqa: E402
 
+MODES = ("train", "eval")
+
 
 def run(argv: list[str]) -> int:
     mode = "train"
-    if "--mode" in argv:
-        i = argv.index("--mode")
-        mode = argv[i + 1]
-        argv = argv[:i] + argv[i + 2 :]
+    for i, arg in enumerate(argv):
+        if arg == "--mode" or arg.startswith("--mode="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if value not in MODES:
+                print(f"launcher/run.py: --mode needs one of {', '.join(MODES)}, got {value or 'nothing'!r}",
+                      file=sys.stderr)
+                return 2
+            mode = value
+            argv = argv[:i] + argv[i + (1 if "=" in arg else 2) :]
+            break
     return main([mode, *argv])
 
 

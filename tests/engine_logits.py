@@ -26,7 +26,7 @@ def main() -> None:
     dist = distributed.setup(120)
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
     engine = build_engine(cfg, build_model(cfg, tokenizer), dist.world_size, total_steps=1)
-    ckpt.load(engine, ckpt.newest_complete(cfg), cfg, dist)
+    ckpt.load(engine, ckpt.newest_complete(cfg), cfg, dist, steps_per_epoch=1)
     engine.eval()
     ids = torch.tensor([tokenizer(PROBE, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():

@@ -6,6 +6,7 @@ import hashlib
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from bookgen.fileio import sha256_file
 SPLITS = ("train", "valid", "test")
 ARCHIVE_MEMBER = "booksummaries/booksummaries.txt"
 BOS_EOS_MARKERS = ("<BOS>", "<EOS>")
+DETECT_ROWS = 100  # rows read to tell the CMU format from plain text
 
 
 @dataclass(slots=True)
@@ -37,9 +39,10 @@ def detect_format(source: Path) -> str:
         raise CorpusError(f"{source}: data.source not found (see data/README.md for how to get the corpus)")
     if source.name.endswith((".tar.gz", ".tgz")):
         return "archive"
+    # any of the first rows, not only the first: a malformed first row must not turn the file into text
     with open(source, encoding="utf-8", errors="replace") as fh:
-        first = fh.readline()
-    return "cmu" if looks_like_cmu(first) else "text"
+        head = [line for _, line in zip(range(DETECT_ROWS), fh, strict=False)]
+    return "cmu" if any(looks_like_cmu(line) for line in head) else "text"
 
 
 def source_checksum(source: Path, fmt: str) -> str:
@@ -56,7 +59,7 @@ def extract_archive(archive: Path, target_dir: Path) -> Path:
     target_dir.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = [m for m in tar.getmembers() if m.name.lstrip("./") == ARCHIVE_MEMBER]
+            members = [m for m in tar.getmembers() if member_name(m.name) == ARCHIVE_MEMBER]
             if not members:
                 raise CorpusError(f"{archive}: archive has no member {ARCHIVE_MEMBER}")
             member = members[0]
@@ -69,8 +72,16 @@ def extract_archive(archive: Path, target_dir: Path) -> Path:
             tmp.write_bytes(reader.read())
             tmp.replace(dest)
             return dest
-    except tarfile.TarError as exc:
-        raise CorpusError(f"{archive}: not a readable tar archive: {exc}") from exc
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:  # a truncated .gz ends in EOFError
+        raise CorpusError(f"{archive}: not a readable (complete) tar archive: {type(exc).__name__}: {exc}. "
+                          "Download it again.") from exc
+
+
+def member_name(name: str) -> str:
+    """An archive member's name with leading ``./`` removed (and nothing else: ``../x`` stays ``../x``)."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
 
 
 def strip_markers(line: str) -> str:

@@ -1,0 +1,61 @@
+"""Checks that need no data, run before `prepare`: a mistake in the experiment is reported in seconds,
+not after the corpus is tokenized or the first steps are trained."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bookgen import distributed
+from bookgen.checkpoint import check_resume_folder, checkpoint_root
+from bookgen.config import ExperimentConfig
+from bookgen.distributed import DistEnv
+from bookgen.ds_config import build_ds_config
+from bookgen.errors import BookgenError
+
+
+def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
+    """Every rank: the DeepSpeed config agrees with the experiment, the precision runs here, the resume
+    folder exists, the model has positions for a block, and the run folder can be written."""
+    build_ds_config(cfg, dist.world_size)  # raises on a ZeRO stage or batch clash with the JSON
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise BookgenError("train.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if cfg.checkpoint.resume not in ("auto", "never"):
+        check_resume_folder(Path(cfg.checkpoint.resume))
+    check_block_fits(cfg)
+    errors = distributed.gather_errors(_unwritable(cfg, dist))
+    if errors:
+        raise BookgenError("; ".join(errors))
+
+
+def check_block_fits(cfg: ExperimentConfig) -> None:
+    """A pretrained model's position count is read from its config (a from-config model is checked when
+    the experiment is loaded)."""
+    if cfg.model.name_or_path is None:
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model.name_or_path)
+    except (OSError, ValueError) as exc:
+        raise BookgenError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r}: {exc}") from exc
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions is not None and cfg.data.block_size > positions:
+        raise BookgenError(f"data.block_size: {cfg.data.block_size} is more than the {positions} positions of "
+                           f"{cfg.model.name_or_path}; set data.block_size to at most {positions}")
+
+
+def _unwritable(cfg: ExperimentConfig, dist: DistEnv) -> str | None:
+    """This rank's complaint about the run folder or its checkpoints folder, or None."""
+    for folder, key in ((cfg.run.output_dir, "run.output_dir"), (checkpoint_root(cfg), "run.output_dir")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder, prefix=".bookgen-write-test-"):
+                pass
+        except OSError as exc:
+            who = f"rank {dist.rank}: " if dist.world_size > 1 else ""
+            return (f"{who}{key}: cannot write into {folder} ({exc.strerror or exc}); checkpoints and metrics go "
+                    "there: fix its permissions or choose another run.output_dir")
+    return None

@@ -1,0 +1,346 @@
+"""Nothing lost, every mistake named: what a careless user does to export, resume, generate and the config."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bookgen.checkpoint import MARKER
+from bookgen.cli import main
+from bookgen.metrics import read_metrics
+from tests.conftest import REPO, write_experiment
+from tests.ranks import launch, rank_env
+
+STEPS = 4
+SETTINGS = {"train.max_steps": STEPS, "checkpoint.every": 2, "checkpoint.keep": 2, "eval.at_end": False}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished single-rank run (checkpoints at steps 2 and 4) and its export, shared read-only: tests copy it."""
+    folder = tmp_path_factory.mktemp("trained")
+    exp = write_experiment(folder, SETTINGS, rows=120)
+    launch(1, ["--cfg", str(exp)])
+    assert main(["export", "--cfg", str(exp), "--out", str(folder / "export")]) == 0
+    return folder
+
+
+def _copy_run(trained: Path, tmp_path: Path, overrides: dict | None = None) -> Path:
+    """An experiment in ``tmp_path`` whose run folder is a copy of the trained one."""
+    shutil.copytree(trained / "run", tmp_path / "run")
+    return write_experiment(tmp_path, SETTINGS | (overrides or {}), rows=120)
+
+
+def _cli(args: list[str], cwd: Path | None = None, user: bool = False) -> subprocess.CompletedProcess[str]:
+    """`bookgen ARGS` in a fresh process; ``user``: as an unprivileged user when this runs as root (root
+    writes into read-only folders, so permission mistakes only show as another user)."""
+    cmd = [sys.executable, "-m", "bookgen.cli", *args]
+    if user and os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    env = rank_env({"PYTHONPATH": str(REPO), "HOME": "/tmp"})
+    return subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _world_readable_tmp(tmp_path: Path) -> Path:
+    """A folder another user can enter (pytest's own tmp folders are private to their owner)."""
+    folder = Path("/tmp") / f"bookgen-test-{os.getpid()}-{tmp_path.name}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    return folder
+
+
+# --- export ---------------------------------------------------------------------------------------------
+
+def test_export_refuses_the_run_folder_and_leaves_it_whole(trained, tmp_path):
+    exp = _copy_run(trained, tmp_path)
+    run = tmp_path / "run"
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    proc = _cli(["export", "--cfg", str(exp), "--out", str(run), "--force"])
+    assert proc.returncode == 2 and "is a run folder" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before, "nothing in the run folder changed"
+    assert (run / "checkpoints" / "step00000004" / MARKER).is_file()
+
+
+def test_export_refuses_a_file_and_a_foreign_folder_unless_forced(trained, tmp_path):
+    exp = write_experiment(tmp_path / "exp", SETTINGS, rows=120)
+    shutil.copytree(trained / "run", exp.parent / "run")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    proc = _cli(["export", "--cfg", str(exp), "--out", str(a_file)])
+    assert proc.returncode == 2 and "is a file" in proc.stderr and a_file.read_text() == "mine"
+    foreign = tmp_path / "papers"
+    foreign.mkdir()
+    (foreign / "draft.tex").write_text("keep me")
+    proc = _cli(["export", "--cfg", str(exp), "--out", str(foreign)])
+    assert proc.returncode == 2 and "--force" in proc.stderr and sorted(os.listdir(foreign)) == ["draft.tex"]
+    proc = _cli(["export", "--cfg", str(exp), "--out", str(foreign), "--force"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (foreign / "draft.tex").read_text() == "keep me" and (foreign / "model.safetensors").is_file()
+
+
+def test_export_into_the_current_folder_and_over_a_previous_export(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    exp = write_experiment(tmp_path / "exp", SETTINGS, rows=120)
+    shutil.copytree(trained / "run", exp.parent / "run")
+    here = tmp_path / "here"
+    here.mkdir()
+    proc = _cli(["export", "--cfg", str(exp), "--out", "."], cwd=here)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not [p for p in os.listdir(tmp_path) + os.listdir(here) if p.startswith(".")], "no scratch left"
+    (here / "stale.bin").write_text("left by an older export")
+    record = json.loads((here / "bookgen_export.json").read_text())
+    record["files"].append("stale.bin")
+    (here / "bookgen_export.json").write_text(json.dumps(record))
+    (here / "README.md").write_text("the user's own notes")
+    proc = _cli(["export", "--cfg", str(exp), "--checkpoint", str(exp.parent / "run/checkpoints/step00000002"),
+                 "--out", str(here)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (here / "stale.bin").exists(), "a file of the previous export that this one does not write goes"
+    assert (here / "README.md").read_text() == "the user's own notes", "a file the user added stays"
+    assert json.loads((here / "bookgen_export.json").read_text())["checkpoint"].endswith("step00000002")
+    AutoModelForCausalLM.from_pretrained(str(here))
+
+
+def test_exported_files_follow_the_umask(trained, tmp_path):
+    exp = write_experiment(tmp_path / "exp", SETTINGS, rows=120)
+    shutil.copytree(trained / "run", exp.parent / "run")
+    old = os.umask(0o022)
+    try:
+        assert main(["export", "--cfg", str(exp), "--out", str(tmp_path / "shared_model")]) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "shared_model"
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o644 for p in out.iterdir()}
+    assert (tmp_path / "exp/run/resolved_config.yaml").stat().st_mode & 0o777 == 0o644
+
+
+# --- resume and checkpoints -----------------------------------------------------------------------------
+
+def test_rerunning_a_finished_run_keeps_its_checkpoint(trained, tmp_path):
+    exp = _copy_run(trained, tmp_path)
+    final = tmp_path / "run/checkpoints/step00000004"
+    stamp = (final / MARKER).stat().st_mtime_ns
+    # a kill inside a save of step 4 would, before, have left no checkpoint at all
+    proc = launch(1, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "kill_in_save:4"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (final / MARKER).stat().st_mtime_ns == stamp, "the complete final checkpoint was not saved again"
+
+
+def test_resume_with_another_global_batch_maps_the_position_by_samples(tmp_path):
+    # 84 training examples: 42 steps an epoch at micro-batch 2, 21 at micro-batch 4
+    exp = write_experiment(tmp_path, {"train.epochs": 1, "train.max_steps": None, "checkpoint.every": 10,
+                                      "eval.at_end": False}, rows=120)
+    killed = launch(1, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "kill:11"}, check=False)
+    assert killed.returncode != 0
+    again = launch(1, ["--cfg", str(exp), "--set", "train.micro_batch_size=4"])
+    assert "saved with a global batch of 2, this run's is 4" in again.stderr
+    assert "at step 5 (epoch 0, step 5 of the epoch)" in again.stderr, again.stderr[-2000:]
+    steps = [r["step"] for r in read_metrics(tmp_path / "run/metrics.jsonl") if "loss" in r]
+    # the log keeps the 5 steps before the resume point; 20 samples + 16 steps x 4 = the epoch's 84, once
+    assert steps == list(range(1, 22))
+
+
+def test_truncated_checkpoint_file_is_named_with_the_previous_checkpoint(trained, tmp_path):
+    exp = _copy_run(trained, tmp_path, {"train.max_steps": 6})
+    damaged = tmp_path / "run/checkpoints/step00000004/mp_rank_00_model_states.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    proc = launch(1, ["--cfg", str(exp)], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(damaged) in proc.stderr and "step00000002" in proc.stderr
+    assert "checkpoint.resume=" in proc.stderr
+
+
+def test_non_finite_loss_stops_the_run_before_it_saves(tmp_path):
+    exp = write_experiment(tmp_path, {"train.learning_rate": 1e30, "train.max_steps": 6, "checkpoint.every": 1},
+                           rows=120)
+    proc = launch(1, ["--cfg", str(exp)], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the training loss is" in proc.stderr and "stopped without saving" in proc.stderr
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run/metrics.jsonl") if "loss" in r]
+    bad_step = next(i for i, loss in enumerate(losses, start=1) if loss != loss or abs(loss) == float("inf"))
+    saved = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step*"))
+    assert saved and all(int(name[4:]) < bad_step for name in saved), (saved, bad_step)
+
+
+def test_read_only_checkpoint_folder_is_refused_before_training(tmp_path):
+    base = _world_readable_tmp(tmp_path)
+    try:
+        exp = write_experiment(base, {"train.max_steps": 2}, rows=120)
+        (base / "run" / "checkpoints").mkdir(parents=True)
+        for folder in (base / "run", base):
+            folder.chmod(0o777)
+        (base / "run" / "checkpoints").chmod(0o555)
+        proc = _cli(["train", "--cfg", str(exp)], user=True)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"cannot write into {base / 'run' / 'checkpoints'}" in proc.stderr
+        assert not (base / "run" / "prepared").exists(), "refused before preparing or training anything"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --- generate -------------------------------------------------------------------------------------------
+
+def test_generate_never_writes_over_its_prompts_or_its_other_output(trained, tmp_path):
+    model = trained / "export"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("<BOS> The king\n")
+    proc = _cli(["generate", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "prompts.jsonl")])
+    assert proc.returncode == 2 and "would overwrite the input" in proc.stderr
+    assert prompts.read_text() == "<BOS> The king\n"
+    proc = _cli(["generate", "--model", str(model), "--out", str(tmp_path / "samples.txt")])
+    assert proc.returncode == 2 and ".jsonl" in proc.stderr and not (tmp_path / "samples.txt").exists()
+
+
+def test_generate_settings_from_set_apply_without_an_experiment(trained, tmp_path):
+    out = tmp_path / "g.jsonl"
+    proc = _cli(["generate", "--model", str(trained / "export"), "--out", str(out), "--set",
+                 "generate.max_new_tokens=3", "--set", "generate.num_return_sequences=2"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["tokens"] <= 3 for r in rows)
+    proc = _cli(["generate", "--model", str(trained / "export"), "--out", str(out), "--set", "nonsense=1"])
+    assert proc.returncode == 2 and "--set nonsense=1" in proc.stderr
+
+
+def test_generate_bad_prompt_files_and_long_prompts(trained, tmp_path):
+    model = str(trained / "export")
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "<BOS> fine"}\n{"prompt": 5}\n')
+    proc = _cli(["generate", "--model", model, "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")])
+    assert proc.returncode == 2 and f"{bad}:2" in proc.stderr and "Traceback" not in proc.stderr
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("<BOS> caf\xe9\n".encode("latin-1"))
+    proc = _cli(["generate", "--model", model, "--prompts", str(latin), "--out", str(tmp_path / "o.jsonl")])
+    assert proc.returncode == 2 and "not UTF-8" in proc.stderr and str(latin) in proc.stderr
+    long = tmp_path / "long.txt"
+    long.write_text("<BOS> " + "the story goes on and on " * 40 + "\n")  # far beyond n_positions 64
+    proc = _cli(["generate", "--model", model, "--prompts", str(long), "--out", str(tmp_path / "o.jsonl"),
+                 "--max-new-tokens", "5", "--num-return-sequences", "1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "the model sees at most 64" in proc.stderr
+    assert json.loads((tmp_path / "o.jsonl").read_text())["tokens"] >= 1
+
+
+def test_generate_into_a_read_only_folder_is_refused(trained, tmp_path):
+    base = _world_readable_tmp(tmp_path)
+    try:
+        shutil.copytree(trained / "export", base / "model")
+        locked = base / "locked"
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        proc = _cli(["generate", "--model", str(base / "model"), "--out", str(locked / "g.jsonl")], user=True)
+        assert proc.returncode == 2 and f"cannot write into {locked}" in proc.stderr, proc.stderr[-2000:]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --- input and config -----------------------------------------------------------------------------------
+
+def test_cmu_file_with_a_malformed_first_row_is_still_cmu(tmp_path):
+    from bookgen.data.cmu import CorpusError
+    from bookgen.data.sources import detect_format, read_corpus
+
+    sample = (REPO / "data/sample/booksummaries.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    source = tmp_path / "booksummaries.txt"
+    source.write_text("a stray line without tabs\n" + "".join(sample[:20]), encoding="utf-8")
+    assert detect_format(source) == "cmu"
+    with pytest.raises(CorpusError, match=r"booksummaries.txt:1: expected 7 tab-separated columns"):
+        read_corpus(source, "cmu", skip_malformed=False, scratch=tmp_path)
+    assert len(read_corpus(source, "cmu", skip_malformed=True, scratch=tmp_path).docs) == 20
+
+
+def _archive(path: Path, member: str, data: bytes) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_archive_member_must_be_exact_and_truncated_archives_are_named(tmp_path):
+    from bookgen.data.cmu import CorpusError
+    from bookgen.data.sources import extract_archive
+
+    row = (REPO / "data/sample/booksummaries.txt").read_bytes().splitlines(keepends=True)[0]
+    good = _archive(tmp_path / "good.tar.gz", "./booksummaries/booksummaries.txt", row)
+    assert extract_archive(good, tmp_path / "x").read_bytes() == row
+    evil = _archive(tmp_path / "evil.tar.gz", "../booksummaries/booksummaries.txt", row)
+    with pytest.raises(CorpusError, match="has no member booksummaries/booksummaries.txt"):
+        extract_archive(evil, tmp_path / "y")
+    big = _archive(tmp_path / "big.tar.gz", "booksummaries/booksummaries.txt", os.urandom(200_000))
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(big.read_bytes()[:50_000])
+    with pytest.raises(CorpusError, match="truncated.tar.gz: not a readable"):
+        extract_archive(truncated, tmp_path / "z")
+    assert gzip  # the archive is gzip-compressed, as the real one
+
+
+def test_config_refusals_name_the_key_and_where_it_came_from(tmp_path):
+    from bookgen.config import ConfigError
+    from bookgen.config_io import load_config
+
+    exp = write_experiment(tmp_path)
+    with pytest.raises(ConfigError, match=r"--set train.learning_rate=.inf: train.learning_rate: expected a finite"):
+        load_config(exp, ["train.learning_rate=.inf"])
+    with pytest.raises(ConfigError, match=r"--set generate.temperature=.nan: generate.temperature"):
+        load_config(exp, ["generate.temperature=.nan"])
+    with pytest.raises(ConfigError, match=r"--set train.epochs=0: train.epochs: must be >= 1"):
+        load_config(exp, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match=r"exp.yaml: data.block_size: 128 is more than model.n_positions \(64\)"):
+        load_config(write_experiment(tmp_path / "b", {"data.block_size": 128}))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty.yaml: the experiment file is empty"):
+        load_config(empty)
+    cfg = load_config(exp, ["checkpoint.resume=old/checkpoints/step00000004"])
+    assert cfg.checkpoint.resume == str(tmp_path / "old/checkpoints/step00000004"), "relative to the YAML's folder"
+
+
+def test_mistakes_that_need_no_data_are_reported_before_prepare(tmp_path):
+    tiny = REPO / "experiments/tiny_cpu.yaml"
+    out = tmp_path / "run"
+    proc = _cli(["train", "--cfg", str(tiny), "--set", f"run.output_dir={out}", "--set", "deepspeed.zero_stage=3"])
+    assert proc.returncode == 2
+    assert f"--set deepspeed.config={REPO / 'ds_configs/zero3.json'}" in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "prepared").exists()
+    exp = write_experiment(tmp_path / "resume", {"checkpoint.resume": "nowhere/step00000004"})
+    proc = _cli(["train", "--cfg", str(exp)])
+    assert proc.returncode == 2 and "nowhere/step00000004 does not exist" in proc.stderr
+    assert not (tmp_path / "resume/run/prepared").exists()
+
+
+def test_pretrained_model_with_too_few_positions_is_refused_before_prepare(trained, tmp_path):
+    exp = write_experiment(tmp_path, {"model.name_or_path": str(trained / "export"), "data.block_size": 128})
+    proc = _cli(["train", "--cfg", str(exp)])
+    assert proc.returncode == 2 and "data.block_size: 128 is more than the 64 positions" in proc.stderr
+    assert not (tmp_path / "run/prepared").exists()
+
+
+def test_launcher_mode_without_a_value(tmp_path):
+    exp = write_experiment(tmp_path)
+    proc = subprocess.run([sys.executable, str(REPO / "launcher/run.py"), "--cfg", str(exp), "--mode"],
+                          capture_output=True, text=True, env=rank_env())
+    assert proc.returncode == 2 and "--mode needs one of train, eval" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dry_run_warns_that_other_nodes_cannot_reach_loopback(tmp_path, capsys):
+    exp = write_experiment(tmp_path, {"launch.nodes": 2})
+    assert main(["launch", "--cfg", str(exp), "--dry-run"]) == 0
+    assert "other nodes cannot reach a loopback address" in capsys.readouterr().err
+    exp = write_experiment(tmp_path / "ok", {"launch.nodes": 2, "launch.master_addr": "node1"})
+    assert main(["launch", "--cfg", str(exp), "--dry-run"]) == 0
+    assert "loopback" not in capsys.readouterr().err
+    assert yaml  # experiments are YAML files
