@@ -80,7 +80,7 @@ def bookgen_experiment(folder: Path, args: argparse.Namespace, shape: Shape, *, 
     name = "bookgen_compile" if compiled else "bookgen"
     cfg = {
         "seed": 0, "run": {"output_dir": f"run_{name}", "log_every": 50},
-        "data": {"source": "corpus.txt", "block_size": shape.block, "packing": True, "prepared_dir": "prepared"},
+        "data": {"source": "corpus.txt", "block_size": shape.block, "packing": "concat", "prepared_dir": "prepared"},
         "tokenizer": {"vocab_size": 8192},
         # GPT-2's 50,257-row vocabulary padded to 50,304 rows as nanoGPT does; here every run has 50,304 rows
         "model": {"n_layer": shape.layers, "n_head": shape.heads, "n_embd": shape.width,

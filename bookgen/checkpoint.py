@@ -272,7 +272,23 @@ def check_compatible(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:
     if marker["zero_stage"] != cfg.deepspeed.zero_stage:
         raise BookgenError(f"{folder} was saved under ZeRO stage {marker['zero_stage']}, this run uses "
                            f"deepspeed.zero_stage {cfg.deepspeed.zero_stage}")
+    saved = saved_layout(marker)
+    now = (cfg.data.packing, cfg.data.block_size)
+    if saved != now and marker["state"]["step_in_epoch"] != 0:
+        # the examples of an epoch (rows, blocks) are another list: a mid-epoch position means nothing there
+        raise BookgenError(f"{folder} was saved mid-epoch with data.packing {saved[0]!r} and data.block_size "
+                           f"{saved[1]}; this run has {now[0]!r} and {now[1]}. Change them only at an epoch's "
+                           "end, or resume with the saved values")
     return marker
+
+
+def saved_layout(marker: dict[str, Any]) -> tuple[str, int]:
+    """(data.packing, data.block_size) a checkpoint was trained with; old markers kept packing as a bool."""
+    data = marker.get("data", {})
+    packing = data.get("packing", "none")
+    if isinstance(packing, bool):
+        packing = "concat" if packing else "none"
+    return packing, int(data.get("block_size", 0))
 
 
 def _diff(section: str, saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -39,6 +39,7 @@ def _doc(help_text: str, **extra: object) -> dict[str, object]:
 PATH = "path"  # relative value resolves against the YAML file's folder
 PATH_OR_ID = "path_or_id"  # a local folder if it exists next to the YAML file, else a hub id
 PATH_UNLESS = "path_unless"  # a path resolved as PATH unless the value is one of these keywords
+REPLACED = "replaced"  # old values of a setting -> the value that now means the same, named in the error
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,9 +79,16 @@ class DataConfig:
         metadata=_doc("Split files and token store; default `<run.output_dir>/prepared`.", path=True),
     )
     block_size: int = field(default=1024, metadata=_doc("Tokens per training example (truncation length)."))
-    packing: bool = field(default=False, metadata=_doc("Concatenate documents into full blocks."))
+    packing: Literal["none", "documents", "concat"] = field(
+        default="none",
+        metadata=_doc("none: one summary per row (line by line); documents: whole summaries packed into rows "
+                      "with attention and positions per summary, exactly line by line's loss at packed speed; "
+                      "concat: concatenated blocks that cross summaries (continued pre-training, not "
+                      "comparable). Evaluation is per summary whatever this is.",
+                      replaced={True: "concat", False: "none"}),
+    )
     group_by_length: bool = field(
-        default=False, metadata=_doc("Batch documents of similar length (line-by-line only).")
+        default=False, metadata=_doc("Batch documents of similar length (data.packing: none only).")
     )
     skip_malformed: bool = field(
         default=False, metadata=_doc("Skip and count malformed CMU rows instead of failing.")
@@ -98,9 +106,9 @@ class DataConfig:
         _require(self.block_size >= 8, "block_size", f"must be >= 8, got {self.block_size}")
         _require(self.shard_tokens >= 1024, "shard_tokens", "must be >= 1024")
         _require(
-            not (self.packing and self.group_by_length),
+            not (self.packing != "none" and self.group_by_length),
             "group_by_length",
-            "cannot be combined with data.packing (packed blocks all have the same length)",
+            f"cannot be combined with data.packing: {self.packing} (packed rows are all about the block size)",
         )
 
 

@@ -14,7 +14,16 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from bookgen.config import PATH, PATH_OR_ID, PATH_UNLESS, ConfigError, ExperimentConfig, FieldError, GenerateConfig
+from bookgen.config import (
+    PATH,
+    PATH_OR_ID,
+    PATH_UNLESS,
+    REPLACED,
+    ConfigError,
+    ExperimentConfig,
+    FieldError,
+    GenerateConfig,
+)
 from bookgen.fileio import write_text_atomic
 
 
@@ -102,7 +111,13 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path,
             kwargs[name] = _build(tp, raw[name], prefix=f"{dotted}.", source=source, base_dir=base_dir,
                                   overrides=overrides)
             continue
-        value = _coerce(raw[name], tp, dotted, f"--set {overrides[dotted]}" if dotted in overrides else source)
+        where = f"--set {overrides[dotted]}" if dotted in overrides else source
+        replaced = f.metadata.get(REPLACED, {})
+        if replaced and isinstance(raw[name], type(next(iter(replaced)))) and raw[name] in replaced:
+            choices = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"{where}: {dotted}: {raw[name]!r} is no longer a value; use one of {choices} "
+                              f"({raw[name]!r} meant {replaced[raw[name]]!r})")
+        value = _coerce(raw[name], tp, dotted, where)
         keywords = f.metadata.get(PATH_UNLESS)
         if value is not None and f.metadata.get(PATH):
             value = Path(value) if Path(value).is_absolute() else (base_dir / value).resolve()

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from bookgen.data.batches import IGNORE_INDEX, Examples, collate, eval_shard, model_inputs
+from bookgen.data.batches import IGNORE_INDEX, Examples, eval_shard, model_inputs
 from bookgen.distributed import DistEnv, all_reduce_max, all_reduce_sum
 
 Forward = Callable[..., object]  # model or engine: forward(input_ids=..., [attention_mask=...]) -> .logits
@@ -58,7 +58,7 @@ def perplexity(
     for b in range(n_batches):
         picked = shard[b * batch_size : (b + 1) * batch_size]
         real = len(picked) > 0
-        host = collate([examples.tokens_of(int(i)) for i in (picked if real else [0])], pad_id)
+        host = examples.batch(picked if real else [0], pad_id)
         batch = model_inputs(host, device)
         labels = batch.pop("labels")
         out = forward(**batch, use_cache=False)  # a KV cache would keep every layer's keys and values alive

@@ -10,7 +10,7 @@ import torch
 
 from bookgen import distributed
 from bookgen.config import TrainConfig
-from bookgen.data.batches import Examples, collate, micro_batch_indices, model_inputs, predicted_tokens, to_device
+from bookgen.data.batches import Examples, micro_batch_indices, model_inputs, predicted_tokens, to_device
 from bookgen.distributed import DistEnv
 
 
@@ -31,7 +31,7 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
     parts = t.grad_accum_steps * dist.world_size
     loss_kwargs: dict[str, torch.Tensor] = {}  # micro_batches: the model's own per-micro-batch mean
     if t.loss_average == "tokens":
-        total = predicted_tokens(examples.lengths, order, step=step_in_epoch, global_batch=t.micro_batch_size * parts)
+        total = predicted_tokens(examples.targets, order, step=step_in_epoch, global_batch=t.micro_batch_size * parts)
         # each micro-batch's loss = its summed NLL / (total / parts); DeepSpeed then divides by the
         # accumulation steps and averages over ranks, leaving sum(NLL) / total for the whole step.
         # A tensor, not a float: a compiled model would recompile for every new Python number.
@@ -43,8 +43,8 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
         picked = micro_batch_indices(order, step=step_in_epoch, micro=micro, rank=dist.rank,
                                      world_size=dist.world_size, micro_batch_size=t.micro_batch_size,
                                      accum=t.grad_accum_steps)
-        batch = collate([examples.tokens_of(int(i)) for i in picked], pad_id)
-        tokens += int(batch["attention_mask"].sum())  # counted on the host: reading a GPU number waits for it
+        batch = examples.batch(picked, pad_id)
+        tokens += int(examples.lengths[picked].sum())  # counted on the host: reading a GPU number waits for it
         input_tokens += batch["input_ids"].numel()
         out = engine(**model_inputs(batch, engine.device), use_cache=False, **loss_kwargs)
         engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps; we log the unscaled loss

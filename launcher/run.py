@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bookgen.cli import main  # noqa: E402
 
-MODES = ("train", "eval")
+MODES = ("train", "eval", "generate", "export", "prepare")  # bookgen subcommands a launcher may start
 
 
 def run(argv: list[str]) -> int:

@@ -74,6 +74,24 @@ def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path, re
     _assert_same_as_reference(exp.parent / "run", reference)
 
 
+def test_documents_packing_killed_mid_epoch_resumes_bit_identical(tmp_path):
+    # block 512: 1-4 summaries a row, 12 steps an epoch at global batch 4; killed at step 6
+    packed = {"data.packing": "documents", "data.block_size": 512, "model.n_positions": 512, "train.max_steps": 10}
+    runs = {}
+    for name, fault in (("reference", None), ("killed", "kill:6:0")):
+        exp = write_experiment(tmp_path / name, SETTINGS | packed, rows=120)
+        if fault:
+            died = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": fault}, check=False, timeout=120)
+            assert died.returncode != 0
+            assert "at step 4 (epoch 0, step 4 of the epoch)" in launch(2, ["--cfg", str(exp)]).stderr
+        else:
+            launch(2, ["--cfg", str(exp)])
+        runs[name] = exp.parent / "run"
+    assert step_losses(runs["killed"]) == step_losses(runs["reference"])
+    ref, got = (consolidated_state_dict(runs[n] / "checkpoints" / "step00000010") for n in ("reference", "killed"))
+    assert all(torch.equal(ref[k], got[k]) for k in ref), "final weights identical"
+
+
 def test_preemption_signal_saves_exits_for_requeue_and_resumes(tmp_path, reference):
     exp = _experiment(tmp_path)
     pre = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "sigusr1:5:1"}, check=False, timeout=120)

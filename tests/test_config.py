@@ -21,7 +21,7 @@ def test_loads_embedded_default_and_resolves_paths_against_yaml_folder():
 def test_reference_experiment_matches_the_reference_run():
     cfg = load_config(REPO / "experiments" / "gpt2_booksummaries.yaml")
     assert (cfg.model.name_or_path, cfg.train.learning_rate, cfg.train.epochs) == ("gpt2", 5e-5, 5)
-    assert cfg.train.micro_batch_size == 2 and cfg.data.split == "reference" and not cfg.data.packing
+    assert cfg.train.micro_batch_size == 2 and cfg.data.split == "reference" and cfg.data.packing == "none"
 
 
 def test_unknown_key_suggests_close_match(tmp_path):
@@ -75,8 +75,13 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 def test_set_overrides_are_typed_and_validated(tmp_path):
     path = write_experiment(tmp_path)
-    cfg = load_config(path, ["train.max_steps=10", "train.learning_rate=3e-4", "data.packing=true"])
-    assert (cfg.train.max_steps, cfg.train.learning_rate, cfg.data.packing) == (10, 3e-4, True)
+    cfg = load_config(path, ["train.max_steps=10", "train.learning_rate=3e-4", "data.packing=documents"])
+    assert (cfg.train.max_steps, cfg.train.learning_rate, cfg.data.packing) == (10, 3e-4, "documents")
+    with pytest.raises(ConfigError, match=r"--set data.packing=true: data.packing: True is no longer a value; use "
+                                          r"one of 'none', 'documents', 'concat' \(True meant 'concat'\)"):
+        load_config(path, ["data.packing=true"])
+    with pytest.raises(ConfigError, match="group_by_length: cannot be combined with data.packing: documents"):
+        load_config(path, ["data.packing=documents", "data.group_by_length=true"])
     with pytest.raises(ConfigError, match="train.max_stpes: unknown key; did you mean train.max_steps"):
         load_config(path, ["train.max_stpes=10"])
     with pytest.raises(ConfigError, match="expected key.sub=value"):

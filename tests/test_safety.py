@@ -197,7 +197,8 @@ def test_generate_never_writes_over_its_prompts_or_its_other_output(trained, tmp
     model = trained / "export"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("<BOS> The king\n")
-    proc = _cli(["generate", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "prompts.jsonl")])
+    proc = _cli(["generate", "--model", str(model), "--prompts", str(prompts), "--out",
+                 str(tmp_path / "prompts.jsonl")])
     assert proc.returncode == 2 and "would overwrite the input" in proc.stderr
     assert prompts.read_text() == "<BOS> The king\n"
     proc = _cli(["generate", "--model", str(model), "--out", str(tmp_path / "samples.txt")])
@@ -333,7 +334,7 @@ def test_launcher_mode_without_a_value(tmp_path):
     exp = write_experiment(tmp_path)
     proc = subprocess.run([sys.executable, str(REPO / "launcher/run.py"), "--cfg", str(exp), "--mode"],
                           capture_output=True, text=True, env=rank_env())
-    assert proc.returncode == 2 and "--mode needs one of train, eval" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--mode needs one of train, eval, generate" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_dry_run_warns_that_other_nodes_cannot_reach_loopback(tmp_path, capsys):

@@ -46,6 +46,25 @@ def test_first_steps_agree_across_zero_stages(tmp_path):
     assert all(0 < norm < 100 for norm in norms["z0"].values())
 
 
+PACKED = {"data.packing": "documents", "data.block_size": 512, "model.n_positions": 512}  # 1-4 summaries a row
+
+
+@pytest.mark.multirank
+def test_documents_packing_agrees_across_zero_0_and_3(tmp_path):
+    losses = {}
+    for stage in (0, 3):
+        exp = write_experiment(tmp_path / f"z{stage}", PACKED | {
+            "deepspeed.zero_stage": stage, "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json"),
+            "train.max_steps": 3, "eval.at_end": False, "model.dropout": 0.1}, rows=120)
+        launch(2, ["--cfg", str(exp)])
+        losses[stage] = step_losses(exp.parent / "run")
+        records = [r for r in read_metrics(exp.parent / "run" / "metrics.jsonl") if "loss" in r]
+        assert all(r["input_tokens"] <= 2 * 2 * 512 and r["tokens"] > 0.9 * r["input_tokens"] for r in records)
+    assert sorted(losses[3]) == [1, 2, 3]
+    for step in (1, 2, 3):  # the same dropout masks: each rank draws from the same seeded stream
+        assert losses[3][step] == pytest.approx(losses[0][step], rel=1e-5), step
+
+
 @pytest.mark.multirank
 def test_two_rank_run_learns_and_writes_its_records(tmp_path):
     exp = write_experiment(tmp_path, {
@@ -75,7 +94,7 @@ def test_two_rank_run_learns_and_writes_its_records(tmp_path):
 
 
 def test_packed_run_has_no_padding_and_line_by_line_does(tmp_path):
-    packed = write_experiment(tmp_path / "packed", {"data.packing": True, "train.max_steps": 3,
+    packed = write_experiment(tmp_path / "packed", {"data.packing": "concat", "train.max_steps": 3,
                                                     "run.tensorboard": True, "run.peak_tflops": 0.5}, rows=120)
     launch(1, ["--cfg", str(packed)])
     run = packed.parent / "run"
@@ -133,8 +152,9 @@ def test_perplexity_is_the_same_for_any_world_size_and_matches_plain_transformer
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    exp = write_experiment(tmp_path, {"train.max_steps": 6, "train.learning_rate": 3e-3, "eval.batch_size": 3},
-                           rows=130)
+    # trained on concatenated blocks: evaluation still scores each summary on its own
+    exp = write_experiment(tmp_path, {"train.max_steps": 6, "train.learning_rate": 3e-3, "eval.batch_size": 3,
+                                      "data.packing": "concat"}, rows=130)
     launch(1, ["--cfg", str(exp)])
     results = {}
     for world in (1, 2, 3):
@@ -187,7 +207,7 @@ def test_compiled_run_matches_eager_and_saves_the_same_weights(tmp_path):
     runs = {}
     for compiled in (False, True):
         exp = write_experiment(tmp_path / str(compiled), {
-            "train.compile": compiled, "train.max_steps": 3, "train.learning_rate": 3e-3, "data.packing": True,
+            "train.compile": compiled, "train.max_steps": 3, "train.learning_rate": 3e-3, **PACKED,
             "deepspeed.zero_stage": 2, "deepspeed.config": str(REPO / "ds_configs/zero2.json")}, rows=120)
         launch(1, ["--cfg", str(exp)], env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor_{compiled}")})
         runs[compiled] = exp.parent / "run"

@@ -1,48 +1,99 @@
-"""Examples, their order, each rank's share, and padded batches: pure functions over the token store.
+"""Examples, their order, each rank's share, and batches: pure functions over the token store.
 
-An *example* is either one document truncated to the block size (line by line, as the reference) or
-one block of the concatenated documents (``data.packing``). The order of an epoch depends only on the
-seed and the epoch, so a resumed run can skip straight to its position.
+An *example* is one row of a micro-batch, by ``data.packing``:
+
+- ``none``: one document truncated to the block size (line by line, as the reference);
+- ``documents``: whole documents, each truncated as line by line truncates it, packed into rows of at most
+  the block size (best-fit decreasing, see :func:`pack_documents`). Position ids restart at 0 at each
+  document, which makes transformers build a block-diagonal causal mask (no attention across documents),
+  and a document's first token is no target: every document's loss and gradient are those it gets alone;
+- ``concat``: one block of the concatenated documents (continued pre-training; not comparable).
+
+The order of an epoch depends only on the seed and the epoch, so a resumed run can skip straight to its
+position.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from bookgen.data.store import TokenStore
 
-IGNORE_INDEX = -100  # positions the loss skips (padding)
+IGNORE_INDEX = -100  # positions the loss skips (padding, a document's first token when packed)
 GROUP_CHUNK_BATCHES = 50  # length grouping sorts within this many global batches, keeping some randomness
+Packing = Literal["none", "documents", "concat"]
+
+
+def pack_documents(lengths: np.ndarray, block_size: int) -> list[np.ndarray]:
+    """Best-fit decreasing: documents longest first (ties by index), each into the row with the least room
+    that still holds it, else a new row. Deterministic, little padding (rows are nearly full once short
+    documents fill the gaps), and no document is split. ``lengths`` must be <= ``block_size``."""
+    import bisect
+
+    order = np.lexsort((np.arange(len(lengths)), -lengths))
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row index), sorted
+    for doc in order:
+        need = int(lengths[doc])
+        at = bisect.bisect_left(room, (need, -1))
+        if at < len(room):
+            free, row = room.pop(at)
+        else:
+            free, row = block_size, len(rows)
+            rows.append([])
+        rows[row].append(int(doc))
+        if free - need > 0:
+            bisect.insort(room, (free - need, row))
+    return [np.asarray(r, dtype=np.int64) for r in rows]
 
 
 @dataclass(slots=True)
 class Examples:
-    """Index over a token store: example i is ``tokens_of(i)``; ``lengths[i]`` its token count."""
+    """Index over a token store: example i is ``tokens_of(i)``, made of the documents ``segments_of(i)``
+    gives the lengths of; ``lengths[i]`` its token count and ``targets[i]`` the tokens its loss predicts."""
 
     store: TokenStore
     block_size: int
-    packed: bool
+    packing: Packing
     lengths: np.ndarray
-    _doc_starts: np.ndarray  # packed only: global token offset of each document
+    targets: np.ndarray
+    _doc_starts: np.ndarray  # concat only: global token offset of each document
+    _rows: list[np.ndarray]  # documents only: each row's document indices
 
     @classmethod
-    def build(cls, store: TokenStore, block_size: int, packed: bool) -> Examples:
-        if not packed:
-            lengths = np.minimum(store.lengths, block_size).astype(np.int64)
-            return cls(store, block_size, False, lengths, np.zeros(0, np.int64))
+    def build(cls, store: TokenStore, block_size: int, packing: Packing) -> Examples:
+        empty = np.zeros(0, np.int64)
+        doc_lengths = np.minimum(store.lengths, block_size).astype(np.int64)
+        if packing == "none":
+            return cls(store, block_size, packing, doc_lengths, np.maximum(doc_lengths - 1, 0), empty, [])
+        if packing == "documents":
+            rows = pack_documents(doc_lengths, block_size)
+            lengths = np.array([doc_lengths[r].sum() for r in rows], np.int64)
+            targets = np.array([np.maximum(doc_lengths[r] - 1, 0).sum() for r in rows], np.int64)
+            return cls(store, block_size, packing, lengths, targets, empty, rows)
         starts = np.concatenate([[0], np.cumsum(store.lengths)]).astype(np.int64)
         n_blocks = int(starts[-1]) // block_size  # the incomplete tail block is dropped
-        return cls(store, block_size, True, np.full(n_blocks, block_size, np.int64), starts)
+        lengths = np.full(n_blocks, block_size, np.int64)
+        return cls(store, block_size, packing, lengths, lengths - 1, starts, [])
 
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def segments_of(self, index: int) -> list[int]:
+        """Lengths of the documents in example ``index``, in order (one segment unless ``documents``)."""
+        if self.packing == "documents":
+            return np.minimum(self.store.lengths[self._rows[index]], self.block_size).tolist()
+        return [int(self.lengths[index])]
+
     def tokens_of(self, index: int) -> np.ndarray:
-        if not self.packed:
+        if self.packing == "none":
             return self.store[index][: self.block_size]
+        if self.packing == "documents":
+            return np.concatenate([self.store[int(d)][: self.block_size] for d in self._rows[index]])
         lo, hi = index * self.block_size, (index + 1) * self.block_size
         first = int(np.searchsorted(self._doc_starts, lo, side="right")) - 1
         pieces, doc = [], first
@@ -54,6 +105,13 @@ class Examples:
             lo += len(take)
             doc += 1
         return np.concatenate(pieces)
+
+    def batch(self, indices: list[int] | np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+        """The host tensors for these examples: padded rows, or packed rows with restarting positions."""
+        tokens = [self.tokens_of(int(i)) for i in indices]
+        if self.packing != "documents":
+            return collate(tokens, pad_id)
+        return collate_documents(tokens, [self.segments_of(int(i)) for i in indices], pad_id)
 
 
 def epoch_order(
@@ -87,12 +145,12 @@ def micro_batch_indices(
     return order[start : start + micro_batch_size]
 
 
-def predicted_tokens(lengths: np.ndarray, order: np.ndarray, *, step: int, global_batch: int) -> int:
-    """Tokens the loss predicts in optimizer step ``step`` over all ranks (each example: its length - 1).
+def predicted_tokens(targets: np.ndarray, order: np.ndarray, *, step: int, global_batch: int) -> int:
+    """Tokens the loss predicts in optimizer step ``step`` over all ranks (``Examples.targets``: a document's
+    length - 1, whether alone or packed).
 
     Every rank computes it from the shared order, so token-weighting the loss needs no collective."""
-    picked = lengths[order[step * global_batch : (step + 1) * global_batch]]
-    return int(np.maximum(picked - 1, 0).sum())
+    return int(targets[order[step * global_batch : (step + 1) * global_batch]].sum())
 
 
 def eval_shard(lengths: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -115,6 +173,28 @@ def collate(token_lists: list[np.ndarray], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def collate_documents(token_rows: list[np.ndarray], segments: list[list[int]], pad_id: int
+                      ) -> dict[str, torch.Tensor]:
+    """Packed rows, without an attention mask: position ids restart at 0 at every document (and at the
+    padding that fills a short row, its own segment), and each document's first token is not a target.
+    Given position ids and no mask, transformers attends within each segment only."""
+    width = max(len(t) for t in token_rows)
+    input_ids = torch.full((len(token_rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(token_rows), width), dtype=torch.long)
+    labels = torch.full((len(token_rows), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (tokens, lengths) in enumerate(zip(token_rows, segments, strict=True)):
+        ids = torch.from_numpy(tokens.astype(np.int64))
+        input_ids[row, : len(ids)] = ids
+        labels[row, : len(ids)] = ids
+        start = 0
+        for n in [*lengths, width - len(ids)]:
+            positions[row, start : start + n] = torch.arange(n)
+            if start < len(ids):
+                labels[row, start] = IGNORE_INDEX  # the previous document does not predict this one
+            start += n
+    return {"input_ids": input_ids, "position_ids": positions, "labels": labels}
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a host batch tensor to ``device``; on a GPU through pinned memory, so the host does not wait."""
     if device.type == "cuda":
@@ -127,5 +207,5 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
     left out: attention is then plainly causal, which picks the flash kernels on GPUs. transformers can
     drop an all-ones mask itself, but not under torch.compile (it cannot read the mask's values while
     tracing), where it would build a dense mask instead."""
-    full = bool(batch["attention_mask"].all())
+    full = "attention_mask" not in batch or bool(batch["attention_mask"].all())
     return {k: to_device(v, device) for k, v in batch.items() if not (full and k == "attention_mask")}

@@ -1,0 +1,145 @@
+"""data.packing: documents gives every summary the loss and gradient it gets alone, on every attention path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from bookgen import attention
+from bookgen.data.batches import IGNORE_INDEX, Examples, collate, collate_documents, model_inputs, pack_documents
+from bookgen.data.store import TokenStore, write_store
+from bookgen.model import enable_activation_checkpointing
+
+
+def test_best_fit_decreasing_places_every_document_once_in_rows_that_fit():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 65, size=500)
+    rows = pack_documents(lengths, 64)
+    placed = np.concatenate(rows)
+    assert sorted(placed.tolist()) == list(range(500)), "each document in exactly one row"
+    assert all(lengths[r].sum() <= 64 for r in rows)
+    assert [r.tolist() for r in rows] == [r.tolist() for r in pack_documents(lengths, 64)], "deterministic"
+    # CMU-like lengths (median about 370 tokens, a long tail cut at the block): rows within 1% of the bound
+    cmu_like = np.minimum(rng.lognormal(5.9, 0.8, 16559).astype(np.int64) + 2, 1024)
+    rows = pack_documents(cmu_like, 1024)
+    assert len(rows) <= 1.01 * math.ceil(cmu_like.sum() / 1024)
+
+
+def _store(tmp_path, docs: list[list[int]]) -> TokenStore:
+    write_store(tmp_path / "store", docs, vocab_size=100, shard_tokens=1024, meta={})
+    return TokenStore.open(tmp_path / "store")
+
+
+def test_documents_examples_predict_the_tokens_line_by_line_predicts(tmp_path):
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(3, 100, size=int(n)).tolist() for n in rng.integers(2, 40, size=60)]
+    docs.append(list(range(3, 90)))  # longer than a block: truncated exactly as line by line truncates it
+    store = _store(tmp_path, docs)
+    lines, packed = Examples.build(store, 32, "none"), Examples.build(store, 32, "documents")
+    assert packed.targets.sum() == lines.targets.sum() and packed.lengths.sum() == lines.lengths.sum()
+    assert len(packed) <= math.ceil(1.1 * packed.lengths.sum() / 32) < len(lines)
+    seen = sorted(tuple(t) for i in range(len(packed)) for t in np.split(packed.tokens_of(i),
+                                                                          np.cumsum(packed.segments_of(i))[:-1]))
+    assert seen == sorted(tuple(lines.tokens_of(i)) for i in range(len(lines)))
+    batch = packed.batch([0, 1], pad_id=0)
+    assert "attention_mask" not in batch
+    assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == packed.targets[[0, 1]].sum()
+
+
+def _tiny_gpt2(attn: str, *, checkpointing: bool = False) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.0,
+                        resid_pdrop=0.0, embd_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    model.set_attn_implementation(attention.register() if attn == "bookgen" else attn)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    return model.train()
+
+
+def _summed_nll(model: GPT2LMHeadModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**model_inputs(batch, torch.device("cpu")), use_cache=False)
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.size(-1)),
+                                             labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+                                             ).view(labels.shape)
+
+
+def _grads(model: GPT2LMHeadModel) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attn,checkpointing", [("sdpa", False), ("eager", False), ("bookgen", False),
+                                                ("sdpa", True)])
+def test_packed_summaries_have_the_loss_and_gradients_they_have_alone(attn, checkpointing):
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(3, 101, size=n) for n in (20, 7, 31, 2, 12, 40, 9)]
+    rows = [[0, 1, 2], [3, 4, 5], [6]]  # the last row is short: padding fills it
+
+    model = _tiny_gpt2(attn, checkpointing=checkpointing)
+    alone = []
+    for doc in docs:
+        nll = _summed_nll(model, collate([doc], pad_id=0)).sum()
+        alone.append(nll.detach())
+        nll.backward()
+    grads_alone = _grads(model)
+
+    model.zero_grad()
+    batch = collate_documents([np.concatenate([docs[d] for d in row]) for row in rows],
+                              [[len(docs[d]) for d in row] for row in rows], pad_id=0)
+    per_token = _summed_nll(model, batch)
+    per_token.sum().backward()
+    packed = []
+    for r, row in enumerate(rows):
+        start = 0
+        for d in row:  # targets of document d: positions start+1 .. start+len-1 of the row (shifted by one)
+            packed.append(per_token[r, start : start + len(docs[d]) - 1].sum().detach())
+            start += len(docs[d])
+    order = [d for row in rows for d in row]
+    torch.testing.assert_close(torch.stack(packed), torch.stack([alone[d] for d in order]), rtol=1e-5, atol=1e-5)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, grads_alone[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _packed_mask(lengths: list[int]) -> torch.Tensor:
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    t = len(segment)
+    return (torch.ones(t, t, dtype=torch.bool).tril() & (segment[:, None] == segment[None, :]))[None, None]
+
+
+def test_blocked_kernel_with_a_document_mask_equals_each_document_alone():
+    lengths = [37, 5, 60, 26]
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, sum(lengths), 8, generator=gen) for _ in range(3))
+    packed = attention.blocked_causal_attention(q, k, v, scaling=8 ** -0.5, dropout=0.0, mask=_packed_mask(lengths),
+                                                block=32)
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        alone = attention.blocked_causal_attention(q[:, :, part], k[:, :, part], v[:, :, part], scaling=8 ** -0.5,
+                                                   dropout=0.0, block=32)
+        torch.testing.assert_close(packed[:, :, part], alone, rtol=1e-5, atol=1e-6)
+        start += n
+
+
+def test_blocked_kernel_dropout_with_a_document_mask_keeps_rate_scale_and_boundaries():
+    # with V = identity the output is the (dropped, rescaled) probability matrix itself
+    lengths, p = [70, 50, 72], 0.1
+    t = sum(lengths)
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 4, t, t, generator=gen), torch.randn(1, 4, t, t, generator=gen)
+    eye = torch.eye(t).expand(1, 4, t, t)
+    mask = _packed_mask(lengths)
+    kept = attention.blocked_causal_attention(q, k, eye, scaling=t ** -0.5, dropout=0.0, mask=mask, block=64)
+    torch.manual_seed(5)
+    dropped = attention.blocked_causal_attention(q, k, eye, scaling=t ** -0.5, dropout=p, mask=mask, block=64)
+    allowed = mask.expand_as(kept)
+    assert torch.all(dropped[~allowed] == 0), "no probability crosses a document boundary or looks ahead"
+    zeroed = dropped[allowed] == 0
+    rate, n = zeroed.float().mean().item(), int(allowed.sum())
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n), f"dropped {rate:.4f} of {n}, expected {p}"
+    torch.testing.assert_close(dropped[allowed][~zeroed], kept[allowed][~zeroed] / (1 - p))
