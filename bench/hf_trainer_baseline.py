@@ -2,11 +2,13 @@
 dynamic padding with DataCollatorForLanguageModeling, DDP on gloo (see the README for why not DeepSpeed).
 
     torchrun --nproc_per_node 2 bench/hf_trainer_baseline.py PREPARED_DIR OUT.json STEPS MICRO BLOCK \
-        LAYERS HEADS WIDTH [packed] [bf16] [compile] [vocab_multiple=N] [dropout=P]
+        LAYERS HEADS WIDTH [packed] [bf16] [compile] [vocab_multiple=N] [dropout=P] [epochs=E] [lr=X] [save=DIR]
 
 `packed` concatenates the documents into full blocks (run_clm's group_texts) for the GPU check's
 like-for-like comparison; `bf16` trains in bf16 autocast; `compile` sets TrainingArguments.torch_compile;
-`vocab_multiple` pads the vocabulary as bookgen does; `dropout` overrides GPT-2's 0.1.
+`vocab_multiple` pads the vocabulary as bookgen does; `dropout` overrides GPT-2's 0.1; `epochs` trains whole
+epochs (STEPS is then ignored) with a linear decay, `lr` sets the peak rate (5e-5), `save` writes the model
+(bench/time_to_quality.py).
 """
 
 from __future__ import annotations
@@ -63,8 +65,11 @@ def main() -> None:
             stamps.append(time.time())
 
     gpu = torch.cuda.is_available()
-    args = TrainingArguments(output_dir="/tmp/hf_baseline", per_device_train_batch_size=micro, max_steps=steps,
-                             learning_rate=5e-5, ddp_backend="nccl" if gpu else "gloo", use_cpu=not gpu,
+    epochs = int(settings.get("epochs", 0))
+    args = TrainingArguments(output_dir="/tmp/hf_baseline", per_device_train_batch_size=micro,
+                             max_steps=-1 if epochs else steps, num_train_epochs=epochs or 1,
+                             learning_rate=float(settings.get("lr", 5e-5)), ddp_backend="nccl" if gpu else "gloo",
+                             use_cpu=not gpu,
                              bf16="bf16" in options, torch_compile="compile" in options, report_to=[],
                              save_strategy="no", logging_strategy="no", dataloader_num_workers=0, seed=0,
                              disable_tqdm=True,
@@ -72,7 +77,10 @@ def main() -> None:
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=[Clock()])
     trainer.train()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    used = counts[:steps]
+    if "save" in settings:
+        trainer.save_model(settings["save"])
+        tok.save_pretrained(settings["save"])
+    used = counts[: len(stamps)]
     totals = torch.tensor([[c[0] for c in used], [c[1] for c in used]], dtype=torch.float64)
     if gpu:
         peak = torch.cuda.max_memory_allocated() / 2**20

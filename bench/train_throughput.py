@@ -5,8 +5,11 @@
 Writes a synthetic corpus whose lengths look like the CMU summaries (median several hundred tokens, a
 quarter longer than 1024), prepares it with bookgen (the tokenizer both sides use), then runs under
 torchrun: (a) bookgen line by line, fp32 - the reference's semantics; (b) the Trainer baseline
-(bench/hf_trainer_baseline.py); (c) bookgen with its fastest settings (packing, bf16 where the CPU has it).
-Prints non-padding tokens/s after warm-up, the share of compute spent on padding, time to the first step,
+(bench/hf_trainer_baseline.py); (c) bookgen `data.packing: documents` (exactly line by line's loss per
+summary), fp32 and with bf16 where the CPU has it; (d) `concat` (crosses summaries; for reference).
+Every example of a step is the same: micro-batch rows of at most the block, so a documents step holds more
+summaries than a line-by-line one. Prints non-padding tokens/s after warm-up, the share of compute spent
+on padding, time to the first step,
 peak memory per rank, and the ratios.
 """
 
@@ -119,18 +122,22 @@ def main() -> None:
     print(f"corpus: {len(lengths)} training docs, median {int(np.median(lengths))} tokens, "
           f"{(lengths > 1024).mean():.0%} longer than 1024; block {args.block}, micro-batch {args.micro}, "
           f"{args.ranks} ranks, {args.steps} steps (first {WARMUP} are warm-up)")
-    fast = {"data__packing": True}
-    if cpu_has_bf16():
-        fast["train__precision"] = "bf16"
+    bf16 = {"train__precision": "bf16"} if cpu_has_bf16() else {}
+    docs = {"data__packing": "documents"}
     results = {
         "bookgen line-by-line fp32": run_bookgen(args.folder, args.ranks, line_exp),
         "HF Trainer line-by-line fp32": run_trainer(args.folder, args),
-        f"bookgen fastest ({'packing, bf16' if 'train__precision' in fast else 'packing'})":
-            run_bookgen(args.folder, args.ranks, experiment(args.folder, args, "fastest", **fast)),
+        "bookgen documents fp32": run_bookgen(args.folder, args.ranks, experiment(args.folder, args, "documents",
+                                                                                   **docs)),
+        f"bookgen documents{', bf16' if bf16 else ''} (fastest exact)":
+            run_bookgen(args.folder, args.ranks, experiment(args.folder, args, "fastest", **docs, **bf16)),
+        f"bookgen concat{', bf16' if bf16 else ''} (not comparable)":
+            run_bookgen(args.folder, args.ranks, experiment(args.folder, args, "concat", data__packing="concat",
+                                                            **bf16)),
     }
-    print(f"{'':40s} {'tok/s':>9s} {'padding':>8s} {'1st step s':>10s} {'peak MB/rank':>12s}")
+    print(f"{'':44s} {'tok/s':>9s} {'padding':>8s} {'1st step s':>10s} {'peak MB/rank':>12s}")
     for name, r in results.items():
-        print(f"{name:40s} {r['tokens_per_s']:9,.0f} {r['padding']:8.1%} {r['first_step_s']:10.1f} "
+        print(f"{name:44s} {r['tokens_per_s']:9,.0f} {r['padding']:8.1%} {r['first_step_s']:10.1f} "
               f"{r['peak_rss_mb']:12,.0f}")
     base = results["HF Trainer line-by-line fp32"]["tokens_per_s"]
     for name, r in results.items():

@@ -334,7 +334,8 @@ def test_launcher_mode_without_a_value(tmp_path):
     exp = write_experiment(tmp_path)
     proc = subprocess.run([sys.executable, str(REPO / "launcher/run.py"), "--cfg", str(exp), "--mode"],
                           capture_output=True, text=True, env=rank_env())
-    assert proc.returncode == 2 and "--mode needs one of train, eval, generate" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--mode needs one of train, eval, generate" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_dry_run_warns_that_other_nodes_cannot_reach_loopback(tmp_path, capsys):

@@ -1,0 +1,138 @@
+"""Time to quality: the same corpus, epochs and about the same tokens per optimizer step, three ways.
+
+    python bench/time_to_quality.py [--docs 2000] [--epochs 2] [--ranks 2] [--block 512]
+
+(a) transformers' Trainer line by line (bench/hf_trainer_baseline.py), (b) bookgen `data.packing: none`, fp32
+(the reference's recipe), (c) bookgen `documents` with its fastest settings (bf16 where the CPU has it), its
+micro-batch chosen so that a step holds about as many tokens as (a)'s and (b)'s. A 4-layer x 256 GPT-2 from
+its config, lr 1e-3 with linear decay, 2 ranks on CPU. Each final model is exported and scored the same way:
+one validation summary at a time by plain transformers in fp32 (token-weighted perplexity). Wall time is the
+whole training process (torchrun start to exit: imports, model build, every step, bookgen's final save).
+The corpus is built from data/make_sample.py's templates, so that there is something to learn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "data"))
+from make_sample import row  # noqa: E402
+
+from bookgen.hardware import cpu_has_bf16  # noqa: E402
+
+LAYERS, HEADS, WIDTH, LR = 4, 4, 256, 1e-3
+
+
+def write_corpus(path: Path, docs: int) -> None:
+    rng = random.Random(0)
+    path.write_text("".join(row(i, rng) + "\n" for i in range(docs)), encoding="utf-8")
+
+
+def experiment(folder: Path, args: argparse.Namespace, name: str, micro: int, **data: object) -> Path:
+    cfg = {
+        "seed": 0, "run": {"output_dir": f"run_{name}", "log_every": 10**6},
+        "data": {"source": str(folder / "booksummaries.txt"), "block_size": args.block, "prepared_dir": "prepared",
+                 **data},
+        "tokenizer": {"vocab_size": 2048},
+        "model": {"n_layer": LAYERS, "n_head": HEADS, "n_embd": WIDTH, "n_positions": args.block},
+        "train": {"epochs": args.epochs, "micro_batch_size": micro, "learning_rate": LR},
+        "eval": {"at_end": False}, "checkpoint": {"resume": "never"},
+        "deepspeed": {"zero_stage": 0, "config": str(REPO / "ds_configs" / "zero0.json")},
+    }
+    if name == "fastest" and cpu_has_bf16():
+        cfg["train"]["precision"] = "bf16"
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def timed(*cmd: str) -> float:
+    start = time.perf_counter()
+    subprocess.run(list(cmd), check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def torchrun(ranks: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+
+
+def bookgen(folder: Path, args: argparse.Namespace, exp: Path) -> tuple[float, Path]:
+    seconds = timed(*torchrun(args.ranks), str(REPO / "launcher" / "run.py"), "--cfg", str(exp))
+    out = folder / f"export_{exp.stem}"
+    subprocess.run([sys.executable, "-m", "bookgen.cli", "export", "--cfg", str(exp), "--out", str(out)],
+                   check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return seconds, out
+
+
+def trainer(folder: Path, args: argparse.Namespace, micro: int) -> tuple[float, Path]:
+    out = folder / "export_trainer"
+    seconds = timed(*torchrun(args.ranks), str(REPO / "bench" / "hf_trainer_baseline.py"), str(folder / "prepared"),
+                    str(folder / "hf.json"), "0", str(micro), str(args.block), str(LAYERS), str(HEADS), str(WIDTH),
+                    f"epochs={args.epochs}", f"lr={LR}", f"save={out}")
+    return seconds, out
+
+
+@torch.no_grad()
+def perplexity_one_at_a_time(model_dir: Path, lines: list[str], block: int) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    nll, count = 0.0, 0
+    for line in lines:
+        ids = torch.tensor([tok(line, add_special_tokens=False)["input_ids"][:block]])
+        loss = model(input_ids=ids, labels=ids).loss  # mean over the ids.shape[1] - 1 predictions
+        nll += float(loss) * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--docs", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--micro", type=int, default=4, help="line-by-line summaries per rank per step")
+    ap.add_argument("--block", type=int, default=512)
+    ap.add_argument("--folder", type=Path, default=REPO / "runs" / "bench_quality")
+    args = ap.parse_args()
+    args.folder.mkdir(parents=True, exist_ok=True)
+    write_corpus(args.folder / "booksummaries.txt", args.docs)
+    lines = experiment(args.folder, args, "line_by_line", args.micro)
+    subprocess.run([sys.executable, "-m", "bookgen.cli", "prepare", "--cfg", str(lines)], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+    offsets = np.load(args.folder / "prepared" / "store" / "train" / "offsets_00000.npy")
+    mean_tokens = float(np.minimum(np.diff(offsets), args.block).mean())
+    rows_micro = max(1, round(args.micro * mean_tokens / args.block))  # rows are nearly full
+    print(f"{args.docs} summaries (mean {mean_tokens:.0f} tokens), block {args.block}, {LAYERS}x{WIDTH} GPT-2, "
+          f"{args.epochs} epochs, lr {LR}, {args.ranks} ranks; micro-batch {args.micro} summaries line by line, "
+          f"{rows_micro} packed rows with documents")
+    runs = {
+        "HF Trainer line by line": trainer(args.folder, args, args.micro),
+        "bookgen none (line by line)": bookgen(args.folder, args, lines),
+        f"bookgen documents{', bf16' if cpu_has_bf16() else ''}":
+            bookgen(args.folder, args, experiment(args.folder, args, "fastest", rows_micro, packing="documents")),
+    }
+    valid = (args.folder / "prepared" / "valid.txt").read_text(encoding="utf-8").splitlines()
+    scored = {name: (seconds, perplexity_one_at_a_time(out, valid, args.block)) for name, (seconds, out) in
+              runs.items()}
+    base_s, base_ppl = scored["HF Trainer line by line"]
+    print(f"{'':36s} {'wall s':>8s} {'valid ppl':>10s} {'time / Trainer':>15s} {'ppl / Trainer':>14s}")
+    for name, (seconds, ppl) in scored.items():
+        print(f"{name:36s} {seconds:8.1f} {ppl:10.2f} {seconds / base_s:14.2f}x {ppl / base_ppl:13.3f}x")
+
+
+if __name__ == "__main__":
+    main()
