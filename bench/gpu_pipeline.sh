@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole pipeline on a lent GPU machine in one call (bench/gpu_pipeline.py says what each stage checks).
+#   here:    bash bench/gpu_wheels.sh                      (fills the git-ignored .whl/)
+#   device:  run(command="PYTHONUNBUFFERED=1 bash bench/gpu_pipeline.sh", carry=[".whl"], timeout_s=560)
+# `--no-throughput` skips the last stage (bench/gpu_check.py); `--tiny` runs every stage on a CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ " $* " != *" --tiny "* ]]; then
+    source bench/gpu_env.sh
+fi
+python3 bench/gpu_pipeline.py "$@"
