@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,30 +36,11 @@ from bookgen.distributed import DistEnv, barrier, broadcast_object, gather_error
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
 from bookgen.layout import BatchLayout
+from bookgen.train_state import TrainState
 
 POINTER = "latest_complete"
 BEST_POINTER = "best_complete"
 MARKER = "COMPLETE.json"
-
-
-@dataclass(slots=True)
-class TrainState:
-    """Where training stands: enough, with the RNG files, to continue exactly."""
-
-    global_step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0  # optimizer steps already taken in ``epoch``
-    # early stopping, kept here so that it survives a resume
-    best_eval_loss: float | None = None
-    best_eval_step: int | None = None
-    evals_since_best: int = 0
-
-    def note_eval(self, loss: float, min_delta: float) -> None:
-        """Count an evaluation: a new best resets the count of evaluations without improvement."""
-        if self.best_eval_loss is None or loss < self.best_eval_loss - min_delta:
-            self.best_eval_loss, self.best_eval_step, self.evals_since_best = loss, self.global_step, 0
-        else:
-            self.evals_since_best += 1
 
 
 def checkpoint_root(cfg: ExperimentConfig) -> Path:
@@ -79,15 +60,6 @@ def _rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, hf_files: Any,
@@ -154,10 +126,10 @@ def check_files(folder: Path) -> None:
         found = path.stat().st_size if path.is_file() else None
         if found != size:
             what = "is missing" if found is None else f"has {found} bytes, {size} were saved"
-            raise BookgenError(f"{path} {what}: checkpoint {folder.name} is damaged. {_previous_hint(folder)}")
+            raise BookgenError(f"{path} {what}: checkpoint {folder.name} is damaged. {previous_hint(folder)}")
 
 
-def _previous_hint(folder: Path) -> str:
+def previous_hint(folder: Path) -> str:
     earlier = [p for p in complete_checkpoints(folder.parent) if p.name < folder.name]
     if not earlier:
         return "No earlier complete checkpoint is left; restore the file or start again with checkpoint.resume: never."
@@ -267,77 +239,8 @@ def read_marker(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:
     return marker
 
 
-def check_compatible(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:
-    marker = read_marker(folder, cfg)
-    if marker["zero_stage"] != cfg.deepspeed.zero_stage:
-        raise BookgenError(f"{folder} was saved under ZeRO stage {marker['zero_stage']}, this run uses "
-                           f"deepspeed.zero_stage {cfg.deepspeed.zero_stage}")
-    saved = saved_layout(marker)
-    now = (cfg.data.packing, cfg.data.block_size)
-    if saved != now and marker["state"]["step_in_epoch"] != 0:
-        # the examples of an epoch (rows, blocks) are another list: a mid-epoch position means nothing there
-        raise BookgenError(f"{folder} was saved mid-epoch with data.packing {saved[0]!r} and data.block_size "
-                           f"{saved[1]}; this run has {now[0]!r} and {now[1]}. Change them only at an epoch's "
-                           "end, or resume with the saved values")
-    return marker
-
-
-def saved_layout(marker: dict[str, Any]) -> tuple[str, int]:
-    """(data.packing, data.block_size) a checkpoint was trained with; old markers kept packing as a bool."""
-    data = marker.get("data", {})
-    packing = data.get("packing", "none")
-    if isinstance(packing, bool):
-        packing = "concat" if packing else "none"
-    return packing, int(data.get("block_size", 0))
-
-
 def _diff(section: str, saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"{section}.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
             for k in sorted(set(saved) | set(now)) if k not in RUNTIME_MODEL_KEYS and saved.get(k) != now.get(k)]
 
 
-def _apply_schedule_at_loaded_step(scheduler: Any) -> None:
-    """The loaded scheduler state carries the learning rate the saving run computed for its next step.
-    Recompute it with this run's schedule, which differs when the run is extended (more steps or
-    epochs): otherwise the first resumed step would use the old schedule's rate (0 at a linear end)."""
-    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
-        group["lr"] = lr
-    scheduler._last_lr = lrs  # what get_last_lr() reports
-
-
-def load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, steps_per_epoch: int,
-         universal: bool = False) -> TrainState:
-    """Restore engine (weights, optimizer, scheduler), this rank's RNG, and the train state.
-
-    With another global batch (world size, micro-batch or accumulation) the position is mapped by samples
-    seen (see bookgen.reshard); at another world size the RNG is reseeded.
-    """
-    from bookgen import reshard
-
-    marker = check_compatible(folder, cfg)
-    load_dir, tag = reshard.load_dir_and_tag(folder, universal)
-    try:
-        path, _client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # torch names no file for a truncated one
-        raise BookgenError(f"{folder}: cannot load this checkpoint ({type(exc).__name__}: {str(exc)[:300]}). "
-                           + _previous_hint(folder)) from exc
-    if path is None:
-        raise BookgenError(f"DeepSpeed could not load {folder}")
-    state = TrainState(**marker["state"])
-    layout = BatchLayout.of(cfg.train, dist.world_size)
-    if marker["global_batch"] != layout.global_batch:
-        state = reshard.remap_position(state, marker["global_batch"], layout.global_batch,
-                                       steps_per_epoch, counted_in_epochs=cfg.train.max_steps is None)
-        engine.lr_scheduler.last_epoch = state.global_step
-    _apply_schedule_at_loaded_step(engine.lr_scheduler)
-    if marker["world_size"] == dist.world_size:
-        _set_rng_state(torch.load(folder / f"rng_rank{dist.rank}.pt", weights_only=True))
-    else:
-        reshard.reseed(cfg.seed, state.global_step, dist.rank)
-    # all ranks must agree on where they are
-    agreed = broadcast_object(asdict(state))
-    if agreed != asdict(state):
-        raise BookgenError(f"rank {dist.rank} read another train state from {folder} than rank 0")
-    return state

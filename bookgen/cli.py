@@ -13,15 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from bookgen.config import ConfigError
-    from bookgen.data.cmu import CorpusError
-    from bookgen.data.store import StoreError
-    from bookgen.errors import BookgenError
-
-    return (ConfigError, CorpusError, StoreError, BookgenError)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bookgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,13 +61,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
     console = Console(stderr=True, soft_wrap=True)
+    from bookgen.errors import BookgenError
+
     try:
         return _dispatch(args, console)
-    except _user_errors() as exc:
+    except BookgenError as exc:
         import os
 
-        rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-        who = f" (rank {rank} of {world})" if world != "1" else ""
+        from bookgen.distributed import discover
+
+        dist = discover(os.environ)
+        who = f" (rank {dist.rank} of {dist.world_size})" if dist.world_size > 1 else ""
         console.print(f"[bold red]error{who}:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
 
@@ -88,8 +83,8 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         for key, default, text in describe_fields():
             print(f"{key:32s} {default:24s} {text}")
         return 0
-    from bookgen.config import ConfigError
     from bookgen.config_io import load_config
+    from bookgen.errors import ConfigError
 
     if args.command == "generate":
         return _generate(args, console)
@@ -102,7 +97,7 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         train(cfg)
         return 0
     if args.command == "eval":
-        from bookgen.train import evaluate_only
+        from bookgen.evaluate_run import evaluate_only
 
         evaluate_only(cfg, args.split, args.checkpoint)
         return 0

@@ -14,10 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 
-class ConfigError(ValueError):
-    """An experiment file (or an override) is invalid; the message names the file and the key."""
-
-
 class FieldError(ValueError):
     """Raised by a section's validation; ``key`` is the field name inside that section."""
 

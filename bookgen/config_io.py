@@ -19,11 +19,11 @@ from bookgen.config import (
     PATH_OR_ID,
     PATH_UNLESS,
     REPLACED,
-    ConfigError,
     ExperimentConfig,
     FieldError,
     GenerateConfig,
 )
+from bookgen.errors import ConfigError
 from bookgen.fileio import write_text_atomic
 
 

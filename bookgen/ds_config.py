@@ -14,6 +14,7 @@ from typing import Any
 
 from bookgen.config import ExperimentConfig
 from bookgen.errors import BookgenError
+from bookgen.layout import BatchLayout
 
 
 def load_ds_json(path: Path | None) -> dict[str, Any]:
@@ -36,7 +37,7 @@ def owned_values(cfg: ExperimentConfig, world_size: int) -> dict[str, tuple[Any,
     return {
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (t.grad_accum_steps, "train.grad_accum_steps"),
-        "train_batch_size": (t.micro_batch_size * t.grad_accum_steps * world_size,
+        "train_batch_size": (BatchLayout.of(t, world_size).global_batch,
                              f"train.micro_batch_size {t.micro_batch_size} x train.grad_accum_steps "
                              f"{t.grad_accum_steps} x world size {world_size}"),
         "gradient_clipping": (t.grad_clip, "train.grad_clip"),

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
+from bookgen import distributed
 from bookgen.config import ExperimentConfig
+from bookgen.distributed import DistEnv
 from bookgen.ds_config import build_ds_config
 from bookgen.errors import BookgenError
 from bookgen.hardware import cpu_has_bf16
@@ -36,18 +38,19 @@ def float32_matmul_precision(tf32: bool, on_gpu: bool) -> str:
     return "high" if tf32 and on_gpu else "highest"
 
 
-def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, world_size: int, total_steps: int,
+def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, dist: DistEnv, total_steps: int,
                  *, load_universal: bool = False) -> Any:
     import deepspeed
 
     torch.set_float32_matmul_precision(float32_matmul_precision(cfg.train.tf32, torch.cuda.is_available()))
-    ds_config = build_ds_config(cfg, world_size)
+    ds_config = build_ds_config(cfg, dist.world_size)
     if load_universal:  # resuming a checkpoint saved at another world size (bookgen.reshard)
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise BookgenError("train.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
     if cfg.train.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
-        print("bookgen: warning: this CPU has no native bf16; train.precision: bf16 will be slow")
+        if dist.is_main:  # the same on every rank: said once
+            distributed.warn(dist, "this CPU has no native bf16; train.precision: bf16 will be slow")
     make_scheduler = partial(_scheduler, warmup=cfg.train.warmup_steps, total=total_steps,
                              kind=cfg.train.lr_schedule)
     engine, _optimizer, _loader, _scheduler_obj = deepspeed.initialize(

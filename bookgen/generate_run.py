@@ -42,7 +42,7 @@ def load_model(model_dir: Path | None, cfg: ExperimentConfig | None, checkpoint:
         return model.eval(), AutoTokenizer.from_pretrained(str(model_dir)), str(model_dir)
     assert cfg is not None
     from bookgen import checkpoint as ckpt
-    from bookgen.export import load_checkpoint_model
+    from bookgen.checkpoint_model import load_checkpoint_model
 
     folder = ckpt.resolve(cfg, checkpoint)
     if folder is None:
@@ -56,7 +56,7 @@ def run_generation(
     *, cfg: ExperimentConfig | None, model_dir: Path | None, prompts: list[str], settings: GenerateConfig,
     seed: int, out: Path, checkpoint: str | None = None,
 ) -> list[Sample]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed.discover(os.environ).world_size > 1:
         with distributed.process_group(120) as dist:
             return _run(dist, cfg, model_dir, checkpoint, prompts, settings, seed, out)
     return _run(distributed.discover({}), cfg, model_dir, checkpoint, prompts, settings, seed, out)

@@ -12,3 +12,23 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_matmul_is_faster(size: int = 1024, repeats: int = 5) -> bool:
+    """Whether bf16 matrix products beat fp32 on this CPU, measured: the instructions can exist and still
+    lose (seen on an AVX-512 BF16 machine without AMX, torch 2.13: bf16 1.6-1.7x slower than fp32)."""
+    import time
+
+    import torch
+
+    if not cpu_has_bf16():
+        return False
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        seconds[dtype] = time.perf_counter() - start
+    return seconds[torch.bfloat16] < seconds[torch.float32]

@@ -12,6 +12,7 @@ from bookgen import distributed
 from bookgen.config import TrainConfig
 from bookgen.data.batches import Examples, micro_batch_indices, model_inputs, predicted_tokens, to_device
 from bookgen.distributed import DistEnv
+from bookgen.layout import BatchLayout
 
 
 @dataclass(slots=True)
@@ -28,10 +29,11 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
                pad_id: int, stop_requested: bool) -> StepMetrics:
     """One optimizer step: ``grad_accum_steps`` micro-batches on each rank, then the engine's update."""
     lr = float(engine.get_lr()[0])
-    parts = t.grad_accum_steps * dist.world_size
+    layout = BatchLayout.of(t, dist.world_size)
+    parts = layout.micro_batches
     loss_kwargs: dict[str, torch.Tensor] = {}  # micro_batches: the model's own per-micro-batch mean
     if t.loss_average == "tokens":
-        total = predicted_tokens(examples.targets, order, step=step_in_epoch, global_batch=t.micro_batch_size * parts)
+        total = predicted_tokens(examples.targets, order, step=step_in_epoch, global_batch=layout.global_batch)
         # each micro-batch's loss = its summed NLL / (total / parts); DeepSpeed then divides by the
         # accumulation steps and averages over ranks, leaving sum(NLL) / total for the whole step.
         # A tensor, not a float: a compiled model would recompile for every new Python number.
@@ -40,9 +42,7 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
     tokens, input_tokens = 0, 0
     grad_norm: torch.Tensor | float | None = None
     for micro in range(t.grad_accum_steps):
-        picked = micro_batch_indices(order, step=step_in_epoch, micro=micro, rank=dist.rank,
-                                     world_size=dist.world_size, micro_batch_size=t.micro_batch_size,
-                                     accum=t.grad_accum_steps)
+        picked = micro_batch_indices(order, step=step_in_epoch, micro=micro, rank=dist.rank, layout=layout)
         batch = examples.batch(picked, pad_id)
         tokens += int(examples.lengths[picked].sum())  # counted on the host: reading a GPU number waits for it
         input_tokens += batch["input_ids"].numel()

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from bookgen import checkpoint as ckpt
-from bookgen import distributed, faults, reshard
+from bookgen import distributed, faults
 from bookgen.config import ExperimentConfig, TrainConfig
 from bookgen.config_io import config_to_dict, write_resolved
 from bookgen.data.batches import (
@@ -24,12 +24,14 @@ from bookgen.data.batches import (
     epoch_order,
     steps_per_epoch,
 )
-from bookgen.data.prepare import open_store, prepare, tokenizer_dir
+from bookgen.data.prepare import tokenizer_dir
+from bookgen.data.prepared import ensure_prepared, prepared_examples
 from bookgen.data.tokenizer import load_tokenizer
 from bookgen.distributed import DistEnv
 from bookgen.engine import build_engine
 from bookgen.errors import BookgenError
-from bookgen.evaluate import EvalResult, perplexity
+from bookgen.evaluate import EvalResult
+from bookgen.evaluate_run import eval_line, run_eval
 from bookgen.fileio import write_json_atomic
 from bookgen.flops import flops_per_token, mfu, peak_flops
 from bookgen.layout import BatchLayout
@@ -37,7 +39,9 @@ from bookgen.metrics import MetricsLog, plot_loss_curves
 from bookgen.model import build_model, count_parameters
 from bookgen.preflight import check_training
 from bookgen.progress import TrainProgress, summary_table
+from bookgen.resume import plan_resume, restore
 from bookgen.step import StepMetrics, train_step
+from bookgen.train_state import TrainState
 
 STOP_FILE = "STOP_REQUESTED"  # slurm/train.sh creates it when Slurm warns of the time limit
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues the job on it
@@ -86,7 +90,7 @@ class Run:
     train_examples: Examples
     valid_examples: Examples
     plan: StepPlan
-    state: ckpt.TrainState
+    state: TrainState
     log: MetricsLog | None  # rank 0 only
     save_hf: Any
     progress: TrainProgress
@@ -138,11 +142,9 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
     model_flops = flops_per_token(model, cfg.data.block_size)  # before ZeRO-3 partitions the weights
     train_examples, valid_examples = prepared_examples(cfg, "train"), prepared_examples(cfg, "valid")
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
-    folder, notes = ckpt.find_resume(cfg)
-    universal = reshard.needs_universal(folder, cfg, dist)
-    engine = build_engine(cfg, model, dist.world_size, plan.total_steps, load_universal=universal)
-    state = resume(engine, folder, notes, cfg, dist, console, universal=universal,
-                   steps_per_epoch=plan.steps_per_epoch)
+    resume_plan = plan_resume(cfg, dist)
+    engine = build_engine(cfg, model, dist, plan.total_steps, load_universal=resume_plan.universal)
+    state = restore(engine, resume_plan, cfg, dist, console, steps_per_epoch=plan.steps_per_epoch)
     log = None
     if dist.is_main:  # a new start clears the previous one's preemption records
         (cfg.run.output_dir / "PREEMPTED").unlink(missing_ok=True)
@@ -182,7 +184,7 @@ class LoopTotals:
     saved_at: int | None  # the step of the last checkpoint saved in the loop
 
 
-def _stopped_early(state: ckpt.TrainState, cfg: ExperimentConfig) -> bool:
+def _stopped_early(state: TrainState, cfg: ExperimentConfig) -> bool:
     patience = cfg.eval.early_stopping_patience
     return patience is not None and state.evals_since_best >= patience
 
@@ -247,7 +249,7 @@ def _evaluate_and_save_on_schedule(run: Run, cfg: ExperimentConfig, dist: DistEn
     if _due(cfg.eval.every, state.global_step):
         result = run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id, state.global_step, run.log)
         totals.evals.append(result)
-        run.progress.note(_eval_line(result, state.global_step))
+        run.progress.note(eval_line(result, state.global_step))
         eval_loss, totals.evaluated_at = result.loss, state.global_step
         state.note_eval(eval_loss, cfg.eval.early_stopping_min_delta)
         if _stopped_early(state, cfg):
@@ -283,11 +285,6 @@ def _due(every: int | None, step: int) -> bool:
     return every is not None and step % every == 0
 
 
-def _eval_line(result: EvalResult, step: int) -> str:
-    return (f"eval {result.split} @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f} "
-            f"over {result.tokens:,} tokens")
-
-
 def announce(cfg: ExperimentConfig, console: Console, dist: DistEnv) -> None:
     """Print the resolved config and write it into the run folder."""
     import yaml
@@ -296,50 +293,6 @@ def announce(cfg: ExperimentConfig, console: Console, dist: DistEnv) -> None:
     write_resolved(cfg, cfg.run.output_dir / "resolved_config.yaml")
     console.print(Syntax(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "yaml", theme="ansi_dark"))
     console.print(f"world size {dist.world_size}; output {cfg.run.output_dir}")
-
-
-def ensure_prepared(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> None:
-    """Rank 0 prepares (a no-op when up to date) while the others wait; nobody tokenizes on their own."""
-    failure: str | None = None
-    if dist.is_main:
-        try:
-            prepare(cfg, quiet=not console.is_terminal)
-        except Exception as exc:  # every rank must hear about it, or the others wait forever
-            failure = f"{type(exc).__name__}: {exc}"
-    failure = distributed.broadcast_object(failure)  # type: ignore[assignment]
-    if failure:
-        raise BookgenError(f"preparing the data failed on rank 0: {failure}")
-
-
-def prepared_examples(cfg: ExperimentConfig, split: str) -> Examples:
-    """A split's examples, after :func:`ensure_prepared`: rank 0 has just checked every shard's checksum
-    there, so the ranks do not hash the shards again. Training uses ``data.packing``; evaluation always
-    scores each summary on its own, packed with document boundaries (equal to one at a time, faster), so
-    its perplexity is comparable whatever the training layout."""
-    packing = cfg.data.packing if split == "train" else "documents"
-    return Examples.build(open_store(cfg, split, verify=False), cfg.data.block_size, packing)
-
-
-def resume(engine: Any, folder: Path | None, notes: list[str], cfg: ExperimentConfig, dist: DistEnv,
-           console: Console, *, universal: bool, steps_per_epoch: int) -> ckpt.TrainState:
-    for note in notes:
-        console.print(f"[yellow]{note}[/]")
-    if folder is None:
-        return ckpt.TrainState()
-    state = ckpt.load(engine, folder, cfg, dist, universal=universal, steps_per_epoch=steps_per_epoch)
-    saved = ckpt.read_marker(folder, cfg)
-    saved_by, saved_batch = saved["world_size"], saved["global_batch"]
-    if saved_by != dist.world_size:
-        console.print(f"[yellow]{folder} was saved by {saved_by} ranks, this run has {dist.world_size}: "
-                      f"{'loaded through a universal checkpoint; ' if universal else ''}the data position is "
-                      "mapped by samples seen and the random streams restart, so this run is not bit-exact[/]")
-    elif saved_batch != BatchLayout.of(cfg.train, dist.world_size).global_batch:
-        console.print(f"[yellow]{folder} was saved with a global batch of {saved_batch}, this run's is "
-                      f"{BatchLayout.of(cfg.train, dist.world_size).global_batch}: the data position is mapped by "
-                      "samples seen (rounded down: a few samples may be seen twice, none skipped)[/]")
-    console.print(f"resumed from {folder} at step {state.global_step} (epoch {state.epoch}, "
-                  f"step {state.step_in_epoch} of the epoch)")
-    return state
 
 
 def _hf_files_writer(engine: Any, tokenizer: Any) -> Any:
@@ -351,40 +304,3 @@ def _hf_files_writer(engine: Any, tokenizer: Any) -> Any:
     return write
 
 
-def run_eval(engine: Any, examples: Examples, split: str, cfg: ExperimentConfig, dist: DistEnv, pad_id: int,
-             step: int, log: MetricsLog | None) -> EvalResult:
-    engine.eval()
-    result = perplexity(engine, examples, split=split, dist=dist, batch_size=cfg.eval.batch_size, pad_id=pad_id,
-                        device=engine.device)
-    engine.train()
-    if dist.is_main:
-        write_json_atomic(cfg.run.output_dir / "eval_results.json", {**result.to_dict(), "step": step})
-        if log is not None:
-            log.write({"step": step, "eval_split": split, "eval_loss": result.loss, "perplexity": result.perplexity,
-                       "eval_tokens": result.tokens})
-    return result
-
-
-def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = None) -> EvalResult:
-    """`bookgen eval`: perplexity of a checkpoint (``ckpt.resolve``; or the fresh model) on ``split``."""
-    with distributed.process_group(cfg.deepspeed.comm_timeout_s) as dist:
-        console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
-        ensure_prepared(cfg, dist, console)
-        tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
-        folder = ckpt.resolve(cfg, checkpoint)
-        step = 0
-        if folder is None:
-            console.print("[yellow]no checkpoint found: evaluating the freshly initialised model[/]")
-            model = build_model(cfg, tokenizer)
-        else:
-            # consolidated weights load at any world size and ZeRO stage, unlike the engine's own state
-            from bookgen.export import load_checkpoint_model
-
-            step = ckpt.read_marker(folder, cfg)["state"]["global_step"]
-            model, _ = load_checkpoint_model(folder)
-            console.print(f"evaluating {folder}")
-        examples = prepared_examples(cfg, split)
-        engine = build_engine(cfg, model, dist.world_size, total_steps=1)
-        result = run_eval(engine, examples, split, cfg, dist, tokenizer.pad_token_id, step, None)
-        console.print(_eval_line(result, step))
-        return result

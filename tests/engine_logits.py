@@ -10,13 +10,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bookgen import checkpoint as ckpt  # noqa: E402
+from rich.console import Console  # noqa: E402
+
 from bookgen import distributed  # noqa: E402
 from bookgen.config_io import load_config  # noqa: E402
 from bookgen.data.prepare import tokenizer_dir  # noqa: E402
 from bookgen.data.tokenizer import load_tokenizer  # noqa: E402
 from bookgen.engine import build_engine  # noqa: E402
 from bookgen.model import build_model  # noqa: E402
+from bookgen.resume import plan_resume, restore  # noqa: E402
 
 PROBE = "<BOS> The story is set in a mining town, where Anna lives"
 
@@ -25,8 +27,8 @@ def main() -> None:
     cfg = load_config(sys.argv[1])
     dist = distributed.setup(120)
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
-    engine = build_engine(cfg, build_model(cfg, tokenizer), dist.world_size, total_steps=1)
-    ckpt.load(engine, ckpt.newest_complete(cfg), cfg, dist, steps_per_epoch=1)
+    engine = build_engine(cfg, build_model(cfg, tokenizer), dist, total_steps=1)
+    restore(engine, plan_resume(cfg, dist), cfg, dist, Console(quiet=True), steps_per_epoch=1)
     engine.eval()
     ids = torch.tensor([tokenizer(PROBE, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():

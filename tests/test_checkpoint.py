@@ -11,12 +11,10 @@ import pytest
 import torch
 
 from bookgen.checkpoint import MARKER, POINTER
-from bookgen.export import consolidated_state_dict
+from bookgen.checkpoint_model import consolidated_state_dict
 from bookgen.metrics import read_metrics
-from tests.conftest import REPO, write_experiment
+from tests.helpers import REPO, write_experiment
 from tests.ranks import launch, rank_command, rank_env, step_losses
-
-pytestmark = pytest.mark.multirank
 
 STEPS = 12  # 84 training examples / global batch 4 = 21 steps per epoch: the kills land mid-epoch
 SETTINGS = {"train.max_steps": STEPS, "checkpoint.every": 4, "checkpoint.keep": 2, "model.dropout": 0.1,
@@ -48,6 +46,7 @@ def _experiment(tmp_path: Path, **extra) -> Path:
     return write_experiment(tmp_path, SETTINGS | extra, rows=120)
 
 
+@pytest.mark.multirank
 def test_dead_rank_ends_the_job_and_rerun_resumes_exactly(tmp_path, reference):
     exp = _experiment(tmp_path)
     start = time.monotonic()
@@ -61,6 +60,7 @@ def test_dead_rank_ends_the_job_and_rerun_resumes_exactly(tmp_path, reference):
     _assert_same_as_reference(run, reference)
 
 
+@pytest.mark.multirank
 def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path, reference):
     exp = _experiment(tmp_path)
     died = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "kill_in_save:8"}, check=False, timeout=120)
@@ -74,6 +74,7 @@ def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path, re
     _assert_same_as_reference(exp.parent / "run", reference)
 
 
+@pytest.mark.multirank
 def test_documents_packing_killed_mid_epoch_resumes_bit_identical(tmp_path):
     # block 512: 1-4 summaries a row, 12 steps an epoch at global batch 4; killed at step 6
     packed = {"data.packing": "documents", "data.block_size": 512, "model.n_positions": 512, "train.max_steps": 10}
@@ -92,6 +93,7 @@ def test_documents_packing_killed_mid_epoch_resumes_bit_identical(tmp_path):
     assert all(torch.equal(ref[k], got[k]) for k in ref), "final weights identical"
 
 
+@pytest.mark.multirank
 def test_preemption_signal_saves_exits_for_requeue_and_resumes(tmp_path, reference):
     exp = _experiment(tmp_path)
     pre = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "sigusr1:5:1"}, check=False, timeout=120)
@@ -104,12 +106,14 @@ def test_preemption_signal_saves_exits_for_requeue_and_resumes(tmp_path, referen
     _assert_same_as_reference(run, reference)
 
 
+@pytest.mark.multirank
 def test_single_rank_preemption_exit_status_is_75(tmp_path):
     exp = write_experiment(tmp_path, {"train.max_steps": 6}, rows=120)
     pre = launch(1, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "sigterm:2"}, check=False, timeout=120)
     assert pre.returncode == 75, pre.stderr[-2000:]
 
 
+@pytest.mark.multirank
 def test_disk_full_during_save_stops_cleanly_and_keeps_earlier_checkpoints(tmp_path):
     exp = _experiment(tmp_path)
     failed = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "enospc:8"}, check=False, timeout=120)
@@ -121,6 +125,7 @@ def test_disk_full_during_save_stops_cleanly_and_keeps_earlier_checkpoints(tmp_p
     assert not (ckpts / "step00000008" / MARKER).exists()
 
 
+@pytest.mark.multirank
 def test_unwritable_checkpoint_folder_is_a_clear_error(tmp_path):
     exp = write_experiment(tmp_path, {"train.max_steps": 2}, rows=120)
     (tmp_path / "run").mkdir()
@@ -129,6 +134,7 @@ def test_unwritable_checkpoint_folder_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "run.output_dir: cannot write into" in proc.stderr and "step" not in proc.stderr
 
 
+@pytest.mark.multirank
 def test_checkpoint_from_another_model_is_refused(tmp_path, reference):
     run_copy = tmp_path / "run"
     shutil.copytree(reference, run_copy)
@@ -138,6 +144,7 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, reference):
     assert "made with another model or tokenizer: model.n_embd: checkpoint 32, config 48" in proc.stderr
 
 
+@pytest.mark.multirank
 def test_world_size_change_resumes_through_a_universal_checkpoint(tmp_path, reference):
     shutil.copytree(reference, tmp_path / "run")
     exp = _experiment(tmp_path, **{"train.max_steps": STEPS + 4})
@@ -152,6 +159,7 @@ def test_world_size_change_resumes_through_a_universal_checkpoint(tmp_path, refe
     assert abs(losses[STEPS + 1] - losses[STEPS]) < 0.5 < losses[1] - losses[STEPS + 1]
 
 
+@pytest.mark.multirank
 def test_zero3_resumes_at_another_world_size_and_an_extended_run_gets_its_new_schedule(tmp_path):
     import json
 
@@ -173,11 +181,13 @@ def test_zero3_resumes_at_another_world_size_and_an_extended_run_gets_its_new_sc
     assert abs(steps[9]["loss"] - steps[8]["loss"]) < 0.3, "weights and optimizer state carried over"
 
 
+@pytest.mark.multirank
 def test_keep_prunes_old_checkpoints(reference):
     names = sorted(p.name for p in (reference / "checkpoints").iterdir() if p.is_dir())
     assert names == ["step00000008", "step00000012"]
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("stage", [2, 3])
 def test_export_loads_in_transformers_and_matches_engine_logits(tmp_path, stage):
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
@@ -221,6 +231,7 @@ def test_best_checkpoint_outlives_rotation(tmp_path):
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000008"]
 
 
+@pytest.mark.multirank
 def test_keep_best_records_losses_and_eval_export_use_the_best(tmp_path):
     import json
 
@@ -250,7 +261,12 @@ def test_keep_best_records_losses_and_eval_export_use_the_best(tmp_path):
     sampled = launch(1, ["--mode", "generate", "--cfg", str(exp), "--checkpoint", "best", "--max-new-tokens", "4",
                          "--num-return-sequences", "1", "--out", str(tmp_path / "samples.jsonl")])
     assert f"from {root / f'step{best:08d}'}" in sampled.stderr
-    assert json.loads((tmp_path / "best" / "config.json").read_text())["n_layer"] == 2
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "best" / "model.safetensors")
+    best_weights, last_weights = (consolidated_state_dict(root / f"step{s:08d}") for s in (best, 6))
+    assert all(torch.equal(exported[k], best_weights[k]) for k in exported), "the best checkpoint was exported"
+    assert any(not torch.equal(exported[k], last_weights[k]) for k in exported), "not the newest one"
     bad = launch(1, ["--mode", "export", "--cfg", str(exp), "--checkpoint", str(tmp_path), "--out",
                      str(tmp_path / "x")], check=False)
     assert bad.returncode == 2 and f"--checkpoint: {tmp_path} is not a complete bookgen checkpoint" in bad.stderr

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bookgen.config import ConfigError
 from bookgen.config_io import config_from_dict, config_to_dict, load_config, write_resolved
-from tests.conftest import REPO, write_experiment
+from bookgen.errors import ConfigError
+from tests.helpers import REPO, write_experiment
 
 
 def test_loads_embedded_default_and_resolves_paths_against_yaml_folder():

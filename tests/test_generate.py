@@ -11,7 +11,7 @@ import torch
 
 from bookgen.config import GenerateConfig
 from bookgen.generate import generate, generate_rows
-from tests.conftest import SAMPLE
+from tests.helpers import SAMPLE
 from tests.ranks import launch
 
 PROMPTS = ["<BOS>", "<BOS> The story is set in a mining town", "<BOS> In the end", "<BOS> Anna"]

@@ -13,7 +13,7 @@ import pytest
 
 from bookgen.config_io import load_config
 from bookgen.launch import launch_command
-from tests.conftest import REPO, write_experiment
+from tests.helpers import REPO, write_experiment
 from tests.ranks import free_port, launch, rank_env, step_losses
 
 SETTINGS = {"train.max_steps": 5, "eval.at_end": False, "deepspeed.zero_stage": 2,

@@ -143,3 +143,31 @@ def test_blocked_kernel_dropout_with_a_document_mask_keeps_rate_scale_and_bounda
     rate, n = zeroed.float().mean().item(), int(allowed.sum())
     assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n), f"dropped {rate:.4f} of {n}, expected {p}"
     torch.testing.assert_close(dropped[allowed][~zeroed], kept[allowed][~zeroed] / (1 - p))
+
+
+def test_resuming_mid_epoch_with_another_packing_is_refused_and_at_an_epoch_end_allowed(tmp_path):
+    from bookgen.checkpoint import MARKER
+    from bookgen.config_io import config_to_dict, load_config, model_fingerprint
+    from bookgen.errors import BookgenError
+    from bookgen.fileio import write_json_atomic
+    from bookgen.resume import check_compatible
+    from tests.helpers import write_experiment
+
+    cfg = load_config(write_experiment(tmp_path), ["data.packing=documents"])
+    folder = tmp_path / "step00000010"
+    folder.mkdir()
+
+    def saved(packing: object, step_in_epoch: int) -> None:
+        write_json_atomic(folder / MARKER, {
+            "fingerprint": model_fingerprint(cfg), "zero_stage": 0, "model": config_to_dict(cfg.model),
+            "tokenizer": config_to_dict(cfg.tokenizer), "data": {"packing": packing, "block_size": 64},
+            "state": {"global_step": 10, "epoch": 1, "step_in_epoch": step_in_epoch}})
+
+    saved(True, 3)  # an old checkpoint: packing was a bool (true meant concat)
+    with pytest.raises(BookgenError, match=r"saved mid-epoch with data.packing 'concat' and data.block_size 64; "
+                                           r"this run has 'documents' and 64"):
+        check_compatible(folder, cfg)
+    saved("none", 0)
+    assert check_compatible(folder, cfg)["state"]["epoch"] == 1, "at an epoch's end the layout may change"
+    saved("documents", 3)
+    check_compatible(folder, cfg)

@@ -12,10 +12,11 @@ from bookgen.config_io import load_config
 from bookgen.data import cmu, sources
 from bookgen.data.prepare import open_store, prepare, store_dir, tokenizer_dir
 from bookgen.data.split import reference_split, seeded_split, shuffle_split_indices
-from bookgen.data.store import StoreError, TokenStore, token_dtype
+from bookgen.data.store import TokenStore, token_dtype
 from bookgen.data.tokenizer import load_tokenizer
+from bookgen.errors import StoreError
 from bookgen.fileio import sha256_file
-from tests.conftest import SAMPLE, SHARED_CMU, write_experiment
+from tests.helpers import SAMPLE, SHARED_CMU, write_experiment
 
 
 def _cmu_row(i: int, summary: str, genres: str = '{"/m/02xlf": "Fiction"}') -> str:

@@ -18,7 +18,7 @@ import yaml
 from bookgen.checkpoint import MARKER
 from bookgen.cli import main
 from bookgen.metrics import read_metrics
-from tests.conftest import REPO, write_experiment
+from tests.helpers import REPO, write_experiment
 from tests.ranks import launch, rank_env
 
 STEPS = 4
@@ -62,6 +62,7 @@ def _world_readable_tmp(tmp_path: Path) -> Path:
 
 # --- export ---------------------------------------------------------------------------------------------
 
+@pytest.mark.multirank
 def test_export_refuses_the_run_folder_and_leaves_it_whole(trained, tmp_path):
     exp = _copy_run(trained, tmp_path)
     run = tmp_path / "run"
@@ -72,6 +73,7 @@ def test_export_refuses_the_run_folder_and_leaves_it_whole(trained, tmp_path):
     assert (run / "checkpoints" / "step00000004" / MARKER).is_file()
 
 
+@pytest.mark.multirank
 def test_export_refuses_a_file_and_a_foreign_folder_unless_forced(trained, tmp_path):
     exp = write_experiment(tmp_path / "exp", SETTINGS, rows=120)
     shutil.copytree(trained / "run", exp.parent / "run")
@@ -89,6 +91,7 @@ def test_export_refuses_a_file_and_a_foreign_folder_unless_forced(trained, tmp_p
     assert (foreign / "draft.tex").read_text() == "keep me" and (foreign / "model.safetensors").is_file()
 
 
+@pytest.mark.multirank
 def test_export_into_the_current_folder_and_over_a_previous_export(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -113,6 +116,7 @@ def test_export_into_the_current_folder_and_over_a_previous_export(trained, tmp_
     AutoModelForCausalLM.from_pretrained(str(here))
 
 
+@pytest.mark.multirank
 def test_exported_files_follow_the_umask(trained, tmp_path):
     exp = write_experiment(tmp_path / "exp", SETTINGS, rows=120)
     shutil.copytree(trained / "run", exp.parent / "run")
@@ -129,6 +133,7 @@ def test_exported_files_follow_the_umask(trained, tmp_path):
 
 # --- resume and checkpoints -----------------------------------------------------------------------------
 
+@pytest.mark.multirank
 def test_rerunning_a_finished_run_keeps_its_checkpoint(trained, tmp_path):
     exp = _copy_run(trained, tmp_path)
     final = tmp_path / "run/checkpoints/step00000004"
@@ -139,6 +144,7 @@ def test_rerunning_a_finished_run_keeps_its_checkpoint(trained, tmp_path):
     assert (final / MARKER).stat().st_mtime_ns == stamp, "the complete final checkpoint was not saved again"
 
 
+@pytest.mark.multirank
 def test_resume_with_another_global_batch_maps_the_position_by_samples(tmp_path):
     # 84 training examples: 42 steps an epoch at micro-batch 2, 21 at micro-batch 4
     exp = write_experiment(tmp_path, {"train.epochs": 1, "train.max_steps": None, "checkpoint.every": 10,
@@ -153,6 +159,7 @@ def test_resume_with_another_global_batch_maps_the_position_by_samples(tmp_path)
     assert steps == list(range(1, 22))
 
 
+@pytest.mark.multirank
 def test_truncated_checkpoint_file_is_named_with_the_previous_checkpoint(trained, tmp_path):
     exp = _copy_run(trained, tmp_path, {"train.max_steps": 6})
     damaged = tmp_path / "run/checkpoints/step00000004/mp_rank_00_model_states.pt"
@@ -163,6 +170,7 @@ def test_truncated_checkpoint_file_is_named_with_the_previous_checkpoint(trained
     assert "checkpoint.resume=" in proc.stderr
 
 
+@pytest.mark.multirank
 def test_non_finite_loss_stops_the_run_before_it_saves(tmp_path):
     exp = write_experiment(tmp_path, {"train.learning_rate": 1e30, "train.max_steps": 6, "checkpoint.every": 1},
                            rows=120)
@@ -175,6 +183,7 @@ def test_non_finite_loss_stops_the_run_before_it_saves(tmp_path):
     assert saved and all(int(name[4:]) < bad_step for name in saved), (saved, bad_step)
 
 
+@pytest.mark.multirank
 def test_read_only_checkpoint_folder_is_refused_before_training(tmp_path):
     base = _world_readable_tmp(tmp_path)
     try:
@@ -193,6 +202,7 @@ def test_read_only_checkpoint_folder_is_refused_before_training(tmp_path):
 
 # --- generate -------------------------------------------------------------------------------------------
 
+@pytest.mark.multirank
 def test_generate_never_writes_over_its_prompts_or_its_other_output(trained, tmp_path):
     model = trained / "export"
     prompts = tmp_path / "prompts.txt"
@@ -205,6 +215,7 @@ def test_generate_never_writes_over_its_prompts_or_its_other_output(trained, tmp
     assert proc.returncode == 2 and ".jsonl" in proc.stderr and not (tmp_path / "samples.txt").exists()
 
 
+@pytest.mark.multirank
 def test_generate_settings_from_set_apply_without_an_experiment(trained, tmp_path):
     out = tmp_path / "g.jsonl"
     proc = _cli(["generate", "--model", str(trained / "export"), "--out", str(out), "--set",
@@ -216,6 +227,7 @@ def test_generate_settings_from_set_apply_without_an_experiment(trained, tmp_pat
     assert proc.returncode == 2 and "--set nonsense=1" in proc.stderr
 
 
+@pytest.mark.multirank
 def test_generate_bad_prompt_files_and_long_prompts(trained, tmp_path):
     model = str(trained / "export")
     bad = tmp_path / "p.jsonl"
@@ -235,6 +247,7 @@ def test_generate_bad_prompt_files_and_long_prompts(trained, tmp_path):
     assert json.loads((tmp_path / "o.jsonl").read_text())["tokens"] >= 1
 
 
+@pytest.mark.multirank
 def test_generate_into_a_read_only_folder_is_refused(trained, tmp_path):
     base = _world_readable_tmp(tmp_path)
     try:
@@ -251,8 +264,8 @@ def test_generate_into_a_read_only_folder_is_refused(trained, tmp_path):
 # --- input and config -----------------------------------------------------------------------------------
 
 def test_cmu_file_with_a_malformed_first_row_is_still_cmu(tmp_path):
-    from bookgen.data.cmu import CorpusError
     from bookgen.data.sources import detect_format, read_corpus
+    from bookgen.errors import CorpusError
 
     sample = (REPO / "data/sample/booksummaries.txt").read_text(encoding="utf-8").splitlines(keepends=True)
     source = tmp_path / "booksummaries.txt"
@@ -272,8 +285,8 @@ def _archive(path: Path, member: str, data: bytes) -> Path:
 
 
 def test_archive_member_must_be_exact_and_truncated_archives_are_named(tmp_path):
-    from bookgen.data.cmu import CorpusError
     from bookgen.data.sources import extract_archive
+    from bookgen.errors import CorpusError
 
     row = (REPO / "data/sample/booksummaries.txt").read_bytes().splitlines(keepends=True)[0]
     good = _archive(tmp_path / "good.tar.gz", "./booksummaries/booksummaries.txt", row)
@@ -290,8 +303,8 @@ def test_archive_member_must_be_exact_and_truncated_archives_are_named(tmp_path)
 
 
 def test_config_refusals_name_the_key_and_where_it_came_from(tmp_path):
-    from bookgen.config import ConfigError
     from bookgen.config_io import load_config
+    from bookgen.errors import ConfigError
 
     exp = write_experiment(tmp_path)
     with pytest.raises(ConfigError, match=r"--set train.learning_rate=.inf: train.learning_rate: expected a finite"):
@@ -310,6 +323,7 @@ def test_config_refusals_name_the_key_and_where_it_came_from(tmp_path):
     assert cfg.checkpoint.resume == str(tmp_path / "old/checkpoints/step00000004"), "relative to the YAML's folder"
 
 
+@pytest.mark.multirank
 def test_mistakes_that_need_no_data_are_reported_before_prepare(tmp_path):
     tiny = REPO / "experiments/tiny_cpu.yaml"
     out = tmp_path / "run"
@@ -323,6 +337,7 @@ def test_mistakes_that_need_no_data_are_reported_before_prepare(tmp_path):
     assert not (tmp_path / "resume/run/prepared").exists()
 
 
+@pytest.mark.multirank
 def test_pretrained_model_with_too_few_positions_is_refused_before_prepare(trained, tmp_path):
     exp = write_experiment(tmp_path, {"model.name_or_path": str(trained / "export"), "data.block_size": 128})
     proc = _cli(["train", "--cfg", str(exp)])

@@ -12,9 +12,10 @@ from bookgen.config_io import load_config
 from bookgen.data.batches import IGNORE_INDEX, collate, epoch_order, eval_shard, micro_batch_indices, model_inputs
 from bookgen.ds_config import build_ds_config
 from bookgen.errors import BookgenError
+from bookgen.layout import BatchLayout
 from bookgen.schedule import lr_multiplier
 from bookgen.train import plan_steps
-from tests.conftest import REPO, write_experiment
+from tests.helpers import REPO, write_experiment
 
 
 def _cfg(tmp_path, ds: dict | None = None, **overrides):
@@ -86,8 +87,9 @@ def test_epoch_order_covers_each_example_once_and_ranks_are_disjoint():
         seen = []
         for step in range(12):
             for micro in range(2):
-                per_rank = [micro_batch_indices(order, step=step, micro=micro, rank=r, world_size=2,
-                                                micro_batch_size=2, accum=2) for r in range(2)]
+                per_rank = [micro_batch_indices(order, step=step, micro=micro, rank=r,
+                                                layout=BatchLayout(micro_batch_size=2, grad_accum_steps=2,
+                                                                   world_size=2)) for r in range(2)]
                 seen.extend(np.concatenate(per_rank).tolist())
         assert sorted(seen) == sorted(order.tolist())
     assert not np.array_equal(epoch_order(lengths, seed=1, epoch=0, global_batch=8, group_by_length=False),
@@ -169,8 +171,8 @@ def test_pretrained_model_gets_special_tokens_with_mean_rows_and_tied_head(tmp_p
 
 
 def test_position_at_another_world_size_is_mapped_by_samples():
-    from bookgen.checkpoint import TrainState
     from bookgen.reshard import remap_position
+    from bookgen.train_state import TrainState
 
     state = TrainState(global_step=30, epoch=1, step_in_epoch=9)
     assert remap_position(state, 8, 4, 100) == TrainState(30, 1, 18)
@@ -246,7 +248,7 @@ def test_mfu_peak_is_known_only_for_listed_gpus_in_half_precision():
 
 
 def test_early_stopping_counts_evaluations_without_a_new_best():
-    from bookgen.checkpoint import TrainState
+    from bookgen.train_state import TrainState
 
     state = TrainState()
     counts = []
@@ -270,3 +272,11 @@ def test_tf32_only_on_gpus_and_only_when_allowed():
     assert float32_matmul_precision(tf32=True, on_gpu=True) == "high"
     assert float32_matmul_precision(tf32=False, on_gpu=True) == "highest"
     assert float32_matmul_precision(tf32=True, on_gpu=False) == "highest", "CPU runs keep exact fp32"
+
+
+def test_batch_layout_is_computed_once_without_a_process_group(tmp_path):
+    cfg = load_config(write_experiment(tmp_path), ["train.micro_batch_size=3", "train.grad_accum_steps=4"])
+    layout = BatchLayout.of(cfg.train, world_size=2)
+    assert (layout.micro_batches, layout.global_batch) == (8, 24)
+    assert build_ds_config(cfg, 2)["train_batch_size"] == layout.global_batch
+    assert plan_steps(100, cfg.train, 2).global_batch == layout.global_batch

@@ -12,7 +12,7 @@ import yaml
 
 from bookgen.hardware import cpu_has_bf16
 from bookgen.metrics import read_metrics
-from tests.conftest import REPO, write_experiment
+from tests.helpers import REPO, write_experiment
 from tests.ranks import launch, step_losses
 
 
@@ -93,6 +93,7 @@ def test_two_rank_run_learns_and_writes_its_records(tmp_path):
     assert steps[0]["lr"] == pytest.approx(3e-3) and steps[-1]["lr"] == pytest.approx(3e-3 / 20)
 
 
+@pytest.mark.multirank
 def test_packed_run_has_no_padding_and_line_by_line_does(tmp_path):
     packed = write_experiment(tmp_path / "packed", {"data.packing": "concat", "train.max_steps": 3,
                                                     "run.tensorboard": True, "run.peak_tflops": 0.5}, rows=120)
@@ -117,6 +118,7 @@ def test_packed_run_has_no_padding_and_line_by_line_does(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
+@pytest.mark.multirank
 def test_bf16_run(tmp_path):
     if not cpu_has_bf16():
         pytest.skip("this CPU has no native bf16 (avx512_bf16/amx); bf16 would be emulated")
@@ -128,6 +130,7 @@ def test_bf16_run(tmp_path):
     assert losses[4] < losses[1]
 
 
+@pytest.mark.multirank
 def test_pretrained_local_model_folder_trains(tmp_path):
     """`model.name_or_path` with a local folder: the code path a hub id like `gpt2` takes."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -198,11 +201,12 @@ def test_loss_weighs_tokens_the_same_however_the_global_batch_is_split(tmp_path)
     assert losses["micro_batches", "2x2x2"][1] != pytest.approx(losses["micro_batches", "1x4x2"][1], rel=1e-5)
 
 
+@pytest.mark.multirank
 def test_compiled_run_matches_eager_and_saves_the_same_weights(tmp_path):
     """train.compile: same losses, same evaluation, and a checkpoint with the model's own parameter names."""
     import torch
 
-    from bookgen.export import consolidated_state_dict, load_checkpoint_model
+    from bookgen.checkpoint_model import consolidated_state_dict, load_checkpoint_model
 
     runs = {}
     for compiled in (False, True):
@@ -223,18 +227,20 @@ def test_compiled_run_matches_eager_and_saves_the_same_weights(tmp_path):
     assert weights[1].keys() == weights[0].keys(), "no _orig_mod. prefixes from the compiled module"
     assert all(torch.allclose(weights[1][k], weights[0][k], atol=1e-5) for k in weights[0])
     model, _ = load_checkpoint_model(runs[True] / "checkpoints" / "step00000003")
-    assert model.config.n_layer == 2
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], weights[1][k]) for k in weights[1]), "the compiled run's own weights load"
 
 
+@pytest.mark.multirank
 def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_gains(tmp_path):
     """After one step from the same start, runs with and without decay differ by exactly lr x decay x weight
     on matrices and embeddings, and not at all on biases and LayerNorm gains (ZeRO-2's flat groups)."""
     import torch
 
+    from bookgen.checkpoint_model import load_checkpoint_model
     from bookgen.config_io import load_config
     from bookgen.data.prepare import tokenizer_dir
     from bookgen.data.tokenizer import load_tokenizer
-    from bookgen.export import load_checkpoint_model
     from bookgen.model import build_model
 
     lr, decay = 1e-2, 0.5
@@ -258,6 +264,7 @@ def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_gains(tmp_path):
                                        rtol=1e-4, atol=1e-8, msg=name)
 
 
+@pytest.mark.multirank
 def test_early_stopping_ends_a_diverging_run_and_a_rerun_does_not_train_on(tmp_path):
     # a learning rate that makes the validation loss rise: the first evaluation stays the best
     exp = write_experiment(tmp_path, {

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bookgen.data.store import TokenStore
+from bookgen.layout import BatchLayout
 
 IGNORE_INDEX = -100  # positions the loss skips (padding, a document's first token when packed)
 GROUP_CHUNK_BATCHES = 50  # length grouping sorts within this many global batches, keeping some randomness
@@ -136,13 +137,10 @@ def steps_per_epoch(n_examples: int, global_batch: int) -> int:
     return n_examples // global_batch
 
 
-def micro_batch_indices(
-    order: np.ndarray, *, step: int, micro: int, rank: int, world_size: int, micro_batch_size: int, accum: int
-) -> np.ndarray:
+def micro_batch_indices(order: np.ndarray, *, step: int, micro: int, rank: int, layout: BatchLayout) -> np.ndarray:
     """The examples that ``rank`` uses in micro-batch ``micro`` of optimizer step ``step``."""
-    global_batch = micro_batch_size * world_size * accum
-    start = step * global_batch + (micro * world_size + rank) * micro_batch_size
-    return order[start : start + micro_batch_size]
+    start = step * layout.global_batch + (micro * layout.world_size + rank) * layout.micro_batch_size
+    return order[start : start + layout.micro_batch_size]
 
 
 def predicted_tokens(targets: np.ndarray, order: np.ndarray, *, step: int, global_batch: int) -> int:

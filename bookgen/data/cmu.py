@@ -8,12 +8,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bookgen.errors import CorpusError
+
 COLUMNS = 7  # Wikipedia id, Freebase id, title, author, date, genres JSON, summary
 _WHITESPACE = re.compile(r"\s")
-
-
-class CorpusError(ValueError):
-    """The corpus file is malformed; the message names the file and line."""
 
 
 @dataclass(frozen=True, slots=True)

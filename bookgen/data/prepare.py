@@ -17,8 +17,9 @@ from pathlib import Path
 from bookgen.config import ExperimentConfig
 from bookgen.data import sources
 from bookgen.data.split import reference_split, seeded_split
-from bookgen.data.store import MANIFEST, StoreError, TokenStore, tokenize_in_batches, write_store
+from bookgen.data.store import MANIFEST, TokenStore, tokenize_in_batches, write_store
 from bookgen.data.tokenizer import tokenizer_fingerprint, tokenizer_source
+from bookgen.errors import StoreError
 from bookgen.fileio import read_json, sha256_file, sha256_json, staged_dir, write_json_atomic, write_text_atomic
 
 SPLITS = sources.SPLITS

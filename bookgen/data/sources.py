@@ -10,7 +10,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bookgen.data.cmu import CorpusError, ParseStats, looks_like_cmu, normalize_summary, parse_rows
+from bookgen.data.cmu import ParseStats, looks_like_cmu, normalize_summary, parse_rows
+from bookgen.errors import CorpusError
 from bookgen.fileio import sha256_file
 
 SPLITS = ("train", "valid", "test")

@@ -15,14 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bookgen.errors import StoreError
 from bookgen.fileio import read_json, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-class StoreError(RuntimeError):
-    """A token store is missing, incomplete or corrupted."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

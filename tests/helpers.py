@@ -1,10 +1,9 @@
-"""Shared fixtures: tiny experiments on real files in tmp_path."""
+"""Shared test helpers: the repository's paths and tiny experiments written to real files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +37,3 @@ def write_experiment(folder: Path, overrides: dict | None = None, *, rows: int |
     path = folder / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-@pytest.fixture
-def tiny_exp(tmp_path: Path) -> Path:
-    return write_experiment(tmp_path, rows=120)

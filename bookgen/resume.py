@@ -1,0 +1,142 @@
+"""Resume in one place: which checkpoint, planned before the engine exists, and the restore after it.
+
+:func:`plan_resume` picks the folder (``checkpoint.resume``), checks its files, and decides whether the engine
+must load a universal checkpoint (another world size, :mod:`bookgen.reshard`); :func:`restore` loads the
+weights, optimizer, schedule and RNG into the engine and returns the :class:`TrainState` the loop continues
+from, with the position mapped by samples when the global batch changed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from bookgen import checkpoint as ckpt
+from bookgen import reshard
+from bookgen.checkpoint import previous_hint
+from bookgen.config import ExperimentConfig
+from bookgen.distributed import DistEnv, broadcast_object
+from bookgen.errors import BookgenError
+from bookgen.layout import BatchLayout
+from bookgen.train_state import TrainState
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePlan:
+    folder: Path | None  # None: a fresh start
+    universal: bool  # load through DeepSpeed's universal checkpoint (saved at another world size)
+    notes: list[str] = field(default_factory=list)  # what was passed over, to print
+
+
+def plan_resume(cfg: ExperimentConfig, dist: DistEnv) -> ResumePlan:
+    """Before the engine exists: the checkpoint to resume from, converted for this world size if needed."""
+    folder, notes = ckpt.find_resume(cfg)
+    return ResumePlan(folder, reshard.needs_universal(folder, cfg, dist), notes)
+
+
+def restore(engine: Any, plan: ResumePlan, cfg: ExperimentConfig, dist: DistEnv, console: Console, *,
+            steps_per_epoch: int) -> TrainState:
+    """After the engine is built: load the planned checkpoint (or start fresh) and say what happened."""
+    for note in plan.notes:
+        console.print(f"[yellow]{note}[/]")
+    if plan.folder is None:
+        return TrainState()
+    folder = plan.folder
+    state = _load(engine, folder, cfg, dist, steps_per_epoch=steps_per_epoch, universal=plan.universal)
+    saved = ckpt.read_marker(folder, cfg)
+    global_batch = BatchLayout.of(cfg.train, dist.world_size).global_batch
+    if saved["world_size"] != dist.world_size:
+        console.print(f"[yellow]{folder} was saved by {saved['world_size']} ranks, this run has {dist.world_size}: "
+                      f"{'loaded through a universal checkpoint; ' if plan.universal else ''}the data position is "
+                      "mapped by samples seen and the random streams restart, so this run is not bit-exact[/]")
+    elif saved["global_batch"] != global_batch:
+        console.print(f"[yellow]{folder} was saved with a global batch of {saved['global_batch']}, this run's is "
+                      f"{global_batch}: the data position is mapped by samples seen (rounded down: a few samples "
+                      "may be seen twice, none skipped)[/]")
+    console.print(f"resumed from {folder} at step {state.global_step} (epoch {state.epoch}, "
+                  f"step {state.step_in_epoch} of the epoch)")
+    return state
+
+
+def check_compatible(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:
+    marker = ckpt.read_marker(folder, cfg)
+    if marker["zero_stage"] != cfg.deepspeed.zero_stage:
+        raise BookgenError(f"{folder} was saved under ZeRO stage {marker['zero_stage']}, this run uses "
+                           f"deepspeed.zero_stage {cfg.deepspeed.zero_stage}")
+    saved = saved_layout(marker)
+    now = (cfg.data.packing, cfg.data.block_size)
+    if saved != now and marker["state"]["step_in_epoch"] != 0:
+        # the examples of an epoch (rows, blocks) are another list: a mid-epoch position means nothing there
+        raise BookgenError(f"{folder} was saved mid-epoch with data.packing {saved[0]!r} and data.block_size "
+                           f"{saved[1]}; this run has {now[0]!r} and {now[1]}. Change them only at an epoch's "
+                           "end, or resume with the saved values")
+    return marker
+
+
+def saved_layout(marker: dict[str, Any]) -> tuple[str, int]:
+    """(data.packing, data.block_size) a checkpoint was trained with; old markers kept packing as a bool."""
+    data = marker.get("data", {})
+    packing = data.get("packing", "none")
+    if isinstance(packing, bool):
+        packing = "concat" if packing else "none"
+    return packing, int(data.get("block_size", 0))
+
+
+def _apply_schedule_at_loaded_step(scheduler: Any) -> None:
+    """The loaded scheduler state carries the learning rate the saving run computed for its next step.
+    Recompute it with this run's schedule, which differs when the run is extended (more steps or
+    epochs): otherwise the first resumed step would use the old schedule's rate (0 at a linear end)."""
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, steps_per_epoch: int,
+          universal: bool) -> TrainState:
+    """Restore engine (weights, optimizer, scheduler), this rank's RNG, and the train state.
+
+    With another global batch (world size, micro-batch or accumulation) the position is mapped by samples
+    seen (see bookgen.reshard); at another world size the RNG is reseeded.
+    """
+    marker = check_compatible(folder, cfg)
+    load_dir, tag = reshard.load_dir_and_tag(folder, universal)
+    try:
+        path, _client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # torch names no file for a truncated one
+        raise BookgenError(f"{folder}: cannot load this checkpoint ({type(exc).__name__}: {str(exc)[:300]}). "
+                           + previous_hint(folder)) from exc
+    if path is None:
+        raise BookgenError(f"DeepSpeed could not load {folder}")
+    state = TrainState(**marker["state"])
+    layout = BatchLayout.of(cfg.train, dist.world_size)
+    if marker["global_batch"] != layout.global_batch:
+        state = reshard.remap_position(state, marker["global_batch"], layout.global_batch,
+                                       steps_per_epoch, counted_in_epochs=cfg.train.max_steps is None)
+        engine.lr_scheduler.last_epoch = state.global_step
+    _apply_schedule_at_loaded_step(engine.lr_scheduler)
+    if marker["world_size"] == dist.world_size:
+        _set_rng_state(torch.load(folder / f"rng_rank{dist.rank}.pt", weights_only=True))
+    else:
+        reshard.reseed(cfg.seed, state.global_step, dist.rank)
+    # all ranks must agree on where they are
+    agreed = broadcast_object(asdict(state))
+    if agreed != asdict(state):
+        raise BookgenError(f"rank {dist.rank} read another train state from {folder} than rank 0")
+    return state
