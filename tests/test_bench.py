@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -14,7 +15,8 @@ from tests.ranks import rank_env
 @pytest.mark.multirank
 def test_gpu_pipeline_tiny_passes_every_stage_on_cpu(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_pipeline.sh"), "--tiny", "--folder", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=rank_env())
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=rank_env({"PYTHON": sys.executable}))
     record = json.loads((tmp_path / "pipeline.json").read_text())
     stages = {s["name"]: s for s in record["stages"]}
     assert list(stages) == ["prepare", "train_zero2", "train_zero3", "resume", "eval", "export", "cpu_reference",
