@@ -132,26 +132,32 @@ def stage_train(plan: Plan, stage: Stage, zero: int) -> None:
 
 
 def stage_resume(plan: Plan, stage: Stage) -> None:
-    """Kill the ZeRO-2 run after step kill_at, rerun it: it resumes from save_every and ends as the
-    uninterrupted run does (bit-exact on the CPU; within bf16 noise on a GPU, where kernels may differ)."""
+    """Kill a ZeRO-2 run after step kill_at and rerun it: it resumes from save_every and trains steps
+    save_every+1 .. kill_at again. The first of those must give the loss the killed run logged for it (the
+    restored weights, optimizer, schedule and data position): exactly on the CPU, within bf16 noise on a
+    GPU. Later steps drift on a GPU (its kernels are not deterministic: seen up to 7% after 60 steps of a
+    run that memorises its data), so they are reported, and checked exactly only on the CPU."""
     exp = experiment(plan, "resume", stage=2, compiled=not plan.tiny)
-    shutil.rmtree(plan.folder / "run_resume", ignore_errors=True)
+    run = plan.folder / "run_resume"
+    shutil.rmtree(run, ignore_errors=True)
     try:
         train(plan, exp, "resume", env={"BOOKGEN_FAULT": f"kill:{plan.kill_at}"})
         raise RuntimeError("the run was not killed")
     except RuntimeError as exc:
         if "exit" not in str(exc):
             raise
+    before = losses(run)  # the resumed run truncates its log to the checkpoint's step
     train(plan, exp, "resume")
     log = (plan.folder / "resume.log").read_text(errors="replace")
     if f"at step {plan.save_every} " not in log:
         raise RuntimeError(f"no 'resumed ... at step {plan.save_every}' in resume.log")
-    ref, got = losses(plan.folder / "run_zero2"), losses(plan.folder / "run_resume")
-    after = [s for s in ref if s > plan.save_every]
-    worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in after)
-    stage.numbers = {"max_rel_loss_diff_after_resume": worst}
-    if worst > (0.0 if plan.tiny else BF16_TOLERANCE):
-        raise RuntimeError(f"losses after the resume differ from the uninterrupted run's by up to {worst:.2e}")
+    after = losses(run)
+    again = range(plan.save_every + 1, plan.kill_at)  # the killed step itself is never logged
+    diffs = [abs(after[s] - before[s]) / abs(before[s]) for s in again]
+    stage.numbers = {"first_resumed_step_rel_diff": diffs[0], "max_rel_diff_steps_trained_twice": max(diffs)}
+    limit = 0.0 if plan.tiny else BF16_TOLERANCE
+    if diffs[0] > limit or (plan.tiny and max(diffs) > 0.0):
+        raise RuntimeError(f"the resumed steps' losses differ from the killed run's: {diffs}")
 
 
 def stage_eval(plan: Plan, stage: Stage) -> None:

@@ -118,7 +118,9 @@ def generate_rows(
     rows = [(p, j) for p in prompt_indices for j in range(n)]
     prompt_slot = {p: k for k, p in enumerate(prompt_indices)}
     prompt_len = {p: len(t) for p, t in zip(prompt_indices, prompt_ids, strict=True)}
-    generators = [torch.Generator().manual_seed(row_seed(seed, p, j)) for p, j in rows]
+    # on the logits' device: torch.multinomial refuses a CPU generator for CUDA probabilities (seen on an
+    # H100); a row's text then depends on the device kind too, as any sampled GPU output does
+    generators = [torch.Generator(device=device).manual_seed(row_seed(seed, p, j)) for p, j in rows]
     generated: list[list[int]] = [[] for _ in rows]
     next_pos = positions[:, -1] + 1
     limit = context_length(model)
