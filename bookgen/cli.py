@@ -1,4 +1,4 @@
-"""The `bookgen` command: prepare, train, eval, export, generate, launch, show, config-help.
+"""The `bookgen` command: prepare, train, eval, export, generate, samples, launch, show, config-help.
 
 `train` and `eval` run in this process as one rank, or as one of many when started by torchrun,
 the deepspeed launcher or srun (see launcher/run.py, which calls :func:`main` too).
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in (("top-k", int), ("top-p", float), ("temperature", float), ("repetition-penalty", float),
                        ("max-new-tokens", int), ("num-return-sequences", int), ("seed", int), ("batch-size", int)):
         gen.add_argument(f"--{flag}", type=kind, default=None)
+    with_cfg(sub.add_parser("samples", help="generation quality of every checkpoint the run keeps"))
     sub.add_parser("config-help", help="list every config key with its default and meaning")
     return parser
 
@@ -95,6 +96,11 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         from bookgen.train import train
 
         train(cfg)
+        return 0
+    if args.command == "samples":
+        from bookgen.samples_run import samples_command
+
+        samples_command(cfg, console)
         return 0
     if args.command == "eval":
         from bookgen.evaluate_run import evaluate_only

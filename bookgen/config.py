@@ -222,6 +222,11 @@ class EvalConfig:
     every: int | None = field(default=None, metadata=_doc("Evaluate on the validation split every N steps."))
     at_end: bool = field(default=True, metadata=_doc("Evaluate on the validation split after training."))
     batch_size: int = field(default=4, metadata=_doc("Examples per rank per evaluation forward pass."))
+    samples: int = field(
+        default=4,
+        metadata=_doc("Summaries sampled from generate.prompt at every evaluation (generate settings, a fixed "
+                      "seed), written to samples.jsonl with their quality measures; 0 turns it off."),
+    )
     early_stopping_patience: int | None = field(
         default=None,
         metadata=_doc("Stop training after this many evaluations in a row without a new lowest validation loss."),
@@ -234,6 +239,7 @@ class EvalConfig:
         if self.every is not None:
             _require(self.every >= 1, "every", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.samples >= 0, "samples", "must be >= 0")
         if self.early_stopping_patience is not None:
             _require(self.early_stopping_patience >= 1, "early_stopping_patience", "must be >= 1")
             _require(self.every is not None, "early_stopping_patience", "needs eval.every: it counts evaluations")

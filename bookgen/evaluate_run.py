@@ -3,6 +3,7 @@ record the result, and say it."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -25,14 +26,16 @@ from bookgen.model import build_model
 def run_eval(engine: Any, examples: Examples, split: str, cfg: ExperimentConfig, dist: DistEnv, pad_id: int,
              step: int, log: MetricsLog | None) -> EvalResult:
     engine.eval()
+    start = time.perf_counter()
     result = perplexity(engine, examples, split=split, dist=dist, batch_size=cfg.eval.batch_size, pad_id=pad_id,
                         device=engine.device)
+    seconds = time.perf_counter() - start
     engine.train()
     if dist.is_main:
         write_json_atomic(cfg.run.output_dir / "eval_results.json", {**result.to_dict(), "step": step})
         if log is not None:
             log.write({"step": step, "eval_split": split, "eval_loss": result.loss, "perplexity": result.perplexity,
-                       "eval_tokens": result.tokens})
+                       "eval_tokens": result.tokens, "eval_seconds": seconds})
     return result
 
 

@@ -35,9 +35,12 @@ class Sample:
     text: str
     tokens: int  # new tokens, <EOS> included when it ended the sequence
     stopped: str  # "eos" or "length"
+    ids: tuple[int, ...] = ()  # the new token ids, <EOS> excluded (for the quality measures; not written)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        record = asdict(self)
+        del record["ids"]
+        return record
 
 
 def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -101,6 +104,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 def generate_rows(
     model: Any, prompt_ids: list[list[int]], prompt_indices: list[int], s: GenerateConfig, *, eos_id: int,
     pad_id: int, seed: int, observer: StepObserver | None = None,
+    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[tuple[int, int, list[int], str]]:
     """Decode ``num_return_sequences`` rows for each prompt in one batch. Returns (prompt, sample, ids, why)."""
     device = next(model.parameters()).device
@@ -131,6 +135,8 @@ def generate_rows(
             if s.repetition_penalty != 1.0 else [[] for _ in active]
         chosen = _choose(filter_logits(logits, history, s),
                          [generators[r] for r in active], greedy=s.top_k == 1).to(device)
+        if agree is not None:  # ranks that must run the same forwards take rank 0's tokens
+            chosen = agree(chosen)
         if observer is not None:
             observer(logits, chosen)
         keep = []
@@ -160,7 +166,7 @@ def generate_rows(
 def generate(
     model: Any, tokenizer: Any, prompts: list[str], s: GenerateConfig, *, seed: int,
     prompt_indices: list[int] | None = None, on_prompts_done: Callable[[int], None] | None = None,
-    observer: StepObserver | None = None,
+    observer: StepObserver | None = None, agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[Sample]:
     """Sample for every prompt; batches hold about ``s.batch_size`` rows of prompts of similar length."""
     indices = prompt_indices if prompt_indices is not None else list(range(len(prompts)))
@@ -180,9 +186,9 @@ def generate(
         group = by_length[start : start + per_batch]
         for p, j, ids, why in generate_rows(model, [encoded[i] for i in group], group, s, eos_id=eos_id,
                                             pad_id=pad_id if pad_id is not None else eos_id, seed=seed,
-                                            observer=observer):
+                                            observer=observer, agree=agree):
             text = tokenizer.decode([t for t in ids if t != eos_id], skip_special_tokens=False)
-            samples.append(Sample(p, j, text_of[p], text.strip(), len(ids), why))
+            samples.append(Sample(p, j, text_of[p], text.strip(), len(ids), why, tuple(t for t in ids if t != eos_id)))
         if on_prompts_done is not None:
             on_prompts_done(len(group))
     return sorted(samples, key=lambda x: (x.prompt_index, x.sample_index))
@@ -193,17 +199,22 @@ def readable_path(out_jsonl: Path) -> Path:
     return out_jsonl.with_suffix(".txt")
 
 
+def quality_path(out_jsonl: Path) -> Path:
+    """The quality measures written beside the JSONL (``samples.quality.json``)."""
+    return out_jsonl.with_suffix(".quality.json")
+
+
 def check_output_paths(out_jsonl: Path, *, inputs: list[Path]) -> None:
     """Refuse an --out whose JSONL or readable copy would overwrite an input or each other, or that cannot
     be written: checked before the model loads, so no sampling time is lost to a bad path."""
     from bookgen.errors import BookgenError
 
     readable = readable_path(out_jsonl)
-    if out_jsonl.suffix == ".txt":
-        raise BookgenError(f"--out: {out_jsonl} would be overwritten by the readable copy (.txt); give the JSONL "
-                           "output a .jsonl name")
+    if out_jsonl.suffix in (".txt", ".json"):
+        raise BookgenError(f"--out: {out_jsonl} would be overwritten by the readable copy (.txt) or the quality "
+                           "measures (.quality.json); give the JSONL output a .jsonl name")
     for given in inputs:
-        for written in (out_jsonl, readable):
+        for written in (out_jsonl, readable, quality_path(out_jsonl)):
             if written.resolve() == given.resolve() or given.resolve() in written.resolve().parents:
                 raise BookgenError(f"--out: writing {written} would overwrite the input {given}; choose another "
                                    "--out")

@@ -14,8 +14,11 @@ from rich.console import Console
 
 from bookgen import distributed
 from bookgen.config import ExperimentConfig, FieldError, GenerateConfig
+from bookgen.data.prepare import open_store
 from bookgen.errors import BookgenError
-from bookgen.generate import Sample, generate, write_outputs
+from bookgen.fileio import write_json_atomic
+from bookgen.generate import Sample, generate, quality_path, write_outputs
+from bookgen.quality import NgramIndex, measure
 
 
 def settings_from(base: GenerateConfig, flags: dict[str, Any]) -> GenerateConfig:
@@ -87,7 +90,24 @@ def _run(dist: distributed.DistEnv, cfg: ExperimentConfig | None, model_dir: Pat
         new_tokens = sum(x.tokens for x in samples)
         console.print(f"{len(samples)} sequences from {source}: {new_tokens:,} new tokens in {took:.1f}s "
                       f"({new_tokens / max(took, 1e-9):,.0f} tokens/s) -> {out}, {readable}")
+        _report_quality(samples, cfg, quality_path(out), console)
     return samples
+
+
+def _report_quality(samples: list[Sample], cfg: ExperimentConfig | None, path: Path, console: Console) -> None:
+    """The quality measures, printed and written beside the output; novelty and the reference length need
+    the experiment's prepared splits (--cfg), so a bare --model run leaves them out."""
+    index, reference = None, None
+    if cfg is not None and (cfg.prepared_dir / "store" / "train").is_dir():
+        index = NgramIndex.of_store(open_store(cfg, "train", verify=False))
+        reference = open_store(cfg, "valid", verify=False).lengths - 2
+    q = measure([x.ids for x in samples], [x.stopped == "eos" for x in samples], index, reference)
+    write_json_atomic(path, q.to_dict())
+    novelty = (f", copied 8-grams {q.copied_8gram_share:.1%}, longest copy {q.longest_copied_span} tokens"
+               if index is not None else "")
+    console.print(f"quality: stop rate {q.stop_rate:.0%}, length median {q.length_median:.0f} (quartiles "
+                  f"{q.length_q1:.0f}-{q.length_q3:.0f}), distinct-2 {q.distinct_2:.3f}, repeated 4-grams "
+                  f"{q.repeated_4gram_share:.1%}{novelty} -> {path}")
 
 
 def _generate_with_progress(model: Any, tokenizer: Any, prompts: list[str], mine: list[int],

@@ -34,6 +34,11 @@ class MetricsLog:
                 if key not in ("step", "time") and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, record["step"])
 
+    def text(self, tag: str, value: str, step: int) -> None:
+        """A text record in TensorBoard (when on), e.g. a sample; metrics.jsonl keeps numbers only."""
+        if self._tb is not None:
+            self._tb.add_text(tag, value, step)
+
     def close(self) -> None:
         self._fh.close()
         if self._tb is not None:

@@ -40,6 +40,7 @@ from bookgen.model import build_model, count_parameters
 from bookgen.preflight import check_training
 from bookgen.progress import TrainProgress, summary_table
 from bookgen.resume import plan_resume, restore
+from bookgen.samples import TrainingSampler
 from bookgen.step import StepMetrics, train_step
 from bookgen.train_state import TrainState
 
@@ -95,6 +96,7 @@ class Run:
     save_hf: Any
     progress: TrainProgress
     mfu_of: Callable[[float], float] | None  # tokens/s over all ranks -> MFU; None where the peak is unknown
+    sampler: TrainingSampler | None  # eval.samples > 0
 
 
 def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
@@ -116,6 +118,8 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
         summary["mfu"] = run.mfu_of(done.tokens / max(done.seconds, 1e-9))
     if evals:
         summary |= {"eval_loss": evals[-1].loss, "perplexity": evals[-1].perplexity}
+    if run.sampler is not None and run.sampler.last is not None:
+        summary |= run.sampler.last.metrics()
     summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), run.engine.device)
     if run.log is not None:
         write_json_atomic(cfg.run.output_dir / "run_summary.json", summary)
@@ -157,8 +161,9 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
                              log_every=cfg.run.log_every)
     peak = peak_flops(engine.device, cfg.train.precision, cfg.run.peak_tflops)
     mfu_of = None if peak is None else partial(mfu, flops_per_token=model_flops, devices=dist.world_size, peak=peak)
+    sampler = TrainingSampler(cfg, dist, tokenizer, resume_step=state.global_step) if cfg.eval.samples else None
     return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, log,
-               _hf_files_writer(engine, tokenizer), progress, mfu_of)
+               _hf_files_writer(engine, tokenizer), progress, mfu_of, sampler)
 
 
 def _finish(run: Run, cfg: ExperimentConfig, dist: DistEnv, done: LoopTotals) -> list[EvalResult]:
@@ -169,6 +174,7 @@ def _finish(run: Run, cfg: ExperimentConfig, dist: DistEnv, done: LoopTotals) ->
     if cfg.eval.at_end and final_loss is None:
         evals.append(run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id, step, run.log))
         final_loss = evals[-1].loss
+        _sample(run, step)
     if done.saved_at != step:
         ckpt.save(run.engine, cfg, dist, run.state, run.save_hf, eval_loss=final_loss)
     return evals
@@ -220,6 +226,13 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
     return totals
 
 
+def _sample(run: Run, step: int) -> None:
+    if run.sampler is not None:
+        run.engine.eval()
+        run.sampler.after_eval(run.engine, step, run.log, run.progress.note)
+        run.engine.train()
+
+
 def _stop_non_finite(run: Run, cfg: ExperimentConfig, loss: float) -> None:
     """A nan/inf loss poisons the weights: stop before any checkpoint or evaluation records them."""
     run.progress.close()
@@ -250,6 +263,7 @@ def _evaluate_and_save_on_schedule(run: Run, cfg: ExperimentConfig, dist: DistEn
         result = run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id, state.global_step, run.log)
         totals.evals.append(result)
         run.progress.note(eval_line(result, state.global_step))
+        _sample(run, state.global_step)
         eval_loss, totals.evaluated_at = result.loss, state.global_step
         state.note_eval(eval_loss, cfg.eval.early_stopping_min_delta)
         if _stopped_early(state, cfg):

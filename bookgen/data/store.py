@@ -126,6 +126,11 @@ class TokenStore:
         off = self._offsets[shard]
         return self._tokens[shard][off[local] : off[local + 1]]
 
+    def shards(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each shard's tokens (memory-mapped, documents back to back) and offsets (where each starts, and
+        the end): for readers that work on whole shards rather than documents."""
+        return list(zip(self._tokens, self._offsets, strict=True))
+
     @property
     def num_tokens(self) -> int:
         return int(self.lengths.sum())

@@ -1,0 +1,151 @@
+"""Samples while training (at every evaluation) and for every kept checkpoint (`bookgen samples`): the same
+prompt, settings and seed each time, so two evaluations of the same weights write the same text, and the
+measures of :mod:`bookgen.quality` beside the loss.
+
+Under ZeRO-3 every forward gathers parameters collectively, so every rank samples the same rows and rank 0's
+chosen tokens are broadcast at each step: all ranks run the same forwards and stop together. Under ZeRO 0-2
+each rank holds the whole model and rank 0 samples alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bookgen.config import ExperimentConfig, GenerateConfig
+from bookgen.data.prepare import open_store
+from bookgen.distributed import DistEnv
+from bookgen.generate import Sample, generate
+from bookgen.quality import NgramIndex, Quality, measure
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRound:
+    step: int
+    samples: list[Sample]
+    quality: Quality
+    seconds: float
+
+    def records(self) -> list[dict[str, Any]]:
+        return [{"step": self.step, "sample_index": x.sample_index, "text": x.text, "tokens": x.tokens,
+                 "stopped": x.stopped} for x in self.samples]
+
+    def metrics(self) -> dict[str, float | int]:
+        """The measures as metrics.jsonl keys (``samples_`` + the measure)."""
+        values = {f"samples_{k}": v for k, v in self.quality.to_dict().items() if v is not None and k != "samples"}
+        return {**values, "samples_seconds": self.seconds}
+
+
+def sample_settings(cfg: ExperimentConfig) -> GenerateConfig:
+    """The run's generate settings, ``eval.samples`` rows from one prompt, all decoded together."""
+    count = cfg.eval.samples
+    return dataclasses.replace(cfg.generate, num_return_sequences=count, batch_size=max(count, 1))
+
+
+def sample_seed(cfg: ExperimentConfig) -> int:
+    return cfg.generate.seed if cfg.generate.seed is not None else cfg.seed
+
+
+class Uncompiled:
+    """A compiled module's eager forward: generation's growing cache would recompile a compiled one at
+    every new length. Submodules are called as usual, so ZeRO-3's parameter hooks still run."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self._module = module
+        self.config = module.config
+        self.forward = module.forward
+        self.parameters = module.parameters
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._module.forward(*args, **kwargs)
+
+
+def sample_round(model: Any, tokenizer: Any, cfg: ExperimentConfig, dist: DistEnv, *, step: int,
+                 zero3: bool, index: NgramIndex | None, reference_lengths: np.ndarray | None) -> SampleRound | None:
+    """Sample ``eval.samples`` rows from ``generate.prompt``; the round on rank 0, None elsewhere."""
+    if not (dist.is_main or zero3):
+        return None
+    settings = sample_settings(cfg)
+    agree = _broadcast_from_rank0 if zero3 and dist.world_size > 1 else None
+    start = time.perf_counter()
+    was_training = getattr(model, "training", False)
+    model.eval()
+    compiled = getattr(model, "_compiled_call_impl", None) is not None
+    samples = generate(Uncompiled(model) if compiled else model, tokenizer,
+                       [settings.prompt], settings, seed=sample_seed(cfg), agree=agree)
+    if was_training:
+        model.train()
+    seconds = time.perf_counter() - start
+    if not dist.is_main:
+        return None
+    quality = measure([x.ids for x in samples], [x.stopped == "eos" for x in samples], index, reference_lengths)
+    return SampleRound(step, samples, quality, seconds)
+
+
+def _broadcast_from_rank0(chosen: torch.Tensor) -> torch.Tensor:
+    torch.distributed.broadcast(chosen, src=0)
+    return chosen
+
+
+class SamplesLog:
+    """``<output_dir>/samples.jsonl``: one line per sample; a resumed run keeps the lines up to its step."""
+
+    def __init__(self, run_dir: Path, resume_step: int = 0) -> None:
+        self.path = run_dir / "samples.jsonl"
+        if self.path.exists():
+            keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
+
+    def write(self, round_: SampleRound) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in round_.records()))
+
+
+class TrainingSampler:
+    """The samples of a training run: after each evaluation, a round on every rank that must take part,
+    written (rank 0) to samples.jsonl, metrics.jsonl (``samples_*``), TensorBoard and the console."""
+
+    def __init__(self, cfg: ExperimentConfig, dist: DistEnv, tokenizer: Any, *, resume_step: int) -> None:
+        self.cfg, self.dist, self.tokenizer = cfg, dist, tokenizer
+        self.zero3 = cfg.deepspeed.zero_stage == 3
+        self.index: NgramIndex | None = None
+        self.reference: np.ndarray | None = None
+        self.log: SamplesLog | None = None
+        self.last: SampleRound | None = None
+        self.index_seconds = 0.0
+        if dist.is_main:  # only rank 0 measures
+            start = time.perf_counter()
+            self.index = NgramIndex.of_store(open_store(cfg, "train", verify=False))
+            self.index_seconds = time.perf_counter() - start
+            self.reference = open_store(cfg, "valid", verify=False).lengths - 2  # without <BOS> and <EOS>
+            self.log = SamplesLog(cfg.run.output_dir, resume_step)
+
+    def after_eval(self, engine: Any, step: int, metrics: Any, note: Callable[[str], None]) -> None:
+        round_ = sample_round(engine.module, self.tokenizer, self.cfg, self.dist, step=step, zero3=self.zero3,
+                              index=self.index, reference_lengths=self.reference)
+        if round_ is None or self.log is None:
+            return
+        self.last = round_
+        self.log.write(round_)
+        if metrics is not None:
+            metrics.write({"step": step, **round_.metrics()})
+            metrics.text("samples", "\n\n".join(x.text for x in round_.samples), step)
+        q = round_.quality
+        note(f"samples @ step {step} ({round_.seconds:.1f} s): stop rate {q.stop_rate:.0%}, length "
+             f"{q.length_median:.0f} (valid {q.reference_length_median or 0:.0f}), repeated 4-grams "
+             f"{q.repeated_4gram_share:.0%}, copied 8-grams {q.copied_8gram_share:.0%}\n  "
+             f"{printable(round_.samples[0].text[:300])}")
+
+
+def printable(text: str) -> str:
+    """A sample for a console: control characters (an untrained byte-level model writes them) shown as \ufffd."""
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)

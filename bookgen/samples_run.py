@@ -1,0 +1,57 @@
+"""`bookgen samples --cfg exp.yaml`: the generation quality of every checkpoint a run still keeps (newest, best,
+rotated ones on disk), so a user can pick the checkpoint that writes best, not only the lowest loss."""
+
+from __future__ import annotations
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bookgen import checkpoint as ckpt
+from bookgen import distributed
+from bookgen.checkpoint_model import load_checkpoint_model
+from bookgen.config import ExperimentConfig
+from bookgen.data.prepare import open_store
+from bookgen.errors import BookgenError
+from bookgen.fileio import read_json, write_json_atomic
+from bookgen.quality import NgramIndex
+from bookgen.samples import SampleRound, sample_round
+
+COLUMNS = ("step", "eval loss", "stop rate", "length (valid)", "distinct-2", "repeated 4-grams", "copied 8-grams",
+           "longest copy")
+
+
+def samples_command(cfg: ExperimentConfig, console: Console) -> list[SampleRound]:
+    """Sample ``eval.samples`` rows (at least 1) from each complete checkpoint; print and save the measures."""
+    folders = ckpt.complete_checkpoints(ckpt.checkpoint_root(cfg))
+    if not folders:
+        raise BookgenError(f"no complete checkpoint under {ckpt.checkpoint_root(cfg)}; train first")
+    if cfg.eval.samples < 1:
+        cfg.eval.samples = 4
+    index = NgramIndex.of_store(open_store(cfg, "train", verify=False))
+    reference = open_store(cfg, "valid", verify=False).lengths - 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist = distributed.discover({})
+    rounds, table = [], Table(*COLUMNS, title=f"samples from {len(folders)} checkpoints ({cfg.eval.samples} each)")
+    for folder in folders:
+        ckpt.read_marker(folder, cfg)
+        model, tokenizer = load_checkpoint_model(folder)
+        step = int(folder.name.removeprefix("step"))
+        round_ = sample_round(model.to(device), tokenizer, cfg, dist, step=step, zero3=False, index=index,
+                              reference_lengths=reference)
+        assert round_ is not None  # one process: rank 0
+        rounds.append(round_)
+        table.add_row(*_row(round_, read_json(folder / ckpt.MARKER).get("eval_loss")))
+    console.print(table)
+    out = cfg.run.output_dir / "samples_by_checkpoint.json"
+    write_json_atomic(out, [{"step": r.step, **r.quality.to_dict(), "texts": [x.text for x in r.samples]}
+                            for r in rounds])
+    console.print(f"measures and texts: {out}")
+    return rounds
+
+
+def _row(r: SampleRound, eval_loss: float | None) -> list[str]:
+    q = r.quality
+    return [str(r.step), "-" if eval_loss is None else f"{eval_loss:.4f}", f"{q.stop_rate:.0%}",
+            f"{q.length_median:.0f} ({q.reference_length_median:.0f})", f"{q.distinct_2:.3f}",
+            f"{q.repeated_4gram_share:.1%}", f"{q.copied_8gram_share:.1%}", str(q.longest_copied_span)]
