@@ -58,13 +58,20 @@ class RunConfig:
 class DataConfig:
     source: Path = field(
         metadata=_doc(
-            "booksummaries.txt, booksummaries.tar.gz, a folder with train/valid/test.txt, "
-            "or a text file with one document per line.",
+            "booksummaries.txt, booksummaries.tar.gz, a folder with train/valid/test.txt, a text file with one "
+            "document per line, a .jsonl/.json, .csv/.tsv or .parquet file, or a save_to_disk folder.",
             path=True,
         )
     )
-    format: Literal["auto", "cmu", "archive", "splits", "text"] = field(
-        default="auto", metadata=_doc("How to read `source`; `auto` decides from the file.")
+    format: Literal["auto", "cmu", "archive", "splits", "text", "json", "csv", "parquet", "arrow"] = field(
+        default="auto", metadata=_doc("How to read `source`; `auto` decides from the file (suffix or contents).")
+    )
+    text_field: str = field(
+        default="text", metadata=_doc("The text column of a JSON, CSV, Parquet or save_to_disk dataset.")
+    )
+    split_names: list[str] = field(
+        default_factory=lambda: ["train", "validation", "test"],
+        metadata=_doc("A DatasetDict's train, validation and test split names, in that order (used as given)."),
     )
     split: Literal["seeded", "reference"] = field(
         default="seeded",
@@ -101,6 +108,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.block_size >= 8, "block_size", f"must be >= 8, got {self.block_size}")
         _require(self.shard_tokens >= 1024, "shard_tokens", "must be >= 1024")
+        _require(len(self.split_names) == 3 and len(set(self.split_names)) == 3, "split_names",
+                 f"must name three different splits (train, validation, test), got {self.split_names}")
         _require(
             not (self.packing != "none" and self.group_by_length),
             "group_by_length",

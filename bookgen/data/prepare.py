@@ -72,6 +72,7 @@ def _stage_splits(
     key = sha256_json({
         "version": STAGE_VERSION, "source": report.corpus_sha256, "format": fmt,
         "split": d.split, "seed": cfg.seed, "skip_malformed": d.skip_malformed,
+        "text_field": d.text_field, "split_names": d.split_names,
         "markers": [cfg.tokenizer.bos_token, cfg.tokenizer.eos_token],
     })
     files = {s: prepared / f"{s}.txt" for s in SPLITS}
@@ -82,8 +83,10 @@ def _stage_splits(
         return files, dict(record["sha256"])
 
     with tempfile.TemporaryDirectory(dir=prepared, prefix=".extract-") as scratch:
-        corpus = sources.read_corpus(d.source, fmt, skip_malformed=d.skip_malformed, scratch=Path(scratch))
-    report.skipped_empty = sum(1 for doc in corpus.docs if not doc)
+        corpus = sources.read_corpus(d.source, fmt, skip_malformed=d.skip_malformed, scratch=Path(scratch),
+                                     text_field=d.text_field, split_names=d.split_names)
+    given = [doc for part in (corpus.presplit or {}).values() for doc in part]
+    report.skipped_empty = sum(1 for doc in [*corpus.docs, *given] if not doc)
     if corpus.presplit is not None:
         parts = corpus.presplit
     else:

@@ -10,6 +10,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bookgen.data import hf_sources
 from bookgen.data.cmu import ParseStats, looks_like_cmu, normalize_summary, parse_rows
 from bookgen.errors import CorpusError
 from bookgen.fileio import sha256_file
@@ -31,6 +32,8 @@ class RawCorpus:
 
 
 def detect_format(source: Path) -> str:
+    if (fmt := hf_sources.format_of(source)) is not None:
+        return fmt
     if source.is_dir():
         missing = [f"{s}.txt" for s in SPLITS if not (source / f"{s}.txt").is_file()]
         if missing:
@@ -47,6 +50,11 @@ def detect_format(source: Path) -> str:
 
 
 def source_checksum(source: Path, fmt: str) -> str:
+    if fmt == "arrow":  # a save_to_disk folder: every file in it
+        digest = hashlib.sha256()
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(source)}:{sha256_file(path)}".encode())
+        return digest.hexdigest()
     if fmt == "splits":
         digest = hashlib.sha256()
         for name in SPLITS:
@@ -99,7 +107,15 @@ def read_lines(path: Path) -> list[str]:
         raise CorpusError(f"{path}: not UTF-8 text ({exc})") from exc
 
 
-def read_corpus(source: Path, fmt: str, *, skip_malformed: bool, scratch: Path) -> RawCorpus:
+def read_corpus(source: Path, fmt: str, *, skip_malformed: bool, scratch: Path, text_field: str = "text",
+                split_names: list[str] | None = None) -> RawCorpus:
+    if fmt in hf_sources.DATASETS_FORMATS:
+        docs, presplit = hf_sources.read_dataset(source, fmt, text_field=text_field,
+                                                 split_names=split_names or ["train", "validation", "test"],
+                                                 scratch=scratch)
+        if presplit is not None:  # used as given; prepare drops (and counts) the empty texts
+            return RawCorpus("splits", presplit=presplit)
+        return RawCorpus("text", docs=docs or [])
     if fmt == "splits":
         presplit = {s: [d for d in map(strip_markers, read_lines(source / f"{s}.txt")) if d] for s in SPLITS}
         return RawCorpus("splits", presplit=presplit)
