@@ -5,8 +5,10 @@ transformers' Trainer runs), same model, same batches, same ranks.
 
 Times, per step and rank (mean after 5 warm-up steps): the batch (collate), the forward, the backward (with
 the gradient all-reduce, which DDP overlaps with the backward and ZeRO-0 runs after it), and the optimizer
-step (with DeepSpeed's clipping and gradient-norm). Rank 0 prints both rows and the ratios. The batch layout is
-bookgen's (its order and padding), given to both, so only the engines differ.
+step (with DeepSpeed's clipping and gradient-norm). bookgen's model uses its default attention (the blocked
+kernel while training with attention dropout on a CPU), the Trainer's SDPA, as in the two benchmarks.
+Rank 0 prints both rows. The batch layout is bookgen's (its order and padding), given to both, so only the
+engines and the attention kernels differ.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from bookgen.layout import BatchLayout  # noqa: E402
 WARMUP = 5
 
 
-def model_and_tokenizer(prepared: Path, block: int) -> tuple[torch.nn.Module, object]:
+def model_and_tokenizer(prepared: Path, block: int, attention: str = "sdpa") -> tuple[torch.nn.Module, object]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bookgen.data.tokenizer import load_tokenizer
@@ -40,7 +42,7 @@ def model_and_tokenizer(prepared: Path, block: int) -> tuple[torch.nn.Module, ob
     config = GPT2Config(vocab_size=len(tok), n_layer=4, n_head=4, n_embd=256, n_positions=block,
                         pad_token_id=tok.pad_token_id)
     model = GPT2LMHeadModel(config)
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(attention)  # GPT-2's dropout 0.1 everywhere, as both benchmarks train
     return model, tok
 
 
@@ -73,7 +75,9 @@ def main() -> None:
     examples = Examples.build(TokenStore.open(args.prepared / "store" / "train"), args.block, "none")
     layout = BatchLayout(args.micro, 1, dist.world_size)
     order = epoch_order(examples.lengths, seed=0, epoch=0, global_batch=layout.global_batch, group_by_length=False)
-    model, tok = model_and_tokenizer(args.prepared, args.block)
+    from bookgen import attention
+
+    model, tok = model_and_tokenizer(args.prepared, args.block, attention.register())  # bookgen's default
     batches = [lambda s=s: examples.batch(micro_batch_indices(order, step=s, micro=0, rank=dist.rank, layout=layout),
                                           tok.pad_token_id) for s in range(WARMUP + args.steps)]
     engine = deepspeed_engine(model, layout)
