@@ -180,10 +180,14 @@ def _prepare(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-
     took = time.perf_counter() - start
     what = ", ".join(report.rebuilt) if report.rebuilt else "nothing (inputs unchanged)"
     console.print(f"prepared {cfg.prepared_dir} in {took:.2f}s; rebuilt: {what}")
+    console.print(f"rows read: {report.rows_read:,}")
     console.print("documents: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
+    console.print("tokens: " + ", ".join(f"{k}={v:,}" for k, v in report.tokens.items()) + "; shards: "
+                  + ", ".join(f"{k}={v}" for k, v in report.shards.items()))
     if report.skipped_empty or report.skipped_malformed or report.bad_genres:
         console.print(f"skipped: {report.skipped_empty} empty summaries, {report.skipped_malformed} malformed "
                       f"rows; {report.bad_genres} rows with unreadable genres (kept)")
+    console.print(f"numbers recorded in {cfg.prepared_dir / 'report.json'}", highlight=False)
     return 0
 
 

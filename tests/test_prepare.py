@@ -220,9 +220,21 @@ def test_cli_prepare_reports_and_bad_source_exits_2(tmp_path, capsys):
     from bookgen.cli import main
 
     path = write_experiment(tmp_path, rows=60)
-    assert main(["prepare", "--cfg", str(path)]) == 0
-    assert main(["prepare", "--cfg", str(path)]) == 0
-    assert "nothing (inputs unchanged)" in capsys.readouterr().err
+    source = tmp_path / "booksummaries.txt"
+    source.write_text(source.read_text() + "a\tmalformed row\n")
+    assert main(["prepare", "--cfg", str(path), "--set", "data.skip_malformed=true"]) == 0
+    first = capsys.readouterr().err
+    assert main(["prepare", "--cfg", str(path), "--set", "data.skip_malformed=true"]) == 0
+    again = capsys.readouterr().err
+    assert "nothing (inputs unchanged)" in again
+    report = json.loads((tmp_path / "run" / "prepared" / "report.json").read_text())
+    assert report["rows_read"] == 61 and report["skipped_malformed"] == 1
+    assert report["documents"] == {"train": 42, "valid": 12, "test": 6} and report["shards"] == {
+        "train": 1, "valid": 1, "test": 1}
+    assert sum(report["tokens"].values()) > 60 * 50
+    for printed in (first, again):  # a cache hit reports the same numbers
+        assert "rows read: 61" in printed and "1 malformed rows" in printed
+        assert f"tokens: train={report['tokens']['train']:,}" in printed
     missing = write_experiment(tmp_path / "m", {"data.source": str(tmp_path / "absent.txt")})
     assert main(["prepare", "--cfg", str(missing)]) == 2
     assert "absent.txt: data.source not found" in capsys.readouterr().err

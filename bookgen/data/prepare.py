@@ -30,8 +30,10 @@ TOKENIZE_BATCH = 512
 @dataclass(slots=True)
 class PrepareReport:
     rebuilt: list[str] = field(default_factory=list)  # stages that did work
+    rows_read: int = 0  # rows (lines, records) in data.source
     counts: dict[str, int] = field(default_factory=dict)  # documents per split
     tokens: dict[str, int] = field(default_factory=dict)
+    shards: dict[str, int] = field(default_factory=dict)  # token-store shards per split
     skipped_empty: int = 0
     skipped_malformed: int = 0
     bad_genres: int = 0
@@ -59,7 +61,18 @@ def prepare(cfg: ExperimentConfig, *, quiet: bool = False) -> PrepareReport:
     tok_dir, fingerprint = _stage_tokenizer(cfg, prepared, split_files["train"], split_sha256["train"], report)
     for split in SPLITS:
         _stage_store(cfg, split, split_files[split], split_sha256[split], tok_dir, fingerprint, report, quiet=quiet)
+    write_json_atomic(prepared / REPORT, report_record(report))
     return report
+
+
+REPORT = "report.json"  # what the last prepare read, skipped and wrote (the numbers `bookgen prepare` prints)
+
+
+def report_record(report: PrepareReport) -> dict[str, object]:
+    return {"rows_read": report.rows_read, "documents": report.counts, "tokens": report.tokens,
+            "shards": report.shards, "skipped_empty": report.skipped_empty,
+            "skipped_malformed": report.skipped_malformed, "bad_genres": report.bad_genres,
+            "corpus_sha256": report.corpus_sha256}
 
 
 def _stage_splits(
@@ -80,6 +93,9 @@ def _stage_splits(
     if _splits_valid(record, key, files):
         assert isinstance(record, dict)
         report.counts = dict(record["counts"])
+        report.rows_read = int(record.get("rows_read", 0))
+        report.skipped_empty, report.skipped_malformed = record["skipped_empty"], record["skipped_malformed"]
+        report.bad_genres = record["bad_genres"]
         return files, dict(record["sha256"])
 
     with tempfile.TemporaryDirectory(dir=prepared, prefix=".extract-") as scratch:
@@ -87,6 +103,7 @@ def _stage_splits(
                                      text_field=d.text_field, split_names=d.split_names)
     given = [doc for part in (corpus.presplit or {}).values() for doc in part]
     report.skipped_empty = sum(1 for doc in [*corpus.docs, *given] if not doc)
+    report.rows_read = corpus.stats.rows if corpus.kind == "cmu" else len(corpus.docs) + len(given)
     if corpus.presplit is not None:
         parts = corpus.presplit
     else:
@@ -105,7 +122,7 @@ def _stage_splits(
         report.counts[split] = len(lines)
     checksums = {s: sha256_file(files[s]) for s in SPLITS}
     write_json_atomic(prepared / "splits.json", {
-        "key": key, "counts": report.counts, "sha256": checksums,
+        "key": key, "counts": report.counts, "sha256": checksums, "rows_read": report.rows_read,
         "skipped_empty": report.skipped_empty, "skipped_malformed": report.skipped_malformed,
         "bad_genres": report.bad_genres,
     })
@@ -163,6 +180,7 @@ def _stage_store(
         try:
             store = TokenStore.open(final)
             report.counts[split], report.tokens[split] = len(store), store.num_tokens
+            report.shards[split] = len(store.manifest["shards"])  # type: ignore[arg-type]
             return
         except StoreError:
             pass  # corrupted: rebuild below
@@ -180,6 +198,7 @@ def _stage_store(
         docs = tokenize_in_batches(lines, encode, TOKENIZE_BATCH, lambda n: bar.advance(task, n))
         written = write_store(scratch, docs, vocab_size=len(tokenizer), shard_tokens=cfg.data.shard_tokens, meta=meta)
     report.counts[split], report.tokens[split] = int(written["num_docs"]), int(written["num_tokens"])  # type: ignore[call-overload]
+    report.shards[split] = len(written["shards"])  # type: ignore[arg-type]
     report.rebuilt.append(f"store:{split}")
 
 
