@@ -133,7 +133,9 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
 def _where_things_are(cfg: ExperimentConfig) -> str:
     root = ckpt.checkpoint_root(cfg)
     newest, best = ckpt.newest_complete(cfg), ckpt.best_complete(root) if cfg.checkpoint.keep_best else None
-    lines = [f"run folder {cfg.run.output_dir}: metrics.jsonl, loss_curves.png, eval_results.json, run_summary.json",
+    samples = ", samples.jsonl" if cfg.eval.samples else ""
+    lines = [f"run folder {cfg.run.output_dir}: metrics.jsonl, loss_curves.png, eval_results.json, run_summary.json"
+             f"{samples}",
              f"checkpoint {newest}" + (f"; best by validation loss {best}" if best is not None else ""),
              f"export it: bookgen export --cfg <exp.yaml>{' --checkpoint best' if best else ''} --out <folder>"]
     return "\n".join(lines)
