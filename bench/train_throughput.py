@@ -33,7 +33,6 @@ from corpus import cmu_like_documents  # noqa: E402
 from bookgen.hardware import bf16_matmul_is_faster  # noqa: E402
 
 WARMUP = 5
-BF16 = bf16_matmul_is_faster()  # the fastest exact setting uses bf16 only where it is faster here
 
 
 def write_corpus(path: Path, docs: int = 1500) -> None:
@@ -123,7 +122,8 @@ def main() -> None:
     print(f"corpus: {len(lengths)} training docs, median {int(np.median(lengths))} tokens, "
           f"{(lengths > 1024).mean():.0%} longer than 1024; block {args.block}, micro-batch {args.micro}, "
           f"{args.ranks} ranks, {args.steps} steps (first {WARMUP} are warm-up)")
-    bf16 = {"train__precision": "bf16"} if BF16 else {}
+    use_bf16 = bf16_matmul_is_faster()  # measured here, not at import: gpu_check.py imports this module
+    bf16 = {"train__precision": "bf16"} if use_bf16 else {}
     docs = {"data__packing": "documents"}
     results = {
         "bookgen line-by-line fp32": run_bookgen(args.folder, args.ranks, line_exp),
@@ -131,10 +131,10 @@ def main() -> None:
         "bookgen documents fp32": run_bookgen(args.folder, args.ranks, experiment(args.folder, args, "documents",
                                                                                    **docs)),
     }
-    if BF16:  # only where bf16 matrix products beat fp32 on this CPU (bookgen.hardware)
+    if use_bf16:  # only where bf16 matrix products beat fp32 on this CPU (bookgen.hardware)
         results["bookgen documents bf16"] = run_bookgen(args.folder, args.ranks,
                                                         experiment(args.folder, args, "fastest", **docs, **bf16))
-    results[f"bookgen concat{' bf16' if BF16 else ' fp32'} (not comparable)"] = run_bookgen(
+    results[f"bookgen concat{' bf16' if use_bf16 else ' fp32'} (not comparable)"] = run_bookgen(
         args.folder, args.ranks, experiment(args.folder, args, "concat", data__packing="concat", **bf16))
     print(f"{'':44s} {'tok/s':>9s} {'padding':>8s} {'1st step s':>10s} {'peak MB/rank':>12s}")
     for name, r in results.items():

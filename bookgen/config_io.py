@@ -85,7 +85,7 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path,
     """``overrides``: dotted key -> the ``--set`` item that gave it, so its errors name --set, not the file."""
     overrides = overrides or {}
     section = prefix.rstrip(".") or "top level"
-    source = f"--set {overrides[section]}" if section in overrides else source
+    source = _where(section, overrides, source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {section}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -94,8 +94,7 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path,
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(fields)}"
-            where = f"--set {overrides[prefix + str(key)]}" if prefix + str(key) in overrides else source
-            raise ConfigError(f"{where}: {prefix}{key}: unknown key{hint}")
+            raise ConfigError(f"{_where(prefix + str(key), overrides, source)}: {prefix}{key}: unknown key{hint}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         dotted = f"{prefix}{name}"
@@ -111,7 +110,7 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path,
             kwargs[name] = _build(tp, raw[name], prefix=f"{dotted}.", source=source, base_dir=base_dir,
                                   overrides=overrides)
             continue
-        where = f"--set {overrides[dotted]}" if dotted in overrides else source
+        where = _where(dotted, overrides, source)
         replaced = f.metadata.get(REPLACED, {})
         if replaced and isinstance(raw[name], type(next(iter(replaced)))) and raw[name] in replaced:
             choices = ", ".join(repr(a) for a in get_args(tp))
@@ -131,8 +130,12 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path,
         return cls(**kwargs)
     except FieldError as exc:
         dotted = f"{prefix}{exc.key}"
-        where = f"--set {overrides[dotted]}" if dotted in overrides else source
-        raise ConfigError(f"{where}: {dotted}: {exc}") from exc
+        raise ConfigError(f"{_where(dotted, overrides, source)}: {dotted}: {exc}") from exc
+
+
+def _where(dotted: str, overrides: dict[str, str], source: str) -> str:
+    """Where a key's value came from, for its error: the ``--set`` item that gave it, else the file."""
+    return f"--set {overrides[dotted]}" if dotted in overrides else source
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:

@@ -38,6 +38,11 @@ def float32_matmul_precision(tf32: bool, on_gpu: bool) -> str:
     return "high" if tf32 and on_gpu else "highest"
 
 
+def check_precision(cfg: ExperimentConfig) -> None:
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise BookgenError("train.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
+
+
 def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, dist: DistEnv, total_steps: int,
                  *, load_universal: bool = False) -> Any:
     import deepspeed
@@ -46,8 +51,7 @@ def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, dist: DistEnv, t
     ds_config = build_ds_config(cfg, dist.world_size)
     if load_universal:  # resuming a checkpoint saved at another world size (bookgen.reshard)
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        raise BookgenError("train.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
+    check_precision(cfg)
     if cfg.train.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
         if dist.is_main:  # the same on every rank: said once
             distributed.warn(dist, "this CPU has no native bf16; train.precision: bf16 will be slow")

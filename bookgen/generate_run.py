@@ -14,11 +14,11 @@ from rich.console import Console
 
 from bookgen import distributed
 from bookgen.config import ExperimentConfig, FieldError, GenerateConfig
-from bookgen.data.prepare import open_store
 from bookgen.errors import BookgenError
 from bookgen.fileio import write_json_atomic
 from bookgen.generate import Sample, generate, quality_path, write_outputs
-from bookgen.quality import NgramIndex, measure
+from bookgen.quality import measure
+from bookgen.samples import quality_references
 
 
 def settings_from(base: GenerateConfig, flags: dict[str, Any]) -> GenerateConfig:
@@ -99,8 +99,7 @@ def _report_quality(samples: list[Sample], cfg: ExperimentConfig | None, path: P
     the experiment's prepared splits (--cfg), so a bare --model run leaves them out."""
     index, reference = None, None
     if cfg is not None and (cfg.prepared_dir / "store" / "train").is_dir():
-        index = NgramIndex.of_store(open_store(cfg, "train", verify=False))
-        reference = open_store(cfg, "valid", verify=False).lengths - 2
+        index, reference = quality_references(cfg)
     q = measure([x.ids for x in samples], [x.stopped == "eos" for x in samples], index, reference)
     write_json_atomic(path, q.to_dict())
     novelty = (f", copied 8-grams {q.copied_8gram_share:.1%}, longest copy {q.longest_copied_span} tokens"

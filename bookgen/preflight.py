@@ -13,6 +13,7 @@ from bookgen.checkpoint import check_resume_folder, checkpoint_root
 from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv
 from bookgen.ds_config import build_ds_config
+from bookgen.engine import check_precision
 from bookgen.errors import BookgenError
 
 
@@ -20,8 +21,7 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
     """Every rank: the DeepSpeed config agrees with the experiment, the precision runs here, the resume
     folder exists, the model has positions for a block, and the run folder can be written."""
     build_ds_config(cfg, dist.world_size)  # raises on a ZeRO stage or batch clash with the JSON
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        raise BookgenError("train.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
+    check_precision(cfg)
     if cfg.checkpoint.resume not in ("auto", "never"):
         check_resume_folder(Path(cfg.checkpoint.resume))
     check_block_fits(cfg)

@@ -110,6 +110,13 @@ class SamplesLog:
             fh.write("".join(json.dumps(r) + "\n" for r in round_.records()))
 
 
+def quality_references(cfg: ExperimentConfig) -> tuple[NgramIndex, np.ndarray]:
+    """What the measures compare against: the training split's 8-grams and the validation summaries'
+    lengths (without <BOS> and <EOS>), both from the prepared token stores."""
+    index = NgramIndex.of_store(open_store(cfg, "train", verify=False))
+    return index, open_store(cfg, "valid", verify=False).lengths - 2
+
+
 class TrainingSampler:
     """The samples of a training run: after each evaluation, a round on every rank that must take part,
     written (rank 0) to samples.jsonl, metrics.jsonl (``samples_*``), TensorBoard and the console."""
@@ -124,9 +131,8 @@ class TrainingSampler:
         self.index_seconds = 0.0
         if dist.is_main:  # only rank 0 measures
             start = time.perf_counter()
-            self.index = NgramIndex.of_store(open_store(cfg, "train", verify=False))
+            self.index, self.reference = quality_references(cfg)
             self.index_seconds = time.perf_counter() - start
-            self.reference = open_store(cfg, "valid", verify=False).lengths - 2  # without <BOS> and <EOS>
             self.log = SamplesLog(cfg.run.output_dir, resume_step)
 
     def after_eval(self, engine: Any, step: int, metrics: Any, note: Callable[[str], None]) -> None:

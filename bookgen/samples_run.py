@@ -11,11 +11,9 @@ from bookgen import checkpoint as ckpt
 from bookgen import distributed
 from bookgen.checkpoint_model import load_checkpoint_model
 from bookgen.config import ExperimentConfig
-from bookgen.data.prepare import open_store
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, write_json_atomic
-from bookgen.quality import NgramIndex
-from bookgen.samples import SampleRound, sample_round
+from bookgen.samples import SampleRound, quality_references, sample_round
 
 COLUMNS = ("step", "eval loss", "stop rate", "length (valid)", "distinct-2", "repeated 4-grams", "copied 8-grams",
            "longest copy")
@@ -28,8 +26,7 @@ def samples_command(cfg: ExperimentConfig, console: Console) -> list[SampleRound
         raise BookgenError(f"no complete checkpoint under {ckpt.checkpoint_root(cfg)}; train first")
     if cfg.eval.samples < 1:
         cfg.eval.samples = 4
-    index = NgramIndex.of_store(open_store(cfg, "train", verify=False))
-    reference = open_store(cfg, "valid", verify=False).lengths - 2
+    index, reference = quality_references(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dist = distributed.discover({})
     rounds, table = [], Table(*COLUMNS, title=f"samples from {len(folders)} checkpoints ({cfg.eval.samples} each)")

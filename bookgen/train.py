@@ -229,10 +229,8 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
 
 
 def _sample(run: Run, step: int) -> None:
-    if run.sampler is not None:
-        run.engine.eval()
+    if run.sampler is not None:  # sample_round puts the model in eval mode and back
         run.sampler.after_eval(run.engine, step, run.log, run.progress.note)
-        run.engine.train()
 
 
 def _stop_non_finite(run: Run, cfg: ExperimentConfig, loss: float) -> None:
