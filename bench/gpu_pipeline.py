@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 from gpu_check import torchrun  # noqa: E402
+from scoring import loss_one_summary_at_a_time  # noqa: E402
 
 # bf16 logits against fp32 ones on the same weights: about 3 significant digits per value, averaged over
 # thousands of tokens; 1% of the loss is far above that noise and far below any real mismatch (a wrong
@@ -178,20 +179,8 @@ def stage_export(plan: Plan, stage: Stage) -> None:
 
 def stage_cpu_reference(plan: Plan, stage: Stage, gpu_eval: Stage) -> None:
     """The exported weights scored on the CPU in fp32, one validation summary at a time."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = plan.folder / "export_zero3"
-    model = AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(out))
-    block = model.config.n_positions
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for line in (plan.folder / "prepared" / "valid.txt").read_text(encoding="utf-8").splitlines():
-            ids = torch.tensor([tok(line, add_special_tokens=False)["input_ids"][:block]])
-            nll += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
-            count += ids.shape[1] - 1
-    loss = nll / count
+    lines = (plan.folder / "prepared" / "valid.txt").read_text(encoding="utf-8").splitlines()
+    loss, count = loss_one_summary_at_a_time(plan.folder / "export_zero3", lines)
     tolerance = FP32_TOLERANCE if plan.tiny else BF16_TOLERANCE
     gpu_loss = gpu_eval.numbers["loss"]
     stage.numbers = {"loss": loss, "tokens": count, "rel_diff": abs(gpu_loss - loss) / loss}

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
 from make_sample import row  # noqa: E402
+from scoring import loss_one_summary_at_a_time  # noqa: E402
 
 from bookgen.hardware import bf16_matmul_is_faster  # noqa: E402
 
@@ -116,17 +117,7 @@ def steps_per_epoch(folder: Path, args: argparse.Namespace, micro: int, packing:
 
 @torch.no_grad()
 def perplexity_one_at_a_time(model_dir: Path, lines: list[str], block: int) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    nll, count = 0.0, 0
-    for line in lines:
-        ids = torch.tensor([tok(line, add_special_tokens=False)["input_ids"][:block]])
-        loss = model(input_ids=ids, labels=ids).loss  # mean over the ids.shape[1] - 1 predictions
-        nll += float(loss) * (ids.shape[1] - 1)
-        count += ids.shape[1] - 1
-    return math.exp(nll / count)
+    return math.exp(loss_one_summary_at_a_time(model_dir, lines, block)[0])
 
 
 def main() -> None:

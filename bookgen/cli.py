@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = with_cfg(sub.add_parser("prepare", help="split, tokenize and store the corpus"))
     prep.add_argument("--download", action="store_true", help="fetch the corpus archive from data.download_url")
+    prep.add_argument("--verify", action="store_true",
+                      help="hash every input and output again instead of trusting digests of unchanged files")
     with_cfg(sub.add_parser("train", help="train (prepares the data first when needed)"))
     which = {"default": None, "metavar": "latest|best|DIR",
              "help": "checkpoint: the newest complete one (default), the best by validation loss, or a folder"}
@@ -176,7 +178,7 @@ def _prepare(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-
         download(cfg.data.download_url, target, cfg.data.download_sha256)
         cfg.data.source = target
     start = time.perf_counter()
-    report = prepare(cfg)
+    report = prepare(cfg, verify=args.verify)
     took = time.perf_counter() - start
     what = ", ".join(report.rebuilt) if report.rebuilt else "nothing (inputs unchanged)"
     console.print(f"prepared {cfg.prepared_dir} in {took:.2f}s; rebuilt: {what}")

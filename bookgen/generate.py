@@ -23,6 +23,7 @@ import torch
 
 from bookgen.config import GenerateConfig
 from bookgen.fileio import write_text_atomic
+from bookgen.model import position_count
 
 StepObserver = Callable[[torch.Tensor, torch.Tensor], None]  # (raw next-token logits (rows, vocab), chosen (rows,))
 
@@ -85,7 +86,7 @@ def _cache_kwarg(model: Any) -> str:
 
 def context_length(model: Any) -> int:
     """Positions the model has embeddings for (GPT-2: n_positions)."""
-    return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1 << 30)
+    return position_count(model.config) or 1 << 30
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:

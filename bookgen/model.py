@@ -8,7 +8,7 @@ and gives a broken start (first loss ~42 where ln(vocab) ~7 is expected).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,12 @@ from bookgen.errors import BookgenError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def position_count(config: Any) -> int | None:
+    """How many positions a model config has embeddings for (GPT-2: n_positions; most others:
+    max_position_embeddings); None when it names neither."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

@@ -15,6 +15,7 @@ from bookgen.distributed import DistEnv
 from bookgen.ds_config import build_ds_config
 from bookgen.engine import check_precision
 from bookgen.errors import BookgenError
+from bookgen.model import position_count
 
 
 def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
@@ -49,7 +50,7 @@ def check_block_fits(cfg: ExperimentConfig) -> None:
         config = AutoConfig.from_pretrained(cfg.model.name_or_path)
     except (OSError, ValueError) as exc:
         raise BookgenError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r}: {exc}") from exc
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    positions = position_count(config)
     if positions is not None and cfg.data.block_size > positions:
         raise BookgenError(f"data.block_size: {cfg.data.block_size} is more than the {positions} positions of "
                            f"{cfg.model.name_or_path}; set data.block_size to at most {positions}")

@@ -48,8 +48,7 @@ def restore(engine: Any, plan: ResumePlan, cfg: ExperimentConfig, dist: DistEnv,
     if plan.folder is None:
         return TrainState()
     folder = plan.folder
-    state = _load(engine, folder, cfg, dist, steps_per_epoch=steps_per_epoch, universal=plan.universal)
-    saved = ckpt.read_marker(folder, cfg)
+    state, saved = _load(engine, folder, cfg, dist, steps_per_epoch=steps_per_epoch, universal=plan.universal)
     global_batch = BatchLayout.of(cfg.train, dist.world_size).global_batch
     if saved["world_size"] != dist.world_size:
         console.print(f"[yellow]{folder} was saved by {saved['world_size']} ranks, this run has {dist.world_size}: "
@@ -108,8 +107,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, steps_per_epoch: int,
-          universal: bool) -> TrainState:
-    """Restore engine (weights, optimizer, scheduler), this rank's RNG, and the train state.
+          universal: bool) -> tuple[TrainState, dict[str, Any]]:
+    """Restore engine (weights, optimizer, scheduler), this rank's RNG, and the train state; also return the
+    checkpoint's marker (what it was saved with).
 
     With another global batch (world size, micro-batch or accumulation) the position is mapped by samples
     seen (see bookgen.reshard); at another world size the RNG is reseeded.
@@ -139,4 +139,4 @@ def _load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, st
     agreed = broadcast_object(asdict(state))
     if agreed != asdict(state):
         raise BookgenError(f"rank {dist.rank} read another train state from {folder} than rank 0")
-    return state
+    return state, marker

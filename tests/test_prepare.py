@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import sys
 import tarfile
 import time
 
@@ -37,6 +39,8 @@ def test_real_cmu_rows_parse():
 
 def test_whitespace_normalized_like_the_reference():
     assert cmu.normalize_summary(" a\tb\u00a0c\r\nd  e ") == "a b c  d  e"
+    every_space = "".join(chr(c) for c in range(sys.maxunicode + 1) if re.match(r"\s", chr(c)))
+    assert cmu.normalize_summary(f"x{every_space}y") == "x" + " " * len(every_space) + "y"
 
 
 def test_malformed_row_names_line_or_is_skipped(tmp_path):

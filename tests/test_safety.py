@@ -264,7 +264,7 @@ def test_generate_into_a_read_only_folder_is_refused(trained, tmp_path):
 # --- input and config -----------------------------------------------------------------------------------
 
 def test_cmu_file_with_a_malformed_first_row_is_still_cmu(tmp_path):
-    from bookgen.data.sources import detect_format, read_corpus
+    from bookgen.data.sources import detect_format, open_corpus
     from bookgen.errors import CorpusError
 
     sample = (REPO / "data/sample/booksummaries.txt").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -272,8 +272,8 @@ def test_cmu_file_with_a_malformed_first_row_is_still_cmu(tmp_path):
     source.write_text("a stray line without tabs\n" + "".join(sample[:20]), encoding="utf-8")
     assert detect_format(source) == "cmu"
     with pytest.raises(CorpusError, match=r"booksummaries.txt:1: expected 7 tab-separated columns"):
-        read_corpus(source, "cmu", skip_malformed=False, scratch=tmp_path)
-    assert len(read_corpus(source, "cmu", skip_malformed=True, scratch=tmp_path).docs) == 20
+        list(open_corpus(source, "cmu", skip_malformed=False, scratch=tmp_path).rows)
+    assert len(list(open_corpus(source, "cmu", skip_malformed=True, scratch=tmp_path).rows)) == 20
 
 
 def _archive(path: Path, member: str, data: bytes) -> Path:

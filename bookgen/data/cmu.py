@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bookgen.errors import CorpusError
 
 COLUMNS = 7  # Wikipedia id, Freebase id, title, author, date, genres JSON, summary
-_WHITESPACE = re.compile(r"\s")
+MALFORMED_LINES_KEPT = 100  # line numbers kept for the report; the count is exact
+# every character Python's ``\s`` matches (str.isspace), mapped to a space: str.translate does in one pass what
+# re.sub(r"\s", " ", ...) does, about 15x faster on a large corpus
+# (all of them lie below U+3001, the ideographic space being the last; a test checks the whole range)
+WHITESPACE_BELOW = 0x3001
+_WHITESPACE_TO_SPACE = str.maketrans({chr(c): " " for c in range(WHITESPACE_BELOW) if chr(c).isspace()})
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +37,7 @@ class ParseStats:
 
 def normalize_summary(text: str) -> str:
     """As the reference notebook: every whitespace character becomes a space, then strip."""
-    return _WHITESPACE.sub(" ", text).strip()
+    return text.translate(_WHITESPACE_TO_SPACE).strip()
 
 
 def parse_genres(text: str) -> tuple[str, ...] | None:
@@ -50,9 +54,14 @@ def parse_genres(text: str) -> tuple[str, ...] | None:
 
 
 def parse_rows(lines: Iterable[str], *, source: Path, skip_malformed: bool) -> tuple[list[Book], ParseStats]:
-    """Parse CMU rows; a row without 7 columns is an error naming its line, or skipped and counted."""
-    books: list[Book] = []
+    """Parse CMU rows into a list (see :func:`iter_rows`)."""
     stats = ParseStats()
+    return list(iter_rows(lines, source=source, skip_malformed=skip_malformed, stats=stats)), stats
+
+
+def iter_rows(lines: Iterable[str], *, source: Path, skip_malformed: bool, stats: ParseStats) -> Iterator[Book]:
+    """Parse CMU rows one at a time, counting into ``stats``; a row without 7 columns is an error naming its
+    line, or skipped and counted."""
     for line_no, line in enumerate(lines, start=1):
         line = line.rstrip("\n").rstrip("\r")
         if not line.strip():
@@ -67,14 +76,14 @@ def parse_rows(lines: Iterable[str], *, source: Path, skip_malformed: bool) -> t
                     "set data.skip_malformed: true to skip such rows"
                 )
             stats.malformed += 1
-            stats.malformed_lines.append(line_no)
+            if len(stats.malformed_lines) < MALFORMED_LINES_KEPT:
+                stats.malformed_lines.append(line_no)
             continue
         genres = parse_genres(cols[5])
         if genres is None:
             stats.bad_genres += 1
             genres = ()
-        books.append(Book(cols[0], cols[2], cols[3], genres, normalize_summary(cols[6])))
-    return books, stats
+        yield Book(cols[0], cols[2], cols[3], genres, normalize_summary(cols[6]))
 
 
 def looks_like_cmu(first_line: str) -> bool:

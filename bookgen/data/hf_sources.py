@@ -2,13 +2,14 @@
 `Dataset.save_to_disk` / `DatasetDict.save_to_disk`. One text column (``data.text_field``) becomes the
 documents; a `DatasetDict` with train/validation/test splits (``data.split_names``) is used as given.
 
-The files are read by `datasets` into Arrow (memory-mapped; its cache goes to the prepare stage's scratch
-folder, removed afterwards) and the text column is then taken as Python strings for the split and the
-tokenizer, so the corpus must still fit in memory once.
+Files are read with ``streaming=True``: `datasets` parses them a chunk at a time (no Arrow copy on disk, memory
+bounded whatever the file's size); a save_to_disk folder is memory-mapped Arrow. Either way the text column
+comes out in batches, never as one list.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from bookgen.errors import CorpusError
 SUFFIX_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 DATASETS_FORMATS = ("json", "csv", "parquet", "arrow")
 ARROW_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes
+BATCH_ROWS = 1000  # rows taken from `datasets` at a time
 
 
 def format_of(source: Path) -> str | None:
@@ -27,11 +29,12 @@ def format_of(source: Path) -> str | None:
     return SUFFIX_FORMATS.get(source.suffix.lower())
 
 
-def read_dataset(source: Path, fmt: str, *, text_field: str, split_names: list[str], scratch: Path
-                 ) -> tuple[list[str] | None, dict[str, list[str]] | None]:
+def open_dataset(source: Path, fmt: str, *, text_field: str, split_names: list[str]
+                 ) -> tuple[Iterator[str] | None, dict[str, Iterator[str]] | None]:
     """(documents, None) for one table, or (None, {train, valid, test: documents}) for a DatasetDict whose
-    splits ``split_names`` names. Empty or missing texts come back as "" (prepare skips and counts them)."""
-    data = _load(source, fmt, scratch)
+    splits ``split_names`` names. Documents come lazily; empty or missing texts come as "" (prepare skips and
+    counts them). The column is checked here, before anything is read."""
+    data = _load(source, fmt)
     import datasets
 
     if isinstance(data, datasets.DatasetDict):
@@ -39,12 +42,12 @@ def read_dataset(source: Path, fmt: str, *, text_field: str, split_names: list[s
         if missing:
             raise CorpusError(f"{source}: the dataset has the splits {sorted(data)}, not {missing}; set "
                               "data.split_names to its train, validation and test split names, in that order")
-        parts = [_texts(data[name], source, text_field, name) for name in split_names]
+        parts = [_texts(data[name], f"{source} (split {name})", fmt, text_field) for name in split_names]
         return None, dict(zip(("train", "valid", "test"), parts, strict=True))
-    return _texts(data, source, text_field, None), None
+    return _texts(data, str(source), fmt, text_field), None
 
 
-def _load(source: Path, fmt: str, scratch: Path) -> Any:
+def _load(source: Path, fmt: str) -> Any:
     import datasets
 
     datasets.disable_progress_bars()
@@ -52,21 +55,41 @@ def _load(source: Path, fmt: str, scratch: Path) -> Any:
         if fmt == "arrow":
             return datasets.load_from_disk(str(source))
         options = {"delimiter": "\t"} if source.suffix.lower() == ".tsv" else {}
-        return datasets.load_dataset(fmt, data_files=str(source), split="train", cache_dir=str(scratch / "hf"),
-                                     **options)
+        return datasets.load_dataset(fmt, data_files=str(source), split="train", streaming=True, **options)
     except Exception as exc:  # datasets and pyarrow raise many kinds; all mean "this file cannot be read"
-        raise CorpusError(f"{source}: cannot read it as {fmt} ({type(exc).__name__}: {str(exc)[:300]})") from exc
+        raise _unreadable(str(source), fmt, exc) from exc
 
 
-def _texts(table: Any, source: Path, text_field: str, split: str | None) -> list[str]:
-    where = f"{source}" + (f" (split {split})" if split else "")
-    if text_field not in table.column_names:
-        raise CorpusError(f"{where}: no column {text_field!r} (data.text_field); its columns are "
-                          f"{table.column_names}")
-    kind = getattr(table.features[text_field], "dtype", None)
-    if kind not in ("string", "large_string"):
-        raise CorpusError(f"{where}: column {text_field!r} holds {table.features[text_field]}, not text; set "
-                          "data.text_field to a text column")
-    if len(table) == 0:
+def _unreadable(where: str, fmt: str, exc: Exception) -> CorpusError:
+    return CorpusError(f"{where}: cannot read it as {fmt} ({type(exc).__name__}: {str(exc)[:300]})")
+
+
+def _texts(table: Any, where: str, fmt: str, text_field: str) -> Iterator[str]:
+    """Check the column now (a wrong name fails before any work); the generator reads it later."""
+    features = table.features
+    if features is not None:
+        if text_field not in features:
+            raise CorpusError(f"{where}: no column {text_field!r} (data.text_field); its columns are "
+                              f"{list(features)}")
+        if getattr(features[text_field], "dtype", None) not in ("string", "large_string"):
+            raise CorpusError(f"{where}: column {text_field!r} holds {features[text_field]}, not text; set "
+                              "data.text_field to a text column")
+    return _read_texts(table, where, fmt, text_field)
+
+
+def _read_texts(table: Any, where: str, fmt: str, text_field: str) -> Iterator[str]:
+    rows = 0
+    try:
+        for batch in table.select_columns([text_field]).iter(batch_size=BATCH_ROWS):
+            for text in batch[text_field]:
+                rows += 1
+                if text is not None and not isinstance(text, str):
+                    raise CorpusError(f"{where}: row {rows}: column {text_field!r} holds {type(text).__name__}, "
+                                      "not text; set data.text_field to a text column")
+                yield normalize_summary(text) if text else ""
+    except CorpusError:
+        raise
+    except Exception as exc:  # a corrupt file shows itself only when its rows are read
+        raise _unreadable(where, fmt, exc) from exc
+    if rows == 0:
         raise CorpusError(f"{where}: the dataset has no rows")
-    return [normalize_summary(text) if text else "" for text in table[text_field]]

@@ -10,21 +10,27 @@ interrupted prepare leaves nothing a later run trusts and an unchanged rerun doe
 
 from __future__ import annotations
 
+import hashlib
+import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from bookgen.config import ExperimentConfig
 from bookgen.data import sources
-from bookgen.data.split import reference_split, seeded_split
-from bookgen.data.store import MANIFEST, TokenStore, tokenize_in_batches, write_store
+from bookgen.data.digests import Digests
+from bookgen.data.spill import DocumentSpill
+from bookgen.data.split import reference_split_indices, seeded_split_indices
+from bookgen.data.store import MANIFEST, TokenStore, encode_lines, write_store
 from bookgen.data.tokenizer import tokenizer_fingerprint, tokenizer_source
 from bookgen.errors import StoreError
-from bookgen.fileio import read_json, sha256_file, sha256_json, staged_dir, write_json_atomic, write_text_atomic
+from bookgen.fileio import read_json, sha256_json, staged_dir, write_json_atomic
 
 SPLITS = sources.SPLITS
 STAGE_VERSION = 1
-TOKENIZE_BATCH = 512
 
 
 @dataclass(slots=True)
@@ -53,16 +59,26 @@ def format_line(summary: str, cfg: ExperimentConfig) -> str:
     return f"{cfg.tokenizer.bos_token} {summary} {cfg.tokenizer.eos_token}"
 
 
-def prepare(cfg: ExperimentConfig, *, quiet: bool = False) -> PrepareReport:
+def prepare(cfg: ExperimentConfig, *, quiet: bool = False, verify: bool = False) -> PrepareReport:
+    """Bring the prepared folder up to date. ``verify`` hashes every input and output again instead of
+    trusting the digests remembered for unchanged files (see :mod:`bookgen.data.digests`)."""
     report = PrepareReport()
     prepared = cfg.prepared_dir
     prepared.mkdir(parents=True, exist_ok=True)
-    split_files, split_sha256 = _stage_splits(cfg, prepared, report)
-    tok_dir, fingerprint = _stage_tokenizer(cfg, prepared, split_files["train"], split_sha256["train"], report)
-    for split in SPLITS:
-        _stage_store(cfg, split, split_files[split], split_sha256[split], tok_dir, fingerprint, report, quiet=quiet)
+    digests = Digests(prepared / DIGESTS, verify=verify)
+    try:
+        split_files, split_sha256 = _stage_splits(cfg, prepared, report, digests)
+        tok_dir, fingerprint = _stage_tokenizer(cfg, prepared, split_files["train"], split_sha256["train"], report)
+        for split in SPLITS:
+            _stage_store(cfg, split, split_files[split], split_sha256[split], tok_dir, fingerprint, report, digests,
+                         quiet=quiet)
+    finally:
+        digests.save()
     write_json_atomic(prepared / REPORT, report_record(report))
     return report
+
+
+DIGESTS = "digests.json"  # remembered SHA-256 of unchanged files (a cache; deleting it only costs hashing)
 
 
 REPORT = "report.json"  # what the last prepare read, skipped and wrote (the numbers `bookgen prepare` prints)
@@ -76,12 +92,12 @@ def report_record(report: PrepareReport) -> dict[str, object]:
 
 
 def _stage_splits(
-    cfg: ExperimentConfig, prepared: Path, report: PrepareReport
+    cfg: ExperimentConfig, prepared: Path, report: PrepareReport, digests: Digests
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """The split files and their SHA-256 (hashed once here; the later stages key on them)."""
     d = cfg.data
     fmt = sources.detect_format(d.source) if d.format == "auto" else d.format
-    report.corpus_sha256 = sources.source_checksum(d.source, fmt)
+    report.corpus_sha256 = sources.source_checksum(d.source, fmt, digests.sha256)
     key = sha256_json({
         "version": STAGE_VERSION, "source": report.corpus_sha256, "format": fmt,
         "split": d.split, "seed": cfg.seed, "skip_malformed": d.skip_malformed,
@@ -90,7 +106,7 @@ def _stage_splits(
     })
     files = {s: prepared / f"{s}.txt" for s in SPLITS}
     record = read_json(prepared / "splits.json")
-    if _splits_valid(record, key, files):
+    if _splits_valid(record, key, files, digests):
         assert isinstance(record, dict)
         report.counts = dict(record["counts"])
         report.rows_read = int(record.get("rows_read", 0))
@@ -98,29 +114,24 @@ def _stage_splits(
         report.bad_genres = record["bad_genres"]
         return files, dict(record["sha256"])
 
+    checksums: dict[str, str] = {}
     with tempfile.TemporaryDirectory(dir=prepared, prefix=".extract-") as scratch:
-        corpus = sources.read_corpus(d.source, fmt, skip_malformed=d.skip_malformed, scratch=Path(scratch),
+        corpus = sources.open_corpus(d.source, fmt, skip_malformed=d.skip_malformed, scratch=Path(scratch),
                                      text_field=d.text_field, split_names=d.split_names)
-    given = [doc for part in (corpus.presplit or {}).values() for doc in part]
-    report.skipped_empty = sum(1 for doc in [*corpus.docs, *given] if not doc)
-    report.rows_read = corpus.stats.rows if corpus.kind == "cmu" else len(corpus.docs) + len(given)
-    if corpus.presplit is not None:
-        parts = corpus.presplit
-    else:
-        docs = corpus.docs
-        if d.split == "seeded":
-            docs = [doc for doc in docs if doc]  # empty summaries never enter the shuffle
-        # the reference split all rows, empty summaries included, so dropping happens after it
-        train, valid, test = reference_split(docs) if d.split == "reference" else seeded_split(docs, cfg.seed)
-        parts = {"train": train, "valid": valid, "test": test}
+        written = {s: Path(scratch) / f"{s}.txt" for s in SPLITS}
+        if corpus.presplit is not None:
+            for split in SPLITS:
+                rows, report.counts[split], checksums[split] = _write_split(written[split], corpus.presplit[split],
+                                                                           cfg, split)
+                report.rows_read += rows
+            report.skipped_empty = report.rows_read - sum(report.counts.values())
+        else:
+            _split_rows(corpus.rows, cfg, Path(scratch), written, checksums, report)
+            report.rows_read = corpus.stats.rows if corpus.kind == "cmu" else report.rows_read
+        for split in SPLITS:  # all three or none: a failed split leaves the previous files
+            os.replace(written[split], files[split])
+            digests.wrote(files[split], checksums[split])
     report.skipped_malformed, report.bad_genres = corpus.stats.malformed, corpus.stats.bad_genres
-    for split in SPLITS:
-        lines = [format_line(doc, cfg) for doc in parts[split] if doc]
-        if not lines:
-            raise sources.CorpusError(f"{d.source}: the {split} split is empty; the corpus is too small to split")
-        write_text_atomic(files[split], "\n".join(lines) + "\n")
-        report.counts[split] = len(lines)
-    checksums = {s: sha256_file(files[s]) for s in SPLITS}
     write_json_atomic(prepared / "splits.json", {
         "key": key, "counts": report.counts, "sha256": checksums, "rows_read": report.rows_read,
         "skipped_empty": report.skipped_empty, "skipped_malformed": report.skipped_malformed,
@@ -130,10 +141,47 @@ def _stage_splits(
     return files, checksums
 
 
-def _splits_valid(record: object, key: str, files: dict[str, Path]) -> bool:
+def _split_rows(rows: Iterator[str] | None, cfg: ExperimentConfig, scratch: Path, written: dict[str, Path],
+                checksums: dict[str, str], report: PrepareReport) -> None:
+    """Park the documents on disk while counting them, draw the split from row indices, write each split's
+    documents in the split's order: memory holds 8 bytes a row, never the text."""
+    assert rows is not None
+    with DocumentSpill(scratch / "documents") as spill:
+        for doc in rows:
+            spill.add(doc)
+        spill.finish()
+        nonempty = np.flatnonzero(spill.lengths > 0)
+        if cfg.data.split == "seeded":  # empty documents never enter the shuffle
+            parts = tuple(nonempty[part] for part in seeded_split_indices(len(nonempty), cfg.seed))
+        else:  # the reference split all rows, empty summaries included; they are dropped when written
+            parts = reference_split_indices(len(spill))
+        for split, part in zip(SPLITS, parts, strict=True):
+            _, report.counts[split], checksums[split] = _write_split(written[split], spill.read(part), cfg, split)
+        report.rows_read, report.skipped_empty = len(spill), len(spill) - len(nonempty)
+
+
+def _write_split(path: Path, docs: Iterable[str], cfg: ExperimentConfig, split: str) -> tuple[int, int, str]:
+    """Write the non-empty documents as ``<BOS> doc <EOS>`` lines: (rows seen, lines written, SHA-256)."""
+    digest, rows, lines = hashlib.sha256(), 0, 0
+    with open(path, "wb", buffering=1 << 20) as fh:
+        for doc in docs:
+            rows += 1
+            if doc:
+                data = (format_line(doc, cfg) + "\n").encode("utf-8")
+                fh.write(data)
+                digest.update(data)
+                lines += 1
+        fh.flush()
+        os.fsync(fh.fileno())
+    if not lines:
+        raise sources.CorpusError(f"{cfg.data.source}: the {split} split is empty; the corpus is too small to split")
+    return rows, lines, digest.hexdigest()
+
+
+def _splits_valid(record: object, key: str, files: dict[str, Path], digests: Digests) -> bool:
     if not isinstance(record, dict) or record.get("key") != key:
         return False
-    return all(f.is_file() and sha256_file(f) == record["sha256"][s] for s, f in files.items())
+    return all(f.is_file() and digests.sha256(f) == record["sha256"][s] for s, f in files.items())
 
 
 def _stage_tokenizer(
@@ -155,7 +203,7 @@ def _stage_tokenizer(
 
     from bookgen.data.tokenizer import build_tokenizer
 
-    texts = [sources.strip_markers(line) for line in sources.read_lines(train_file)]
+    texts = map(sources.strip_markers, sources.iter_lines(train_file))  # read only when a BPE is trained
     tokenizer = build_tokenizer(cfg, texts)
     with staged_dir(final) as scratch:
         tokenizer.save_pretrained(str(scratch))
@@ -167,7 +215,7 @@ def _stage_tokenizer(
 
 def _stage_store(
     cfg: ExperimentConfig, split: str, text_file: Path, text_sha256: str, tok_dir: Path, fingerprint: str,
-    report: PrepareReport, *, quiet: bool,
+    report: PrepareReport, digests: Digests, *, quiet: bool,
 ) -> None:
     meta = {
         "split": split, "tokenizer_fingerprint": fingerprint, "source_sha256": text_sha256,
@@ -178,7 +226,7 @@ def _stage_store(
     manifest = read_json(final / MANIFEST)
     if isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in meta.items()):
         try:
-            store = TokenStore.open(final)
+            store = TokenStore.open(final, sha256=digests.sha256)
             report.counts[split], report.tokens[split] = len(store), store.num_tokens
             report.shards[split] = len(store.manifest["shards"])  # type: ignore[arg-type]
             return
@@ -188,15 +236,13 @@ def _stage_store(
     from bookgen.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tok_dir)
-    lines = sources.read_lines(text_file)
     with staged_dir(final) as scratch, _progress(quiet) as bar:
-        task = bar.add_task(f"tokenize {split}", total=len(lines))
-
-        def encode(batch: list[str]) -> list[list[int]]:
-            return tokenizer(batch, add_special_tokens=False)["input_ids"]
-
-        docs = tokenize_in_batches(lines, encode, TOKENIZE_BATCH, lambda n: bar.advance(task, n))
+        task = bar.add_task(f"tokenize {split}", total=report.counts.get(split))
+        docs = encode_lines(sources.iter_lines(text_file), tokenizer, lambda n: bar.advance(task, n))
         written = write_store(scratch, docs, vocab_size=len(tokenizer), shard_tokens=cfg.data.shard_tokens, meta=meta)
+    for shard in written["shards"]:  # type: ignore[attr-defined]
+        for name in ("tokens", "offsets"):
+            digests.wrote(final / shard[name], shard[f"{name}_sha256"])
     report.counts[split], report.tokens[split] = int(written["num_docs"]), int(written["num_tokens"])  # type: ignore[call-overload]
     report.shards[split] = len(written["shards"])  # type: ignore[arg-type]
     report.rebuilt.append(f"store:{split}")

@@ -1,17 +1,20 @@
-"""Read the corpus from any of its input forms into raw documents (or ready-made splits)."""
+"""Read the corpus from any of its input forms as a stream of documents (or of ready-made splits), so that no
+form of it is ever held in memory whole."""
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tarfile
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bookgen.data import hf_sources
-from bookgen.data.cmu import ParseStats, looks_like_cmu, normalize_summary, parse_rows
+from bookgen.data.cmu import ParseStats, iter_rows, looks_like_cmu, normalize_summary
 from bookgen.errors import CorpusError
 from bookgen.fileio import sha256_file
 
@@ -22,12 +25,13 @@ DETECT_ROWS = 100  # rows read to tell the CMU format from plain text
 
 
 @dataclass(slots=True)
-class RawCorpus:
-    """Documents before splitting ("" = a row without summary), or splits given by the user."""
+class CorpusStream:
+    """Documents in row order before splitting ("" = a row without text), or the splits the user gave; read
+    lazily, once. ``stats`` fills in as the rows go by."""
 
     kind: str  # cmu | text | splits
-    docs: list[str] = field(default_factory=list)
-    presplit: dict[str, list[str]] | None = None
+    rows: Iterator[str] | None = None
+    presplit: dict[str, Iterator[str]] | None = None
     stats: ParseStats = field(default_factory=ParseStats)
 
 
@@ -49,18 +53,18 @@ def detect_format(source: Path) -> str:
     return "cmu" if any(looks_like_cmu(line) for line in head) else "text"
 
 
-def source_checksum(source: Path, fmt: str) -> str:
+def source_checksum(source: Path, fmt: str, sha256: Callable[[Path], str] = sha256_file) -> str:
     if fmt == "arrow":  # a save_to_disk folder: every file in it
         digest = hashlib.sha256()
         for path in sorted(p for p in source.rglob("*") if p.is_file()):
-            digest.update(f"{path.relative_to(source)}:{sha256_file(path)}".encode())
+            digest.update(f"{path.relative_to(source)}:{sha256(path)}".encode())
         return digest.hexdigest()
     if fmt == "splits":
         digest = hashlib.sha256()
         for name in SPLITS:
-            digest.update(sha256_file(source / f"{name}.txt").encode())
+            digest.update(sha256(source / f"{name}.txt").encode())
         return digest.hexdigest()
-    return sha256_file(source)
+    return sha256(source)
 
 
 def extract_archive(archive: Path, target_dir: Path) -> Path:
@@ -78,7 +82,8 @@ def extract_archive(archive: Path, target_dir: Path) -> Path:
             reader = tar.extractfile(member)
             assert reader is not None
             tmp = dest.with_suffix(".part")
-            tmp.write_bytes(reader.read())
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(reader, out, 1 << 20)
             tmp.replace(dest)
             return dest
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:  # a truncated .gz ends in EOFError
@@ -100,32 +105,41 @@ def strip_markers(line: str) -> str:
     return normalize_summary(text)
 
 
-def read_lines(path: Path) -> list[str]:
+def iter_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 file without their line ends, one at a time. Lines end at "\\n" only (as the
+    reference's pandas reader), so a Unicode line separator inside a summary stays inside it."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise CorpusError(f"{path}: not UTF-8 text ({exc})") from exc
+        with open(path, "rb") as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                try:
+                    yield raw.decode("utf-8").rstrip("\n").rstrip("\r")
+                except UnicodeDecodeError as exc:
+                    raise CorpusError(f"{path}:{line_no}: not UTF-8 text ({exc})") from exc
+    except OSError as exc:
+        raise CorpusError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
 
 
-def read_corpus(source: Path, fmt: str, *, skip_malformed: bool, scratch: Path, text_field: str = "text",
-                split_names: list[str] | None = None) -> RawCorpus:
+def open_corpus(source: Path, fmt: str, *, skip_malformed: bool, scratch: Path, text_field: str = "text",
+                split_names: list[str] | None = None) -> CorpusStream:
+    """The corpus as a stream. Errors a file shows at once (a missing column, an unreadable archive) are
+    raised here; the rest while the rows are read."""
     if fmt in hf_sources.DATASETS_FORMATS:
-        docs, presplit = hf_sources.read_dataset(source, fmt, text_field=text_field,
-                                                 split_names=split_names or ["train", "validation", "test"],
-                                                 scratch=scratch)
+        rows, presplit = hf_sources.open_dataset(source, fmt, text_field=text_field,
+                                                 split_names=split_names or ["train", "validation", "test"])
         if presplit is not None:  # used as given; prepare drops (and counts) the empty texts
-            return RawCorpus("splits", presplit=presplit)
-        return RawCorpus("text", docs=docs or [])
+            return CorpusStream("splits", presplit=presplit)
+        return CorpusStream("text", rows=rows)
     if fmt == "splits":
-        presplit = {s: [d for d in map(strip_markers, read_lines(source / f"{s}.txt")) if d] for s in SPLITS}
-        return RawCorpus("splits", presplit=presplit)
+        presplit = {s: map(strip_markers, iter_lines(source / f"{s}.txt")) for s in SPLITS}
+        return CorpusStream("splits", presplit=presplit)
     if fmt == "archive":
         source = extract_archive(source, scratch)
         fmt = "cmu"
     if fmt == "cmu":
-        books, stats = parse_rows(read_lines(source), source=source, skip_malformed=skip_malformed)
-        return RawCorpus("cmu", docs=[b.summary for b in books], stats=stats)
-    return RawCorpus("text", docs=[normalize_summary(line) for line in read_lines(source)])
+        stats = ParseStats()
+        books = iter_rows(iter_lines(source), source=source, skip_malformed=skip_malformed, stats=stats)
+        return CorpusStream("cmu", rows=(book.summary for book in books), stats=stats)
+    return CorpusStream("text", rows=map(normalize_summary, iter_lines(source)))
 
 
 def download(url: str, dest: Path, expected_sha256: str | None, timeout_s: float = 20.0) -> Path:

@@ -9,9 +9,10 @@ Layout of one split's folder::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from bookgen.fileio import read_json, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+BATCH_LINES, BATCH_CHARS = 256, 1 << 20  # a tokenizer batch: at most this many lines or characters
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -52,7 +54,7 @@ def write_store(
         offsets = np.zeros(len(pending) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(d) for d in pending])
         flat = np.concatenate(pending) if pending else np.zeros(0, dtype=dtype)
-        flat.astype(dtype).tofile(folder / tokens_file)
+        flat.tofile(folder / tokens_file)
         np.save(folder / offsets_file, offsets)
         shards.append({
             "tokens": tokens_file, "offsets": offsets_file, "docs": len(pending), "num_tokens": int(offsets[-1]),
@@ -61,7 +63,7 @@ def write_store(
         pending, pending_tokens = [], 0
 
     for doc in docs:
-        arr = np.asarray(doc, dtype=np.int64)
+        arr = np.asarray(doc, dtype=dtype)  # the store's dtype at once: a pending shard is 2 bytes a token
         if pending and pending_tokens + len(arr) > shard_tokens:
             flush()
         pending.append(arr)
@@ -91,7 +93,7 @@ class TokenStore:
     lengths: np.ndarray  # tokens per document
 
     @classmethod
-    def open(cls, folder: Path, *, verify: bool = True) -> TokenStore:
+    def open(cls, folder: Path, *, verify: bool = True, sha256: Callable[[Path], str] = sha256_file) -> TokenStore:
         manifest = read_json(folder / MANIFEST)
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{folder}: no complete token store here; run `bookgen prepare --cfg ...`")
@@ -102,7 +104,7 @@ class TokenStore:
             for path, key in ((tok_path, "tokens_sha256"), (off_path, "offsets_sha256")):
                 if not path.is_file():
                     raise StoreError(f"{path}: shard file missing; rerun `bookgen prepare`")
-                if verify and sha256_file(path) != shard[key]:
+                if verify and sha256(path) != shard[key]:
                     raise StoreError(
                         f"{path}: checksum does not match {folder / MANIFEST}; the store is corrupted. "
                         "Delete the folder and rerun `bookgen prepare`."
@@ -136,11 +138,34 @@ class TokenStore:
         return int(self.lengths.sum())
 
 
-def tokenize_in_batches(
-    lines: Sequence[str], encode: Callable[[list[str]], list[list[int]]], batch: int, on_batch: Callable[[int], None]
-) -> Iterable[list[int]]:
-    """Yield token ids line by line; ``encode`` is a fast tokenizer's batch call (parallel in Rust)."""
-    for start in range(0, len(lines), batch):
-        chunk = list(lines[start : start + batch])
-        yield from encode(chunk)
-        on_batch(len(chunk))
+def encode_lines(lines: Iterable[str], tokenizer: Any, on_batch: Callable[[int], None]) -> Iterator[list[int]]:
+    """Token ids line by line, a batch of lines at a time (bounded in lines and in bytes, so memory does not
+    depend on the corpus). A fast tokenizer encodes each batch in parallel in Rust, all cores."""
+    encode = batch_encoder(tokenizer)
+    for batch in _batches(lines):
+        yield from encode(batch)
+        on_batch(len(batch))
+
+
+def batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]]:
+    """The fastest exact batch call: the Rust tokenizer's ``encode_batch_fast`` (no offsets computed) where it
+    exists, with truncation and padding off as the Python call would set them; else the Python call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return lambda batch: tokenizer(batch, add_special_tokens=False)["input_ids"]
+    backend.no_truncation()
+    backend.no_padding()
+    return lambda batch: [e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False)]
+
+
+def _batches(lines: Iterable[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for line in lines:
+        batch.append(line)
+        size += len(line)
+        if len(batch) >= BATCH_LINES or size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

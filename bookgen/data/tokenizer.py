@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bookgen.config import ExperimentConfig
+from bookgen.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -44,7 +45,7 @@ def add_special_tokens(tokenizer: PreTrainedTokenizerBase, cfg: ExperimentConfig
     return tokenizer
 
 
-def build_tokenizer(cfg: ExperimentConfig, train_texts: list[str]) -> PreTrainedTokenizerBase:
+def build_tokenizer(cfg: ExperimentConfig, train_texts: Iterable[str]) -> PreTrainedTokenizerBase:
     t = cfg.tokenizer
     specials = [t.bos_token, t.eos_token, t.pad_token]
     source = tokenizer_source(cfg)
@@ -53,7 +54,11 @@ def build_tokenizer(cfg: ExperimentConfig, train_texts: list[str]) -> PreTrained
     else:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        key = "tokenizer.name_or_path" if t.name_or_path else "model.name_or_path"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as exc:  # a missing folder, a hub name offline, a folder without a tokenizer
+            raise ConfigError(f"{key}: cannot load a tokenizer from {source!r} ({str(exc)[:300]})") from exc
     tokenizer.model_max_length = 1 << 30  # we truncate to data.block_size ourselves; silence length warnings
     return add_special_tokens(tokenizer, cfg)
 

@@ -1,0 +1,58 @@
+"""SHA-256 of the files `bookgen prepare` depends on, remembered with each file's size, inode and timestamps,
+so an unchanged file is not read again (what make and git do): a cache hit on a gigabyte corpus then costs a
+few ``stat`` calls, not a few seconds of hashing.
+
+A remembered digest is trusted only when the file's size, inode, mtime and ctime are those it had when it was
+hashed (ctime cannot be set back by a user) and that moment was safely after its last change: a file hashed
+within ``RACY_NS`` of its modification could have changed again inside the same timestamp tick, so it is hashed
+again (git's "racily clean" rule). Files prepare writes itself are remembered with the digest of the bytes it
+wrote. ``bookgen prepare --verify`` ignores the memory and hashes everything.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from bookgen.fileio import read_json, sha256_file, write_json_atomic
+
+RACY_NS = 2_000_000_000
+
+
+class Digests:
+    def __init__(self, memo: Path, *, verify: bool = False) -> None:
+        self._memo = memo
+        loaded = None if verify else read_json(memo)
+        self._entries: dict[str, dict[str, object]] = loaded if isinstance(loaded, dict) else {}
+        self._changed = verify
+
+    def sha256(self, path: Path) -> str:
+        key = str(path.resolve())
+        st = path.stat()
+        entry = self._entries.get(key)
+        if entry is not None and entry.get("stat") == _stat(st) and entry.get("stable"):
+            return str(entry["sha256"])
+        started = time.time_ns()
+        digest = sha256_file(path)
+        self._remember(key, path, digest, stable=st.st_mtime_ns < started - RACY_NS)
+        return digest
+
+    def wrote(self, path: Path, digest: str) -> None:
+        """``path`` was just written by prepare with content of ``digest`` (nobody else writes there)."""
+        self._remember(str(path.resolve()), path, digest, stable=True)
+
+    def _remember(self, key: str, path: Path, digest: str, *, stable: bool) -> None:
+        self._entries[key] = {"sha256": digest, "stat": _stat(path.stat()), "stable": stable}
+        self._changed = True
+
+    def save(self) -> None:
+        """Write the memory, keeping only files that still exist."""
+        if self._changed:
+            self._entries = {k: v for k, v in self._entries.items() if os.path.exists(k)}
+            write_json_atomic(self._memo, self._entries)
+            self._changed = False
+
+
+def _stat(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
