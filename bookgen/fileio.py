@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,6 +69,34 @@ def write_json_atomic(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True))
 
 
+def scratch_owner() -> str:
+    """``host.pid``: scratch folders are named with it so a later run can tell its own dead ones."""
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
+def remove_dead_scratch(folder: Path) -> list[Path]:
+    """Remove the scratch folders in ``folder`` that a killed process of this host left behind (a SIGKILL
+    runs no cleanup): dot-named, carrying ``host.pid`` of a process that no longer exists. Scratch of live
+    processes and of other hosts (a shared file system) is left alone."""
+    pattern, removed = re.compile(rf"-{re.escape(socket.gethostname())}\.(\d+)-[^-]*$"), []
+    for path in folder.glob(".*"):
+        match = pattern.search(path.name)
+        if path.is_dir() and match and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 @contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
     """Yield a scratch folder beside ``final``; on success it replaces ``final``, on error it is removed.
@@ -74,7 +104,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
     A run interrupted half-way leaves only a dot-named scratch folder that nothing trusts.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{scratch_owner()}-"))
     apply_umask(scratch, folder=True)
     try:
         yield scratch

@@ -171,3 +171,30 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
                                        "model": {"n_layer": 1, "n_head": 1, "n_embd": 8, "n_positions": 64}}))
         peaks[megabytes] = _peak_rss_mb(exp)
     assert peaks[40] - peaks[8] < (40 - 8) / 5, peaks
+
+
+def test_a_killed_prepare_leaves_nothing_trusted_and_its_scratch_is_removed_next_time(tmp_path):
+    import signal
+    import time
+
+    _generated(tmp_path / "corpus.txt", 30)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump({"run": {"output_dir": str(tmp_path / "run")},
+                                   "data": {"source": str(tmp_path / "corpus.txt"), "block_size": 64},
+                                   "tokenizer": {"vocab_size": 400},
+                                   "model": {"n_layer": 1, "n_head": 1, "n_embd": 8, "n_positions": 64}}))
+    prepared = tmp_path / "run" / "prepared"
+    proc = subprocess.Popen([sys.executable, "-m", "bookgen.cli", "prepare", "--cfg", str(exp)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(prepared.glob(".extract-*/documents")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = list(prepared.glob(".extract-*"))
+    assert left, "killed while splitting: its scratch folder is still there"
+    assert not (prepared / "splits.json").exists(), "nothing a later run would trust"
+    cfg = load_config(exp)
+    report = prepare(cfg, quiet=True)
+    assert "splits" in report.rebuilt and not any(p.exists() for p in left)
+    assert not list(prepared.glob(".*-*")), "no scratch left after a complete prepare"

@@ -27,7 +27,7 @@ from bookgen.data.split import reference_split_indices, seeded_split_indices
 from bookgen.data.store import MANIFEST, TokenStore, encode_lines, write_store
 from bookgen.data.tokenizer import tokenizer_fingerprint, tokenizer_source
 from bookgen.errors import StoreError
-from bookgen.fileio import read_json, sha256_json, staged_dir, write_json_atomic
+from bookgen.fileio import read_json, remove_dead_scratch, scratch_owner, sha256_json, staged_dir, write_json_atomic
 
 SPLITS = sources.SPLITS
 STAGE_VERSION = 1
@@ -66,6 +66,9 @@ def prepare(cfg: ExperimentConfig, *, quiet: bool = False, verify: bool = False)
     prepared = cfg.prepared_dir
     prepared.mkdir(parents=True, exist_ok=True)
     digests = Digests(prepared / DIGESTS, verify=verify)
+    for folder in (prepared, prepared / "store"):  # what a killed prepare left (a gigabyte, for a large corpus)
+        if folder.is_dir():
+            remove_dead_scratch(folder)
     try:
         split_files, split_sha256 = _stage_splits(cfg, prepared, report, digests)
         tok_dir, fingerprint = _stage_tokenizer(cfg, prepared, split_files["train"], split_sha256["train"], report)
@@ -96,6 +99,7 @@ def _stage_splits(
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """The split files and their SHA-256 (hashed once here; the later stages key on them)."""
     d = cfg.data
+    sources.require_source(d.source)
     fmt = sources.detect_format(d.source) if d.format == "auto" else d.format
     report.corpus_sha256 = sources.source_checksum(d.source, fmt, digests.sha256)
     key = sha256_json({
@@ -115,7 +119,7 @@ def _stage_splits(
         return files, dict(record["sha256"])
 
     checksums: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(dir=prepared, prefix=".extract-") as scratch:
+    with tempfile.TemporaryDirectory(dir=prepared, prefix=f".extract-{scratch_owner()}-") as scratch:
         corpus = sources.open_corpus(d.source, fmt, skip_malformed=d.skip_malformed, scratch=Path(scratch),
                                      text_field=d.text_field, split_names=d.split_names)
         written = {s: Path(scratch) / f"{s}.txt" for s in SPLITS}

@@ -35,6 +35,11 @@ class CorpusStream:
     stats: ParseStats = field(default_factory=ParseStats)
 
 
+def require_source(source: Path) -> None:
+    if not source.exists():
+        raise CorpusError(f"{source}: data.source not found (see data/README.md for how to get the corpus)")
+
+
 def detect_format(source: Path) -> str:
     if (fmt := hf_sources.format_of(source)) is not None:
         return fmt
