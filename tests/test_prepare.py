@@ -236,6 +236,7 @@ def test_cli_prepare_reports_and_bad_source_exits_2(tmp_path, capsys):
     assert report["documents"] == {"train": 42, "valid": 12, "test": 6} and report["shards"] == {
         "train": 1, "valid": 1, "test": 1}
     assert sum(report["tokens"].values()) > 60 * 50
+    assert set(report["seconds"]) == {"splits", "tokenizer", "store:train", "store:valid", "store:test", "total"}
     for printed in (first, again):  # a cache hit reports the same numbers
         assert "rows read: 61" in printed and "1 malformed rows" in printed
         assert f"tokens: train={report['tokens']['train']:,}" in printed

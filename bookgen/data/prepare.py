@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from bookgen.errors import StoreError
 from bookgen.fileio import read_json, remove_dead_scratch, scratch_owner, sha256_json, staged_dir, write_json_atomic
 
 SPLITS = sources.SPLITS
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: lines end at \n only (no longer at U+2028 and the like)
 
 
 @dataclass(slots=True)
@@ -44,6 +46,7 @@ class PrepareReport:
     skipped_malformed: int = 0
     bad_genres: int = 0
     corpus_sha256: str = ""  # checksum of data.source as read
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage of this call, and "total"
 
 
 def store_dir(prepared: Path, split: str) -> Path:
@@ -69,14 +72,20 @@ def prepare(cfg: ExperimentConfig, *, quiet: bool = False, verify: bool = False)
     for folder in (prepared, prepared / "store"):  # what a killed prepare left (a gigabyte, for a large corpus)
         if folder.is_dir():
             remove_dead_scratch(folder)
+    clock = _Clock(report.seconds)
     try:
-        split_files, split_sha256 = _stage_splits(cfg, prepared, report, digests)
-        tok_dir, fingerprint = _stage_tokenizer(cfg, prepared, split_files["train"], split_sha256["train"], report)
+        with clock("splits"):
+            split_files, split_sha256 = _stage_splits(cfg, prepared, report, digests)
+        with clock("tokenizer"):
+            tok_dir, fingerprint = _stage_tokenizer(cfg, prepared, split_files["train"], split_sha256["train"],
+                                                    report)
         for split in SPLITS:
-            _stage_store(cfg, split, split_files[split], split_sha256[split], tok_dir, fingerprint, report, digests,
-                         quiet=quiet)
+            with clock(f"store:{split}"):
+                _stage_store(cfg, split, split_files[split], split_sha256[split], tok_dir, fingerprint, report,
+                             digests, quiet=quiet)
     finally:
         digests.save()
+    report.seconds["total"] = round(sum(report.seconds.values()), 3)
     write_json_atomic(prepared / REPORT, report_record(report))
     return report
 
@@ -91,7 +100,22 @@ def report_record(report: PrepareReport) -> dict[str, object]:
     return {"rows_read": report.rows_read, "documents": report.counts, "tokens": report.tokens,
             "shards": report.shards, "skipped_empty": report.skipped_empty,
             "skipped_malformed": report.skipped_malformed, "bad_genres": report.bad_genres,
-            "corpus_sha256": report.corpus_sha256}
+            "corpus_sha256": report.corpus_sha256, "seconds": report.seconds}
+
+
+class _Clock:
+    """``with clock(name):`` adds the block's wall seconds to ``seconds[name]``."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
 def _stage_splits(
