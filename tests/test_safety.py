@@ -200,6 +200,21 @@ def test_read_only_checkpoint_folder_is_refused_before_training(tmp_path):
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_prepare_into_a_read_only_folder_is_named(tmp_path):
+    base = _world_readable_tmp(tmp_path)
+    try:
+        locked = base / "locked"
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        exp = write_experiment(base, {"data.prepared_dir": str(locked / "prepared")}, rows=60)
+        proc = _cli(["prepare", "--cfg", str(exp)], user=True)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert f"Permission denied while preparing into {locked / 'prepared'} (data.prepared_dir" in proc.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # --- generate -------------------------------------------------------------------------------------------
 
 @pytest.mark.multirank

@@ -65,6 +65,16 @@ def format_line(summary: str, cfg: ExperimentConfig) -> str:
 def prepare(cfg: ExperimentConfig, *, quiet: bool = False, verify: bool = False) -> PrepareReport:
     """Bring the prepared folder up to date. ``verify`` hashes every input and output again instead of
     trusting the digests remembered for unchanged files (see :mod:`bookgen.data.digests`)."""
+    try:
+        return _prepare(cfg, quiet=quiet, verify=verify)
+    except OSError as exc:  # an unwritable folder, a full disk: say which file, not a traceback
+        where = exc.filename or cfg.prepared_dir
+        raise StoreError(f"{where}: {exc.strerror or exc} while preparing into {cfg.prepared_dir} "
+                         "(data.prepared_dir, default <run.output_dir>/prepared); nothing half-written is "
+                         "trusted, rerun once it is fixed") from exc
+
+
+def _prepare(cfg: ExperimentConfig, *, quiet: bool, verify: bool) -> PrepareReport:
     report = PrepareReport()
     prepared = cfg.prepared_dir
     prepared.mkdir(parents=True, exist_ok=True)
