@@ -59,7 +59,8 @@ class DataConfig:
     source: Path = field(
         metadata=_doc(
             "booksummaries.txt, booksummaries.tar.gz, a folder with train/valid/test.txt, a text file with one "
-            "document per line, a .jsonl/.json, .csv/.tsv or .parquet file, or a save_to_disk folder.",
+            "document per line, a .jsonl/.json, .csv/.tsv (also .gz/.bz2/.xz) or .parquet file, or a save_to_disk "
+            "folder.",
             path=True,
         )
     )

@@ -4,7 +4,9 @@ and token ids as a plain text file; mistakes in the data are named."""
 from __future__ import annotations
 
 import csv
+import gzip
 import json
+import lzma
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,9 @@ def _write_all_formats(folder: Path, docs: list[str]) -> dict[str, Path]:
             writer = csv.writer(fh, delimiter=delimiter)
             writer.writerow(["id", "text"])
             writer.writerows(enumerate(docs))
+    files["jsonl.gz"], files["tsv.xz"] = folder / "docs.jsonl.gz", folder / "docs.tsv.xz"
+    files["jsonl.gz"].write_bytes(gzip.compress(files["jsonl"].read_bytes()))
+    files["tsv.xz"].write_bytes(lzma.compress(files["tsv"].read_bytes()))
     table = datasets.Dataset.from_dict({"id": list(range(len(docs))), "text": docs})
     table.to_parquet(str(files["parquet"]))
     table.save_to_disk(str(files["disk"]))
@@ -59,7 +64,7 @@ def test_every_format_gives_the_text_files_splits_and_token_ids(tmp_path):
     reference_cfg, _ = _prepare(tmp_path / "text", files["text"])
     expected = _tokens(reference_cfg)
     assert sum(len(v) for v in expected.values()) == len(DOCS)
-    for name in ("jsonl", "csv", "tsv", "parquet", "disk"):
+    for name in ("jsonl", "csv", "tsv", "parquet", "disk", "jsonl.gz", "tsv.xz"):
         cfg, report = _prepare(tmp_path / name, files[name])
         assert report.counts == {"train": 42, "valid": 12, "test": 6}, name
         for split in ("train", "valid", "test"):

@@ -1,6 +1,7 @@
-"""Your own corpus through Hugging Face `datasets`: JSON lines, CSV/TSV, Parquet, or a folder written by
-`Dataset.save_to_disk` / `DatasetDict.save_to_disk`. One text column (``data.text_field``) becomes the
-documents; a `DatasetDict` with train/validation/test splits (``data.split_names``) is used as given.
+"""Your own corpus through Hugging Face `datasets`: JSON lines, CSV/TSV (each also gzip, bzip2 or xz
+compressed), Parquet, or a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`. One text
+column (``data.text_field``) becomes the documents; a `DatasetDict` with train/validation/test splits
+(``data.split_names``) is used as given.
 
 Files are read with ``streaming=True``: `datasets` parses them a chunk at a time (no Arrow copy on disk, memory
 bounded whatever the file's size); a save_to_disk folder is memory-mapped Arrow. Either way the text column
@@ -19,6 +20,7 @@ from bookgen.errors import CorpusError
 SUFFIX_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 DATASETS_FORMATS = ("json", "csv", "parquet", "arrow")
 ARROW_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes
+COMPRESSIONS = (".gz", ".bz2", ".xz")  # `datasets` decompresses these while it streams
 BATCH_ROWS = 1000  # rows taken from `datasets` at a time
 
 
@@ -26,7 +28,13 @@ def format_of(source: Path) -> str | None:
     """The `datasets` format of ``source`` (a file by its suffix, a save_to_disk folder by its files), or None."""
     if source.is_dir():
         return "arrow" if any((source / name).is_file() for name in ARROW_MARKERS) else None
-    return SUFFIX_FORMATS.get(source.suffix.lower())
+    return SUFFIX_FORMATS.get(_inner_suffix(source))
+
+
+def _inner_suffix(source: Path) -> str:
+    """``.jsonl`` for ``x.jsonl`` and for ``x.jsonl.gz``."""
+    suffix = source.suffix.lower()
+    return Path(source.stem).suffix.lower() if suffix in COMPRESSIONS else suffix
 
 
 def open_dataset(source: Path, fmt: str, *, text_field: str, split_names: list[str]
@@ -54,7 +62,7 @@ def _load(source: Path, fmt: str) -> Any:
     try:
         if fmt == "arrow":
             return datasets.load_from_disk(str(source))
-        options = {"delimiter": "\t"} if source.suffix.lower() == ".tsv" else {}
+        options = {"delimiter": "\t"} if _inner_suffix(source) == ".tsv" else {}
         return datasets.load_dataset(fmt, data_files=str(source), split="train", streaming=True, **options)
     except Exception as exc:  # datasets and pyarrow raise many kinds; all mean "this file cannot be read"
         raise _unreadable(str(source), fmt, exc) from exc
