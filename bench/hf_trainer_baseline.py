@@ -49,6 +49,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=int(layers), n_head=int(heads),
                                        n_embd=int(width), n_positions=block, pad_token_id=tok.pad_token_id,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
     base = DataCollatorForLanguageModeling(tok, mlm=False)
     counts: list[tuple[int, int]] = []

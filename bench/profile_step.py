@@ -40,7 +40,7 @@ def model_and_tokenizer(prepared: Path, block: int, attention: str = "sdpa") -> 
     tok = load_tokenizer(prepared / "tokenizer")
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tok), n_layer=4, n_head=4, n_embd=256, n_positions=block,
-                        pad_token_id=tok.pad_token_id)
+                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = GPT2LMHeadModel(config)
     model.set_attn_implementation(attention)  # GPT-2's dropout 0.1 everywhere, as both benchmarks train
     return model, tok
