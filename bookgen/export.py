@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from bookgen.checkpoint_model import load_checkpoint_model
 from bookgen.errors import BookgenError
-from bookgen.fileio import apply_umask, read_json, staged_dir, write_json_atomic
+from bookgen.fileio import apply_umask, read_json, remove_dead_scratch, scratch_owner, staged_dir, write_json_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,7 +44,9 @@ def export(folder: Path, out: Path, *, force: bool = False) -> Path:
     """Write ``folder``'s model and tokenizer as a Hugging Face folder at ``out`` (see
     :func:`check_export_target`). A new folder appears complete or not at all; into an existing one the
     files are moved one by one, the export record last, and files of a previous export that this one does
-    not write are removed (nothing else)."""
+    not write are removed (nothing else). While files move the record says ``"complete": false`` and lists
+    both exports' files, so an export killed half-way leaves a folder the next export still recognises and
+    cleans, never one that claims to be complete."""
     out = out.resolve()
     check_export_target(out, force=force, checkpoint=folder)
     model, tokenizer = load_checkpoint_model(folder)
@@ -53,14 +55,17 @@ def export(folder: Path, out: Path, *, force: bool = False) -> Path:
             _write(model, tokenizer, scratch, folder)
         return out
     previous = read_json(out / EXPORT_MARKER)
-    (out / EXPORT_MARKER).unlink(missing_ok=True)  # the folder is not a complete export while files move
-    with tempfile.TemporaryDirectory(dir=out, prefix=".bookgen-export-") as tmp:
+    before = set(previous.get("files", [])) if isinstance(previous, dict) else set()
+    remove_dead_scratch(out)  # what an export killed outright left
+    with tempfile.TemporaryDirectory(dir=out, prefix=f".bookgen-export-{scratch_owner()}-") as tmp:
         scratch = Path(tmp)
         written = _write(model, tokenizer, scratch, folder)
+        write_json_atomic(out / EXPORT_MARKER, {"checkpoint": str(folder.resolve()), "complete": False,
+                                                "files": sorted((before | set(written)) - {EXPORT_MARKER})})
         for name in written:
             if name != EXPORT_MARKER:
                 os.replace(scratch / name, out / name)
-        stale = set(previous.get("files", [])) - set(written) if isinstance(previous, dict) else set()
+        stale = before - set(written)
         for name in stale:
             if "/" not in name and (out / name).is_file():
                 (out / name).unlink()
@@ -74,5 +79,6 @@ def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scratch: 
     files = sorted(p.name for p in scratch.iterdir() if p.is_file())
     for name in files:
         apply_umask(scratch / name, folder=False)
-    write_json_atomic(scratch / EXPORT_MARKER, {"checkpoint": str(source.resolve()), "files": files})
+    write_json_atomic(scratch / EXPORT_MARKER, {"checkpoint": str(source.resolve()), "complete": True,
+                                                "files": files})
     return [*files, EXPORT_MARKER]

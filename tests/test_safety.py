@@ -376,3 +376,45 @@ def test_dry_run_warns_that_other_nodes_cannot_reach_loopback(tmp_path, capsys):
     assert main(["launch", "--cfg", str(exp), "--dry-run"]) == 0
     assert "loopback" not in capsys.readouterr().err
     assert yaml  # experiments are YAML files
+
+
+def test_an_export_killed_while_replacing_another_is_recognised_and_finished_by_the_next(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    import bookgen.export as export_mod
+    from bookgen.data.tokenizer import train_bpe
+
+    tok = train_bpe(["a small corpus about dragons and kings"] * 20, 300, ["<BOS>", "<EOS>", "<PAD>"])
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=1, n_embd=8, n_positions=16))
+    monkeypatch.setattr(export_mod, "load_checkpoint_model", lambda folder: (model, tok))
+    checkpoint, out = tmp_path / "ckpt", tmp_path / "model"
+    checkpoint.mkdir()
+    export_mod.export(checkpoint, out)
+    (out / "old_only.bin").write_text("a file only the previous export wrote")
+    record = json.loads((out / "bookgen_export.json").read_text())
+    (out / "bookgen_export.json").write_text(json.dumps(record | {"files": [*record["files"], "old_only.bin"]}))
+    (out / "notes.md").write_text("the user's")
+
+    moved = []
+    real_replace = os.replace
+
+    def dies_after_one_move(src, dst):  # type: ignore[no-untyped-def]
+        if Path(dst).parent == out and Path(src).parent != out:  # an exported file moving in
+            if moved:
+                raise KeyboardInterrupt  # as a kill half-way through the moves
+            moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export_mod.os, "replace", dies_after_one_move)
+    with pytest.raises(KeyboardInterrupt):
+        export_mod.export(checkpoint, out)
+    monkeypatch.setattr(export_mod.os, "replace", real_replace)
+    half = json.loads((out / "bookgen_export.json").read_text())
+    assert half["complete"] is False, "a half-replaced export never claims to be complete"
+    assert "old_only.bin" in half["files"]
+    export_mod.export(checkpoint, out)  # no --force needed: it is still a (previous) export
+    done = json.loads((out / "bookgen_export.json").read_text())
+    assert done["complete"] is True and not (out / "old_only.bin").exists()
+    assert (out / "notes.md").read_text() == "the user's"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no scratch left"
+    AutoModelForCausalLM.from_pretrained(str(out))
