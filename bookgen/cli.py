@@ -182,6 +182,7 @@ def _prepare(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-
     took = time.perf_counter() - start
     what = ", ".join(report.rebuilt) if report.rebuilt else "nothing (inputs unchanged)"
     console.print(f"prepared {cfg.prepared_dir} in {took:.2f}s; rebuilt: {what}")
+    console.print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report.seconds.items() if k != "total"))
     console.print(f"rows read: {report.rows_read:,}")
     console.print("documents: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
     console.print("tokens: " + ", ".join(f"{k}={v:,}" for k, v in report.tokens.items()) + "; shards: "

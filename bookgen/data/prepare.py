@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,7 @@ def _prepare(cfg: ExperimentConfig, *, quiet: bool, verify: bool) -> PrepareRepo
     clock = _Clock(report.seconds)
     try:
         with clock("splits"):
-            split_files, split_sha256 = _stage_splits(cfg, prepared, report, digests)
+            split_files, split_sha256 = _stage_splits(cfg, prepared, report, digests, quiet=quiet)
         with clock("tokenizer"):
             tok_dir, fingerprint = _stage_tokenizer(cfg, prepared, split_files["train"], split_sha256["train"],
                                                     report)
@@ -129,7 +130,7 @@ class _Clock:
 
 
 def _stage_splits(
-    cfg: ExperimentConfig, prepared: Path, report: PrepareReport, digests: Digests
+    cfg: ExperimentConfig, prepared: Path, report: PrepareReport, digests: Digests, *, quiet: bool
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """The split files and their SHA-256 (hashed once here; the later stages key on them)."""
     d = cfg.data
@@ -153,18 +154,20 @@ def _stage_splits(
         return files, dict(record["sha256"])
 
     checksums: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(dir=prepared, prefix=f".extract-{scratch_owner()}-") as scratch:
+    with (tempfile.TemporaryDirectory(dir=prepared, prefix=f".extract-{scratch_owner()}-") as scratch,
+          _progress(quiet) as bar):
         corpus = sources.open_corpus(d.source, fmt, skip_malformed=d.skip_malformed, scratch=Path(scratch),
                                      text_field=d.text_field, split_names=d.split_names)
+        task = bar.add_task(f"read {d.source.name} (rows)", total=None)
         written = {s: Path(scratch) / f"{s}.txt" for s in SPLITS}
         if corpus.presplit is not None:
             for split in SPLITS:
-                rows, report.counts[split], checksums[split] = _write_split(written[split], corpus.presplit[split],
-                                                                           cfg, split)
+                rows, report.counts[split], checksums[split] = _write_split(
+                    written[split], _counted(corpus.presplit[split], bar, task), cfg, split)
                 report.rows_read += rows
             report.skipped_empty = report.rows_read - sum(report.counts.values())
         else:
-            _split_rows(corpus.rows, cfg, Path(scratch), written, checksums, report)
+            _split_rows(_counted(corpus.rows, bar, task), cfg, Path(scratch), written, checksums, report)
             report.rows_read = corpus.stats.rows if corpus.kind == "cmu" else report.rows_read
         for split in SPLITS:  # all three or none: a failed split leaves the previous files
             os.replace(written[split], files[split])
@@ -179,11 +182,21 @@ def _stage_splits(
     return files, checksums
 
 
-def _split_rows(rows: Iterator[str] | None, cfg: ExperimentConfig, scratch: Path, written: dict[str, Path],
+def _counted(rows: Iterable[str] | None, bar: Any, task: Any, every: int = 10_000) -> Iterator[str]:
+    """``rows``, advancing the progress bar as they go by (a large corpus takes a minute to read)."""
+    assert rows is not None
+    n = 0
+    for n, row in enumerate(rows, start=1):
+        if n % every == 0:
+            bar.advance(task, every)
+        yield row
+    bar.advance(task, n % every)
+
+
+def _split_rows(rows: Iterator[str], cfg: ExperimentConfig, scratch: Path, written: dict[str, Path],
                 checksums: dict[str, str], report: PrepareReport) -> None:
     """Park the documents on disk while counting them, draw the split from row indices, write each split's
     documents in the split's order: memory holds 8 bytes a row, never the text."""
-    assert rows is not None
     with DocumentSpill(scratch / "documents") as spill:
         for doc in rows:
             spill.add(doc)
