@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,8 +94,11 @@ def _prepare(cfg: ExperimentConfig, *, quiet: bool, verify: bool) -> PrepareRepo
             with clock(f"store:{split}"):
                 _stage_store(cfg, split, split_files[split], split_sha256[split], tok_dir, fingerprint, report,
                              digests, quiet=quiet)
-    finally:
-        digests.save()
+    except BaseException:
+        with suppress(OSError):  # keep what was hashed, but never hide the real error behind this one
+            digests.save()
+        raise
+    digests.save()
     report.seconds["total"] = round(sum(report.seconds.values()), 3)
     write_json_atomic(prepared / REPORT, report_record(report))
     return report
