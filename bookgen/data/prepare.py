@@ -6,6 +6,10 @@ interrupted prepare leaves nothing a later run trusts and an unchanged rerun doe
 1. splits     prepared_dir/{train,valid,test}.txt + splits.json
 2. tokenizer  prepared_dir/tokenizer/ (+ bookgen.json with its key)
 3. stores     prepared_dir/store/<split>/ (manifest.json records its key)
+
+Every stage streams (documents parked on disk while they are counted, the split drawn from row indices,
+batches of lines to the tokenizer), so memory does not depend on the corpus's size. Unchanged files are not
+hashed again (prepared_dir/digests.json, see :mod:`bookgen.data.digests`).
 """
 
 from __future__ import annotations
