@@ -131,8 +131,9 @@ def test_a_corrupt_digest_memory_only_costs_hashing(tmp_path):
     path = write_experiment(tmp_path, rows=120)
     cfg = load_config(path)
     prepare(cfg, quiet=True)
-    (cfg.prepared_dir / "digests.json").write_text("{not json")
-    assert prepare(load_config(path), quiet=True).rebuilt == []
+    for broken in ("{not json", "[1, 2]", json.dumps({str(cfg.data.source.resolve()): "not an entry"})):
+        (cfg.prepared_dir / "digests.json").write_text(broken)
+        assert prepare(load_config(path), quiet=True).rebuilt == []
 
 
 def _peak_rss_mb(exp: Path) -> int:

@@ -31,7 +31,7 @@ class Digests:
         key = str(path.resolve())
         st = path.stat()
         entry = self._entries.get(key)
-        if entry is not None and entry.get("stat") == _stat(st) and entry.get("stable"):
+        if isinstance(entry, dict) and entry.get("stat") == _stat(st) and entry.get("stable"):
             return str(entry["sha256"])
         started = time.time_ns()
         digest = sha256_file(path)
