@@ -87,7 +87,6 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
             print(f"{key:32s} {default:24s} {text}")
         return 0
     from bookgen.config_io import load_config
-    from bookgen.errors import ConfigError
 
     if args.command == "generate":
         return _generate(args, console)
@@ -110,38 +109,51 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         evaluate_only(cfg, args.split, args.checkpoint)
         return 0
     if args.command == "launch":
-        import shlex
-        import subprocess
-
-        from bookgen.launch import launch_command, launch_warnings
-
-        cmd = launch_command(cfg, Path(args.cfg).resolve(), args.overrides)
-        for warning in launch_warnings(cfg):
-            console.print(f"[yellow]warning: {warning}[/]", highlight=False)
-        print(shlex.join(cmd))
-        return 0 if args.dry_run else subprocess.call(cmd)
+        return _launch(cfg, args, console)
     if args.command == "show":
-        from bookgen.config_io import config_to_dict
-
-        value: object = config_to_dict(cfg)
-        for part in args.key.split("."):
-            if not isinstance(value, dict) or part not in value:
-                raise ConfigError(f"{args.cfg}: {args.key}: no such key")
-            value = value[part]
-        print(value)
-        return 0
+        return _show(cfg, args)
     if args.command == "export":
-        from bookgen.checkpoint import checkpoint_root, resolve
-        from bookgen.errors import BookgenError
-        from bookgen.export import export
-
-        folder = resolve(cfg, args.checkpoint)
-        if folder is None:
-            raise BookgenError(f"no complete checkpoint under {checkpoint_root(cfg)}; train first or pass --checkpoint")
-        out = export(folder, args.out, force=args.force)
-        console.print(f"exported {folder} to {out}")
-        return 0
+        return _export(cfg, args, console)
     raise AssertionError(args.command)
+
+
+def _launch(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
+    import shlex
+    import subprocess
+
+    from bookgen.launch import launch_command, launch_warnings
+
+    cmd = launch_command(cfg, Path(args.cfg).resolve(), args.overrides)
+    for warning in launch_warnings(cfg):
+        console.print(f"[yellow]warning: {warning}[/]", highlight=False)
+    print(shlex.join(cmd))
+    return 0 if args.dry_run else subprocess.call(cmd)
+
+
+def _show(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from bookgen.config_io import config_to_dict
+    from bookgen.errors import ConfigError
+
+    value: object = config_to_dict(cfg)
+    for part in args.key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError(f"{args.cfg}: {args.key}: no such key")
+        value = value[part]
+    print(value)
+    return 0
+
+
+def _export(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
+    from bookgen.checkpoint import checkpoint_root, resolve
+    from bookgen.errors import BookgenError
+    from bookgen.export import export
+
+    folder = resolve(cfg, args.checkpoint)
+    if folder is None:
+        raise BookgenError(f"no complete checkpoint under {checkpoint_root(cfg)}; train first or pass --checkpoint")
+    out = export(folder, args.out, force=args.force)
+    console.print(f"exported {folder} to {out}")
+    return 0
 
 
 def _generate(args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
