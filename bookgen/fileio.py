@@ -74,17 +74,15 @@ def scratch_owner() -> str:
     return f"{socket.gethostname()}.{os.getpid()}"
 
 
-def remove_dead_scratch(folder: Path) -> list[Path]:
+def remove_dead_scratch(folder: Path) -> None:
     """Remove the scratch folders in ``folder`` that a killed process of this host left behind (a SIGKILL
     runs no cleanup): dot-named, carrying ``host.pid`` of a process that no longer exists. Scratch of live
     processes and of other hosts (a shared file system) is left alone."""
-    pattern, removed = re.compile(rf"-{re.escape(socket.gethostname())}\.(\d+)-[^-]*$"), []
+    pattern = re.compile(rf"-{re.escape(socket.gethostname())}\.(\d+)-[^-]*$")
     for path in folder.glob(".*"):
         match = pattern.search(path.name)
         if path.is_dir() and match and not _alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def _alive(pid: int) -> bool:

@@ -35,15 +35,16 @@ class Digests:
             return str(entry["sha256"])
         started = time.time_ns()
         digest = sha256_file(path)
-        self._remember(key, path, digest, stable=st.st_mtime_ns < started - RACY_NS)
+        # the stat from before hashing: a file changed while it was read no longer matches it next time
+        self._remember(key, st, digest, stable=st.st_mtime_ns < started - RACY_NS)
         return digest
 
     def wrote(self, path: Path, digest: str) -> None:
         """``path`` was just written by prepare with content of ``digest`` (nobody else writes there)."""
-        self._remember(str(path.resolve()), path, digest, stable=True)
+        self._remember(str(path.resolve()), path.stat(), digest, stable=True)
 
-    def _remember(self, key: str, path: Path, digest: str, *, stable: bool) -> None:
-        self._entries[key] = {"sha256": digest, "stat": _stat(path.stat()), "stable": stable}
+    def _remember(self, key: str, st: os.stat_result, digest: str, *, stable: bool) -> None:
+        self._entries[key] = {"sha256": digest, "stat": _stat(st), "stable": stable}
         self._changed = True
 
     def save(self) -> None:

@@ -141,8 +141,11 @@ def _stage_splits(
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """The split files and their SHA-256 (hashed once here; the later stages key on them)."""
     d = cfg.data
-    sources.require_source(d.source)
-    fmt = sources.detect_format(d.source) if d.format == "auto" else d.format
+    if d.format == "auto":
+        fmt = sources.detect_format(d.source)
+    else:
+        sources.require_source(d.source)
+        fmt = d.format
     report.corpus_sha256 = sources.source_checksum(d.source, fmt, digests.sha256)
     key = sha256_json({
         "version": STAGE_VERSION, "source": report.corpus_sha256, "format": fmt,
@@ -175,7 +178,8 @@ def _stage_splits(
             report.skipped_empty = report.rows_read - sum(report.counts.values())
         else:
             _split_rows(_counted(corpus.rows, bar, task), cfg, Path(scratch), written, checksums, report)
-            report.rows_read = corpus.stats.rows if corpus.kind == "cmu" else report.rows_read
+            if corpus.kind == "cmu":  # its malformed rows were read too, though never documents
+                report.rows_read = corpus.stats.rows
         for split in SPLITS:  # all three or none: a failed split leaves the previous files
             os.replace(written[split], files[split])
             digests.wrote(files[split], checksums[split])

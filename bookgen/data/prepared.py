@@ -27,9 +27,10 @@ def ensure_prepared(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> N
 
 
 def prepared_examples(cfg: ExperimentConfig, split: str) -> Examples:
-    """A split's examples, after :func:`ensure_prepared`: rank 0 has just checked every shard's checksum
-    there, so the ranks do not hash the shards again. Training uses ``data.packing``; evaluation always
-    scores each summary on its own, packed with document boundaries (equal to one at a time, faster), so
-    its perplexity is comparable whatever the training layout."""
+    """A split's examples, after :func:`ensure_prepared`: rank 0 has just checked every shard there (hashed,
+    or matched to the digest remembered for the unchanged file), so the ranks do not hash the shards again.
+    Training uses ``data.packing``; evaluation always scores each summary on its own, packed with document
+    boundaries (equal to one at a time, faster), so its perplexity is comparable whatever the training
+    layout."""
     packing = cfg.data.packing if split == "train" else "documents"
     return Examples.build(open_store(cfg, split, verify=False), cfg.data.block_size, packing)

@@ -41,6 +41,7 @@ def require_source(source: Path) -> None:
 
 
 def detect_format(source: Path) -> str:
+    require_source(source)
     if (fmt := hf_sources.format_of(source)) is not None:
         return fmt
     if source.is_dir():
@@ -49,7 +50,7 @@ def detect_format(source: Path) -> str:
             raise CorpusError(f"{source}: a source folder must hold train.txt, valid.txt, test.txt; missing {missing}")
         return "splits"
     if not source.is_file():
-        raise CorpusError(f"{source}: data.source not found (see data/README.md for how to get the corpus)")
+        raise CorpusError(f"{source}: data.source is neither a file nor a folder")
     if source.name.endswith((".tar.gz", ".tgz")):
         return "archive"
     # any of the first rows, not only the first: a malformed first row must not turn the file into text
