@@ -1,19 +1,128 @@
-"""Causal attention for training with attention dropout on CPU, registered with transformers.
+"""Attention for training with attention dropout on CPU, registered with transformers.
 
 With ``dropout_p > 0`` PyTorch's CPU SDPA leaves its flash kernel for the math path, which builds the
-whole T x T score matrix, upper (masked) half included: at block 512 that path takes about half of a
-GPT-2 training step on this CPU. Here queries go in blocks, each against only the keys it may see, so
-the masked half is never computed and each block's scores stay small; the maths is the eager one
-(softmax, dropout on the probabilities, times V), so results match up to rounding. Everything else
-(eval, generation, GPUs, dropout 0) goes to transformers' own SDPA function unchanged.
+whole T x T score matrix, masked entries included: at block 512 that path takes about half of a GPT-2
+training step on this CPU. Here queries go in blocks, each against only the keys its queries may see:
+the causal upper half is never computed, nor, in packed rows, another summary's keys, nor a padded row's
+padding. A hand-written backward writes the gradients of each block into whole-tensor buffers, where
+autograd would allocate a zero tensor of the full size per slice. The maths is the eager one (softmax,
+dropout on the probabilities, times V), so results match up to rounding. Everything else (eval,
+generation, GPUs, dropout 0, torch.compile) goes to transformers' own SDPA function unchanged.
 """
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 NAME = "bookgen_sdpa"
 QUERY_BLOCK = 128  # measured: 64-128 equally fast at block 512, 256 slower
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Queries ``q_start:q_end`` of the heads ``heads`` (a range of the flattened batch x head axis) against
+    keys ``k_start:k_end``; ``row`` is the mask's batch row, None where there is no mask (causal only)."""
+
+    heads: slice
+    row: int | None
+    q_start: int
+    q_end: int
+    k_start: int
+    k_end: int
+    empty_queries: bool = False  # some query may attend to nothing (its weights are then constant)
+
+
+_last: dict[str, object] = {}  # the blocks of the last mask seen: every layer of a forward gets the same mask
+
+
+def query_blocks(mask: torch.Tensor | None, batch: int, heads: int, t: int, block: int = QUERY_BLOCK) -> list[Block]:
+    """The blocks that cover every query once. With a mask, queries go in runs that share their first
+    allowed key (a summary, or a row's padding), at most ``block`` long, and each block's keys span from the
+    first key any of its queries may see to the last; keys outside that span are masked for all of them."""
+    if mask is None:
+        everything = slice(0, batch * heads)
+        return [Block(everything, None, s, min(s + block, t), 0, min(s + block, t)) for s in range(0, t, block)]
+    ref = _last.get("mask")
+    if ref is not None and ref() is mask and _last["key"] == (mask._version, batch, heads, block):
+        return _last["blocks"]  # type: ignore[return-value]
+    allowed = mask[:, 0]
+    keys = torch.arange(allowed.shape[-1], device=mask.device)
+    first = torch.where(allowed, keys, allowed.shape[-1]).amin(-1).cpu().numpy()
+    last = torch.where(allowed, keys, -1).amax(-1).cpu().numpy()
+    blocks = []
+    for row in range(allowed.shape[0]):
+        starts = np.flatnonzero(np.diff(first[row], prepend=-1)).tolist()
+        for s, e in zip(starts, [*starts[1:], t], strict=True):
+            for qs in range(s, e, block):
+                qe = min(qs + block, e)
+                ks, ke = int(first[row, qs:qe].min()), int(last[row, qs:qe].max()) + 1
+                empty = bool((first[row, qs:qe] > last[row, qs:qe]).any())
+                if ks >= ke:  # its queries may attend to nothing: uniform weights over the causal keys
+                    ks, ke = 0, qe
+                every = allowed.shape[0] == 1  # one mask row for the whole batch
+                heads_of = slice(0, batch * heads) if every else slice(row * heads, (row + 1) * heads)
+                blocks.append(Block(heads_of, row, qs, qe, ks, ke, empty))
+    _last.update(mask=weakref.ref(mask), key=(mask._version, batch, heads, block), blocks=blocks)
+    return blocks
+
+
+def _allowed(mask: torch.Tensor | None, b: Block, device: torch.device) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(b.q_end - b.q_start, b.k_end, dtype=torch.bool, device=device).tril(b.q_start)
+    return mask[b.row, 0, b.q_start : b.q_end, b.k_start : b.k_end]
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """(BH, T, D) query, key and value; saves each block's probabilities and dropout mask."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, blocks, scaling, dropout):  # type: ignore[no-untyped-def]
+        lowest = torch.finfo(q.dtype).min
+        scale_out = 1 / (1 - dropout)
+        out = torch.empty_like(q)
+        saved = []
+        for b in blocks:
+            scores = torch.matmul(q[b.heads, b.q_start : b.q_end], k[b.heads, b.k_start : b.k_end].transpose(1, 2))
+            scores.mul_(scaling).masked_fill_(~_allowed(mask, b, q.device), lowest)
+            # CPU softmax accumulates in fp32 for bf16 inputs; an explicit upcast only added copies
+            probs = torch.softmax(scores, dim=-1)
+            dropped = None
+            kept = probs
+            if dropout > 0:  # rand < p: Bernoulli(p) like bernoulli_, at two thirds of its cost here
+                dropped = torch.rand(probs.shape, device=q.device, dtype=torch.float32) < dropout
+                kept = probs.masked_fill(dropped, 0)
+            block_out = torch.matmul(kept, v[b.heads, b.k_start : b.k_end])
+            out[b.heads, b.q_start : b.q_end] = block_out.mul_(scale_out) if dropout > 0 else block_out
+            saved.append((probs, dropped))
+        ctx.save_for_backward(q, k, v, out)
+        ctx.blocks, ctx.saved, ctx.scaling, ctx.dropout, ctx.mask = blocks, saved, scaling, dropout, mask
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+        q, k, v, out = ctx.saved_tensors
+        scale_out = 1 / (1 - ctx.dropout)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # rowsum(P * dP) = rowsum(dOut * Out) (the FlashAttention identity), per query and head
+        row_dot = (grad_out * out).sum(-1, keepdim=True)
+        for b, (probs, dropped) in zip(ctx.blocks, ctx.saved, strict=True):
+            qs, ks = slice(b.q_start, b.q_end), slice(b.k_start, b.k_end)
+            d_out = grad_out[b.heads, qs]
+            kept = probs if dropped is None else probs.masked_fill(dropped, 0)
+            dv[b.heads, ks] += torch.matmul(kept.transpose(1, 2), d_out).mul_(scale_out)
+            d_probs = torch.matmul(d_out, v[b.heads, ks].transpose(1, 2))
+            if dropped is not None:
+                d_probs.masked_fill_(dropped, 0).mul_(scale_out)
+            d_scores = d_probs.sub_(row_dot[b.heads, qs]).mul_(probs).mul_(ctx.scaling)
+            if b.empty_queries:  # uniform weights over masked keys depend on neither queries nor keys
+                d_scores.masked_fill_(~_allowed(ctx.mask, b, q.device), 0)
+            dq[b.heads, qs] += torch.matmul(d_scores, k[b.heads, ks])
+            dk[b.heads, ks] += torch.matmul(d_scores.transpose(1, 2), q[b.heads, qs])
+        return dq, dk, dv, None, None, None, None
 
 
 def blocked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float,
@@ -22,28 +131,13 @@ def blocked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     """softmax(QK^T * scaling + causal/padding mask), dropout, times V. Shapes (B, H, T, D) -> (B, H, T, D).
 
     ``mask``: transformers' 4-D boolean mask (True = may attend, causality included) or None for causal
-    only. Rows that may attend to nothing get a uniform distribution instead of NaN, as the eager path does.
+    only. Rows that may attend to nothing get a uniform distribution over the causal keys instead of NaN.
     """
-    t = query.shape[2]
-    lowest = torch.finfo(query.dtype).min
-    outputs = []
-    for start in range(0, t, block):
-        end = min(start + block, t)
-        scores = torch.matmul(query[:, :, start:end] * scaling, key[:, :, :end].transpose(-1, -2))
-        if mask is None:
-            allowed = torch.ones(end - start, end, dtype=torch.bool, device=query.device).tril(start)
-        else:
-            allowed = mask[:, :, start:end, :end]
-        # CPU softmax accumulates in fp32 for bf16 inputs; an explicit upcast only added copies
-        probs = torch.softmax(scores.masked_fill(~allowed, lowest), dim=-1)
-        if dropout > 0:
-            # zero the dropped probabilities, and scale the (smaller) output instead of the probabilities
-            dropped = torch.empty(probs.shape, dtype=torch.bool, device=query.device).bernoulli_(dropout)
-            out = torch.matmul(probs.masked_fill(dropped, 0), value[:, :, :end]) * (1 / (1 - dropout))
-        else:
-            out = torch.matmul(probs, value[:, :, :end])
-        outputs.append(out)
-    return torch.cat(outputs, dim=2)
+    batch, heads, t, d = query.shape
+    flat = [x.reshape(batch * heads, t, d) for x in (query, key, value)]  # a copy only where not contiguous
+    blocks = query_blocks(mask, batch, heads, t, block)
+    out = _BlockedAttention.apply(*flat, mask, blocks, scaling, dropout)
+    return out.view(batch, heads, t, d)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -54,7 +148,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
     usable = (dropout > 0 and query.device.type == "cpu" and query.shape[2] == key.shape[2] > 1
               and (attention_mask is None or attention_mask.dtype == torch.bool)
-              and getattr(module, "num_key_value_groups", 1) == 1 and kwargs.get("position_bias") is None)
+              and getattr(module, "num_key_value_groups", 1) == 1 and kwargs.get("position_bias") is None
+              and not torch.compiler.is_compiling())  # its host-side block list would break the graph
     if not usable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
