@@ -280,3 +280,31 @@ def test_batch_layout_is_computed_once_without_a_process_group(tmp_path):
     assert (layout.micro_batches, layout.global_batch) == (8, 24)
     assert build_ds_config(cfg, 2)["train_batch_size"] == layout.global_batch
     assert plan_steps(100, cfg.train, 2).global_batch == layout.global_batch
+
+
+def test_fused_gelu_computes_gpt2s_gelu_new_and_the_export_keeps_it(tmp_path):
+    import copy
+
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from bookgen.data.tokenizer import add_special_tokens, train_bpe
+    from bookgen.model import build_model, fuse_gelu
+
+    x = torch.linspace(-12, 12, 100_001, dtype=torch.float64)
+    exact = NewGELUActivation()(x)
+    for fn in (GELUTanh(), NewGELUActivation()):  # the fused kernel is as close to float64 as the formula
+        assert (fn(x.float()).double() - exact).abs().max() < 1e-6
+    tok = train_bpe(["a story about a ship", "the ship sails far"] * 20, 300, ["<|endoftext|>"])
+    cfg = _cfg(tmp_path, **{"model.n_layer": 3})
+    model = build_model(cfg, add_special_tokens(tok, cfg)).train()
+    assert [type(b.mlp.act) for b in model.transformer.h] == [GELUTanh] * 3
+    assert model.config.activation_function == "gelu_new", "an export still names GPT-2's own activation"
+    plain = copy.deepcopy(model)
+    for block in plain.transformer.h:
+        block.mlp.act = NewGELUActivation()
+    assert fuse_gelu(copy.deepcopy(plain)) == 3
+    batch = collate([np.arange(5, 5 + n) for n in (40, 33)], pad_id=0)
+    runs = [_saved_activation_bytes_loss_and_grads(m, batch)[1:] for m in (model, plain)]
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-6, atol=0)
+    for name, grad in runs[1][1].items():
+        torch.testing.assert_close(runs[0][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
