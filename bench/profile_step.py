@@ -70,14 +70,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--block", type=int, default=512)
+    ap.add_argument("--packing", choices=("none", "documents"), default="none")
     args = ap.parse_args()
     dist = distributed.setup(300)
-    examples = Examples.build(TokenStore.open(args.prepared / "store" / "train"), args.block, "none")
+    examples = Examples.build(TokenStore.open(args.prepared / "store" / "train"), args.block, args.packing)
     layout = BatchLayout(args.micro, 1, dist.world_size)
     order = epoch_order(examples.lengths, seed=0, epoch=0, global_batch=layout.global_batch, group_by_length=False)
     from bookgen import attention
+    from bookgen.model import fuse_gelu
 
     model, tok = model_and_tokenizer(args.prepared, args.block, attention.register())  # bookgen's default
+    fuse_gelu(model)  # as bookgen's build_model does
     batches = [lambda s=s: examples.batch(micro_batch_indices(order, step=s, micro=0, rank=dist.rank, layout=layout),
                                           tok.pad_token_id) for s in range(WARMUP + args.steps)]
     engine = deepspeed_engine(model, layout)
