@@ -77,51 +77,51 @@ def _allowed(mask: torch.Tensor | None, b: Block, device: torch.device) -> torch
 
 
 class _BlockedAttention(torch.autograd.Function):
-    """(BH, T, D) query, key and value; saves each block's probabilities and dropout mask."""
+    """(BH, T, D) query, key and value; saves each block's probabilities and, with dropout, the kept ones.
+
+    The backward takes the softmax through the FlashAttention identity, rowsum(P * dP) = rowsum(dOut * Out),
+    and applies every scale factor to the small (queries x D) products instead of the score blocks."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, blocks, scaling, dropout):  # type: ignore[no-untyped-def]
         lowest = torch.finfo(q.dtype).min
         scale_out = 1 / (1 - dropout)
+        q = q * scaling  # once per layer, not once per score block
         out = torch.empty_like(q)
         saved = []
         for b in blocks:
             scores = torch.matmul(q[b.heads, b.q_start : b.q_end], k[b.heads, b.k_start : b.k_end].transpose(1, 2))
-            scores.mul_(scaling).masked_fill_(~_allowed(mask, b, q.device), lowest)
+            scores.masked_fill_(~_allowed(mask, b, q.device), lowest)
             # CPU softmax accumulates in fp32 for bf16 inputs; an explicit upcast only added copies
             probs = torch.softmax(scores, dim=-1)
-            dropped = None
             kept = probs
             if dropout > 0:  # rand < p: Bernoulli(p) like bernoulli_, at two thirds of its cost here
-                dropped = torch.rand(probs.shape, device=q.device, dtype=torch.float32) < dropout
-                kept = probs.masked_fill(dropped, 0)
+                kept = probs.masked_fill(torch.rand(probs.shape, device=q.device) < dropout, 0)
             block_out = torch.matmul(kept, v[b.heads, b.k_start : b.k_end])
             out[b.heads, b.q_start : b.q_end] = block_out.mul_(scale_out) if dropout > 0 else block_out
-            saved.append((probs, dropped))
+            saved.append((probs, kept))
         ctx.save_for_backward(q, k, v, out)
         ctx.blocks, ctx.saved, ctx.scaling, ctx.dropout, ctx.mask = blocks, saved, scaling, dropout, mask
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
-        q, k, v, out = ctx.saved_tensors
+        q, k, v, out = ctx.saved_tensors  # q already scaled
         scale_out = 1 / (1 - ctx.dropout)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        # rowsum(P * dP) = rowsum(dOut * Out) (the FlashAttention identity), per query and head
-        row_dot = (grad_out * out).sum(-1, keepdim=True)
-        for b, (probs, dropped) in zip(ctx.blocks, ctx.saved, strict=True):
+        row_dot = (grad_out * out).sum(-1, keepdim=True)  # rowsum(P * dP), per query and head
+        for b, (probs, kept) in zip(ctx.blocks, ctx.saved, strict=True):
             qs, ks = slice(b.q_start, b.q_end), slice(b.k_start, b.k_end)
             d_out = grad_out[b.heads, qs]
-            kept = probs if dropped is None else probs.masked_fill(dropped, 0)
             dv[b.heads, ks] += torch.matmul(kept.transpose(1, 2), d_out).mul_(scale_out)
-            d_probs = torch.matmul(d_out, v[b.heads, ks].transpose(1, 2))
-            if dropped is not None:
-                d_probs.masked_fill_(dropped, 0).mul_(scale_out)
-            d_scores = d_probs.sub_(row_dot[b.heads, qs]).mul_(probs).mul_(ctx.scaling)
+            d_kept = torch.matmul(d_out, v[b.heads, ks].transpose(1, 2))
+            # dScores = P * (dP - rowsum) with dP = scale_out * keep * dKept, kept = P * keep:
+            # dScores / scale_out = kept * dKept - P * rowsum / scale_out
+            d_scores = d_kept.mul_(kept).addcmul_(probs, row_dot[b.heads, qs].expand_as(probs), value=-1 / scale_out)
             if b.empty_queries:  # uniform weights over masked keys depend on neither queries nor keys
                 d_scores.masked_fill_(~_allowed(ctx.mask, b, q.device), 0)
-            dq[b.heads, qs] += torch.matmul(d_scores, k[b.heads, ks])
-            dk[b.heads, ks] += torch.matmul(d_scores.transpose(1, 2), q[b.heads, qs])
+            dq[b.heads, qs] += torch.matmul(d_scores, k[b.heads, ks]).mul_(scale_out * ctx.scaling)
+            dk[b.heads, ks] += torch.matmul(d_scores.transpose(1, 2), q[b.heads, qs]).mul_(scale_out)
         return dq, dk, dv, None, None, None, None
 
 
