@@ -114,19 +114,21 @@ def whole_train_steps(engine, examples, order, args, dist, pad_id) -> float:  # 
 def deepspeed_engine(model: torch.nn.Module, layout: BatchLayout):  # type: ignore[no-untyped-def]
     import deepspeed
 
+    from bookgen.ds_config import use_fused_adamw
     from bookgen.engine import param_groups
 
     config = {"train_micro_batch_size_per_gpu": layout.micro_batch_size, "gradient_accumulation_steps": 1,
               "train_batch_size": layout.global_batch, "gradient_clipping": 1.0, "steps_per_print": 10**9,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
               "zero_optimization": {"stage": 0}}
+    use_fused_adamw(config["optimizer"])  # as bookgen's build_ds_config does
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=config)
     return engine
 
 
 def profile_ddp(model: torch.nn.Module, batches: list) -> dict[str, float]:
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # the Trainer's default (torch >= 2.8)
 
     def step() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the Trainer clips at 1.0 too

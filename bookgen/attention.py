@@ -1,13 +1,14 @@
-"""Attention for training with attention dropout on CPU, registered with transformers.
+"""Attention for training on CPU, registered with transformers.
 
-With ``dropout_p > 0`` PyTorch's CPU SDPA leaves its flash kernel for the math path, which builds the
-whole T x T score matrix, masked entries included: at block 512 that path takes about half of a GPT-2
-training step on this CPU. Here queries go in blocks, each against only the keys its queries may see:
-the causal upper half is never computed, nor, in packed rows, another summary's keys, nor a padded row's
-padding. A hand-written backward writes the gradients of each block into whole-tensor buffers, where
+With ``dropout_p > 0`` PyTorch's CPU SDPA leaves its flash kernel for the math path, and with a mask
+(packed rows, padding) it computes the whole masked T x T square: at block 512 that takes about half of
+a GPT-2 training step on this CPU. Here queries go in blocks, each against only the keys its queries may
+see: the causal upper half is never computed, nor, in packed rows, another summary's keys, nor a padded
+row's padding. A hand-written backward writes the gradients of each block into whole-tensor buffers, where
 autograd would allocate a zero tensor of the full size per slice. The maths is the eager one (softmax,
 dropout on the probabilities, times V), so results match up to rounding. Everything else (eval,
-generation, GPUs, dropout 0, torch.compile) goes to transformers' own SDPA function unchanged.
+generation, GPUs, plain causal attention without dropout, torch.compile) goes to transformers' own SDPA
+function unchanged.
 """
 
 from __future__ import annotations
@@ -146,7 +147,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention-function signature; returns (B, T, H, D) like its SDPA function."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    usable = (dropout > 0 and query.device.type == "cpu" and query.shape[2] == key.shape[2] > 1
+    # training only: with dropout (SDPA's CPU flash kernel takes none), or with a mask (packed rows and
+    # padding, where SDPA computes the whole masked square); plain causal attention without dropout stays
+    # on SDPA's flash kernel
+    usable = (module.training and (dropout > 0 or attention_mask is not None) and query.device.type == "cpu"
+              and query.shape[2] == key.shape[2] > 1
               and (attention_mask is None or attention_mask.dtype == torch.bool)
               and getattr(module, "num_key_value_groups", 1) == 1 and kwargs.get("position_bias") is None
               and not torch.compiler.is_compiling())  # its host-side block list would break the graph

@@ -61,11 +61,13 @@ def tiny_gpt2(attn: str, dropout: float) -> GPT2LMHeadModel:
     return model
 
 
-def test_model_uses_blocked_attention_only_when_training_with_attention_dropout(monkeypatch) -> None:
+def test_model_uses_blocked_attention_only_when_training_with_dropout_or_a_mask(monkeypatch) -> None:
     calls = []
     real = attention.blocked_causal_attention
     monkeypatch.setattr(attention, "blocked_causal_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ids = torch.randint(0, 97, (2, 40))
+    padded = torch.ones_like(ids)
+    padded[1, -5:] = 0
     model = tiny_gpt2("bookgen", dropout=0.1)
     reference_model = tiny_gpt2("sdpa", dropout=0.1)
     with torch.no_grad():  # eval and generation: transformers' SDPA, identical logits
@@ -73,6 +75,11 @@ def test_model_uses_blocked_attention_only_when_training_with_attention_dropout(
         assert calls == []
         model.train()(ids, labels=ids)
     assert len(calls) == 2  # one per layer
+    plain = tiny_gpt2("bookgen", dropout=0.0).train()
+    plain(ids, labels=ids)
+    assert len(calls) == 2, "causal without dropout: SDPA's flash kernel"
+    plain(ids, attention_mask=padded, labels=ids)
+    assert len(calls) == 4, "a mask (padding, packed rows): the blocked kernel skips what it masks"
 
 
 def test_training_through_blocked_attention_matches_sdpa_loss_and_gradients() -> None:
