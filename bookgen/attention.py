@@ -55,7 +55,9 @@ def query_blocks(mask: torch.Tensor | None, batch: int, heads: int, t: int, bloc
     first = torch.where(allowed, keys, allowed.shape[-1]).amin(-1).cpu().numpy()
     last = torch.where(allowed, keys, -1).amax(-1).cpu().numpy()
     blocks = []
+    shared = allowed.shape[0] == 1  # one mask row for the whole batch: its blocks cover every row's heads
     for row in range(allowed.shape[0]):
+        heads_of = slice(0, batch * heads) if shared else slice(row * heads, (row + 1) * heads)
         starts = np.flatnonzero(np.diff(first[row], prepend=-1)).tolist()
         for s, e in zip(starts, [*starts[1:], t], strict=True):
             for qs in range(s, e, block):
@@ -64,8 +66,6 @@ def query_blocks(mask: torch.Tensor | None, batch: int, heads: int, t: int, bloc
                 empty = bool((first[row, qs:qe] > last[row, qs:qe]).any())
                 if ks >= ke:  # its queries may attend to nothing: uniform weights over the causal keys
                     ks, ke = 0, qe
-                every = allowed.shape[0] == 1  # one mask row for the whole batch
-                heads_of = slice(0, batch * heads) if every else slice(row * heads, (row + 1) * heads)
                 blocks.append(Block(heads_of, row, qs, qe, ks, ke, empty))
     _last.update(mask=weakref.ref(mask), key=(mask._version, batch, heads, block), blocks=blocks)
     return blocks
