@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -79,6 +80,7 @@ def torchrun(ranks: int) -> list[str]:
 
 
 def bookgen(folder: Path, args: argparse.Namespace, exp: Path) -> tuple[float, Path]:
+    shutil.rmtree(folder / f"run_{exp.stem}", ignore_errors=True)  # this script's own run folder: a fresh run
     STARTS[exp.stem] = time.time()
     seconds = timed(*torchrun(args.ranks), str(REPO / "launcher" / "run.py"), "--cfg", str(exp))
     out = folder / f"export_{exp.stem}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -87,6 +88,7 @@ def summarize_trainer(start: float, out: Path) -> dict:
 
 
 def run_bookgen(folder: Path, ranks: int, exp: Path) -> dict:
+    shutil.rmtree(folder / f"run_{exp.stem}", ignore_errors=True)  # this script's own run folder: a fresh run
     start = torchrun(ranks, str(REPO / "launcher" / "run.py"), "--cfg", str(exp))
     return summarize_bookgen(start, folder / f"run_{exp.stem}")
 

@@ -132,8 +132,11 @@ def check_files(folder: Path) -> None:
 def previous_hint(folder: Path) -> str:
     earlier = [p for p in complete_checkpoints(folder.parent) if p.name < folder.name]
     if not earlier:
-        return "No earlier complete checkpoint is left; restore the file or start again with checkpoint.resume: never."
-    return f"Resume from the previous complete one with --set checkpoint.resume={earlier[-1]}"
+        return (f"No earlier complete checkpoint is left: restore the file, or move {folder} out of {folder.parent} "
+                "and start again.")
+    return (f"Move {folder} out of {folder.parent} and rerun: the run then resumes from the previous complete one, "
+            f"{earlier[-1].name} (or resume from it elsewhere with --set checkpoint.resume={earlier[-1]} and another "
+            "run.output_dir)")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -196,6 +199,29 @@ def find_resume(cfg: ExperimentConfig) -> tuple[Path | None, list[str]]:
     if done:
         check_files(done[-1])
     return (done[-1] if done else None), notes
+
+
+def check_no_other_run(cfg: ExperimentConfig, start: Path | None) -> None:
+    """Refuse a start (fresh: ``start`` None, or from a named checkpoint) whose run folder holds complete
+    checkpoints that are not behind it on its own path. Its saves would meet them at the same step and keep
+    them (a rerun of a finished run keeps its final checkpoint), and `latest`, `best` and the rotation would
+    mix two runs: an export could then hold another run's weights. Nothing is moved or deleted here."""
+    root = checkpoint_root(cfg)
+    done = complete_checkpoints(root)
+    if start is not None and start.resolve().parent == root.resolve():
+        clash = [p for p in done if p.name > start.name]
+        what = f"newer than {start.name}, the checkpoint this run resumes from"
+    else:
+        clash = done
+        what = ("from an earlier run, and this run starts afresh" if start is None
+                else f"of another run than {start}, which this run resumes from")
+    if clash:
+        names = ", ".join(p.name for p in clash[:3]) + (f" and {len(clash) - 3} more" if len(clash) > 3 else "")
+        raise BookgenError(
+            f"{root} holds complete checkpoints {what} ({names}): this run's saves would meet them and `latest`, "
+            "`best` and the rotation would mix the two runs. Give this run another run.output_dir, or move those "
+            "checkpoints out of the folder (bookgen deletes none), or resume the newest with "
+            "checkpoint.resume: auto")
 
 
 def check_resume_folder(folder: Path) -> None:

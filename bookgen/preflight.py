@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from bookgen import distributed
-from bookgen.checkpoint import check_resume_folder, checkpoint_root
+from bookgen.checkpoint import check_no_other_run, check_resume_folder, checkpoint_root
 from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv
 from bookgen.ds_config import build_ds_config
@@ -20,11 +20,14 @@ from bookgen.model import position_count
 
 def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
     """Every rank: the DeepSpeed config agrees with the experiment, the precision runs here, the resume
-    folder exists, the model has positions for a block, and the run folder can be written."""
+    folder exists, a new start meets no other run's checkpoints, the model has positions for a block, and
+    the run folder can be written."""
     build_ds_config(cfg, dist.world_size)  # raises on a ZeRO stage or batch clash with the JSON
     check_precision(cfg)
     if cfg.checkpoint.resume not in ("auto", "never"):
         check_resume_folder(Path(cfg.checkpoint.resume))
+    if cfg.checkpoint.resume != "auto":
+        check_no_other_run(cfg, None if cfg.checkpoint.resume == "never" else Path(cfg.checkpoint.resume))
     check_block_fits(cfg)
     if cfg.model.attention == "flash_attention_2":
         import importlib.util

@@ -168,6 +168,40 @@ def test_truncated_checkpoint_file_is_named_with_the_previous_checkpoint(trained
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert str(damaged) in proc.stderr and "step00000002" in proc.stderr
     assert "checkpoint.resume=" in proc.stderr
+    # the hint's first way: the damaged checkpoint moved out, the same command resumes from step 2 and saves
+    # step 4 anew (before, resuming from step 2 reached step 4 and kept the damaged copy as the newest)
+    shutil.move(damaged.parent, tmp_path / "damaged_step4")
+    again = launch(1, ["--cfg", str(exp)])
+    assert "at step 2 (epoch" in again.stderr, again.stderr[-2000:]
+    assert (tmp_path / "run/checkpoints/step00000004" / MARKER).is_file()
+    assert main(["eval", "--cfg", str(exp), "--split", "valid"]) == 0
+
+
+@pytest.mark.multirank
+def test_a_new_run_never_meets_another_runs_checkpoints(trained, tmp_path):
+    """`checkpoint.resume: never` (or a named checkpoint) in a run folder that holds other complete checkpoints
+    is refused before anything is written. Before, the new run's save at a step the old run had saved kept the
+    old weights, and an export of the 'finished' run held the earlier run's model."""
+    exp = _copy_run(trained, tmp_path)
+    run = tmp_path / "run"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    fresh = launch(1, ["--cfg", str(exp), "--set", "checkpoint.resume=never"], check=False)
+    assert fresh.returncode == 2, fresh.stderr[-2000:]
+    assert f"{run / 'checkpoints'} holds complete checkpoints from an earlier run" in fresh.stderr
+    assert "step00000002, step00000004" in fresh.stderr and "run.output_dir" in fresh.stderr
+    older = launch(1, ["--cfg", str(exp), "--set", f"checkpoint.resume={run / 'checkpoints/step00000002'}"],
+                   check=False)
+    assert older.returncode == 2, older.stderr[-2000:]
+    assert "newer than step00000002, the checkpoint this run resumes from (step00000004)" in older.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before, "nothing was touched"
+    # the ways out that the message names: another output folder (from scratch, or from the named checkpoint)
+    elsewhere = launch(1, ["--cfg", str(exp), "--set", "checkpoint.resume=never",
+                           "--set", f"run.output_dir={tmp_path / 'run2'}"])
+    assert "resumed from" not in elsewhere.stderr
+    branch = launch(1, ["--cfg", str(exp), "--set", f"checkpoint.resume={run / 'checkpoints/step00000002'}",
+                        "--set", f"run.output_dir={tmp_path / 'run3'}"])
+    assert "at step 2 (epoch" in branch.stderr, branch.stderr[-2000:]
+    assert (tmp_path / "run3/checkpoints/step00000004" / MARKER).is_file()
 
 
 @pytest.mark.multirank
