@@ -40,6 +40,7 @@ from bookgen.model import build_model, count_parameters
 from bookgen.preflight import check_training
 from bookgen.progress import TrainProgress, summary_table
 from bookgen.resume import plan_resume, restore
+from bookgen.run_lock import hold_run_folder
 from bookgen.samples import TrainingSampler
 from bookgen.step import StepMetrics, train_step
 from bookgen.train_state import TrainState
@@ -79,7 +80,9 @@ class StopFlag:
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
     with distributed.process_group(cfg.deepspeed.comm_timeout_s) as dist:
-        return _run(cfg, dist)
+        check_training(cfg, dist)
+        with hold_run_folder(cfg.run.output_dir, dist):
+            return _run(cfg, dist)
 
 
 @dataclass(slots=True)
@@ -102,7 +105,6 @@ class Run:
 def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
     stop = StopFlag()
-    check_training(cfg, dist)
     if dist.is_main:
         announce(cfg, console, dist)
     ensure_prepared(cfg, dist, console)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -452,3 +453,53 @@ def test_an_export_killed_while_replacing_another_is_recognised_and_finished_by_
     assert (out / "notes.md").read_text() == "the user's"
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no scratch left"
     AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_a_second_run_into_a_busy_run_folder_is_refused(tmp_path):
+    """The same command started twice: the second stops before it prepares or writes anything, naming the
+    run that holds the folder; once that run ends (here: its lock is let go) the folder is free again."""
+    import fcntl
+
+    from bookgen.run_lock import LOCK_NAME
+
+    exp = write_experiment(tmp_path, {"train.max_steps": 1, "eval.at_end": False}, rows=60)
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / LOCK_NAME, "a+", encoding="utf-8") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere, since 2026-11-27 12:00:00\n")
+        held.flush()
+        proc = _cli(["train", "--cfg", str(exp)])
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"{run}: another bookgen run is training into this folder (pid 4242 on elsewhere" in proc.stderr
+        files = [p for p in run.rglob("*") if p.is_file()]
+        assert files == [run / LOCK_NAME], f"nothing prepared, logged or saved: {files}"
+    assert _cli(["train", "--cfg", str(exp)]).returncode == 0
+    assert (run / "checkpoints/step00000001" / MARKER).is_file()
+
+
+@pytest.mark.multirank
+def test_two_runs_of_the_same_command_do_not_share_a_folder(tmp_path):
+    from bookgen.train import STOP_FILE
+
+    exp = write_experiment(tmp_path, {"train.max_steps": 10**6, "checkpoint.every": 10**6, "eval.at_end": False},
+                           rows=120)
+    first = subprocess.Popen([sys.executable, "-m", "bookgen.cli", "train", "--cfg", str(exp)], cwd=REPO,
+                             env=rank_env({"PYTHONPATH": str(REPO), "HOME": "/tmp"}), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    try:
+        for _ in range(1200):  # the first run is training once it logs
+            if (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0:
+                break
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            time.sleep(0.1)
+        second = _cli(["train", "--cfg", str(exp)])
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"another bookgen run is training into this folder (pid {first.pid} on " in second.stderr
+    finally:
+        (run / STOP_FILE).touch()  # the first run saves and stops, as under Slurm's time-limit warning
+        _, err = first.communicate(timeout=600)
+    assert first.returncode == 75, err[-2000:]
+    saved = [p.name for p in (run / "checkpoints").glob("step*") if (p / MARKER).is_file()]
+    assert len(saved) == 1, f"one run saved one checkpoint: {saved}"
