@@ -37,6 +37,7 @@ from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
 from bookgen.layout import BatchLayout
 from bookgen.train_state import TrainState
+from bookgen.trained_on import train_split_digest
 
 POINTER = "latest_complete"
 BEST_POINTER = "best_complete"
@@ -101,7 +102,8 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
             "files": _file_sizes(folder),
             "fingerprint": model_fingerprint(cfg),
             "model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer),
-            "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing},
+            "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing,
+                     "train_sha256": train_split_digest(cfg)},
             "eval_loss": eval_loss,
         })
         write_text_atomic(root / POINTER, tag + "\n")

@@ -21,6 +21,7 @@ from bookgen.evaluate import EvalResult, perplexity
 from bookgen.fileio import write_json_atomic
 from bookgen.metrics import MetricsLog
 from bookgen.model import build_model
+from bookgen.trained_on import check_vocabulary
 
 
 def run_eval(engine: Any, examples: Examples, split: str, cfg: ExperimentConfig, dist: DistEnv, pad_id: int,
@@ -55,6 +56,7 @@ def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = No
             from bookgen.checkpoint_model import load_checkpoint_model
 
             step = ckpt.read_marker(folder, cfg)["state"]["global_step"]
+            check_vocabulary(folder, cfg)  # the split's token ids must mean what the model learned
             model, _ = load_checkpoint_model(folder)
             console.print(f"evaluating {folder}")
         examples = prepared_examples(cfg, split)

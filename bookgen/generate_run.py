@@ -19,6 +19,7 @@ from bookgen.fileio import write_json_atomic
 from bookgen.generate import Sample, generate, quality_path, write_outputs
 from bookgen.quality import measure
 from bookgen.samples import quality_references
+from bookgen.trained_on import same_vocabulary_as_prepared
 
 
 def settings_from(base: GenerateConfig, flags: dict[str, Any]) -> GenerateConfig:
@@ -90,16 +91,21 @@ def _run(dist: distributed.DistEnv, cfg: ExperimentConfig | None, model_dir: Pat
         new_tokens = sum(x.tokens for x in samples)
         console.print(f"{len(samples)} sequences from {source}: {new_tokens:,} new tokens in {took:.1f}s "
                       f"({new_tokens / max(took, 1e-9):,.0f} tokens/s) -> {out}, {readable}")
-        _report_quality(samples, cfg, quality_path(out), console)
+        _report_quality(samples, tokenizer, cfg, quality_path(out), console)
     return samples
 
 
-def _report_quality(samples: list[Sample], cfg: ExperimentConfig | None, path: Path, console: Console) -> None:
+def _report_quality(samples: list[Sample], tokenizer: Any, cfg: ExperimentConfig | None, path: Path,
+                    console: Console) -> None:
     """The quality measures, printed and written beside the output; novelty and the reference length need
     the experiment's prepared splits (--cfg), so a bare --model run leaves them out."""
     index, reference = None, None
     if cfg is not None and (cfg.prepared_dir / "store" / "train").is_dir():
-        index, reference = quality_references(cfg)
+        if same_vocabulary_as_prepared(tokenizer, cfg):
+            index, reference = quality_references(cfg)
+        else:  # the prepared token ids mean other words for this model
+            console.print(f"[yellow]the model's vocabulary is not that of {cfg.prepared_dir}: novelty and the "
+                          "reference lengths are left out[/]")
     q = measure([x.ids for x in samples], [x.stopped == "eos" for x in samples], index, reference)
     write_json_atomic(path, q.to_dict())
     novelty = (f", copied 8-grams {q.copied_8gram_share:.1%}, longest copy {q.longest_copied_span} tokens"

@@ -25,6 +25,7 @@ from bookgen.distributed import DistEnv, broadcast_object
 from bookgen.errors import BookgenError
 from bookgen.layout import BatchLayout
 from bookgen.train_state import TrainState
+from bookgen.trained_on import check_train_split, check_vocabulary
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,11 @@ class ResumePlan:
 def plan_resume(cfg: ExperimentConfig, dist: DistEnv) -> ResumePlan:
     """Before the engine exists: the checkpoint to resume from, converted for this world size if needed."""
     folder, notes = ckpt.find_resume(cfg)
+    if folder is not None:
+        check_vocabulary(folder, cfg)
+        if check_train_split(folder, ckpt.read_marker(folder, cfg), cfg):
+            notes.append(f"{folder} was trained on another training split; it was saved at an epoch's end, so "
+                         "training goes on over the new split from the start of the next epoch")
     return ResumePlan(folder, reshard.needs_universal(folder, cfg, dist), notes)
 
 

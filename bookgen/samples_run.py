@@ -14,6 +14,7 @@ from bookgen.config import ExperimentConfig
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, write_json_atomic
 from bookgen.samples import SampleRound, quality_references, sample_round
+from bookgen.trained_on import check_vocabulary
 
 COLUMNS = ("step", "eval loss", "stop rate", "length (valid)", "distinct-2", "repeated 4-grams", "copied 8-grams",
            "longest copy")
@@ -32,6 +33,7 @@ def samples_command(cfg: ExperimentConfig, console: Console) -> list[SampleRound
     rounds, table = [], Table(*COLUMNS, title=f"samples from {len(folders)} checkpoints ({cfg.eval.samples} each)")
     for folder in folders:
         ckpt.read_marker(folder, cfg)
+        check_vocabulary(folder, cfg)  # novelty and lengths are counted in the prepared data's token ids
         model, tokenizer = load_checkpoint_model(folder)
         step = int(folder.name.removeprefix("step"))
         round_ = sample_round(model.to(device), tokenizer, cfg, dist, step=step, zero3=False, index=index,

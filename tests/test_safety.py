@@ -503,3 +503,45 @@ def test_two_runs_of_the_same_command_do_not_share_a_folder(tmp_path):
     assert first.returncode == 75, err[-2000:]
     saved = [p.name for p in (run / "checkpoints").glob("step*") if (p / MARKER).is_file()]
     assert len(saved) == 1, f"one run saved one checkpoint: {saved}"
+
+
+@pytest.mark.multirank
+def test_a_checkpoint_is_not_resumed_or_evaluated_on_another_vocabulary(trained, tmp_path):
+    """The corpus edited after training: the BPE trained from the config is trained anew, and before, the
+    run resumed (and `bookgen eval` scored) the old weights on token ids that mean other words."""
+    shutil.copytree(trained / "run", tmp_path / "run")
+    exp = write_experiment(tmp_path, SETTINGS | {"train.max_steps": 6}, rows=80)  # 40 summaries fewer
+    marker = tmp_path / "run/checkpoints/step00000004" / MARKER
+    stamp = marker.stat().st_mtime_ns
+    proc = launch(1, ["--cfg", str(exp)], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "step00000004 was trained with another vocabulary than" in proc.stderr
+    assert marker.stat().st_mtime_ns == stamp and not (tmp_path / "run/checkpoints/step00000006").exists()
+    for command in (["eval", "--cfg", str(exp)], ["samples", "--cfg", str(exp)]):
+        refused = _cli(command)
+        assert refused.returncode == 2 and "was trained with another vocabulary" in refused.stderr, refused.stderr
+    # generation reads the checkpoint's own tokenizer: it works, leaving out what needs the prepared ids
+    out = tmp_path / "gen.jsonl"
+    made = _cli(["generate", "--cfg", str(exp), "--out", str(out), "--set", "generate.max_new_tokens=5"])
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert "novelty and the reference lengths are left out" in made.stderr
+
+
+@pytest.mark.multirank
+def test_a_changed_training_split_resumes_only_at_an_epochs_end(trained, tmp_path):
+    """The same vocabulary (a fixed tokenizer) over an edited corpus: a mid-epoch position would point into
+    another list of summaries, so only a checkpoint saved at an epoch's end goes on, over the new split."""
+    fixed = {"tokenizer.name_or_path": str(trained / "run/prepared/tokenizer"), "eval.at_end": False}
+    mid = write_experiment(tmp_path / "mid", fixed | {"train.max_steps": 3, "checkpoint.every": 3}, rows=120)
+    launch(1, ["--cfg", str(mid)])
+    mid = write_experiment(tmp_path / "mid", fixed | {"train.max_steps": 6, "checkpoint.every": 3}, rows=100)
+    proc = launch(1, ["--cfg", str(mid)], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "saved in the middle of an epoch over another training split" in proc.stderr
+    # 84 training summaries, 42 steps: the first run ends at its epoch's end
+    end = write_experiment(tmp_path / "end", fixed | {"train.max_steps": None, "train.epochs": 1}, rows=120)
+    launch(1, ["--cfg", str(end)])
+    end = write_experiment(tmp_path / "end", fixed | {"train.max_steps": None, "train.epochs": 2}, rows=100)
+    again = launch(1, ["--cfg", str(end)])
+    assert "was trained on another training split; it was saved at an epoch's end" in again.stderr
+    assert "(epoch 1, step 0 of the epoch)" in again.stderr, again.stderr[-2000:]

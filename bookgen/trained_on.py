@@ -1,0 +1,69 @@
+"""What a checkpoint was trained on, checked against the prepared data before it is resumed or evaluated.
+
+The model fingerprint covers the config, not what the config produced: a BPE trained from the config is
+retrained when the corpus, the split or the tokenizer settings change, and its token ids then mean other
+words. Resuming or evaluating such a checkpoint on the newly prepared tokens runs without an error and
+gives nonsense. The same vocabulary over another training split keeps the ids, but a position saved in
+the middle of an epoch then points into another list of examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from bookgen.config import ExperimentConfig
+from bookgen.data.prepare import store_dir, tokenizer_dir
+from bookgen.data.store import MANIFEST
+from bookgen.errors import BookgenError
+from bookgen.fileio import read_json
+
+
+def vocabulary_digest(tokenizer: Any) -> str:
+    """Hash of the token -> id map (added tokens included). Saved tokenizer files differ in formatting
+    after a load and save; the map is what gives the ids their meaning."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+def saved_vocabulary_digest(folder: Path) -> str:
+    from bookgen.data.tokenizer import load_tokenizer
+
+    return vocabulary_digest(load_tokenizer(folder))
+
+
+def same_vocabulary_as_prepared(tokenizer: Any, cfg: ExperimentConfig) -> bool:
+    return vocabulary_digest(tokenizer) == saved_vocabulary_digest(tokenizer_dir(cfg.prepared_dir))
+
+
+def train_split_digest(cfg: ExperimentConfig) -> str | None:
+    """The prepared training split's text checksum (from its token store's manifest); None if unprepared."""
+    manifest = read_json(store_dir(cfg.prepared_dir, "train") / MANIFEST)
+    return manifest.get("source_sha256") if isinstance(manifest, dict) else None
+
+
+def check_vocabulary(folder: Path, cfg: ExperimentConfig) -> None:
+    """Refuse a checkpoint whose tokenizer (saved in it) has another vocabulary than the prepared data's."""
+    prepared = tokenizer_dir(cfg.prepared_dir)
+    if saved_vocabulary_digest(folder / "hf") != saved_vocabulary_digest(prepared):
+        raise BookgenError(
+            f"{folder} was trained with another vocabulary than {prepared}: the tokenizer was trained anew "
+            "since (a BPE is trained on the training split, so the corpus, data.split or tokenizer settings "
+            "changed) and the prepared token ids mean other words for this model. Prepare the data it was "
+            "trained on again, or start a new run in another run.output_dir")
+
+
+def check_train_split(folder: Path, marker: dict[str, Any], cfg: ExperimentConfig) -> bool:
+    """Refuse resuming mid-epoch on another training split; True when the split changed at an epoch's end
+    (allowed: the next epoch is an order of the new split). Markers from before this check record none."""
+    saved = marker.get("data", {}).get("train_sha256")
+    if saved is None or saved == train_split_digest(cfg):
+        return False
+    if marker["state"]["step_in_epoch"] != 0:
+        raise BookgenError(
+            f"{folder} was saved in the middle of an epoch over another training split than "
+            f"{store_dir(cfg.prepared_dir, 'train')} (the corpus or data.split changed): its position in the "
+            "epoch would point into another list of summaries. Resume with the data it was trained on, or "
+            "change the data only at an epoch's end")
+    return True
