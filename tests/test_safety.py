@@ -46,10 +46,21 @@ def _cli(args: list[str], cwd: Path | None = None, user: bool = False) -> subpro
     """`bookgen ARGS` in a fresh process; ``user``: as an unprivileged user when this runs as root (root
     writes into read-only folders, so permission mistakes only show as another user)."""
     cmd = [sys.executable, "-m", "bookgen.cli", *args]
+    env = rank_env({"PYTHONPATH": str(REPO)})
     if user and os.geteuid() == 0:
         cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-    env = rank_env({"PYTHONPATH": str(REPO), "HOME": "/tmp"})
+        # a home of its own: DeepSpeed compiles its shared-memory op into ~/.cache on start, and a cache
+        # that root wrote into is not writable for this user
+        env["HOME"] = str(_home_of_nobody())
     return subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _home_of_nobody() -> Path:
+    home = Path("/tmp/bookgen-test-home-65534")
+    if not home.is_dir():
+        home.mkdir(mode=0o755)
+        os.chown(home, 65534, 65534)
+    return home
 
 
 def _world_readable_tmp(tmp_path: Path) -> Path:
@@ -485,7 +496,7 @@ def test_two_runs_of_the_same_command_do_not_share_a_folder(tmp_path):
     exp = write_experiment(tmp_path, {"train.max_steps": 10**6, "checkpoint.every": 10**6, "eval.at_end": False},
                            rows=120)
     first = subprocess.Popen([sys.executable, "-m", "bookgen.cli", "train", "--cfg", str(exp)], cwd=REPO,
-                             env=rank_env({"PYTHONPATH": str(REPO), "HOME": "/tmp"}), stdout=subprocess.DEVNULL,
+                             env=rank_env({"PYTHONPATH": str(REPO)}), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     run = tmp_path / "run"
     try:
