@@ -64,6 +64,8 @@ def restore(engine: Any, plan: ResumePlan, cfg: ExperimentConfig, dist: DistEnv,
         console.print(f"[yellow]{folder} was saved with a global batch of {saved['global_batch']}, this run's is "
                       f"{global_batch}: the data position is mapped by samples seen (rounded down: a few samples "
                       "may be seen twice, none skipped)[/]")
+    for change in saved["optimizer_changes"]:
+        console.print(f"[yellow]{change}: the run goes on with this run's value[/]")
     console.print(f"resumed from {folder} at step {state.global_step} (epoch {state.epoch}, "
                   f"step {state.step_in_epoch} of the epoch)")
     return state
@@ -91,6 +93,25 @@ def saved_layout(marker: dict[str, Any]) -> tuple[str, int]:
     if isinstance(packing, bool):
         packing = "concat" if packing else "none"
     return packing, int(data.get("block_size", 0))
+
+
+def apply_optimizer_settings(scheduler: Any, cfg: ExperimentConfig) -> list[str]:
+    """The loaded optimizer and scheduler carry the saving run's peak learning rate, weight decay, betas
+    and epsilon; set this run's, so that a changed `train.*` value takes effect (lowering the learning
+    rate of a run whose loss spikes is the common case) instead of being silently ignored. Unchanged
+    values are set to what they were: an exact resume stays exact. Returns what changed, to say."""
+    t, groups = cfg.train, scheduler.optimizer.param_groups
+    decays = [t.weight_decay] + [0.0] * (len(groups) - 1)  # engine.param_groups: the decayed group first
+    wanted = {"train.learning_rate": ([t.learning_rate] * len(groups), list(scheduler.base_lrs)),
+              "train.weight_decay": (decays, [g["weight_decay"] for g in groups]),
+              "train.adam_betas": ([tuple(t.adam_betas)] * len(groups), [tuple(g["betas"]) for g in groups]),
+              "train.adam_eps": ([t.adam_eps] * len(groups), [g["eps"] for g in groups])}
+    changed = [f"{key}: {old[0]} in the checkpoint, {new[0]} now" for key, (new, old) in wanted.items()
+               if new != old]
+    scheduler.base_lrs = wanted["train.learning_rate"][0]
+    for group, decay in zip(groups, decays, strict=True):
+        group.update(weight_decay=decay, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    return changed
 
 
 def _apply_schedule_at_loaded_step(scheduler: Any) -> None:
@@ -136,7 +157,9 @@ def _load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, st
         state = reshard.remap_position(state, marker["global_batch"], layout.global_batch,
                                        steps_per_epoch, counted_in_epochs=cfg.train.max_steps is None)
         engine.lr_scheduler.last_epoch = state.global_step
+    changed = apply_optimizer_settings(engine.lr_scheduler, cfg)
     _apply_schedule_at_loaded_step(engine.lr_scheduler)
+    marker["optimizer_changes"] = changed  # said by restore
     if marker["world_size"] == dist.world_size:
         _set_rng_state(torch.load(folder / f"rng_rank{dist.rank}.pt", weights_only=True))
     else:

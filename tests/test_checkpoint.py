@@ -275,3 +275,24 @@ def test_keep_best_records_losses_and_eval_export_use_the_best(tmp_path):
     launch(1, ["--cfg", str(other)])
     none = launch(1, ["--mode", "eval", "--cfg", str(other), "--checkpoint", "best"], check=False)
     assert none.returncode == 2 and "--checkpoint best: no checkpoint under" in none.stderr
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("stage", [0, 1])
+def test_optimizer_settings_changed_on_resume_take_effect(tmp_path, stage):
+    """Lowering the learning rate of a run and rerunning it: the loaded optimizer and scheduler carried the
+    old peak rate (and weight decay, betas, epsilon), so before, the new values were silently ignored."""
+    base = {"train.lr_schedule": "constant", "checkpoint.every": 2, "eval.at_end": False,
+            "deepspeed.zero_stage": stage, "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json")}
+    exp = write_experiment(tmp_path, base | {"train.max_steps": 4, "train.learning_rate": 1e-3}, rows=120)
+    launch(1, ["--cfg", str(exp)])
+    exp = write_experiment(tmp_path, base | {"train.max_steps": 8, "train.learning_rate": 1e-4,
+                                             "train.weight_decay": 0.1}, rows=120)
+    again = launch(1, ["--cfg", str(exp)])
+    assert "train.learning_rate: 0.001 in the checkpoint, 0.0001 now" in again.stderr, again.stderr[-2000:]
+    assert "train.weight_decay: 0.0 in the checkpoint, 0.1 now" in again.stderr
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run/metrics.jsonl") if "lr" in r}
+    assert lrs == {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 1e-3, 5: 1e-4, 6: 1e-4, 7: 1e-4, 8: 1e-4}
+    if stage == 0:  # the optimizer state is in the model file: the decay the resumed steps ran with
+        saved = torch.load(tmp_path / "run/checkpoints/step00000008/mp_rank_00_model_states.pt", weights_only=False)
+        assert [g["weight_decay"] for g in saved["optimizer"]["param_groups"]] == [0.1, 0.0]
