@@ -38,9 +38,10 @@ class ResumePlan:
 def plan_resume(cfg: ExperimentConfig, dist: DistEnv) -> ResumePlan:
     """Before the engine exists: the checkpoint to resume from, converted for this world size if needed."""
     folder, notes = ckpt.find_resume(cfg)
-    if folder is not None:
+    if folder is not None:  # every refusal before the engine is built
+        marker = check_compatible(folder, cfg)
         check_vocabulary(folder, cfg)
-        if check_train_split(folder, ckpt.read_marker(folder, cfg), cfg):
+        if check_train_split(folder, marker, cfg):
             notes.append(f"{folder} was trained on another training split; it was saved at an epoch's end, so "
                          "training goes on over the new split from the start of the next epoch")
     return ResumePlan(folder, reshard.needs_universal(folder, cfg, dist), notes)
@@ -76,6 +77,12 @@ def check_compatible(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:
     if marker["zero_stage"] != cfg.deepspeed.zero_stage:
         raise BookgenError(f"{folder} was saved under ZeRO stage {marker['zero_stage']}, this run uses "
                            f"deepspeed.zero_stage {cfg.deepspeed.zero_stage}")
+    precision = marker.get("precision")  # recorded since this check; older markers load as they did
+    if precision is not None and precision != cfg.train.precision:
+        raise BookgenError(f"{folder} was saved under train.precision {precision}, this run uses "
+                           f"{cfg.train.precision}: DeepSpeed lays out the optimizer state per precision. Resume "
+                           f"with --set train.precision={precision}, or start a new run from its weights "
+                           "(bookgen export, then model.name_or_path: <that folder>)")
     saved = saved_layout(marker)
     now = (cfg.data.packing, cfg.data.block_size)
     if saved != now and marker["state"]["step_in_epoch"] != 0:

@@ -296,3 +296,16 @@ def test_optimizer_settings_changed_on_resume_take_effect(tmp_path, stage):
     if stage == 0:  # the optimizer state is in the model file: the decay the resumed steps ran with
         saved = torch.load(tmp_path / "run/checkpoints/step00000008/mp_rank_00_model_states.pt", weights_only=False)
         assert [g["weight_decay"] for g in saved["optimizer"]["param_groups"]] == [0.1, 0.0]
+
+
+@pytest.mark.multirank
+def test_resuming_under_another_precision_is_refused_by_name(tmp_path):
+    """DeepSpeed keeps the optimizer state in another layout per precision: before, an fp32 checkpoint
+    resumed in bf16 ended in a KeyError traceback (ZeRO-0) or a missing-file error (ZeRO-1)."""
+    exp = write_experiment(tmp_path, {"train.max_steps": 2, "checkpoint.every": 2, "eval.at_end": False}, rows=120)
+    launch(1, ["--cfg", str(exp)])
+    proc = launch(1, ["--cfg", str(exp), "--set", "train.max_steps=4", "--set", "train.precision=bf16"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "step00000002 was saved under train.precision fp32, this run uses bf16" in proc.stderr
+    assert "--set train.precision=fp32" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run/checkpoints/step00000004").exists()
