@@ -98,7 +98,7 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
     if dist.is_main:
         write_json_atomic(folder / MARKER, {
             "state": asdict(state), "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
-            "precision": cfg.train.precision,
+            "precision": cfg.train.precision, "seed": cfg.seed,
             "global_batch": BatchLayout.of(cfg.train, dist.world_size).global_batch,
             "files": _file_sizes(folder),
             "fingerprint": model_fingerprint(cfg),

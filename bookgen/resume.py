@@ -25,7 +25,7 @@ from bookgen.distributed import DistEnv, broadcast_object
 from bookgen.errors import BookgenError
 from bookgen.layout import BatchLayout
 from bookgen.train_state import TrainState
-from bookgen.trained_on import check_train_split, check_vocabulary
+from bookgen.trained_on import check_epoch_order, check_vocabulary
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +41,9 @@ def plan_resume(cfg: ExperimentConfig, dist: DistEnv) -> ResumePlan:
     if folder is not None:  # every refusal before the engine is built
         marker = check_compatible(folder, cfg)
         check_vocabulary(folder, cfg)
-        if check_train_split(folder, marker, cfg):
-            notes.append(f"{folder} was trained on another training split; it was saved at an epoch's end, so "
-                         "training goes on over the new split from the start of the next epoch")
+        for change in check_epoch_order(folder, marker, cfg):
+            notes.append(f"{folder} was saved at an epoch's end; {change} differs from then, which takes effect "
+                         "from this epoch on")
     return ResumePlan(folder, reshard.needs_universal(folder, cfg, dist), notes)
 
 

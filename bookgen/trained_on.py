@@ -3,8 +3,8 @@
 The model fingerprint covers the config, not what the config produced: a BPE trained from the config is
 retrained when the corpus, the split or the tokenizer settings change, and its token ids then mean other
 words. Resuming or evaluating such a checkpoint on the newly prepared tokens runs without an error and
-gives nonsense. The same vocabulary over another training split keeps the ids, but a position saved in
-the middle of an epoch then points into another list of examples.
+gives nonsense. The same vocabulary over another training split (or another seed) keeps the ids, but a
+position saved in the middle of an epoch then points into another order of examples.
 """
 
 from __future__ import annotations
@@ -54,16 +54,20 @@ def check_vocabulary(folder: Path, cfg: ExperimentConfig) -> None:
             "trained on again, or start a new run in another run.output_dir")
 
 
-def check_train_split(folder: Path, marker: dict[str, Any], cfg: ExperimentConfig) -> bool:
-    """Refuse resuming mid-epoch on another training split; True when the split changed at an epoch's end
-    (allowed: the next epoch is an order of the new split). Markers from before this check record none."""
-    saved = marker.get("data", {}).get("train_sha256")
-    if saved is None or saved == train_split_digest(cfg):
-        return False
-    if marker["state"]["step_in_epoch"] != 0:
+def check_epoch_order(folder: Path, marker: dict[str, Any], cfg: ExperimentConfig) -> list[str]:
+    """An epoch's order is a permutation of the training split drawn from (seed, epoch): refuse resuming
+    mid-epoch when the split or the seed changed (some summaries would be seen twice, others not at all);
+    at an epoch's end return what changed, to say. Markers from before this check record neither."""
+    data = marker.get("data", {})
+    changed = []
+    if data.get("train_sha256") not in (None, train_split_digest(cfg)):
+        changed.append(f"the training split ({store_dir(cfg.prepared_dir, 'train')}: the corpus or data.split "
+                       "changed)")
+    if marker.get("seed") not in (None, cfg.seed):
+        changed.append(f"seed ({marker['seed']} then, {cfg.seed} now)")
+    if changed and marker["state"]["step_in_epoch"] != 0:
         raise BookgenError(
-            f"{folder} was saved in the middle of an epoch over another training split than "
-            f"{store_dir(cfg.prepared_dir, 'train')} (the corpus or data.split changed): its position in the "
-            "epoch would point into another list of summaries. Resume with the data it was trained on, or "
-            "change the data only at an epoch's end")
-    return True
+            f"{folder} was saved in the middle of an epoch, and {' and '.join(changed)} differ from then: the "
+            "rest of the epoch would be another order, some summaries seen twice and others not at all. "
+            "Resume with the saved values, or change them only at an epoch's end")
+    return changed

@@ -540,19 +540,23 @@ def test_a_checkpoint_is_not_resumed_or_evaluated_on_another_vocabulary(trained,
 
 @pytest.mark.multirank
 def test_a_changed_training_split_resumes_only_at_an_epochs_end(trained, tmp_path):
-    """The same vocabulary (a fixed tokenizer) over an edited corpus: a mid-epoch position would point into
-    another list of summaries, so only a checkpoint saved at an epoch's end goes on, over the new split."""
-    fixed = {"tokenizer.name_or_path": str(trained / "run/prepared/tokenizer"), "eval.at_end": False}
+    """The same vocabulary (a fixed tokenizer) over an edited corpus, or another seed: a mid-epoch position
+    would point into another order of summaries, so only a checkpoint saved at an epoch's end goes on."""
+    fixed = {"tokenizer.name_or_path": str(trained / "run/prepared/tokenizer"), "eval.at_end": False,
+             "data.split": "reference"}  # a split that does not follow the seed: a seed change is an order change
     mid = write_experiment(tmp_path / "mid", fixed | {"train.max_steps": 3, "checkpoint.every": 3}, rows=120)
     launch(1, ["--cfg", str(mid)])
+    seed = launch(1, ["--cfg", str(mid), "--set", "seed=8", "--set", "train.max_steps=6"], check=False)
+    assert seed.returncode == 2, seed.stderr[-2000:]
+    assert "saved in the middle of an epoch, and seed (7 then, 8 now) differ" in seed.stderr
     mid = write_experiment(tmp_path / "mid", fixed | {"train.max_steps": 6, "checkpoint.every": 3}, rows=100)
     proc = launch(1, ["--cfg", str(mid)], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "saved in the middle of an epoch over another training split" in proc.stderr
+    assert "saved in the middle of an epoch, and the training split" in proc.stderr
     # 84 training summaries, 42 steps: the first run ends at its epoch's end
     end = write_experiment(tmp_path / "end", fixed | {"train.max_steps": None, "train.epochs": 1}, rows=120)
     launch(1, ["--cfg", str(end)])
     end = write_experiment(tmp_path / "end", fixed | {"train.max_steps": None, "train.epochs": 2}, rows=100)
     again = launch(1, ["--cfg", str(end)])
-    assert "was trained on another training split; it was saved at an epoch's end" in again.stderr
+    assert "was saved at an epoch's end; the training split" in again.stderr, again.stderr[-2000:]
     assert "(epoch 1, step 0 of the epoch)" in again.stderr, again.stderr[-2000:]
