@@ -104,7 +104,7 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
             "fingerprint": model_fingerprint(cfg),
             "model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer),
             "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing,
-                     "train_sha256": train_split_digest(cfg)},
+                     "group_by_length": cfg.data.group_by_length, "train_sha256": train_split_digest(cfg)},
             "eval_loss": eval_loss,
         })
         write_text_atomic(root / POINTER, tag + "\n")

@@ -41,7 +41,7 @@ def plan_resume(cfg: ExperimentConfig, dist: DistEnv) -> ResumePlan:
     if folder is not None:  # every refusal before the engine is built
         marker = check_compatible(folder, cfg)
         check_vocabulary(folder, cfg)
-        for change in check_epoch_order(folder, marker, cfg):
+        for change in check_epoch_order(folder, marker, cfg, BatchLayout.of(cfg.train, dist.world_size).global_batch):
             notes.append(f"{folder} was saved at an epoch's end; {change} differs from then, which takes effect "
                          "from this epoch on")
     return ResumePlan(folder, reshard.needs_universal(folder, cfg, dist), notes)

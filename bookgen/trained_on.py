@@ -54,12 +54,19 @@ def check_vocabulary(folder: Path, cfg: ExperimentConfig) -> None:
             "trained on again, or start a new run in another run.output_dir")
 
 
-def check_epoch_order(folder: Path, marker: dict[str, Any], cfg: ExperimentConfig) -> list[str]:
-    """An epoch's order is a permutation of the training split drawn from (seed, epoch): refuse resuming
-    mid-epoch when the split or the seed changed (some summaries would be seen twice, others not at all);
-    at an epoch's end return what changed, to say. Markers from before this check record neither."""
+def check_epoch_order(folder: Path, marker: dict[str, Any], cfg: ExperimentConfig, global_batch: int) -> list[str]:
+    """An epoch's order is a permutation of the training split drawn from (seed, epoch), regrouped by
+    length in global batches with data.group_by_length: refuse resuming mid-epoch when any of these
+    changed (some summaries would be seen twice, others not at all); at an epoch's end return what
+    changed, to say. Markers from before this check record none of them."""
     data = marker.get("data", {})
     changed = []
+    grouped = data.get("group_by_length")
+    if grouped not in (None, cfg.data.group_by_length):
+        changed.append(f"data.group_by_length ({grouped} then, {cfg.data.group_by_length} now)")
+    elif grouped and marker["global_batch"] != global_batch:  # grouping works in whole global batches
+        changed.append(f"the global batch under data.group_by_length ({marker['global_batch']} then, "
+                       f"{global_batch} now)")
     if data.get("train_sha256") not in (None, train_split_digest(cfg)):
         changed.append(f"the training split ({store_dir(cfg.prepared_dir, 'train')}: the corpus or data.split "
                        "changed)")

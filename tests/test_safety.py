@@ -549,6 +549,10 @@ def test_a_changed_training_split_resumes_only_at_an_epochs_end(trained, tmp_pat
     seed = launch(1, ["--cfg", str(mid), "--set", "seed=8", "--set", "train.max_steps=6"], check=False)
     assert seed.returncode == 2, seed.stderr[-2000:]
     assert "saved in the middle of an epoch, and seed (7 then, 8 now) differ" in seed.stderr
+    grouped = launch(1, ["--cfg", str(mid), "--set", "data.group_by_length=true", "--set", "train.max_steps=6"],
+                     check=False)
+    assert grouped.returncode == 2, grouped.stderr[-2000:]
+    assert "data.group_by_length (False then, True now) differ" in grouped.stderr
     mid = write_experiment(tmp_path / "mid", fixed | {"train.max_steps": 6, "checkpoint.every": 3}, rows=100)
     proc = launch(1, ["--cfg", str(mid)], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
