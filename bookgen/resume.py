@@ -102,22 +102,42 @@ def saved_layout(marker: dict[str, Any]) -> tuple[str, int]:
     return packing, int(data.get("block_size", 0))
 
 
-def apply_optimizer_settings(scheduler: Any, cfg: ExperimentConfig) -> list[str]:
+HYPERPARAMETERS = {"weight_decay": "train.weight_decay", "betas": "train.adam_betas", "eps": "train.adam_eps"}
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizerSettings:
+    """The engine's optimizer settings as this run built them (per parameter group, whatever grouping the
+    ZeRO stage made of engine.param_groups), taken before a checkpoint's state replaces them."""
+
+    base_lrs: list[float]
+    groups: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, scheduler: Any) -> OptimizerSettings:
+        return cls(list(scheduler.base_lrs),
+                   [{key: g[key] for key in HYPERPARAMETERS} for g in scheduler.optimizer.param_groups])
+
+
+def apply_optimizer_settings(scheduler: Any, built: OptimizerSettings) -> list[str]:
     """The loaded optimizer and scheduler carry the saving run's peak learning rate, weight decay, betas
-    and epsilon; set this run's, so that a changed `train.*` value takes effect (lowering the learning
-    rate of a run whose loss spikes is the common case) instead of being silently ignored. Unchanged
-    values are set to what they were: an exact resume stays exact. Returns what changed, to say."""
-    t, groups = cfg.train, scheduler.optimizer.param_groups
-    decays = [t.weight_decay] + [0.0] * (len(groups) - 1)  # engine.param_groups: the decayed group first
-    wanted = {"train.learning_rate": ([t.learning_rate] * len(groups), list(scheduler.base_lrs)),
-              "train.weight_decay": (decays, [g["weight_decay"] for g in groups]),
-              "train.adam_betas": ([tuple(t.adam_betas)] * len(groups), [tuple(g["betas"]) for g in groups]),
-              "train.adam_eps": ([t.adam_eps] * len(groups), [g["eps"] for g in groups])}
-    changed = [f"{key}: {old[0]} in the checkpoint, {new[0]} now" for key, (new, old) in wanted.items()
-               if new != old]
-    scheduler.base_lrs = wanted["train.learning_rate"][0]
-    for group, decay in zip(groups, decays, strict=True):
-        group.update(weight_decay=decay, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    and epsilon; put back this run's (``built``), so that a changed `train.*` value takes effect (lowering
+    the learning rate of a run whose loss spikes is the common case) instead of being silently ignored.
+    Unchanged values are set to what they were: an exact resume stays exact. Returns what changed."""
+    groups = scheduler.optimizer.param_groups
+    changed = []
+    if list(scheduler.base_lrs) != built.base_lrs:
+        changed.append(f"train.learning_rate: {scheduler.base_lrs[0]} in the checkpoint, {built.base_lrs[0]} now")
+    for key, name in HYPERPARAMETERS.items():
+        loaded = [g[key] for g in groups]
+        wanted = [g[key] for g in built.groups]
+        if [tuple(v) if isinstance(v, list | tuple) else v for v in loaded] != \
+                [tuple(v) if isinstance(v, list | tuple) else v for v in wanted]:
+            differs = next(i for i, (a, b) in enumerate(zip(loaded, wanted, strict=True)) if a != b)
+            changed.append(f"{name}: {loaded[differs]} in the checkpoint, {wanted[differs]} now")
+    scheduler.base_lrs = list(built.base_lrs)
+    for group, settings in zip(groups, built.groups, strict=True):
+        group.update(settings)
     return changed
 
 
@@ -150,6 +170,7 @@ def _load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, st
     """
     marker = check_compatible(folder, cfg)
     load_dir, tag = reshard.load_dir_and_tag(folder, universal)
+    built = OptimizerSettings.of(engine.lr_scheduler)
     try:
         path, _client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                                load_lr_scheduler_states=True)
@@ -164,7 +185,7 @@ def _load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, st
         state = reshard.remap_position(state, marker["global_batch"], layout.global_batch,
                                        steps_per_epoch, counted_in_epochs=cfg.train.max_steps is None)
         engine.lr_scheduler.last_epoch = state.global_step
-    changed = apply_optimizer_settings(engine.lr_scheduler, cfg)
+    changed = apply_optimizer_settings(engine.lr_scheduler, built)
     _apply_schedule_at_loaded_step(engine.lr_scheduler)
     marker["optimizer_changes"] = changed  # said by restore
     if marker["world_size"] == dist.world_size:

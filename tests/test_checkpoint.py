@@ -278,7 +278,7 @@ def test_keep_best_records_losses_and_eval_export_use_the_best(tmp_path):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("stage", [0, 1, 3])
 def test_optimizer_settings_changed_on_resume_take_effect(tmp_path, stage):
     """Lowering the learning rate of a run and rerunning it: the loaded optimizer and scheduler carried the
     old peak rate (and weight decay, betas, epsilon), so before, the new values were silently ignored."""
