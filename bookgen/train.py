@@ -153,6 +153,9 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
     resume_plan = plan_resume(cfg, dist)
     engine = build_engine(cfg, model, dist, plan.total_steps, load_universal=resume_plan.universal)
     state = restore(engine, resume_plan, cfg, dist, console, steps_per_epoch=plan.steps_per_epoch)
+    if state.global_step >= plan.total_steps and resume_plan.folder is not None:
+        console.print(f"[yellow]the checkpoint is at step {state.global_step} and this run has {plan.total_steps} "
+                      "steps in all: nothing left to train (raise train.max_steps or train.epochs to go on)[/]")
     log = None
     if dist.is_main:  # a new start clears the previous one's preemption records
         (cfg.run.output_dir / "PREEMPTED").unlink(missing_ok=True)
