@@ -33,18 +33,20 @@ class ResumePlan:
     folder: Path | None  # None: a fresh start
     universal: bool  # load through DeepSpeed's universal checkpoint (saved at another world size)
     notes: list[str] = field(default_factory=list)  # what was passed over, to print
+    marker: dict[str, Any] | None = None  # the checkpoint's record, checked against this run's config
 
 
 def plan_resume(cfg: ExperimentConfig, dist: DistEnv) -> ResumePlan:
     """Before the engine exists: the checkpoint to resume from, converted for this world size if needed."""
     folder, notes = ckpt.find_resume(cfg)
+    marker = None
     if folder is not None:  # every refusal before the engine is built
         marker = check_compatible(folder, cfg)
         check_vocabulary(folder, cfg)
         for change in check_epoch_order(folder, marker, cfg, BatchLayout.of(cfg.train, dist.world_size).global_batch):
             notes.append(f"{folder} was saved at an epoch's end; {change} differs from then, which takes effect "
                          "from this epoch on")
-    return ResumePlan(folder, reshard.needs_universal(folder, cfg, dist), notes)
+    return ResumePlan(folder, reshard.needs_universal(folder, cfg, dist), notes, marker)
 
 
 def restore(engine: Any, plan: ResumePlan, cfg: ExperimentConfig, dist: DistEnv, console: Console, *,
@@ -52,10 +54,11 @@ def restore(engine: Any, plan: ResumePlan, cfg: ExperimentConfig, dist: DistEnv,
     """After the engine is built: load the planned checkpoint (or start fresh) and say what happened."""
     for note in plan.notes:
         console.print(f"[yellow]{note}[/]")
-    if plan.folder is None:
+    if plan.folder is None or plan.marker is None:
         return TrainState()
-    folder = plan.folder
-    state, saved = _load(engine, folder, cfg, dist, steps_per_epoch=steps_per_epoch, universal=plan.universal)
+    folder, saved = plan.folder, plan.marker
+    state, optimizer_changes = _load(engine, folder, saved, cfg, dist, steps_per_epoch=steps_per_epoch,
+                                     universal=plan.universal)
     global_batch = BatchLayout.of(cfg.train, dist.world_size).global_batch
     if saved["world_size"] != dist.world_size:
         console.print(f"[yellow]{folder} was saved by {saved['world_size']} ranks, this run has {dist.world_size}: "
@@ -65,7 +68,7 @@ def restore(engine: Any, plan: ResumePlan, cfg: ExperimentConfig, dist: DistEnv,
         console.print(f"[yellow]{folder} was saved with a global batch of {saved['global_batch']}, this run's is "
                       f"{global_batch}: the data position is mapped by samples seen (rounded down: a few samples "
                       "may be seen twice, none skipped)[/]")
-    for change in saved["optimizer_changes"]:
+    for change in optimizer_changes:
         console.print(f"[yellow]{change}: the run goes on with this run's value[/]")
     console.print(f"resumed from {folder} at step {state.global_step} (epoch {state.epoch}, "
                   f"step {state.step_in_epoch} of the epoch)")
@@ -125,20 +128,22 @@ def apply_optimizer_settings(scheduler: Any, built: OptimizerSettings) -> list[s
     the learning rate of a run whose loss spikes is the common case) instead of being silently ignored.
     Unchanged values are set to what they were: an exact resume stays exact. Returns what changed."""
     groups = scheduler.optimizer.param_groups
+    compared = {"train.learning_rate": (list(scheduler.base_lrs), built.base_lrs)}
+    for key, name in HYPERPARAMETERS.items():  # betas come back from a checkpoint as a list or a tuple
+        compared[name] = ([_plain(g[key]) for g in groups], [_plain(g[key]) for g in built.groups])
     changed = []
-    if list(scheduler.base_lrs) != built.base_lrs:
-        changed.append(f"train.learning_rate: {scheduler.base_lrs[0]} in the checkpoint, {built.base_lrs[0]} now")
-    for key, name in HYPERPARAMETERS.items():
-        loaded = [g[key] for g in groups]
-        wanted = [g[key] for g in built.groups]
-        if [tuple(v) if isinstance(v, list | tuple) else v for v in loaded] != \
-                [tuple(v) if isinstance(v, list | tuple) else v for v in wanted]:
-            differs = next(i for i, (a, b) in enumerate(zip(loaded, wanted, strict=True)) if a != b)
+    for name, (loaded, wanted) in compared.items():
+        differs = next((i for i, (a, b) in enumerate(zip(loaded, wanted, strict=True)) if a != b), None)
+        if differs is not None:
             changed.append(f"{name}: {loaded[differs]} in the checkpoint, {wanted[differs]} now")
     scheduler.base_lrs = list(built.base_lrs)
     for group, settings in zip(groups, built.groups, strict=True):
         group.update(settings)
     return changed
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def _apply_schedule_at_loaded_step(scheduler: Any) -> None:
@@ -160,15 +165,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, steps_per_epoch: int,
-          universal: bool) -> tuple[TrainState, dict[str, Any]]:
-    """Restore engine (weights, optimizer, scheduler), this rank's RNG, and the train state; also return the
-    checkpoint's marker (what it was saved with).
+def _load(engine: Any, folder: Path, marker: dict[str, Any], cfg: ExperimentConfig, dist: DistEnv, *,
+          steps_per_epoch: int, universal: bool) -> tuple[TrainState, list[str]]:
+    """Restore engine (weights, optimizer, scheduler), this rank's RNG, and the train state from the checkpoint
+    whose record (``marker``) the plan checked; also return the optimizer settings this run changed.
 
     With another global batch (world size, micro-batch or accumulation) the position is mapped by samples
     seen (see bookgen.reshard); at another world size the RNG is reseeded.
     """
-    marker = check_compatible(folder, cfg)
     load_dir, tag = reshard.load_dir_and_tag(folder, universal)
     built = OptimizerSettings.of(engine.lr_scheduler)
     try:
@@ -187,7 +191,6 @@ def _load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, st
         engine.lr_scheduler.last_epoch = state.global_step
     changed = apply_optimizer_settings(engine.lr_scheduler, built)
     _apply_schedule_at_loaded_step(engine.lr_scheduler)
-    marker["optimizer_changes"] = changed  # said by restore
     if marker["world_size"] == dist.world_size:
         _set_rng_state(torch.load(folder / f"rng_rank{dist.rank}.pt", weights_only=True))
     else:
@@ -196,4 +199,4 @@ def _load(engine: Any, folder: Path, cfg: ExperimentConfig, dist: DistEnv, *, st
     agreed = broadcast_object(asdict(state))
     if agreed != asdict(state):
         raise BookgenError(f"rank {dist.rank} read another train state from {folder} than rank 0")
-    return state, marker
+    return state, changed
