@@ -14,6 +14,7 @@ import torch
 
 from bookgen import attention
 from bookgen.config import ExperimentConfig
+from bookgen.dropout import use_cpu_dropout
 from bookgen.errors import BookgenError
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
                 module.p = m.dropout
     model.set_attn_implementation(attention.register() if m.attention == "bookgen" else m.attention)
     fuse_gelu(model)
+    use_cpu_dropout(model)
     if m.activation_checkpointing:
         enable_activation_checkpointing(model)
     resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
