@@ -77,10 +77,12 @@ def main() -> None:
     layout = BatchLayout(args.micro, 1, dist.world_size)
     order = epoch_order(examples.lengths, seed=0, epoch=0, global_batch=layout.global_batch, group_by_length=False)
     from bookgen import attention
+    from bookgen.dropout import use_cpu_dropout
     from bookgen.model import fuse_gelu
 
     model, tok = model_and_tokenizer(args.prepared, args.block, attention.register())  # bookgen's default
     fuse_gelu(model)  # as bookgen's build_model does
+    use_cpu_dropout(model)
     batches = [lambda s=s: examples.batch(micro_batch_indices(order, step=s, micro=0, rank=dist.rank, layout=layout),
                                           tok.pad_token_id) for s in range(WARMUP + args.steps)]
     engine = deepspeed_engine(model, layout)
