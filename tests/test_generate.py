@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bookgen.config import GenerateConfig
-from bookgen.generate import generate, generate_rows
+from bookgen.generate import generate, generate_rows, sample_rows
 from tests.helpers import SAMPLE
 from tests.ranks import launch
 
@@ -83,6 +83,21 @@ def test_sampled_tokens_stay_inside_top_k(loaded):
     s = GenerateConfig(top_k=5, max_new_tokens=30, num_return_sequences=4)
     generate(model, tok, PROMPTS, s, seed=1, observer=observe)
     assert len(checked) >= 30 and all(checked)
+
+
+def test_sampling_draws_each_token_at_its_probability_and_never_an_impossible_one():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9]])
+    n = 200_000
+    uniforms = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    for row in probs:
+        counts = torch.bincount(sample_rows(row.expand(n, -1), uniforms), minlength=6).double() / n
+        assert counts[row == 0].sum() == 0
+        # 5 standard deviations of a binomial share
+        assert torch.all((counts - row).abs() <= 5 * (row * (1 - row) / n).sqrt() + 1e-12), counts
+    # the ends of [0, 1): the first and the last token with probability above 0
+    edges = torch.tensor([0.0, 1 - 2**-24])
+    assert sample_rows(probs[:1].expand(2, -1), edges).tolist() == [1, 4]
+    assert sample_rows(probs[1:].expand(2, -1), edges).tolist() == [0, 5]
 
 
 def test_top_p_keeps_only_the_nucleus(loaded):
