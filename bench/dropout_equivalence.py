@@ -29,9 +29,9 @@ from bookgen import attention  # noqa: E402
 from bookgen.data.batches import Examples, epoch_order, micro_batch_indices  # noqa: E402
 from bookgen.data.store import TokenStore  # noqa: E402
 from bookgen.data.tokenizer import load_tokenizer  # noqa: E402
-from bookgen.dropout import dropped, use_cpu_dropout  # noqa: E402
+from bookgen.dropout import dropped  # noqa: E402
 from bookgen.layout import BatchLayout  # noqa: E402
-from bookgen.model import fuse_gelu  # noqa: E402
+from bookgen.model import fuse_gelu, use_cpu_dropout  # noqa: E402
 
 BLOCK = 512
 

@@ -77,8 +77,7 @@ def main() -> None:
     layout = BatchLayout(args.micro, 1, dist.world_size)
     order = epoch_order(examples.lengths, seed=0, epoch=0, global_batch=layout.global_batch, group_by_length=False)
     from bookgen import attention
-    from bookgen.dropout import use_cpu_dropout
-    from bookgen.model import fuse_gelu
+    from bookgen.model import fuse_gelu, use_cpu_dropout
 
     model, tok = model_and_tokenizer(args.prepared, args.block, attention.register())  # bookgen's default
     fuse_gelu(model)  # as bookgen's build_model does

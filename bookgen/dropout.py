@@ -66,12 +66,3 @@ class CpuDropout(torch.nn.Dropout):
                 and not torch.compiler.is_compiling())
         return _Dropout.apply(x, self.p) if fast else super().forward(x)
 
-
-def use_cpu_dropout(model: torch.nn.Module) -> int:
-    """Replace every plain ``nn.Dropout`` in ``model`` with :class:`CpuDropout` (same p); returns how many.
-    Dropout holds no weights, so checkpoints and exports are unchanged."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is torch.nn.Dropout]
-    for parent, name, child in swaps:
-        setattr(parent, name, CpuDropout(child.p, inplace=False))
-    return len(swaps)

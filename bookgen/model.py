@@ -8,13 +8,14 @@ and gives a broken start (first loss ~42 where ln(vocab) ~7 is expected).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bookgen import attention
 from bookgen.config import ExperimentConfig
-from bookgen.dropout import use_cpu_dropout
+from bookgen.dropout import CpuDropout
 from bookgen.errors import BookgenError
 
 if TYPE_CHECKING:
@@ -69,10 +70,21 @@ def fuse_gelu(model: torch.nn.Module) -> int:
     Returns the number of activations replaced."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
-    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is NewGELUActivation]
-    for parent, name in swaps:
-        setattr(parent, name, GELUTanh())
+    return _replace_children(model, NewGELUActivation, lambda _: GELUTanh())
+
+
+def use_cpu_dropout(model: torch.nn.Module) -> int:
+    """Replace every plain ``nn.Dropout`` with bookgen's :class:`~bookgen.dropout.CpuDropout` (same p);
+    returns how many. Dropout holds no weights, so checkpoints and exports are unchanged."""
+    return _replace_children(model, torch.nn.Dropout, lambda child: CpuDropout(child.p, inplace=False))
+
+
+def _replace_children(model: torch.nn.Module, kind: type, make: Callable[[Any], torch.nn.Module]) -> int:
+    """Swap every submodule whose type is exactly ``kind`` for ``make(it)``; returns how many."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is kind]
+    for parent, name, child in swaps:
+        setattr(parent, name, make(child))
     return len(swaps)
 
 

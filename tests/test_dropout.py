@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from bookgen.dropout import CpuDropout, dropped, keep_scale, use_cpu_dropout
+from bookgen.dropout import CpuDropout, dropped, keep_scale
+from bookgen.model import use_cpu_dropout
 from tests.helpers import write_experiment
 
 
