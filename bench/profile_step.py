@@ -32,14 +32,16 @@ from bookgen.layout import BatchLayout  # noqa: E402
 WARMUP = 5
 
 
-def model_and_tokenizer(prepared: Path, block: int, attention: str = "sdpa") -> tuple[torch.nn.Module, object]:
+def model_and_tokenizer(prepared: Path, block: int, attention: str = "sdpa", shape: tuple[int, int, int] = (4, 4, 256)
+                        ) -> tuple[torch.nn.Module, object]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bookgen.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(prepared / "tokenizer")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_layer=4, n_head=4, n_embd=256, n_positions=block,
+    layers, heads, width = shape
+    config = GPT2Config(vocab_size=len(tok), n_layer=layers, n_head=heads, n_embd=width, n_positions=block,
                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = GPT2LMHeadModel(config)
     model.set_attn_implementation(attention)  # GPT-2's dropout 0.1 everywhere, as both benchmarks train
@@ -71,6 +73,8 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--block", type=int, default=512)
     ap.add_argument("--packing", choices=("none", "documents"), default="none")
+    ap.add_argument("--shape", type=int, nargs=3, default=(4, 4, 256), metavar=("LAYERS", "HEADS", "WIDTH"),
+                    help="the model (default: the time-to-quality benchmark's; 6 8 512 is the throughput one's)")
     args = ap.parse_args()
     dist = distributed.setup(300)
     examples = Examples.build(TokenStore.open(args.prepared / "store" / "train"), args.block, args.packing)
@@ -79,7 +83,8 @@ def main() -> None:
     from bookgen import attention
     from bookgen.model import fuse_gelu, use_cpu_dropout
 
-    model, tok = model_and_tokenizer(args.prepared, args.block, attention.register())  # bookgen's default
+    shape = tuple(args.shape)
+    model, tok = model_and_tokenizer(args.prepared, args.block, attention.register(), shape)  # bookgen's default
     fuse_gelu(model)  # as bookgen's build_model does
     use_cpu_dropout(model)
     batches = [lambda s=s: examples.batch(micro_batch_indices(order, step=s, micro=0, rank=dist.rank, layout=layout),
@@ -87,7 +92,8 @@ def main() -> None:
     engine = deepspeed_engine(model, layout)
     rows = {"bookgen engine (ZeRO-0), phases": timed_steps(lambda b: engine(**b, use_cache=False).loss,
                                                           engine.backward, engine.step, batches),
-            "DDP + torch AdamW (Trainer)": profile_ddp(*model_and_tokenizer(args.prepared, args.block)[:1], batches)}
+            "DDP + torch AdamW (Trainer)": profile_ddp(model_and_tokenizer(args.prepared, args.block, shape=shape)[0],
+                                                       batches)}
     whole = whole_train_steps(engine, examples, order, args, dist, tok.pad_token_id)
     if dist.is_main:
         print(f"{'per step, seconds':30s} " + " ".join(f"{k:>9s}" for k in ("collate", "forward", "backward", "step",
@@ -115,6 +121,7 @@ def whole_train_steps(engine, examples, order, args, dist, pad_id) -> float:  # 
 def deepspeed_engine(model: torch.nn.Module, layout: BatchLayout):  # type: ignore[no-untyped-def]
     import deepspeed
 
+    from bookgen import grad_sync
     from bookgen.ds_config import use_fused_adamw
     from bookgen.engine import param_groups
 
@@ -124,6 +131,7 @@ def deepspeed_engine(model: torch.nn.Module, layout: BatchLayout):  # type: igno
               "zero_optimization": {"stage": 0}}
     use_fused_adamw(config["optimizer"])  # as bookgen's build_ds_config does
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=config)
+    grad_sync.install(engine, layout.world_size)  # as bookgen's build_engine does
     return engine
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from bookgen import distributed
+from bookgen import distributed, grad_sync
 from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv
 from bookgen.ds_config import build_ds_config
@@ -61,6 +61,7 @@ def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, dist: DistEnv, t
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
         config=ds_config, lr_scheduler=make_scheduler,
     )
+    grad_sync.install(engine, dist.world_size)
     if cfg.train.compile:
         # in place (nn.Module.compile): parameter names, checkpoints and exports stay as without it
         engine.compile()

@@ -1,0 +1,73 @@
+"""Data-parallel gradient averaging for ZeRO-0 in fp32, in place in one flat buffer.
+
+DeepSpeed's ZeRO-0 all-reduce copies every gradient into a flat buffer after the backward, scales it, reduces
+it and copies it back: for a 6 x 512 GPT-2 three passes over 80 MB, about 90 ms of a 2.5 s step on a CPU,
+besides the 60 ms of the all-reduce itself. Here each gradient is copied into the flat buffer (scaled by
+1 / world size in the same pass) the moment autograd finishes it, while it is still in cache, and the
+parameter's ``.grad`` becomes its view of the buffer: after the all-reduce there is nothing to copy back.
+The averaged gradients are DeepSpeed's to the bit: a sum divided by the world size, in the copy where that
+division is exact (a power of two) and after the sum otherwise, as DeepSpeed does. Only the boundary micro-batch's backward copies;
+the others accumulate into ``.grad`` as before. ZeRO 1-3, fp16/bf16 and a ``communication_data_type`` of
+their own keep DeepSpeed's path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class FlatGradientSync:
+    """Installed on a ZeRO-0 fp32 engine: DeepSpeed calls ``engine.allreduce_gradients`` after each backward
+    (it then checks the accumulation boundary itself), which this replaces."""
+
+    def __init__(self, engine: Any, world_size: int) -> None:
+        self.engine = engine
+        self.world_size = world_size
+        # x / 2^k is exact, so scaling before the sum gives the bits of scaling after it, without a pass
+        self.prescale = 1 / world_size if world_size & (world_size - 1) == 0 else 1.0
+        engine.allreduce_gradients = self.allreduce_gradients
+        self.views: dict[torch.nn.Parameter, torch.Tensor] = {}
+        if world_size == 1:  # nothing to average: DeepSpeed would still copy everything out and back
+            return
+        params = [p for p in engine.module.parameters() if p.requires_grad]  # a tied weight once
+        self.flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+        offset = 0
+        for p in params:
+            self.views[p] = self.flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._take)
+
+    def _take(self, p: torch.nn.Parameter) -> None:
+        if not self.engine.is_gradient_accumulation_boundary():
+            return  # the next micro-batches still add to this gradient
+        view = self.views[p]
+        torch.mul(p.grad, self.prescale, out=view)
+        p.grad = view
+
+    def allreduce_gradients(self, bucket_size: int | None = None) -> None:
+        del bucket_size  # DeepSpeed's signature; one buffer, one call
+        if self.world_size == 1 or not self.engine.is_gradient_accumulation_boundary():
+            return
+        for p, view in self.views.items():
+            if p.grad is None:  # unused this step: a zero contribution, as DeepSpeed gives it
+                view.zero_()
+                p.grad = view
+            elif p.grad.data_ptr() != view.data_ptr():  # a hook that could not run (a frozen-then-thawed weight)
+                torch.mul(p.grad, self.prescale, out=view)
+                p.grad = view
+        torch.distributed.all_reduce(self.flat)
+        if self.prescale == 1.0:
+            self.flat.mul_(1 / self.world_size)
+
+
+def install(engine: Any, world_size: int) -> FlatGradientSync | None:
+    """Use :class:`FlatGradientSync` where it applies (ZeRO-0, fp32 gradients and communication, no
+    pipeline or expert parallelism); None where DeepSpeed's own path stays."""
+    applies = (engine.zero_optimization_stage() == 0 and not engine.fp16_enabled() and not engine.bfloat16_enabled()
+               and engine.communication_data_type == torch.float32 and not getattr(engine, "has_moe_layers", False)
+               and not getattr(engine, "pipeline_parallelism", False)
+               and all(p.dtype == torch.float32 for p in engine.module.parameters() if p.requires_grad))
+    return FlatGradientSync(engine, world_size) if applies else None
