@@ -29,22 +29,22 @@ from bookgen import attention  # noqa: E402
 from bookgen.data.batches import Examples, epoch_order, micro_batch_indices  # noqa: E402
 from bookgen.data.store import TokenStore  # noqa: E402
 from bookgen.data.tokenizer import load_tokenizer  # noqa: E402
-from bookgen.dropout import dropped  # noqa: E402
 from bookgen.layout import BatchLayout  # noqa: E402
 from bookgen.model import fuse_gelu, use_cpu_dropout  # noqa: E402
 
 BLOCK = 512
+bookgen_dropout = attention.dropout_probabilities
 
 
-def torch_masks(shape: tuple[int, ...], p: float) -> torch.Tensor:
-    return torch.rand(shape) < p  # the kernel's draw before bookgen.dropout
+def torch_masks(probs: torch.Tensor, p: float) -> torch.Tensor:
+    return probs.masked_fill(torch.rand(probs.shape) < p, 0) * (1 / (1 - p))  # the kernel's before bookgen.dropout
 
 
 def train_and_score(init: torch.nn.Module, bookgen_masks: bool, stream: int, batches: list, valid: list) -> float:
     model = copy.deepcopy(init)
     if bookgen_masks:
         use_cpu_dropout(model)
-    attention.dropped = dropped if bookgen_masks else torch_masks  # the kernel's mask function, per run
+    attention.dropout_probabilities = bookgen_dropout if bookgen_masks else torch_masks  # the kernel's, per run
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     torch.manual_seed(1000 + stream)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bookgen.dropout import CpuDropout, dropped, keep_scale
+from bookgen.dropout import CHUNK, CpuDropout, apply_keep, keep_scale
 from bookgen.model import use_cpu_dropout
 from tests.helpers import write_experiment
 
@@ -25,20 +25,37 @@ def test_masks_drop_at_rate_p_independently_and_keep_at_one_over_one_minus_p(p):
     # neighbours share a 64-bit PCG64 word: their drops must still be independent (rate p^2 for both)
     both = (~kept[0::2] & ~kept[1::2]).double().mean().item()
     assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / (n // 2)), (both, p * p)
-    bools = dropped((n,), p)
-    assert abs(bools.double().mean().item() - p) < 5 * sigma
 
 
 def test_masks_follow_torchs_generator_state():
     torch.manual_seed(7)
-    first, second = dropped((4, 1000), 0.3), dropped((4, 1000), 0.3)
+    first, second = keep_scale((4, 1000), 0.3), keep_scale((4, 1000), 0.3)
     assert not torch.equal(first, second), "every call draws a new mask"
     torch.manual_seed(7)
-    assert torch.equal(dropped((4, 1000), 0.3), first)
+    assert torch.equal(keep_scale((4, 1000), 0.3), first)
     state = torch.get_rng_state()  # what bookgen saves in a checkpoint and restores on resume
-    after = dropped((4, 1000), 0.3)
+    after = keep_scale((4, 1000), 0.3)
     torch.set_rng_state(state)
-    assert torch.equal(dropped((4, 1000), 0.3), after)
+    assert torch.equal(keep_scale((4, 1000), 0.3), after)
+
+
+@pytest.mark.parametrize("n", [5, 2 * CHUNK, 3 * CHUNK + 7])
+def test_chunked_masks_are_the_whole_tensors_mask(n):
+    # the masks are made chunk by chunk: they must be the one mask a single draw of n words gives, whatever n
+    import numpy as np
+
+    torch.manual_seed(3)
+    key = int(torch.randint(0, 2**63 - 1, (1,)).item())
+    words = np.random.PCG64(key).random_raw((n + 1) // 2).view(np.uint32)[:n]
+    expected = torch.from_numpy((words >= np.uint32(round(0.2 * 2**32))).astype(np.float32) * np.float32(1 / 0.8))
+    torch.manual_seed(3)
+    assert torch.equal(keep_scale((n,), 0.2), expected)
+    x = torch.randn(n)
+    for save_mask in (True, False):
+        torch.manual_seed(3)
+        out, mask = apply_keep(x, 0.2, save_mask=save_mask)
+        assert torch.equal(out, x * expected)
+        assert mask is None if not save_mask else torch.equal(mask, expected)
 
 
 def test_cpu_dropout_forward_and_gradient_use_one_mask():
