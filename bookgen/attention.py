@@ -5,10 +5,12 @@ With ``dropout_p > 0`` PyTorch's CPU SDPA leaves its flash kernel for the math p
 a GPT-2 training step on this CPU. Here queries go in blocks, each against only the keys its queries may
 see: the causal upper half is never computed, nor, in packed rows, another summary's keys, nor a padded
 row's padding. A hand-written backward writes the gradients of each block into whole-tensor buffers, where
-autograd would allocate a zero tensor of the full size per slice. The maths is the eager one (softmax,
-dropout on the probabilities, times V), so results match up to rounding. Everything else (eval,
-generation, GPUs, plain causal attention without dropout, torch.compile) goes to transformers' own SDPA
-function unchanged.
+autograd would allocate a zero tensor of the full size per slice. Queries, keys and values are read where
+transformers leaves them (strided views of the QKV projection) and the output and gradients are written in
+the (B, T, H, D) layout of the projections around attention, so no layout copy is made either way. The
+maths is the eager one (softmax, dropout on the probabilities, times V), so results match up to rounding.
+Everything else (eval, generation, GPUs, plain causal attention without dropout, torch.compile) goes to
+transformers' own SDPA function unchanged.
 """
 
 from __future__ import annotations
@@ -28,15 +30,15 @@ QUERY_BLOCK = 128  # measured: 64-128 equally fast at block 512, 256 slower
 
 @dataclass(frozen=True, slots=True)
 class Block:
-    """Queries ``q_start:q_end`` of the heads ``heads`` (a range of the flattened batch x head axis) against
-    keys ``k_start:k_end``; ``row`` is the mask's batch row, None where there is no mask (causal only).
+    """Queries ``q_start:q_end`` of every head of the batch rows ``rows`` against keys ``k_start:k_end``;
+    ``row`` is the mask's batch row, None where there is no mask (causal only).
 
     Every query may see the block's keys before ``k_start + mask_from``; ``bias`` (0 where allowed, -inf where
     masked) covers the rest, in a causal block the diagonal square only, so a block adds a small tile where it
     would otherwise mask its whole score matrix. A block with ``empty_queries`` (some query may attend to
     nothing, and gets constant weights) is masked whole instead, as -inf everywhere would give NaN."""
 
-    heads: slice
+    rows: slice
     row: int | None
     q_start: int
     q_end: int
@@ -55,7 +57,7 @@ def query_blocks(mask: torch.Tensor | None, batch: int, heads: int, t: int, bloc
     allowed key (a summary, or a row's padding), at most ``block`` long, and each block's keys span from the
     first key any of its queries may see to the last; keys outside that span are masked for all of them."""
     if mask is None:
-        everything = slice(0, batch * heads)
+        everything = slice(0, batch)
         return [Block(everything, None, s, e, 0, e, mask_from=s, bias=_causal_tile(e - s))
                 for s, e in ((s, min(s + block, t)) for s in range(0, t, block))]
     ref = _last.get("mask")
@@ -66,9 +68,9 @@ def query_blocks(mask: torch.Tensor | None, batch: int, heads: int, t: int, bloc
     first = torch.where(allowed, keys, allowed.shape[-1]).amin(-1).cpu().numpy()
     last = torch.where(allowed, keys, -1).amax(-1).cpu().numpy()
     blocks = []
-    shared = allowed.shape[0] == 1  # one mask row for the whole batch: its blocks cover every row's heads
+    shared = allowed.shape[0] == 1  # one mask row for the whole batch: its blocks cover every row
     for row in range(allowed.shape[0]):
-        heads_of = slice(0, batch * heads) if shared else slice(row * heads, (row + 1) * heads)
+        rows = slice(0, batch) if shared else slice(row, row + 1)
         starts = np.flatnonzero(np.diff(first[row], prepend=-1)).tolist()
         for s, e in zip(starts, [*starts[1:], t], strict=True):
             for qs in range(s, e, block):
@@ -77,7 +79,7 @@ def query_blocks(mask: torch.Tensor | None, batch: int, heads: int, t: int, bloc
                 empty = bool((first[row, qs:qe] > last[row, qs:qe]).any())
                 if ks >= ke:  # its queries may attend to nothing: uniform weights over the causal keys
                     ks, ke = 0, qe
-                blocks.append(_with_bias(Block(heads_of, row, qs, qe, ks, ke, empty), allowed[row]))
+                blocks.append(_with_bias(Block(rows, row, qs, qe, ks, ke, empty), allowed[row]))
     _last.update(mask=weakref.ref(mask), key=(mask._version, batch, heads, block), blocks=blocks)
     return blocks
 
@@ -113,7 +115,8 @@ def dropout_probabilities(probs: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class _BlockedAttention(torch.autograd.Function):
-    """(BH, T, D) query, key and value; saves each block's probabilities and, with dropout, the kept ones.
+    """(B, H, T, D) query, key and value of any strides; returns (B, H, T, D) as a view of a (B, T, H, D)
+    tensor. Saves each block's probabilities and, with dropout, the kept ones.
 
     The backward takes the softmax through the FlashAttention identity, rowsum(P * dP) = rowsum(dOut * Out),
     and applies every scale factor to the small (queries x D) products instead of the score blocks."""
@@ -122,21 +125,24 @@ class _BlockedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, blocks, scaling, dropout):  # type: ignore[no-untyped-def]
         lowest = torch.finfo(q.dtype).min
         q = q * scaling  # once per layer, not once per score block
-        out = torch.empty_like(q)
+        batch, heads, t, d = q.shape
+        out = torch.empty(batch, t, heads, d, dtype=q.dtype, device=q.device).transpose(1, 2)
         saved = []
         for b in blocks:
-            scores = torch.matmul(q[b.heads, b.q_start : b.q_end], k[b.heads, b.k_start : b.k_end].transpose(1, 2))
-            if b.empty_queries:
-                scores.masked_fill_(~_allowed(mask, b, q.device), lowest)
-            elif b.bias is not None:  # adding a -inf tile is ~20x faster here than masked_fill_ on the block
-                scores[..., b.mask_from :].add_(b.bias)
-            # CPU softmax accumulates in fp32 for bf16 inputs; an explicit upcast only added copies
-            probs = torch.softmax(scores, dim=-1)
-            kept = probs  # the kept probabilities, already scaled by 1 / (1 - p)
-            if dropout > 0:
-                kept = dropout_probabilities(probs, dropout)
-            out[b.heads, b.q_start : b.q_end] = torch.matmul(kept, v[b.heads, b.k_start : b.k_end])
-            saved.append((probs, kept))
+            qs, ks = slice(b.q_start, b.q_end), slice(b.k_start, b.k_end)
+            for r in range(b.rows.start, b.rows.stop):  # one batch row's heads: views, never copies
+                scores = torch.matmul(q[r, :, qs], k[r, :, ks].transpose(1, 2))
+                if b.empty_queries:
+                    scores.masked_fill_(~_allowed(mask, b, q.device), lowest)
+                elif b.bias is not None:  # adding a -inf tile is ~20x faster here than masked_fill_ on the block
+                    scores[..., b.mask_from :].add_(b.bias)
+                # CPU softmax accumulates in fp32 for bf16 inputs; an explicit upcast only added copies
+                probs = torch.softmax(scores, dim=-1)
+                kept = probs  # the kept probabilities, already scaled by 1 / (1 - p)
+                if dropout > 0:
+                    kept = dropout_probabilities(probs, dropout)
+                out[r, :, qs] = torch.matmul(kept, v[r, :, ks])
+                saved.append((probs, kept))
         ctx.save_for_backward(q, k, v, out)
         ctx.blocks, ctx.saved, ctx.scaling, ctx.mask = blocks, saved, scaling, mask
         return out
@@ -144,21 +150,30 @@ class _BlockedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         q, k, v, out = ctx.saved_tensors  # q already scaled
-        dq = torch.empty_like(q)  # every query is in exactly one block: written, never accumulated
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        batch, heads, t, d = q.shape
+
+        def buffer(zero: bool) -> torch.Tensor:  # (B, H, T, D) views of (B, T, H, D), as the output
+            make = torch.zeros if zero else torch.empty
+            return make(batch, t, heads, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+        dq = buffer(zero=False)  # every query is in exactly one block: written, never accumulated
+        dk, dv = buffer(zero=True), buffer(zero=True)
         row_dot = (grad_out * out).sum(-1, keepdim=True)  # rowsum(P * dP), per query and head
-        for b, (probs, kept) in zip(ctx.blocks, ctx.saved, strict=True):
+        pairs = iter(ctx.saved)
+        for b in ctx.blocks:
             qs, ks = slice(b.q_start, b.q_end), slice(b.k_start, b.k_end)
-            d_out = grad_out[b.heads, qs]
-            dv[b.heads, ks] += torch.matmul(kept.transpose(1, 2), d_out)
-            d_kept = torch.matmul(d_out, v[b.heads, ks].transpose(1, 2))
-            # with kept = P * M (M: 0 where dropped, 1 / (1 - p) where kept) and dP = M * dKept:
-            # dScores = P * (dP - rowsum) = kept * dKept - P * rowsum
-            d_scores = d_kept.mul_(kept).addcmul_(probs, row_dot[b.heads, qs].expand_as(probs), value=-1)
-            if b.empty_queries:  # uniform weights over masked keys depend on neither queries nor keys
-                d_scores.masked_fill_(~_allowed(ctx.mask, b, q.device), 0)
-            dq[b.heads, qs] = torch.matmul(d_scores, k[b.heads, ks]).mul_(ctx.scaling)
-            dk[b.heads, ks] += torch.matmul(d_scores.transpose(1, 2), q[b.heads, qs])
+            for r in range(b.rows.start, b.rows.stop):
+                probs, kept = next(pairs)
+                d_out = grad_out[r, :, qs]
+                dv[r, :, ks] += torch.matmul(kept.transpose(1, 2), d_out)
+                d_kept = torch.matmul(d_out, v[r, :, ks].transpose(1, 2))
+                # with kept = P * M (M: 0 where dropped, 1 / (1 - p) where kept) and dP = M * dKept:
+                # dScores = P * (dP - rowsum) = kept * dKept - P * rowsum
+                d_scores = d_kept.mul_(kept).addcmul_(probs, row_dot[r, :, qs].expand_as(probs), value=-1)
+                if b.empty_queries:  # uniform weights over masked keys depend on neither queries nor keys
+                    d_scores.masked_fill_(~_allowed(ctx.mask, b, q.device), 0)
+                dq[r, :, qs] = torch.matmul(d_scores, k[r, :, ks]).mul_(ctx.scaling)
+                dk[r, :, ks] += torch.matmul(d_scores.transpose(1, 2), q[r, :, qs])
         return dq, dk, dv, None, None, None, None
 
 
@@ -170,11 +185,9 @@ def blocked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     ``mask``: transformers' 4-D boolean mask (True = may attend, causality included) or None for causal
     only. Rows that may attend to nothing get a uniform distribution over the causal keys instead of NaN.
     """
-    batch, heads, t, d = query.shape
-    flat = [x.reshape(batch * heads, t, d) for x in (query, key, value)]  # a copy only where not contiguous
+    batch, heads, t, _ = query.shape
     blocks = query_blocks(mask, batch, heads, t, block)
-    out = _BlockedAttention.apply(*flat, mask, blocks, scaling, dropout)
-    return out.view(batch, heads, t, d)
+    return _BlockedAttention.apply(query, key, value, mask, blocks, scaling, dropout)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -196,7 +209,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = blocked_causal_attention(query, key, value, scaling=scale, dropout=dropout, mask=attention_mask)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2), None  # (B, T, H, D), contiguous already
 
 
 def register() -> str:

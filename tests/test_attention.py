@@ -135,8 +135,8 @@ def test_blocks_skip_other_summaries_and_padding() -> None:
     for b in blocks:
         doc = next(i for i in range(3) if starts[i] <= b.q_start < starts[i + 1])
         assert starts[doc] <= b.k_start and b.k_end <= starts[doc + 1] and b.q_end <= starts[doc + 1], b
-        assert b.heads == slice(0, 6)  # one mask row for the batch: all rows and heads together
+        assert b.rows == slice(0, 2)  # one mask row for the batch: every row's heads
     assert sum(b.q_end - b.q_start for b in blocks) == 37
     padded = attention.query_blocks(masks["padded"], batch=2, heads=3, t=37, block=8)
     assert max(b.k_end for b in padded if b.row == 1) == 31
-    assert sorted({(b.heads.start, b.heads.stop) for b in padded}) == [(0, 3), (3, 6)]  # a row each
+    assert sorted({(b.rows.start, b.rows.stop) for b in padded}) == [(0, 1), (1, 2)]  # a row each
