@@ -6,9 +6,15 @@ besides the 60 ms of the all-reduce itself. Here each gradient is copied into th
 1 / world size in the same pass) the moment autograd finishes it, while it is still in cache, and the
 parameter's ``.grad`` becomes its view of the buffer: after the all-reduce there is nothing to copy back.
 The averaged gradients are DeepSpeed's to the bit: a sum divided by the world size, in the copy where that
-division is exact (a power of two) and after the sum otherwise, as DeepSpeed does. Only the boundary micro-batch's backward copies;
-the others accumulate into ``.grad`` as before. ZeRO 1-3, fp16/bf16 and a ``communication_data_type`` of
-their own keep DeepSpeed's path.
+division is exact (a power of two) and after the sum otherwise, as DeepSpeed does. Only the boundary
+micro-batch's backward copies; the others accumulate into ``.grad`` as before. ZeRO 1-3, fp16/bf16 and
+a ``communication_data_type`` of their own keep DeepSpeed's path.
+
+The gradient norm is measured once, after the reduction, and serves both the log and the clipping, which
+DeepSpeed's ZeRO-0 does with a norm of its own, an all-reduce of that norm (the same on every rank already)
+and a pass multiplying every gradient by min(1, max / norm) even when that is 1. Here the gradients are
+scaled only when they are clipped, by DeepSpeed's factor max / (norm + 1e-6); the norm is one vector norm
+where DeepSpeed stacks per-tensor norms, so the two agree to rounding.
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ class FlatGradientSync:
         # x / 2^k is exact, so scaling before the sum gives the bits of scaling after it, without a pass
         self.prescale = 1 / world_size if world_size & (world_size - 1) == 0 else 1.0
         engine.allreduce_gradients = self.allreduce_gradients
+        engine.clip_fp32_gradients = self.clip_gradients
+        self.grad_norm: torch.Tensor | None = None  # of the last reduced gradients
+        self.params = [p for p in engine.module.parameters() if p.requires_grad]  # a tied weight once
         self.views: dict[torch.nn.Parameter, torch.Tensor] = {}
         if world_size == 1:  # nothing to average: DeepSpeed would still copy everything out and back
             return
-        params = [p for p in engine.module.parameters() if p.requires_grad]  # a tied weight once
+        params = self.params
         self.flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
         offset = 0
         for p in params:
@@ -49,7 +58,11 @@ class FlatGradientSync:
 
     def allreduce_gradients(self, bucket_size: int | None = None) -> None:
         del bucket_size  # DeepSpeed's signature; one buffer, one call
-        if self.world_size == 1 or not self.engine.is_gradient_accumulation_boundary():
+        if not self.engine.is_gradient_accumulation_boundary():
+            return
+        if self.world_size == 1:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            self.grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
             return
         for p, view in self.views.items():
             if p.grad is None:  # unused this step: a zero contribution, as DeepSpeed gives it
@@ -61,6 +74,19 @@ class FlatGradientSync:
         torch.distributed.all_reduce(self.flat)
         if self.prescale == 1.0:
             self.flat.mul_(1 / self.world_size)
+        self.grad_norm = torch.linalg.vector_norm(self.flat)
+
+    def clip_gradients(self) -> None:
+        """DeepSpeed's ``clip_fp32_gradients`` (called in its step when ``gradient_clipping`` > 0), on the
+        norm measured after the reduction."""
+        if self.grad_norm is None:
+            return
+        coef = float(self.engine.gradient_clipping()) / (self.grad_norm + 1e-6)
+        if coef < 1:
+            if self.world_size > 1:
+                self.flat.mul_(coef)
+            else:
+                torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
 
 
 def install(engine: Any, world_size: int) -> FlatGradientSync | None:
@@ -70,4 +96,7 @@ def install(engine: Any, world_size: int) -> FlatGradientSync | None:
                and engine.communication_data_type == torch.float32 and not getattr(engine, "has_moe_layers", False)
                and not getattr(engine, "pipeline_parallelism", False)
                and all(p.dtype == torch.float32 for p in engine.module.parameters() if p.requires_grad))
-    return FlatGradientSync(engine, world_size) if applies else None
+    if not applies:
+        return None
+    engine.bookgen_grad_sync = FlatGradientSync(engine, world_size)  # for bookgen.step's logged norm
+    return engine.bookgen_grad_sync

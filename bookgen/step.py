@@ -66,6 +66,9 @@ def reduced_grad_norm(engine: Any) -> torch.Tensor | None:
     """The gradient norm where DeepSpeed does not record one: with a plain torch optimizer (ZeRO-0 in fp32)
     the gradients are whole and already all-reduced after the boundary's backward, so it is measured here,
     before the step clips them. None where the engine's optimizer records it itself."""
+    sync = getattr(engine, "bookgen_grad_sync", None)
+    if sync is not None:  # bookgen.grad_sync measured it after its all-reduce
+        return sync.grad_norm
     if hasattr(engine.optimizer, "_global_grad_norm"):
         return None
     norms = [torch.linalg.vector_norm(p.grad) for p in engine.module.parameters() if p.grad is not None]
