@@ -1,6 +1,7 @@
 """Training throughput: bookgen against transformers' Trainer, same model, data, world size and batch, one run.
 
-    python bench/train_throughput.py [--steps 30] [--ranks 2] [--micro 4] [--block 512]
+    python bench/train_throughput.py [--steps 40] [--ranks 2] [--micro 4] [--block 512] [--rounds 1]
+                                     [--variants line documents concat]
 
 Writes a synthetic corpus whose lengths look like the CMU summaries (median several hundred tokens, a
 quarter longer than 1024), prepares it with bookgen (the tokenizer both sides use), then runs under
@@ -10,7 +11,9 @@ summary), fp32 and with bf16 where the CPU has it; (d) `concat` (crosses summari
 Every example of a step is the same: micro-batch rows of at most the block, so a documents step holds more
 summaries than a line-by-line one. Prints non-padding tokens/s after warm-up, the share of compute spent
 on padding, time to the first step,
-peak memory per rank, and the ratios.
+peak memory per rank, and the ratios. With ``--rounds N`` every side runs N times, round by round: the table
+gives medians and each ratio is the median of the N rounds' paired ratios, printed with all of them (run to
+run, this machine's speed moves by a few percent).
 """
 
 from __future__ import annotations
@@ -113,6 +116,10 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--folder", type=Path, default=REPO / "runs" / "bench_train")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every side this many times, in rounds; report medians and each round's ratio")
+    ap.add_argument("--variants", nargs="+", choices=("line", "documents", "concat"),
+                    default=["line", "documents", "concat"], help="bookgen's sides to run (the Trainer always runs)")
     args = ap.parse_args()
     args.folder.mkdir(parents=True, exist_ok=True)
     if not (args.folder / "corpus.txt").exists():
@@ -127,25 +134,39 @@ def main() -> None:
     use_bf16 = bf16_matmul_is_faster()  # measured here, not at import: gpu_check.py imports this module
     bf16 = {"train__precision": "bf16"} if use_bf16 else {}
     docs = {"data__packing": "documents"}
-    results = {
-        "bookgen line-by-line fp32": run_bookgen(args.folder, args.ranks, line_exp),
-        "HF Trainer line-by-line fp32": run_trainer(args.folder, args),
-        "bookgen documents fp32": run_bookgen(args.folder, args.ranks, experiment(args.folder, args, "documents",
-                                                                                   **docs)),
-    }
+    variants = {"line": {"bookgen line-by-line fp32": line_exp},
+                "documents": {"bookgen documents fp32": experiment(args.folder, args, "documents", **docs)},
+                "concat": {f"bookgen concat{' bf16' if use_bf16 else ' fp32'} (not comparable)": experiment(
+                    args.folder, args, "concat", data__packing="concat", **bf16)}}
     if use_bf16:  # only where bf16 matrix products beat fp32 on this CPU (bookgen.hardware)
-        results["bookgen documents bf16"] = run_bookgen(args.folder, args.ranks,
-                                                        experiment(args.folder, args, "fastest", **docs, **bf16))
-    results[f"bookgen concat{' bf16' if use_bf16 else ' fp32'} (not comparable)"] = run_bookgen(
-        args.folder, args.ranks, experiment(args.folder, args, "concat", data__packing="concat", **bf16))
+        variants["documents"]["bookgen documents bf16"] = experiment(args.folder, args, "fastest", **docs, **bf16)
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):  # each round runs every side once, so a ratio compares runs made together
+        runs.setdefault(TRAINER, []).append(run_trainer(args.folder, args))
+        for group in args.variants:
+            for name, exp in variants[group].items():
+                runs.setdefault(name, []).append(run_bookgen(args.folder, args.ranks, exp))
+    report(runs)
+
+
+TRAINER = "HF Trainer line-by-line fp32"
+
+
+def report(runs: dict[str, list[dict]]) -> None:
+    """Each side's median over the rounds, then each bookgen side's ratio to the Trainer: the median of the
+    rounds' paired ratios, with their range where there is more than one round."""
     print(f"{'':44s} {'tok/s':>9s} {'padding':>8s} {'1st step s':>10s} {'peak MB/rank':>12s}")
-    for name, r in results.items():
-        print(f"{name:44s} {r['tokens_per_s']:9,.0f} {r['padding']:8.1%} {r['first_step_s']:10.1f} "
-              f"{r['peak_rss_mb']:12,.0f}")
-    base = results["HF Trainer line-by-line fp32"]["tokens_per_s"]
-    for name, r in results.items():
-        if not name.startswith("HF"):
-            print(f"{name} / HF Trainer: {r['tokens_per_s'] / base:.2f}x non-padding tokens/s")
+    for name, results in runs.items():
+        median = {k: float(np.median([r[k] for r in results])) for k in results[0]}
+        print(f"{name:44s} {median['tokens_per_s']:9,.0f} {median['padding']:8.1%} {median['first_step_s']:10.1f} "
+              f"{median['peak_rss_mb']:12,.0f}")
+    base = [r["tokens_per_s"] for r in runs[TRAINER]]
+    for name, results in runs.items():
+        if name == TRAINER:
+            continue
+        ratios = [r["tokens_per_s"] / b for r, b in zip(results, base, strict=True)]
+        spread = f" (rounds: {', '.join(f'{x:.2f}x' for x in ratios)})" if len(ratios) > 1 else ""
+        print(f"{name} / HF Trainer: {float(np.median(ratios)):.2f}x non-padding tokens/s{spread}")
 
 
 if __name__ == "__main__":
