@@ -37,6 +37,7 @@ from corpus import cmu_like_documents  # noqa: E402
 from bookgen.hardware import bf16_matmul_is_faster  # noqa: E402
 
 WARMUP = 5
+TRAINER = "HF Trainer line-by-line fp32"
 
 
 def write_corpus(path: Path, docs: int = 1500) -> None:
@@ -147,9 +148,6 @@ def main() -> None:
             for name, exp in variants[group].items():
                 runs.setdefault(name, []).append(run_bookgen(args.folder, args.ranks, exp))
     report(runs)
-
-
-TRAINER = "HF Trainer line-by-line fp32"
 
 
 def report(runs: dict[str, list[dict]]) -> None:

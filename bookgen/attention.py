@@ -118,8 +118,9 @@ class _BlockedAttention(torch.autograd.Function):
     """(B, H, T, D) query, key and value of any strides; returns (B, H, T, D) as a view of a (B, T, H, D)
     tensor. Saves each block's probabilities and, with dropout, the kept ones.
 
-    The backward takes the softmax through the FlashAttention identity, rowsum(P * dP) = rowsum(dOut * Out),
-    and applies every scale factor to the small (queries x D) products instead of the score blocks."""
+    The backward takes the softmax through the FlashAttention identity, rowsum(P * dP) = rowsum(dOut * Out).
+    The dropout scale rides on the kept probabilities (made in the dropout's own pass) and the score scale on
+    the small (queries x D) products, so no score block takes an extra pass for either."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, blocks, scaling, dropout):  # type: ignore[no-untyped-def]

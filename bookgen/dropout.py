@@ -27,29 +27,33 @@ _KEY_BOUND = 2**63 - 1
 CHUNK = 1 << 15  # even, so every chunk but the last takes whole 64-bit words
 
 
-def _stream() -> np.random.PCG64:
-    """A PCG64 stream keyed by one draw from torch's default CPU generator."""
-    return np.random.PCG64(int(torch.randint(0, _KEY_BOUND, (1,)).item()))
-
-
 def _spans(n: int) -> Iterator[tuple[int, int]]:
     return ((s, min(s + CHUNK, n)) for s in range(0, n, CHUNK))
 
 
-def _keep_into(stream: np.random.PCG64, p: float, out: np.ndarray) -> None:
-    """Fill the float32 ``out`` with the stream's next mask: 0 where dropped, 1 / (1 - p) where kept."""
-    words = stream.random_raw((out.size + 1) // 2).view(np.uint32)[: out.size]
-    np.greater_equal(words, np.uint32(min(round(p * 2**32), 2**32 - 1)), out=out)
-    out *= np.float32(1 / (1 - p))
+class _Masks:
+    """One call's masks: a PCG64 stream keyed by one draw from torch's default CPU generator, the drop
+    threshold and the keep scale, made once."""
+
+    def __init__(self, p: float) -> None:
+        self.stream = np.random.PCG64(int(torch.randint(0, _KEY_BOUND, (1,)).item()))
+        self.threshold = np.uint32(min(round(p * 2**32), 2**32 - 1))
+        self.scale = np.float32(1 / (1 - p))
+
+    def fill(self, out: np.ndarray) -> None:
+        """Fill the float32 ``out`` with the next mask: 0 where dropped, 1 / (1 - p) where kept."""
+        words = self.stream.random_raw((out.size + 1) // 2).view(np.uint32)[: out.size]
+        np.greater_equal(words, self.threshold, out=out)
+        out *= self.scale
 
 
 def keep_scale(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     """A float32 mask of ``shape``: 0 where dropped (probability p), 1 / (1 - p) where kept, on the CPU."""
     mask = torch.empty(shape, dtype=torch.float32)  # torch's allocation: aligned for its vector kernels
     flat = mask.view(-1).numpy()
-    stream = _stream()
+    masks = _Masks(p)
     for s, e in _spans(flat.size):
-        _keep_into(stream, p, flat[s:e])
+        masks.fill(flat[s:e])
     return mask
 
 
@@ -60,10 +64,10 @@ def apply_keep(x: torch.Tensor, p: float, *, save_mask: bool) -> tuple[torch.Ten
     src, dst = x.detach().view(-1).numpy(), out.view(-1).numpy()
     mask = torch.empty_like(out) if save_mask else torch.empty(min(CHUNK, src.size))
     chunks = mask.view(-1).numpy()
-    stream = _stream()
+    masks = _Masks(p)
     for s, e in _spans(src.size):
         chunk = chunks[s:e] if save_mask else chunks[: e - s]
-        _keep_into(stream, p, chunk)
+        masks.fill(chunk)
         np.multiply(src[s:e], chunk, out=dst[s:e])
     return out, mask if save_mask else None
 

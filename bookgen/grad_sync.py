@@ -40,13 +40,12 @@ class FlatGradientSync:
         self.views: dict[torch.nn.Parameter, torch.Tensor] = {}
         if world_size == 1:  # nothing to average: DeepSpeed would still copy everything out and back
             return
-        params = self.params
-        self.flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+        self.flat = torch.empty(sum(p.numel() for p in self.params), dtype=torch.float32,
+                                device=self.params[0].device)
         offset = 0
-        for p in params:
+        for p in self.params:
             self.views[p] = self.flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
-        for p in params:
             p.register_post_accumulate_grad_hook(self._take)
 
     def _take(self, p: torch.nn.Parameter) -> None:
@@ -61,14 +60,13 @@ class FlatGradientSync:
         if not self.engine.is_gradient_accumulation_boundary():
             return
         if self.world_size == 1:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            self.grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
+            self.grad_norm = norm_of([p.grad for p in self.params if p.grad is not None])
             return
         for p, view in self.views.items():
             if p.grad is None:  # unused this step: a zero contribution, as DeepSpeed gives it
                 view.zero_()
                 p.grad = view
-            elif p.grad.data_ptr() != view.data_ptr():  # a hook that could not run (a frozen-then-thawed weight)
+            elif p.grad.data_ptr() != view.data_ptr():  # used by earlier micro-batches, not the boundary's
                 torch.mul(p.grad, self.prescale, out=view)
                 p.grad = view
         torch.distributed.all_reduce(self.flat)
@@ -87,6 +85,11 @@ class FlatGradientSync:
                 self.flat.mul_(coef)
             else:
                 torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
+
+
+def norm_of(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 2-norm of all ``grads`` together (None for none): the norm of their per-tensor norms."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
 
 
 def install(engine: Any, world_size: int) -> FlatGradientSync | None:

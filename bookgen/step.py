@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from bookgen import distributed
+from bookgen import distributed, grad_sync
 from bookgen.config import TrainConfig
 from bookgen.data.batches import Examples, micro_batch_indices, model_inputs, predicted_tokens, to_device
 from bookgen.distributed import DistEnv
@@ -71,5 +71,4 @@ def reduced_grad_norm(engine: Any) -> torch.Tensor | None:
         return sync.grad_norm
     if hasattr(engine.optimizer, "_global_grad_norm"):
         return None
-    norms = [torch.linalg.vector_norm(p.grad) for p in engine.module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+    return grad_sync.norm_of([p.grad for p in engine.module.parameters() if p.grad is not None])
