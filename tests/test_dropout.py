@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from bookgen import native
 from bookgen.dropout import CHUNK, CpuDropout, apply_keep, keep_scale
 from bookgen.model import use_cpu_dropout
 from tests.helpers import write_experiment
@@ -39,9 +40,29 @@ def test_masks_follow_torchs_generator_state():
     assert torch.equal(keep_scale((4, 1000), 0.3), after)
 
 
-@pytest.mark.parametrize("n", [5, 2 * CHUNK, 3 * CHUNK + 7])
-def test_chunked_masks_are_the_whole_tensors_mask(n):
-    # the masks are made chunk by chunk: they must be the one mask a single draw of n words gives, whatever n
+@pytest.fixture(params=["C kernel", "NumPy"])
+def kernels(request, monkeypatch):
+    """Each test runs on bookgen's C kernel and on the NumPy fallback (where no compiler builds it)."""
+    if request.param == "NumPy":
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    elif native.library() is None:
+        pytest.fail("bookgen's C kernels did not build here (is a C compiler installed?)")
+    return request.param
+
+
+@pytest.fixture(params=[1, 3])
+def threads(request):
+    """torch's intra-op threads: the C kernels split a call into one part per thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n", [1, 5, 2 * CHUNK, 3 * CHUNK + 7, 5 * native.MIN_PART + 3])
+def test_chunked_masks_are_the_whole_tensors_mask(n, threads, kernels):
+    # the masks are made in chunks, or by the C kernel in lanes and in one part per thread: they must be the
+    # one mask a single draw of n words gives, whatever n
     import numpy as np
 
     torch.manual_seed(3)

@@ -282,22 +282,45 @@ def test_batch_layout_is_computed_once_without_a_process_group(tmp_path):
     assert plan_steps(100, cfg.train, 2).global_batch == layout.global_batch
 
 
-def test_fused_gelu_computes_gpt2s_gelu_new_and_the_export_keeps_it(tmp_path):
+@pytest.mark.parametrize("kernel", ["C kernel", "PyTorch"])
+def test_fused_gelu_computes_gpt2s_gelu_new_and_its_gradient(kernel, monkeypatch):
+    from transformers.activations import NewGELUActivation
+
+    from bookgen import native
+    from bookgen.gelu import FusedGelu
+
+    if kernel == "PyTorch":
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    elif native.library() is None:
+        pytest.fail("bookgen's C kernels did not build here (is a C compiler installed?)")
+    x = torch.cat([torch.linspace(-12, 12, 100_001), torch.tensor([-1e4, -100.0, 0.0, 100.0, 1e4])])
+    exact_x = x.double().requires_grad_()
+    exact = NewGELUActivation()(exact_x)  # transformers' formula in float64
+    grad = torch.randn_like(x)
+    exact.backward(grad.double())
+    ours = x.clone().requires_grad_()
+    y = FusedGelu()(ours)
+    y.backward(grad)
+    assert (y.detach().double() - exact.detach()).abs().max() < 1e-6
+    assert (ours.grad.double() - exact_x.grad).abs().max() < 1e-5 * grad.abs().max()
+    assert torch.isnan(FusedGelu()(torch.tensor([float("nan")]))).all(), "a NaN stays a NaN"
+    half = FusedGelu()(x[:100_001].bfloat16())  # other dtypes keep PyTorch's kernel
+    assert (half.double() - exact.detach()[:100_001]).abs().max() < 0.1
+
+
+def test_build_model_fuses_gelu_and_the_export_keeps_gelu_new(tmp_path):
     import copy
 
-    from transformers.activations import GELUTanh, NewGELUActivation
+    from transformers.activations import NewGELUActivation
 
     from bookgen.data.tokenizer import add_special_tokens, train_bpe
+    from bookgen.gelu import FusedGelu
     from bookgen.model import build_model, fuse_gelu
 
-    x = torch.linspace(-12, 12, 100_001, dtype=torch.float64)
-    exact = NewGELUActivation()(x)
-    for fn in (GELUTanh(), NewGELUActivation()):  # the fused kernel is as close to float64 as the formula
-        assert (fn(x.float()).double() - exact).abs().max() < 1e-6
     tok = train_bpe(["a story about a ship", "the ship sails far"] * 20, 300, ["<|endoftext|>"])
     cfg = _cfg(tmp_path, **{"model.n_layer": 3})
     model = build_model(cfg, add_special_tokens(tok, cfg)).train()
-    assert [type(b.mlp.act) for b in model.transformer.h] == [GELUTanh] * 3
+    assert [type(b.mlp.act) for b in model.transformer.h] == [FusedGelu] * 3
     assert model.config.activation_function == "gelu_new", "an export still names GPT-2's own activation"
     plain = copy.deepcopy(model)
     for block in plain.transformer.h:
@@ -308,3 +331,5 @@ def test_fused_gelu_computes_gpt2s_gelu_new_and_the_export_keeps_it(tmp_path):
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-6, atol=0)
     for name, grad in runs[1][1].items():
         torch.testing.assert_close(runs[0][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+

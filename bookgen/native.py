@@ -1,0 +1,154 @@
+"""bookgen's C kernels for CPU training (``cpu_kernels.c``): GPT-2's tanh GELU and dropout, one pass each.
+
+Built at first use with the system C compiler (``$CC`` or ``cc``, about 0.3 s) into
+``$BOOKGEN_KERNEL_CACHE`` (default ``~/.cache/bookgen/kernels``), one file per source, compiler and CPU, and
+loaded with ctypes, which releases the GIL during a call. ``-march=native`` is why the CPU is in the name: a home
+folder shared by different nodes gets one build per kind of node. Where there is no compiler, the build fails or
+``BOOKGEN_NATIVE_KERNELS=0``, :func:`library` returns None and bookgen keeps PyTorch's GELU and its NumPy
+dropout, which compute the same functions (the dropout the same masks).
+
+torch.compile would fuse these too, but inductor's build takes longer than a short CPU run lasts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC")
+MIN_PART = 1 << 16  # elements: below this, one thread does a call's work
+
+
+def _cpu_name() -> str:
+    """The CPU's model and feature flags (what -march=native compiles for), or the machine's name."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(wanted)) or platform.machine()
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile to a temporary file beside ``target`` and rename it in place, so a rank that finds ``target``
+    finds it whole even while another rank builds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bookgen" / "kernels"
+    return Path(os.environ.get("BOOKGEN_KERNEL_CACHE", default))
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they cannot be built here (bookgen then uses PyTorch's own)."""
+    if os.environ.get("BOOKGEN_NATIVE_KERNELS", "1") == "0" or sys.byteorder != "little":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, _cpu_name(), *FLAGS]).encode()).hexdigest()
+        name = f"cpu_kernels-{key[:20]}.so"
+        target, scratch = _cache_dir() / name, None
+        if not target.exists():
+            try:
+                _build(compiler, target)
+            except OSError:  # a cache that cannot be written: build for this process only
+                scratch = Path(tempfile.mkdtemp(prefix="bookgen-kernels-"))
+                target = scratch / name
+                _build(compiler, target)
+        try:
+            lib = ctypes.CDLL(str(target))
+        finally:
+            if scratch is not None:  # a loaded library stays mapped without its file
+                shutil.rmtree(scratch, ignore_errors=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    ptr, n, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
+    lib.bg_gelu_forward.argtypes = [ptr, ptr, n]
+    lib.bg_gelu_backward.argtypes = [ptr, ptr, ptr, n]
+    lib.bg_dropout.argtypes = [ptr, ptr, ptr, n, n, u64, u64, u64, u64, ctypes.c_uint32, ctypes.c_float]
+    for fn in (lib.bg_gelu_forward, lib.bg_gelu_backward, lib.bg_dropout):
+        fn.restype = None
+    return lib
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: built here, float32, contiguous, on the CPU."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            and library() is not None)
+
+
+@lru_cache(maxsize=4)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bookgen-kernels")
+
+
+def _in_parts(n: int, call) -> None:  # type: ignore[no-untyped-def]
+    """``call(start, end)`` over [0, n) in even-sized parts, one per intra-op thread torch may use (ctypes
+    releases the GIL, so the parts run in parallel), or at once where one thread should do it all."""
+    parts = min(torch.get_num_threads(), n // MIN_PART)
+    if parts <= 1:
+        call(0, n)
+        return
+    per = -(-n // parts)
+    step = per + per % 2  # even: a dropout part starts on a whole PCG64 word
+    bounds = [(s, min(s + step, n)) for s in range(0, n, step)]
+    for future in [_pool(parts).submit(call, s, e) for s, e in bounds]:
+        future.result()
+
+
+def gelu_forward(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU of the contiguous float32 CPU tensor ``x`` (see :func:`usable`)."""
+    lib, y = library(), torch.empty_like(x)
+    assert lib is not None
+    _in_parts(x.numel(), lambda s, e: lib.bg_gelu_forward(x.data_ptr() + 4 * s, y.data_ptr() + 4 * s, e - s))
+    return y
+
+
+def gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`gelu_forward` at ``x`` times ``grad``."""
+    lib, dx = library(), torch.empty_like(x)
+    assert lib is not None
+    _in_parts(x.numel(), lambda s, e: lib.bg_gelu_backward(grad.data_ptr() + 4 * s, x.data_ptr() + 4 * s,
+                                                           dx.data_ptr() + 4 * s, e - s))
+    return dx
+
+
+def dropout(x: torch.Tensor, state: int, inc: int, threshold: int, scale: float,
+            mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` times the mask drawn from the PCG64 ``state`` and ``inc`` (NumPy's, after seeding): element i
+    kept where the i-th 32-bit draw >= ``threshold``, then scaled by ``scale``; the mask is also written to
+    ``mask`` where given. The draws are NumPy's ``random_raw`` words viewed as uint32, in order."""
+    lib, out = library(), torch.empty_like(x)
+    assert lib is not None
+    words = (state >> 64, state & (2**64 - 1), inc >> 64, inc & (2**64 - 1))
+
+    def part(s: int, e: int) -> None:
+        lib.bg_dropout(x.data_ptr() + 4 * s, out.data_ptr() + 4 * s,
+                       None if mask is None else mask.data_ptr() + 4 * s, e - s, s // 2, *words, threshold, scale)
+
+    _in_parts(x.numel(), part)
+    return out
