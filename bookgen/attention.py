@@ -22,6 +22,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from bookgen import native
 from bookgen.dropout import apply_keep, keep_scale
 
 NAME = "bookgen_sdpa"
@@ -133,12 +134,15 @@ class _BlockedAttention(torch.autograd.Function):
             qs, ks = slice(b.q_start, b.q_end), slice(b.k_start, b.k_end)
             for r in range(b.rows.start, b.rows.stop):  # one batch row's heads: views, never copies
                 scores = torch.matmul(q[r, :, qs], k[r, :, ks].transpose(1, 2))
-                if b.empty_queries:
-                    scores.masked_fill_(~_allowed(mask, b, q.device), lowest)
-                elif b.bias is not None:  # adding a -inf tile is ~20x faster here than masked_fill_ on the block
-                    scores[..., b.mask_from :].add_(b.bias)
-                # CPU softmax accumulates in fp32 for bf16 inputs; an explicit upcast only added copies
-                probs = torch.softmax(scores, dim=-1)
+                if not b.empty_queries and native.usable(scores, *([] if b.bias is None else [b.bias])):
+                    probs = native.softmax(scores, b.bias, b.mask_from)
+                else:
+                    if b.empty_queries:
+                        scores.masked_fill_(~_allowed(mask, b, q.device), lowest)
+                    elif b.bias is not None:  # adding a -inf tile is ~20x faster than masked_fill_ on the block
+                        scores[..., b.mask_from :].add_(b.bias)
+                    # CPU softmax accumulates in fp32 for bf16 inputs; an explicit upcast only added copies
+                    probs = torch.softmax(scores, dim=-1)
                 kept = probs  # the kept probabilities, already scaled by 1 / (1 - p)
                 if dropout > 0:
                     kept = dropout_probabilities(probs, dropout)
@@ -170,7 +174,10 @@ class _BlockedAttention(torch.autograd.Function):
                 d_kept = torch.matmul(d_out, v[r, :, ks].transpose(1, 2))
                 # with kept = P * M (M: 0 where dropped, 1 / (1 - p) where kept) and dP = M * dKept:
                 # dScores = P * (dP - rowsum) = kept * dKept - P * rowsum
-                d_scores = d_kept.mul_(kept).addcmul_(probs, row_dot[r, :, qs].expand_as(probs), value=-1)
+                if native.usable(d_kept, kept, probs):
+                    d_scores = native.softmax_backward(d_kept, kept, probs, row_dot[r, :, qs])
+                else:
+                    d_scores = d_kept.mul_(kept).addcmul_(probs, row_dot[r, :, qs].expand_as(probs), value=-1)
                 if b.empty_queries:  # uniform weights over masked keys depend on neither queries nor keys
                     d_scores.masked_fill_(~_allowed(ctx.mask, b, q.device), 0)
                 dq[r, :, qs] = torch.matmul(d_scores, k[r, :, ks]).mul_(ctx.scaling)

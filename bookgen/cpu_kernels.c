@@ -21,7 +21,9 @@ typedef unsigned __int128 u128;
 /* ---------- GELU ---------- */
 
 static inline float exp_approx(float x) {
-    /* valid for all inputs: clamped to the float32 normal range, where the result is within a few ulps */
+    /* within a few ulps over the float32 normal range; 0 below it (so exp(-inf) = 0, as a masked score needs),
+       exp(88) above it, NaN for NaN */
+    float below = x < -87.0f ? 0.0f : 1.0f;
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     float n = __builtin_rintf(x * 1.44269504088896341f);
     float r = x - n * 0.693359375f;
@@ -36,7 +38,7 @@ static inline float exp_approx(float x) {
     int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return p * scale * below;
 }
 
 #define GELU_K 0.7978845608028654f  /* sqrt(2 / pi) */
@@ -59,6 +61,58 @@ void bg_gelu_backward(const float *restrict grad, const float *restrict x, float
         /* d/dx [x s(2z)] = s + x s (1 - s) d(2z)/dx, and s (1 - s) = s s e without the cancellation */
         float d_two_z = 2.0f * GELU_K * (1.0f + 3.0f * GELU_C * v * v);
         dx[i] = grad[i] * (s + v * s * s * e * d_two_z);
+    }
+}
+
+/* ---------- attention's softmax ---------- */
+
+/* probs = softmax of rows first..last-1 of `k` scores; from column mask_from on, a row first gets its bias row
+   (row % queries of the (queries, k - mask_from) tile, -inf where it may not look) added. Every row must see
+   at least one key. */
+void bg_softmax(const float *restrict scores, float *restrict probs, int64_t first, int64_t last, int64_t k,
+                const float *restrict bias, int64_t mask_from, int64_t queries) {
+    for (int64_t r = first; r < last; r++) {
+        const float *s = scores + r * k;
+        float *p = probs + r * k;
+        const float *b = bias ? bias + (r % queries) * (k - mask_from) : 0;
+        int64_t plain = bias ? mask_from : k;
+        float top = -__builtin_inff();
+#pragma omp simd reduction(max : top)
+        for (int64_t j = 0; j < plain; j++) top = s[j] > top ? s[j] : top;
+#pragma omp simd reduction(max : top)
+        for (int64_t j = plain; j < k; j++) {
+            p[j] = s[j] + b[j - plain];
+            top = p[j] > top ? p[j] : top;
+        }
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < plain; j++) {
+            p[j] = exp_approx(s[j] - top);
+            sum += p[j];
+        }
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = plain; j < k; j++) {
+            p[j] = exp_approx(p[j] - top);
+            sum += p[j];
+        }
+        float inv = 1.0f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < k; j++) p[j] *= inv;
+    }
+}
+
+/* the scores' gradient of rows first..last-1, in place of d_kept: kept * d_kept - probs * row_dot, where
+   kept = probs * mask and row_dot = rowsum(dOut * Out), for row i (head i / queries, query i % queries) at
+   row_dot[head * head_stride + query * query_stride] */
+void bg_softmax_backward(float *d_kept, const float *kept, const float *probs, const float *row_dot,
+                         int64_t head_stride, int64_t query_stride, int64_t first, int64_t last, int64_t k,
+                         int64_t queries) {
+    for (int64_t r = first; r < last; r++) {
+        float dot = row_dot[(r / queries) * head_stride + (r % queries) * query_stride];
+        float *d = d_kept + r * k;
+        const float *kp = kept + r * k, *pp = probs + r * k;
+#pragma omp simd
+        for (int64_t j = 0; j < k; j++) d[j] = kp[j] * d[j] - pp[j] * dot;
     }
 }
 

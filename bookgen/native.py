@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC")
 MIN_PART = 1 << 16  # elements: below this, one thread does a call's work
 
 
@@ -90,7 +90,9 @@ def library() -> ctypes.CDLL | None:
     lib.bg_gelu_forward.argtypes = [ptr, ptr, n]
     lib.bg_gelu_backward.argtypes = [ptr, ptr, ptr, n]
     lib.bg_dropout.argtypes = [ptr, ptr, ptr, n, n, u64, u64, u64, u64, ctypes.c_uint32, ctypes.c_float]
-    for fn in (lib.bg_gelu_forward, lib.bg_gelu_backward, lib.bg_dropout):
+    lib.bg_softmax.argtypes = [ptr, ptr, n, n, n, ptr, n, n]
+    lib.bg_softmax_backward.argtypes = [ptr, ptr, ptr, ptr, n, n, n, n, n, n]
+    for fn in (lib.bg_gelu_forward, lib.bg_gelu_backward, lib.bg_dropout, lib.bg_softmax, lib.bg_softmax_backward):
         fn.restype = None
     return lib
 
@@ -106,10 +108,11 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bookgen-kernels")
 
 
-def _in_parts(n: int, call) -> None:  # type: ignore[no-untyped-def]
-    """``call(start, end)`` over [0, n) in even-sized parts, one per intra-op thread torch may use (ctypes
-    releases the GIL, so the parts run in parallel), or at once where one thread should do it all."""
-    parts = min(torch.get_num_threads(), n // MIN_PART)
+def _in_parts(n: int, call, width: int = 1) -> None:  # type: ignore[no-untyped-def]
+    """``call(start, end)`` over [0, n) in even-sized parts (items of ``width`` elements), one per intra-op
+    thread torch may use (ctypes releases the GIL, so the parts run in parallel), or at once where one
+    thread should do it all."""
+    parts = min(torch.get_num_threads(), n * width // MIN_PART)
     if parts <= 1:
         call(0, n)
         return
@@ -152,3 +155,29 @@ def dropout(x: torch.Tensor, state: int, inc: int, threshold: int, scale: float,
 
     _in_parts(x.numel(), part)
     return out
+
+
+def softmax(scores: torch.Tensor, bias: torch.Tensor | None, mask_from: int) -> torch.Tensor:
+    """Softmax over the last dimension of the contiguous float32 ``scores`` (heads, queries, keys), with the
+    (queries, keys - mask_from) ``bias`` tile added to keys from ``mask_from`` on where given."""
+    lib, probs = library(), torch.empty_like(scores)
+    assert lib is not None
+    heads, queries, keys = scores.shape
+    tile = 0 if bias is None else bias.data_ptr()
+    _in_parts(heads * queries, lambda s, e: lib.bg_softmax(scores.data_ptr(), probs.data_ptr(), s, e, keys, tile,
+                                                           mask_from, queries), keys)
+    return probs
+
+
+def softmax_backward(d_kept: torch.Tensor, kept: torch.Tensor, probs: torch.Tensor, row_dot: torch.Tensor
+                     ) -> torch.Tensor:
+    """``kept * d_kept - probs * row_dot``, written into ``d_kept`` (heads, queries, keys), all contiguous
+    float32 but ``row_dot`` (heads, queries, 1) of any strides: the scores' gradient through softmax and
+    dropout (kept = probs * mask; row_dot = rowsum(dOut * Out))."""
+    lib = library()
+    assert lib is not None
+    heads, queries, keys = d_kept.shape
+    _in_parts(heads * queries, lambda s, e: lib.bg_softmax_backward(
+        d_kept.data_ptr(), kept.data_ptr(), probs.data_ptr(), row_dot.data_ptr(), row_dot.stride(0),
+        row_dot.stride(1), s, e, keys, queries), keys)
+    return d_kept

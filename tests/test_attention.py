@@ -8,7 +8,17 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from bookgen import attention
+from bookgen import attention, native
+
+
+@pytest.fixture(autouse=True, params=["C kernel", "PyTorch"])
+def kernels(request, monkeypatch):
+    """Every test here runs with bookgen's C softmax and softmax gradient and with PyTorch's operations."""
+    if request.param == "PyTorch":
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    elif native.library() is None:
+        pytest.fail("bookgen's C kernels did not build here (is a C compiler installed?)")
+    return request.param
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -125,6 +135,25 @@ def test_blocked_attention_backward_is_the_derivative_of_its_forward(kind: str, 
         return attention.blocked_causal_attention(q, k, v, scaling=0.3, dropout=dropout, mask=mask, block=8)
 
     assert torch.autograd.gradcheck(attend, (q, k, v))
+
+
+@pytest.mark.parametrize("kind", ["causal", "padded", "packed"])
+def test_float32_gradients_equal_eager_attentions_in_float64(kind: str) -> None:
+    # the float32 path (where the C kernels run) against autograd through eager attention in float64 (rows
+    # that see nothing take PyTorch's operations on either path; gradcheck covers them)
+    mask = _masks(37)[kind]
+    gen = torch.Generator().manual_seed(8)
+    inputs = [torch.randn(2, 3, 37, 8, generator=gen) for _ in range(3)]
+    grad = torch.randn(2, 3, 37, 8, generator=gen)
+    ours = [x.clone().requires_grad_() for x in inputs]
+    attention.blocked_causal_attention(*ours, scaling=0.3, dropout=0.0, mask=mask, block=8).backward(grad)
+    exact = [x.double().requires_grad_() for x in inputs]
+    scores = (exact[0] @ exact[1].transpose(-1, -2)) * 0.3
+    allowed = torch.ones(37, 37, dtype=torch.bool).tril() if mask is None else mask
+    probs = torch.softmax(scores.masked_fill(~allowed, torch.finfo(torch.float64).min), dim=-1)
+    (probs @ exact[2]).backward(grad.double())
+    for mine, want in zip(ours, exact, strict=True):
+        torch.testing.assert_close(mine.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_blocks_skip_other_summaries_and_padding() -> None:
