@@ -59,14 +59,25 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("BOOKGEN_KERNEL_CACHE", default))
 
 
-@lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None where they cannot be built here (bookgen then uses PyTorch's own)."""
-    if os.environ.get("BOOKGEN_NATIVE_KERNELS", "1") == "0" or sys.byteorder != "little":
-        return None
+    return _load()[0]
+
+
+def unavailable() -> str | None:
+    """Why the kernels are not in use here, or None where they are."""
+    return _load()[1]
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get("BOOKGEN_NATIVE_KERNELS", "1") == "0":
+        return None, "BOOKGEN_NATIVE_KERNELS=0"
+    if sys.byteorder != "little":
+        return None, "a big-endian CPU"
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        return None
+        return None, f"no C compiler ({os.environ.get('CC', 'cc')}) on the PATH"
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\0".join([SOURCE.read_text(), version, _cpu_name(), *FLAGS]).encode()).hexdigest()
@@ -84,8 +95,10 @@ def library() -> ctypes.CDLL | None:
         finally:
             if scratch is not None:  # a loaded library stays mapped without its file
                 shutil.rmtree(scratch, ignore_errors=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
+    except subprocess.CalledProcessError as e:
+        return None, f"{compiler} failed on {SOURCE.name}: {(e.stderr or b'').decode(errors='replace').strip()[-300:]}"
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"building {SOURCE.name} with {compiler}: {e}"
     ptr, n, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
     lib.bg_gelu_forward.argtypes = [ptr, ptr, n]
     lib.bg_gelu_backward.argtypes = [ptr, ptr, ptr, n]
@@ -94,7 +107,7 @@ def library() -> ctypes.CDLL | None:
     lib.bg_softmax_backward.argtypes = [ptr, ptr, ptr, ptr, n, n, n, n, n, n]
     for fn in (lib.bg_gelu_forward, lib.bg_gelu_backward, lib.bg_dropout, lib.bg_softmax, lib.bg_softmax_backward):
         fn.restype = None
-    return lib
+    return lib, None
 
 
 def usable(*tensors: torch.Tensor) -> bool:

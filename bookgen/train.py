@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from bookgen import checkpoint as ckpt
-from bookgen import distributed, faults
+from bookgen import distributed, faults, native
 from bookgen.config import ExperimentConfig, TrainConfig
 from bookgen.config_io import config_to_dict, write_resolved
 from bookgen.data.batches import (
@@ -161,6 +161,9 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
         (cfg.run.output_dir / "PREEMPTED").unlink(missing_ok=True)
         (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
         log = MetricsLog(cfg.run.output_dir, tensorboard=cfg.run.tensorboard, resume_step=state.global_step)
+    if engine.device.type == "cpu" and native.unavailable():
+        console.print(f"[yellow]bookgen's C kernels are not in use ({native.unavailable()}): GELU, dropout and "
+                      "attention's softmax take PyTorch's and NumPy's slower paths[/]", highlight=False)
     console.print(f"model: {count_parameters(engine.module):,} parameters; {len(train_examples)} training examples; "
                   f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
                   f"{plan.total_steps} steps in all")
