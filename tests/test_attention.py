@@ -8,17 +8,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from bookgen import attention, native
+from bookgen import attention
 
-
-@pytest.fixture(autouse=True, params=["C kernel", "PyTorch"])
-def kernels(request, monkeypatch):
-    """Every test here runs with bookgen's C softmax and softmax gradient and with PyTorch's operations."""
-    if request.param == "PyTorch":
-        monkeypatch.setattr(native, "usable", lambda *tensors: False)
-    elif native.library() is None:
-        pytest.fail("bookgen's C kernels did not build here (is a C compiler installed?)")
-    return request.param
+pytestmark = pytest.mark.usefixtures("kernels")  # every test on the C kernels and on PyTorch's operations
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

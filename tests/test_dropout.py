@@ -40,16 +40,6 @@ def test_masks_follow_torchs_generator_state():
     assert torch.equal(keep_scale((4, 1000), 0.3), after)
 
 
-@pytest.fixture(params=["C kernel", "NumPy"])
-def kernels(request, monkeypatch):
-    """Each test runs on bookgen's C kernel and on the NumPy fallback (where no compiler builds it)."""
-    if request.param == "NumPy":
-        monkeypatch.setattr(native, "usable", lambda *tensors: False)
-    elif native.library() is None:
-        pytest.fail("bookgen's C kernels did not build here (is a C compiler installed?)")
-    return request.param
-
-
 @pytest.fixture(params=[1, 3])
 def threads(request):
     """torch's intra-op threads: the C kernels split a call into one part per thread."""
