@@ -43,15 +43,31 @@ def _cpu_name() -> str:
 
 def _build(compiler: str, target: Path) -> None:
     """Compile to a temporary file beside ``target`` and rename it in place, so a rank that finds ``target``
-    finds it whole even while another rank builds."""
+    finds it whole even while another rank builds; then record its digest beside it (see :func:`_intact`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
         subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
         os.replace(tmp, target)
+        Path(tmp).write_text(digest)
+        os.replace(tmp, _digest_file(target))
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _digest_file(library_file: Path) -> Path:
+    return library_file.with_name(library_file.name + ".sha256")
+
+
+def _intact(library_file: Path) -> bool:
+    """Whether a cached library is the file its build wrote: loading a damaged one (cut short by a full disk
+    or a copy) kills the process with SIGBUS instead of raising an error."""
+    try:
+        return _digest_file(library_file).read_text() == hashlib.sha256(library_file.read_bytes()).hexdigest()
+    except OSError:
+        return False
 
 
 def _cache_dir() -> Path:
@@ -81,20 +97,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\0".join([SOURCE.read_text(), version, _cpu_name(), *FLAGS]).encode()).hexdigest()
-        name = f"cpu_kernels-{key[:20]}.so"
-        target, scratch = _cache_dir() / name, None
-        if not target.exists():
-            try:
-                _build(compiler, target)
-            except OSError:  # a cache that cannot be written: build for this process only
-                scratch = Path(tempfile.mkdtemp(prefix="bookgen-kernels-"))
-                target = scratch / name
-                _build(compiler, target)
-        try:
-            lib = ctypes.CDLL(str(target))
-        finally:
-            if scratch is not None:  # a loaded library stays mapped without its file
-                shutil.rmtree(scratch, ignore_errors=True)
+        lib = _cached_or_built(compiler, f"cpu_kernels-{key[:20]}.so")
     except subprocess.CalledProcessError as e:
         return None, f"{compiler} failed on {SOURCE.name}: {(e.stderr or b'').decode(errors='replace').strip()[-300:]}"
     except (OSError, subprocess.SubprocessError) as e:
@@ -108,6 +111,24 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     for fn in (lib.bg_gelu_forward, lib.bg_gelu_backward, lib.bg_dropout, lib.bg_softmax, lib.bg_softmax_backward):
         fn.restype = None
     return lib, None
+
+
+def _cached_or_built(compiler: str, name: str) -> ctypes.CDLL:
+    """The library ``name`` from the cache, built there first where it is missing or damaged, or built for
+    this process alone where the cache cannot be written."""
+    target = _cache_dir() / name
+    if _intact(target):
+        return ctypes.CDLL(str(target))
+    try:
+        _build(compiler, target)
+    except OSError:  # a cache that cannot be written
+        scratch = Path(tempfile.mkdtemp(prefix="bookgen-kernels-"))
+        try:
+            _build(compiler, scratch / name)
+            return ctypes.CDLL(str(scratch / name))
+        finally:  # a loaded library stays mapped without its file
+            shutil.rmtree(scratch, ignore_errors=True)
+    return ctypes.CDLL(str(target))
 
 
 def usable(*tensors: torch.Tensor) -> bool:

@@ -26,7 +26,21 @@ def test_kernels_build_once_per_source_and_cpu_and_are_reused(cache):
     assert not list(cache.glob("*.tmp")), "the temporary file was renamed, not left behind"
     stamp = built.stat().st_mtime_ns
     assert build() is not None
-    assert [p.name for p in cache.iterdir()] == [built.name] and built.stat().st_mtime_ns == stamp, "not rebuilt"
+    assert sorted(p.name for p in cache.iterdir()) == [built.name, built.name + ".sha256"]
+    assert built.stat().st_mtime_ns == stamp, "not rebuilt"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler (cc)")
+def test_a_damaged_cached_library_is_built_again(cache, monkeypatch):
+    assert build() is not None
+    (built,) = cache.glob("cpu_kernels-*.so")
+    damaged = cache.parent / "other" / built.name  # another cache: the loaded file must not change under us
+    damaged.parent.mkdir()
+    damaged.write_bytes(built.read_bytes()[:1000])  # cut short, as by a full disk: loading it would crash
+    (damaged.parent / (built.name + ".sha256")).write_text((cache / (built.name + ".sha256")).read_text())
+    monkeypatch.setenv("BOOKGEN_KERNEL_CACHE", str(damaged.parent))
+    assert build() is not None
+    assert damaged.read_bytes() == built.read_bytes(), "rebuilt in place"
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler (cc)")
