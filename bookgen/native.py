@@ -71,8 +71,14 @@ def _intact(library_file: Path) -> bool:
 
 
 def _cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bookgen" / "kernels"
-    return Path(os.environ.get("BOOKGEN_KERNEL_CACHE", default))
+    if "BOOKGEN_KERNEL_CACHE" in os.environ:
+        return Path(os.environ["BOOKGEN_KERNEL_CACHE"])
+    if "XDG_CACHE_HOME" in os.environ:
+        return Path(os.environ["XDG_CACHE_HOME"]) / "bookgen" / "kernels"
+    try:
+        return Path.home() / ".cache" / "bookgen" / "kernels"
+    except RuntimeError:  # no home folder (some batch systems' users): this machine's temporary folder
+        return Path(tempfile.gettempdir()) / f"bookgen-kernels-{os.getuid()}"
 
 
 def library() -> ctypes.CDLL | None:
