@@ -134,7 +134,7 @@ class _BlockedAttention(torch.autograd.Function):
             qs, ks = slice(b.q_start, b.q_end), slice(b.k_start, b.k_end)
             for r in range(b.rows.start, b.rows.stop):  # one batch row's heads: views, never copies
                 scores = torch.matmul(q[r, :, qs], k[r, :, ks].transpose(1, 2))
-                if not b.empty_queries and native.usable(scores, *([] if b.bias is None else [b.bias])):
+                if not b.empty_queries and native.usable(scores):  # tiles: float32, contiguous, CPU
                     probs = native.softmax(scores, b.bias, b.mask_from)
                 else:
                     if b.empty_queries:

@@ -12,6 +12,8 @@
      where its draw >= threshold. The stream is split into LANES contiguous parts, each started by the
      LCG's jump-ahead, so the multiplications of the parts overlap; every element gets the draw it gets from
      NumPy in order.
+   - The blocked attention's softmax (its -inf tile added in the same pass) and the scores' gradient through
+     softmax and dropout, one pass each where PyTorch takes three.
 */
 #include <stdint.h>
 #include <string.h>

@@ -1,11 +1,12 @@
-"""bookgen's C kernels for CPU training (``cpu_kernels.c``): GPT-2's tanh GELU and dropout, one pass each.
+"""bookgen's C kernels for CPU training (``cpu_kernels.c``): GPT-2's tanh GELU, dropout, and the attention
+kernel's softmax and its gradient, one pass each.
 
 Built at first use with the system C compiler (``$CC`` or ``cc``, about 0.3 s) into
 ``$BOOKGEN_KERNEL_CACHE`` (default ``~/.cache/bookgen/kernels``), one file per source, compiler and CPU, and
 loaded with ctypes, which releases the GIL during a call. ``-march=native`` is why the CPU is in the name: a home
 folder shared by different nodes gets one build per kind of node. Where there is no compiler, the build fails or
-``BOOKGEN_NATIVE_KERNELS=0``, :func:`library` returns None and bookgen keeps PyTorch's GELU and its NumPy
-dropout, which compute the same functions (the dropout the same masks).
+``BOOKGEN_NATIVE_KERNELS=0``, :func:`library` returns None and bookgen keeps PyTorch's GELU and softmax and
+its NumPy dropout, which compute the same functions (the dropout the same masks).
 
 torch.compile would fuse these too, but inductor's build takes longer than a short CPU run lasts.
 """
@@ -137,6 +138,13 @@ def _cached_or_built(compiler: str, name: str) -> ctypes.CDLL:
     return ctypes.CDLL(str(target))
 
 
+def _loaded() -> ctypes.CDLL:
+    """The kernels, for callers that checked :func:`usable` first."""
+    lib = library()
+    assert lib is not None, "bookgen's C kernels called where usable() is False"
+    return lib
+
+
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can take these tensors: built here, float32, contiguous, on the CPU."""
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
@@ -165,16 +173,14 @@ def _in_parts(n: int, call, width: int = 1) -> None:  # type: ignore[no-untyped-
 
 def gelu_forward(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's tanh GELU of the contiguous float32 CPU tensor ``x`` (see :func:`usable`)."""
-    lib, y = library(), torch.empty_like(x)
-    assert lib is not None
+    lib, y = _loaded(), torch.empty_like(x)
     _in_parts(x.numel(), lambda s, e: lib.bg_gelu_forward(x.data_ptr() + 4 * s, y.data_ptr() + 4 * s, e - s))
     return y
 
 
 def gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The gradient of :func:`gelu_forward` at ``x`` times ``grad``."""
-    lib, dx = library(), torch.empty_like(x)
-    assert lib is not None
+    lib, dx = _loaded(), torch.empty_like(x)
     _in_parts(x.numel(), lambda s, e: lib.bg_gelu_backward(grad.data_ptr() + 4 * s, x.data_ptr() + 4 * s,
                                                            dx.data_ptr() + 4 * s, e - s))
     return dx
@@ -185,8 +191,7 @@ def dropout(x: torch.Tensor, state: int, inc: int, threshold: int, scale: float,
     """``x`` times the mask drawn from the PCG64 ``state`` and ``inc`` (NumPy's, after seeding): element i
     kept where the i-th 32-bit draw >= ``threshold``, then scaled by ``scale``; the mask is also written to
     ``mask`` where given. The draws are NumPy's ``random_raw`` words viewed as uint32, in order."""
-    lib, out = library(), torch.empty_like(x)
-    assert lib is not None
+    lib, out = _loaded(), torch.empty_like(x)
     words = (state >> 64, state & (2**64 - 1), inc >> 64, inc & (2**64 - 1))
 
     def part(s: int, e: int) -> None:
@@ -200,8 +205,7 @@ def dropout(x: torch.Tensor, state: int, inc: int, threshold: int, scale: float,
 def softmax(scores: torch.Tensor, bias: torch.Tensor | None, mask_from: int) -> torch.Tensor:
     """Softmax over the last dimension of the contiguous float32 ``scores`` (heads, queries, keys), with the
     (queries, keys - mask_from) ``bias`` tile added to keys from ``mask_from`` on where given."""
-    lib, probs = library(), torch.empty_like(scores)
-    assert lib is not None
+    lib, probs = _loaded(), torch.empty_like(scores)
     heads, queries, keys = scores.shape
     tile = 0 if bias is None else bias.data_ptr()
     _in_parts(heads * queries, lambda s, e: lib.bg_softmax(scores.data_ptr(), probs.data_ptr(), s, e, keys, tile,
@@ -214,8 +218,7 @@ def softmax_backward(d_kept: torch.Tensor, kept: torch.Tensor, probs: torch.Tens
     """``kept * d_kept - probs * row_dot``, written into ``d_kept`` (heads, queries, keys), all contiguous
     float32 but ``row_dot`` (heads, queries, 1) of any strides: the scores' gradient through softmax and
     dropout (kept = probs * mask; row_dot = rowsum(dOut * Out))."""
-    lib = library()
-    assert lib is not None
+    lib = _loaded()
     heads, queries, keys = d_kept.shape
     _in_parts(heads * queries, lambda s, e: lib.bg_softmax_backward(
         d_kept.data_ptr(), kept.data_ptr(), probs.data_ptr(), row_dot.data_ptr(), row_dot.stride(0),

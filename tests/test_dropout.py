@@ -40,15 +40,6 @@ def test_masks_follow_torchs_generator_state():
     assert torch.equal(keep_scale((4, 1000), 0.3), after)
 
 
-@pytest.fixture(params=[1, 3])
-def threads(request):
-    """torch's intra-op threads: the C kernels split a call into one part per thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("n", [1, 5, 2 * CHUNK, 3 * CHUNK + 7, 5 * native.MIN_PART + 3])
 def test_chunked_masks_are_the_whole_tensors_mask(n, threads, kernels):
     # the masks are made in chunks, or by the C kernel in lanes and in one part per thread: they must be the
