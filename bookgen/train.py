@@ -32,7 +32,7 @@ from bookgen.engine import build_engine
 from bookgen.errors import BookgenError
 from bookgen.evaluate import EvalResult
 from bookgen.evaluate_run import eval_line, run_eval
-from bookgen.fileio import write_json_atomic
+from bookgen.fileio import read_json, write_json_atomic
 from bookgen.flops import flops_per_token, mfu, peak_flops
 from bookgen.layout import BatchLayout
 from bookgen.metrics import MetricsLog, plot_loss_curves
@@ -45,6 +45,7 @@ from bookgen.samples import TrainingSampler
 from bookgen.step import StepMetrics, train_step
 from bookgen.train_state import TrainState
 
+SUMMARY = "run_summary.json"
 STOP_FILE = "STOP_REQUESTED"  # slurm/train.sh creates it when Slurm warns of the time limit
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues the job on it
 
@@ -100,6 +101,7 @@ class Run:
     progress: TrainProgress
     mfu_of: Callable[[float], float] | None  # tokens/s over all ranks -> MFU; None where the peak is unknown
     sampler: TrainingSampler | None  # eval.samples > 0
+    finished: bool = False  # a rerun of a finished run: nothing to do, nothing to write
 
 
 def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
@@ -109,27 +111,47 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
         announce(cfg, console, dist)
     ensure_prepared(cfg, dist, console)
     run = _build(cfg, dist, console)
+    if run.finished:
+        run.progress.close()
+        console.print(f"{cfg.run.output_dir} is a finished run (step {run.state.global_step} of "
+                      f"{run.plan.total_steps}{', stopped early' if _stopped_early(run.state, cfg) else ''}): nothing "
+                      "was changed. Raise train.max_steps or train.epochs to train on", highlight=False)
+        return read_json(cfg.run.output_dir / SUMMARY) or {}
     start = time.perf_counter()
     done = _loop(run, cfg, dist, stop, console)
     run.progress.close()
     evals = _finish(run, cfg, dist, done)
-    elapsed = time.perf_counter() - start
-    summary = {"steps": run.state.global_step, "train_loss": done.last_loss, "tokens": done.tokens,
-               "seconds": elapsed, "tokens_per_second": done.tokens / max(elapsed, 1e-9)}
+    state = run.state
+    # the whole run's numbers, the parts before a resume included (they travel in the checkpoints' state)
+    seconds = state.train_seconds + (time.perf_counter() - start - done.seconds)
+    summary: dict[str, Any] = {"steps": state.global_step, "train_loss": state.last_loss,
+                               "tokens": state.tokens_trained, "seconds": seconds,
+                               "tokens_per_second": state.tokens_trained / max(seconds, 1e-9)}
     if run.mfu_of is not None:  # over the loop only: the final save and evaluation are not training
-        summary["mfu"] = run.mfu_of(done.tokens / max(done.seconds, 1e-9))
+        summary["mfu"] = run.mfu_of(state.tokens_trained / max(state.train_seconds, 1e-9))
     if evals:
         summary |= {"eval_loss": evals[-1].loss, "perplexity": evals[-1].perplexity}
     if run.sampler is not None and run.sampler.last is not None:
         summary |= run.sampler.last.metrics()
     summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), run.engine.device)
     if run.log is not None:
-        write_json_atomic(cfg.run.output_dir / "run_summary.json", summary)
+        write_json_atomic(cfg.run.output_dir / SUMMARY, summary)
         run.log.close()
         plot_loss_curves(run.log.path, cfg.run.output_dir / "loss_curves.png")
-        console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" for k, v in summary.items()}))
+        console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" for k, v in summary.items()
+                                     if v is not None}))
         console.print(_where_things_are(cfg), highlight=False)
     return summary
+
+
+def _is_finished(cfg: ExperimentConfig, dist: DistEnv, state: TrainState, plan: StepPlan) -> bool:
+    """A resumed run with nothing left to train whose end was recorded (its summary names this step). A run
+    preempted right after its last step has no summary yet: it still gets its final evaluation and record."""
+    if state.global_step < plan.total_steps and not _stopped_early(state, cfg):
+        return False
+    summary = read_json(cfg.run.output_dir / SUMMARY) if dist.is_main else None
+    recorded = isinstance(summary, dict) and summary.get("steps") == state.global_step
+    return bool(distributed.broadcast_object(recorded if dist.is_main else None))
 
 
 def _where_things_are(cfg: ExperimentConfig) -> str:
@@ -153,9 +175,11 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
     resume_plan = plan_resume(cfg, dist)
     engine = build_engine(cfg, model, dist, plan.total_steps, load_universal=resume_plan.universal)
     state = restore(engine, resume_plan, cfg, dist, console, steps_per_epoch=plan.steps_per_epoch)
-    if state.global_step >= plan.total_steps and resume_plan.folder is not None:
-        console.print(f"[yellow]the checkpoint is at step {state.global_step} and this run has {plan.total_steps} "
-                      "steps in all: nothing left to train (raise train.max_steps or train.epochs to go on)[/]")
+    progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step,
+                             log_every=cfg.run.log_every)
+    if resume_plan.folder is not None and _is_finished(cfg, dist, state, plan):
+        return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, None, None, progress,
+                   None, None, finished=True)
     log = None
     if dist.is_main:  # a new start clears the previous one's preemption records
         (cfg.run.output_dir / "PREEMPTED").unlink(missing_ok=True)
@@ -167,8 +191,6 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
     console.print(f"model: {count_parameters(engine.module):,} parameters; {len(train_examples)} training examples; "
                   f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
                   f"{plan.total_steps} steps in all")
-    progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step,
-                             log_every=cfg.run.log_every)
     peak = peak_flops(engine.device, cfg.train.precision, cfg.run.peak_tflops)
     mfu_of = None if peak is None else partial(mfu, flops_per_token=model_flops, devices=dist.world_size, peak=peak)
     sampler = TrainingSampler(cfg, dist, tokenizer, resume_step=state.global_step) if cfg.eval.samples else None
@@ -177,13 +199,15 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
 
 
 def _finish(run: Run, cfg: ExperimentConfig, dist: DistEnv, done: LoopTotals) -> list[EvalResult]:
-    """The last evaluation, then the last checkpoint (so it records that loss); neither twice for a step
-    the loop has just evaluated or saved, as when early stopping ends it."""
+    """The last step's evaluation (eval.at_end, or eval.every when due), then its checkpoint, which records
+    that evaluation (its loss and the early-stopping counts); neither twice for a step the loop has just
+    evaluated or saved, as when early stopping ends it."""
     step, evals = run.state.global_step, done.evals
     final_loss = evals[-1].loss if done.evaluated_at == step else None
-    if cfg.eval.at_end and final_loss is None:
+    if final_loss is None and (cfg.eval.at_end or _due(cfg.eval.every, step)) and step > 0:
         evals.append(run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id, step, run.log))
         final_loss = evals[-1].loss
+        run.state.note_eval(final_loss, cfg.eval.early_stopping_min_delta)
         _sample(run, step)
     if done.saved_at != step:
         ckpt.save(run.engine, cfg, dist, run.state, run.save_hf, eval_loss=final_loss)
@@ -192,9 +216,8 @@ def _finish(run: Run, cfg: ExperimentConfig, dist: DistEnv, done: LoopTotals) ->
 
 @dataclass(slots=True)
 class LoopTotals:
-    tokens: int  # non-padding tokens over all ranks
+    tokens: int  # non-padding tokens over all ranks, in this process
     seconds: float  # from the loop's start to its last step
-    last_loss: float
     evals: list[EvalResult]
     evaluated_at: int | None  # the step of the last evaluation in the loop
     saved_at: int | None  # the step of the last checkpoint saved in the loop
@@ -209,8 +232,8 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
     """Optimizer steps until the plan is done or early stopping ends it: log, evaluate and checkpoint on
     schedule, stop on preemption."""
     state, plan = run.state, run.plan
-    totals = LoopTotals(tokens=0, seconds=0.0, last_loss=math.nan, evals=[], evaluated_at=None, saved_at=None)
-    start = time.perf_counter()
+    totals = LoopTotals(tokens=0, seconds=0.0, evals=[], evaluated_at=None, saved_at=None)
+    start, seconds_before = time.perf_counter(), state.train_seconds
     while state.global_step < plan.total_steps and not _stopped_early(state, cfg):
         order = epoch_order(run.train_examples.lengths, seed=cfg.seed, epoch=state.epoch,
                             global_batch=plan.global_batch, group_by_length=cfg.data.group_by_length)
@@ -222,8 +245,9 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
             state.global_step += 1
             state.step_in_epoch += 1
             faults.inject("step", state.global_step, dist.rank)
-            totals.tokens, totals.last_loss = totals.tokens + m.tokens, m.loss
-            totals.seconds = time.perf_counter() - start
+            totals.tokens, totals.seconds = totals.tokens + m.tokens, time.perf_counter() - start
+            state.tokens_trained, state.last_loss = state.tokens_trained + m.tokens, m.loss
+            state.train_seconds = seconds_before + totals.seconds
             _log_step(run, m, tokens_per_second=totals.tokens / max(totals.seconds, 1e-9))
             if not math.isfinite(m.loss):  # every rank sees the same all-reduced loss and stops here
                 _stop_non_finite(run, cfg, m.loss)

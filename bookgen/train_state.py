@@ -17,6 +17,10 @@ class TrainState:
     best_eval_loss: float | None = None
     best_eval_step: int | None = None
     evals_since_best: int = 0
+    # the whole run's totals, so that a resumed run's summary covers the parts before the resume too
+    tokens_trained: int = 0  # non-padding tokens over all ranks
+    train_seconds: float = 0.0  # time in the training loop (evaluations inside it included)
+    last_loss: float | None = None  # the training loss of the last step
 
     def note_eval(self, loss: float, min_delta: float) -> None:
         """Count an evaluation: a new best resets the count of evaluations without improvement."""

@@ -168,13 +168,15 @@ def test_zero3_resumes_at_another_world_size_and_an_extended_run_gets_its_new_sc
     launch(2, ["--cfg", str(exp)])
     results = tmp_path / "run" / "eval_results.json"
     on_two = json.loads(results.read_text())
-    # one rank, nothing left to train: the final evaluation runs on the weights loaded through the
-    # universal checkpoint, and perplexity does not depend on the world size
-    proc = launch(1, ["--cfg", str(exp)])
+    # one rank: a finished run is left as it is, and its checkpoint evaluates to the same perplexity
+    assert "is a finished run (step 8 of 8)" in launch(1, ["--cfg", str(exp)]).stderr
+    proc = launch(1, ["--mode", "eval", "--cfg", str(exp), "--split", "valid"])
+    loss = float(proc.stderr.split("eval valid @ step 8: loss ")[1].split(",")[0])
+    assert loss == pytest.approx(on_two["loss"], abs=1e-4)  # printed with four decimals
+    # extended by 4 steps on one rank (loaded through the universal checkpoint): the linear decay is recomputed
+    # for 12 steps, not carried over from 8 (where it hit 0)
+    proc = launch(1, ["--cfg", str(exp), "--set", "train.max_steps=12"])
     assert "was saved by 2 ranks, this run has 1: loaded through a universal checkpoint" in proc.stderr
-    assert json.loads(results.read_text())["loss"] == pytest.approx(on_two["loss"], rel=1e-5)
-    # extended by 4 steps: the linear decay is recomputed for 12 steps, not carried over from 8 (where it hit 0)
-    launch(1, ["--cfg", str(exp), "--set", "train.max_steps=12"])
     steps = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r}
     assert sorted(steps) == list(range(1, 13))
     assert steps[9]["lr"] == pytest.approx(3e-3 * (12 - 8) / 12)

@@ -1,0 +1,77 @@
+"""Nothing lost, round two: reruns, resumes and the records a run leaves (issue 31)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bookgen.checkpoint import MARKER
+from bookgen.fileio import read_json
+from bookgen.metrics import read_metrics
+from tests.helpers import write_experiment
+from tests.ranks import launch
+
+STEPS = 6
+SETTINGS = {"train.max_steps": STEPS, "checkpoint.every": 3, "checkpoint.keep": 3, "eval.every": 3,
+            "eval.at_end": True, "eval.samples": 2, "generate.max_new_tokens": 8}
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {name: (run / name).read_bytes() for name in ("run_summary.json", "metrics.jsonl", "samples.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished single-rank run with evaluations and samples at steps 3 and 6."""
+    folder = tmp_path_factory.mktemp("finished")
+    launch(1, ["--cfg", str(write_experiment(folder, SETTINGS, rows=120))])
+    return folder
+
+
+@pytest.mark.multirank
+def test_rerunning_a_finished_run_changes_nothing(finished, tmp_path):
+    shutil.copytree(finished / "run", tmp_path / "run")
+    exp = write_experiment(tmp_path, SETTINGS, rows=120)
+    before = _files(tmp_path / "run")
+    proc = launch(1, ["--cfg", str(exp)])
+    assert "is a finished run (step 6 of 6): nothing was changed" in proc.stderr, proc.stderr[-2000:]
+    assert _files(tmp_path / "run") == before
+    summary = json.loads(before["run_summary.json"])  # valid JSON: no NaN
+    assert summary["tokens"] > 0 and summary["train_loss"] > 0
+
+
+@pytest.mark.multirank
+def test_a_finished_run_given_more_steps_continues(finished, tmp_path):
+    shutil.copytree(finished / "run", tmp_path / "run")
+    exp = write_experiment(tmp_path, SETTINGS | {"train.max_steps": STEPS + 2}, rows=120)
+    launch(1, ["--cfg", str(exp)])
+    steps = [r["step"] for r in read_metrics(tmp_path / "run/metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, STEPS + 3))
+    assert read_json(tmp_path / "run/run_summary.json")["steps"] == STEPS + 2
+
+
+@pytest.mark.multirank
+def test_summary_of_a_resumed_run_covers_the_whole_run(finished, tmp_path):
+    exp = write_experiment(tmp_path, SETTINGS, rows=120)
+    killed = launch(1, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "kill:4"}, check=False)
+    assert killed.returncode != 0
+    launch(1, ["--cfg", str(exp)])
+    whole, resumed = read_json(finished / "run/run_summary.json"), read_json(tmp_path / "run/run_summary.json")
+    assert resumed["tokens"] == whole["tokens"], "the summary counts the part before the resume too"
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+    assert resumed["seconds"] > 0
+
+
+@pytest.mark.multirank
+def test_each_checkpoint_records_its_own_steps_evaluation(finished):
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(finished / "run/metrics.jsonl") if "eval_loss" in r}
+    assert sorted(evals) == [3, 6], "one evaluation per due step, the last one not twice"
+    for step in (3, 6):
+        marker = read_json(finished / f"run/checkpoints/step{step:08d}" / MARKER)
+        assert marker["eval_loss"] == pytest.approx(evals[step])
+        assert marker["state"]["best_eval_loss"] == pytest.approx(min(v for s, v in evals.items() if s <= step))
+    samples = [json.loads(line)["step"] for line in (finished / "run/samples.jsonl").read_text().splitlines()]
+    assert sorted(set(samples)) == [3, 6] and len(samples) == 4
