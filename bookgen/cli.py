@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", **which)
     gen.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable); default <BOS>")
     gen.add_argument("--prompts", type=Path, default=None, help="prompt file: text (one per line) or .jsonl")
-    gen.add_argument("--out", type=Path, default=None, help="JSONL output (a .txt is written beside it)")
+    gen.add_argument("--out", type=Path, default=None,
+                     help="JSONL output (a .txt and a .quality.json are written beside it)")
+    gen.add_argument("--force", action="store_true",
+                     help="replace output files of those names that bookgen generate did not write")
     for flag, kind in (("top-k", int), ("top-p", float), ("temperature", float), ("repetition-penalty", float),
                        ("max-new-tokens", int), ("num-return-sequences", int), ("seed", int), ("batch-size", int)):
         gen.add_argument(f"--{flag}", type=kind, default=None)
@@ -174,7 +177,7 @@ def _generate(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         raise BookgenError("an empty prompt was given; use <BOS> to start a summary from nothing")
     seed = settings.seed if settings.seed is not None else (cfg.seed if cfg else 0)
     out = args.out or ((cfg.run.output_dir if cfg else Path(".")) / "generated.jsonl")
-    check_output_paths(out, inputs=[p for p in (args.prompts, args.model) if p is not None])
+    check_output_paths(out, inputs=[p for p in (args.prompts, args.model) if p is not None], force=args.force)
     run_generation(cfg=cfg, model_dir=args.model, checkpoint=args.checkpoint, prompts=prompts, settings=settings,
                    seed=seed, out=out)
     return 0

@@ -9,6 +9,7 @@ environment: :mod:`bookgen.config_io` reads files and resolves paths.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,18 @@ class FieldError(ValueError):
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise FieldError(key, message)
+
+
+SEED_LIMIT = 2**63  # torch and NumPy take seeds as 64-bit integers
+
+
+def _require_seed(seed: int, key: str) -> None:
+    _require(0 <= seed < SEED_LIMIT, key, f"must be in [0, 2**63), got {seed}")
+
+
+def _require_finite(value: float, key: str) -> None:
+    # the command line's float() reads "inf" and "nan", as YAML reads .inf and .nan; no setting means them
+    _require(math.isfinite(value), key, f"must be a finite number, got {value}")
 
 
 def _doc(help_text: str, **extra: object) -> dict[str, object]:
@@ -220,6 +233,7 @@ class TrainConfig:
         _require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         _require(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
         _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(self.adam_eps > 0, "adam_eps", f"must be > 0, got {self.adam_eps}")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
                  "adam_betas", "must be two numbers in [0, 1)")
@@ -304,6 +318,8 @@ class GenerateConfig:
     seed: int | None = field(default=None, metadata=_doc("Sampling seed; default the experiment seed."))
 
     def __post_init__(self) -> None:
+        for key in ("top_p", "temperature", "repetition_penalty"):
+            _require_finite(getattr(self, key), key)
         _require(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
         _require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
         _require(self.temperature > 0, "temperature", "must be > 0")
@@ -311,6 +327,8 @@ class GenerateConfig:
         _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         _require(self.num_return_sequences >= 1, "num_return_sequences", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        if self.seed is not None:
+            _require_seed(self.seed, "seed")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -352,6 +370,7 @@ class ExperimentConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig, metadata=_doc("How `bookgen launch` starts ranks."))
 
     def __post_init__(self) -> None:
+        _require_seed(self.seed, "seed")
         if self.model.name_or_path is None:  # a pretrained model's positions are checked once it is known
             _require(self.data.block_size <= self.model.n_positions, "data.block_size",
                      f"{self.data.block_size} is more than model.n_positions ({self.model.n_positions}): the model "

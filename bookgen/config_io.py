@@ -34,6 +34,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: experiment file not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save the experiment file as UTF-8") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if raw is None:
@@ -94,7 +96,7 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path,
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(fields)}"
-            raise ConfigError(f"{_where(prefix + str(key), overrides, source)}: {prefix}{key}: unknown key{hint}")
+            raise ConfigError(f"{_where_given(prefix + str(key), overrides, source)}: {prefix}{key}: unknown key{hint}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         dotted = f"{prefix}{name}"
@@ -131,6 +133,12 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path,
     except FieldError as exc:
         dotted = f"{prefix}{exc.key}"
         raise ConfigError(f"{_where(dotted, overrides, source)}: {dotted}: {exc}") from exc
+
+
+def _where_given(dotted: str, overrides: dict[str, str], source: str) -> str:
+    """Where an unknown key came from: a ``--set`` of it or of a key under it (``--set trian.lr=1``)."""
+    item = next((item for key, item in overrides.items() if key == dotted or key.startswith(dotted + ".")), None)
+    return f"--set {item}" if item is not None else source
 
 
 def _where(dotted: str, overrides: dict[str, str], source: str) -> str:

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bookgen.checkpoint import MARKER
 from bookgen.checkpoint_model import load_checkpoint_model
 from bookgen.errors import BookgenError
 from bookgen.fileio import apply_umask, read_json, remove_dead_scratch, scratch_owner, staged_dir, write_json_atomic
@@ -23,18 +24,47 @@ def _is_run_folder(path: Path) -> bool:
     return (path / "resolved_config.yaml").is_file() or (path / "checkpoints").is_dir()
 
 
+def _is_checkpoint(path: Path) -> bool:
+    return (path / MARKER).is_file() or (path.name.startswith("step") and (path / "hf").is_dir())
+
+
+def _inside_a_run(out: Path, checkpoint: Path) -> Path | None:
+    """The run folder, checkpoint or checkpoint root that ``out`` (resolved) is or lies in, if any: an
+    export there would replace a checkpoint's own files (its hf/ config) or mix with the run's records."""
+    source = checkpoint.resolve()
+    if out.is_relative_to(source):
+        return source
+    if source.parent.name == "checkpoints" and out.is_relative_to(source.parent.parent):
+        return source.parent.parent
+    for folder in (out, *out.parents):
+        if _is_run_folder(folder) or _is_checkpoint(folder):
+            return folder
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_export_target(out: Path, *, force: bool, checkpoint: Path) -> None:
-    """Refuse a target whose contents an export would overwrite without being asked to: a file, a run
-    folder (or one holding the checkpoint), or a non-empty folder that is not a previous export (unless
-    ``force``, which adds the export's files and still deletes nothing else)."""
+    """Refuse a target whose contents an export would overwrite without being asked to: a file, anything in
+    a run folder or checkpoint (however the path is spelled, ``--force`` or not), a folder this user cannot
+    write, or a non-empty folder that is not a previous export (unless ``force``, which adds the export's
+    files; :func:`export` still refuses to replace a file it did not write)."""
     out = out.resolve()
     if out.exists() and not out.is_dir():
         raise BookgenError(f"--out: {out} is a file; name a folder (a new one, or a previous export)")
+    inside = _inside_a_run(out, checkpoint)
+    if inside is not None:
+        raise BookgenError(f"--out: {out} is {'' if inside == out else 'inside '}a run folder or checkpoint "
+                           f"({inside}); an export never writes there, even with --force: name another folder")
+    writable = _nearest_existing(out)
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise BookgenError(f"--out: cannot write into {writable} (read-only or not yours); name another folder")
     if not out.exists():
         return
-    if _is_run_folder(out) or checkpoint.resolve().is_relative_to(out):
-        raise BookgenError(f"--out: {out} is a run folder (or holds {checkpoint}); an export never writes there, "
-                           "even with --force: name another folder")
     if any(out.iterdir()) and not (out / EXPORT_MARKER).is_file() and not force:
         raise BookgenError(f"--out: {out} is not empty and holds no previous export; name a new folder, or pass "
                            "--force to add the export's files there (nothing else in it is touched)")
@@ -50,16 +80,28 @@ def export(folder: Path, out: Path, *, force: bool = False) -> Path:
     out = out.resolve()
     check_export_target(out, force=force, checkpoint=folder)
     model, tokenizer = load_checkpoint_model(folder)
+    try:
+        _export_into(out, model, tokenizer, folder)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile: what was there is untouched
+        raise BookgenError(f"--out: cannot write the export into {out}: {exc.strerror or exc}") from exc
+    return out
+
+
+def _export_into(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     if not out.exists():
         with staged_dir(out) as scratch:
             _write(model, tokenizer, scratch, folder)
-        return out
+        return
     previous = read_json(out / EXPORT_MARKER)
     before = set(previous.get("files", [])) if isinstance(previous, dict) else set()
     remove_dead_scratch(out)  # what an export killed outright left
     with tempfile.TemporaryDirectory(dir=out, prefix=f".bookgen-export-{scratch_owner()}-") as tmp:
         scratch = Path(tmp)
         written = _write(model, tokenizer, scratch, folder)
+        theirs = [name for name in written if (out / name).exists() and name not in before | {EXPORT_MARKER}]
+        if theirs:  # --force adds files; it never replaces one an export did not write
+            raise BookgenError(f"--out: {out} holds {', '.join(theirs)}, which no bookgen export wrote; the export "
+                               "would replace them. Move them away or name another folder")
         write_json_atomic(out / EXPORT_MARKER, {"checkpoint": str(folder.resolve()), "complete": False,
                                                 "files": sorted((before | set(written)) - {EXPORT_MARKER})})
         for name in written:
@@ -70,7 +112,6 @@ def export(folder: Path, out: Path, *, force: bool = False) -> Path:
             if "/" not in name and (out / name).is_file():
                 (out / name).unlink()
         os.replace(scratch / EXPORT_MARKER, out / EXPORT_MARKER)
-    return out
 
 
 def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scratch: Path, source: Path) -> list[str]:

@@ -217,23 +217,56 @@ def quality_path(out_jsonl: Path) -> Path:
     return out_jsonl.with_suffix(".quality.json")
 
 
-def check_output_paths(out_jsonl: Path, *, inputs: list[Path]) -> None:
-    """Refuse an --out whose JSONL or readable copy would overwrite an input or each other, or that cannot
-    be written: checked before the model loads, so no sampling time is lost to a bad path."""
+READABLE_HEADER = "=== GENERATED SEQUENCE 1 ==="
+
+
+def written_by_generate(path: Path) -> bool:
+    """Whether ``path`` holds what `bookgen generate` writes (so replacing it loses nothing the user made):
+    told by the file's own content, since these are plain files a user may also keep under such names."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            head = fh.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not head:
+        return True  # nothing to lose
+    if path.name.endswith(".quality.json"):
+        try:
+            return "stop_rate" in json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            return False
+    if path.suffix == ".txt":
+        return head.startswith(READABLE_HEADER)
+    try:
+        first = json.loads(head.splitlines()[0])
+    except (ValueError, IndexError):
+        return False
+    return isinstance(first, dict) and {"prompt_index", "sample_index", "text"} <= first.keys()
+
+
+def check_output_paths(out_jsonl: Path, *, inputs: list[Path], force: bool = False) -> None:
+    """Refuse an --out whose JSONL, readable copy or quality file would overwrite an input, each other, or a
+    file generate did not write (unless ``force``), or that cannot be written: checked before the model
+    loads, so no sampling time is lost to a bad path."""
     from bookgen.errors import BookgenError
 
     readable = readable_path(out_jsonl)
     if out_jsonl.suffix in (".txt", ".json"):
         raise BookgenError(f"--out: {out_jsonl} would be overwritten by the readable copy (.txt) or the quality "
                            "measures (.quality.json); give the JSONL output a .jsonl name")
+    written_files = (out_jsonl, readable, quality_path(out_jsonl))
     for given in inputs:
-        for written in (out_jsonl, readable, quality_path(out_jsonl)):
+        for written in written_files:
             if written.resolve() == given.resolve() or given.resolve() in written.resolve().parents:
                 raise BookgenError(f"--out: writing {written} would overwrite the input {given}; choose another "
                                    "--out")
-    for written in (out_jsonl, readable):
+    for written in written_files:
         if written.is_dir():
             raise BookgenError(f"--out: {written} is a folder; name a .jsonl file")
+        if written.exists() and not force and not written_by_generate(written):
+            raise BookgenError(f"--out: {written} exists and was not written by bookgen generate; it would be "
+                               f"replaced (generate writes {out_jsonl.name}, {readable.name} and "
+                               f"{quality_path(out_jsonl).name}). Choose another --out, or pass --force to replace it")
     folder = out_jsonl.parent
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
     if not existing.is_dir() or not os.access(existing, os.W_OK):
@@ -252,6 +285,8 @@ def write_outputs(samples: list[Sample], out_jsonl: Path) -> Path:
 def read_prompts(path: Path) -> list[str]:
     from bookgen.errors import BookgenError
 
+    if path.is_dir():
+        raise BookgenError(f"--prompts: {path} is a folder; give a text file (one prompt a line) or a .jsonl file")
     if not path.is_file():
         raise BookgenError(f"--prompts: {path} does not exist")
     try:

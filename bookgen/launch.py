@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from bookgen.config import ExperimentConfig
+from bookgen.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "launcher" / "run.py"
@@ -38,6 +39,12 @@ def launch_command(cfg: ExperimentConfig, cfg_path: Path, overrides: list[str]) 
                     "--rdzv_endpoint", f"{la.master_addr}:{la.master_port}", "--rdzv_id", "bookgen"]
         return [*cmd, str(RUN), *args]
     if la.backend == "deepspeed":
+        if la.nodes > 1 and la.hostfile is None:
+            raise ConfigError(f"launch.hostfile: the deepspeed launcher needs a hostfile to start {la.nodes} nodes "
+                              "(one line per node: `hostname slots=N`); set launch.hostfile, or use "
+                              "launch.backend: torchrun or slurm")
+        if la.hostfile is not None and not la.hostfile.is_file():
+            raise ConfigError(f"launch.hostfile: {la.hostfile} does not exist")
         cmd = ["deepspeed", "--num_nodes", str(la.nodes), "--num_gpus", str(la.procs_per_node),
                "--master_addr", la.master_addr, "--master_port", str(la.master_port)]
         if la.hostfile is not None:

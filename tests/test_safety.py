@@ -565,3 +565,119 @@ def test_a_changed_training_split_resumes_only_at_an_epochs_end(trained, tmp_pat
     again = launch(1, ["--cfg", str(end)])
     assert "was saved at an epoch's end; the training split" in again.stderr, again.stderr[-2000:]
     assert "(epoch 1, step 0 of the epoch)" in again.stderr, again.stderr[-2000:]
+
+
+# --- issue 31: export -----------------------------------------------------------------------------------
+
+@pytest.mark.multirank
+def test_export_refuses_any_folder_inside_a_run_however_spelled(trained, tmp_path):
+    exp = _copy_run(trained, tmp_path)
+    hf = tmp_path / "run/checkpoints/step00000004/hf"
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    for cwd, out in ((hf, "."), (hf, "../hf/"), (tmp_path, "run/checkpoints/step00000004/hf"),
+                     (tmp_path, "run/notes/new"), (hf.parent, "../../checkpoints/x")):
+        for force in ([], ["--force"]):
+            proc = _cli(["export", "--cfg", str(exp), "--out", out, *force], cwd=cwd)
+            assert proc.returncode == 2 and "run folder or checkpoint" in proc.stderr, (out, proc.stderr[-2000:])
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    assert not (tmp_path / "run/notes").exists()
+    launch(1, ["--cfg", str(exp), "--set", "train.max_steps=5"])  # the checkpoint still resumes
+
+
+@pytest.mark.multirank
+def test_export_force_never_replaces_a_file_it_did_not_write(trained, tmp_path):
+    exp = _copy_run(trained, tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    (mine / "config.json").write_text('{"my": "own"}')
+    proc = _cli(["export", "--cfg", str(exp), "--out", str(mine), "--force"])
+    assert proc.returncode == 2 and "config.json, which no bookgen export wrote" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(os.listdir(mine)) == ["config.json", "notes.txt"]
+    assert (mine / "config.json").read_text() == '{"my": "own"}'
+
+
+@pytest.mark.multirank
+def test_export_into_a_read_only_folder_is_named(trained, tmp_path):
+    base = _world_readable_tmp(tmp_path)
+    try:
+        shutil.copytree(trained / "run", base / "run")
+        exp = write_experiment(base, SETTINGS, rows=120)
+        for path in [base, *base.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        locked = base / "locked"
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        for out in (locked, locked / "new"):
+            proc = _cli(["export", "--cfg", str(exp), "--out", str(out)], user=True)
+            assert proc.returncode == 2 and f"cannot write into {locked}" in proc.stderr, proc.stderr[-2000:]
+            assert "Traceback" not in proc.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --- issue 31: what the command line and the YAML accept ------------------------------------------------
+
+def test_odd_values_are_named_errors_not_tracebacks(tmp_path, capsys):
+    from bookgen.config_io import load_config
+    from bookgen.errors import ConfigError
+
+    exp = write_experiment(tmp_path)
+    for item, message in (("train.adam_eps=-1", "--set train.adam_eps=-1: train.adam_eps: must be > 0"),
+                          ("seed=-1", "--set seed=-1: seed: must be in"),
+                          (f"seed={2**64}", f"--set seed={2**64}: seed: must be in"),
+                          ("trian.lr=1", "--set trian.lr=1: trian: unknown key; did you mean train?")):
+        with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
+            load_config(exp, [item])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(exp.read_bytes() + "# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml: not UTF-8 text"):
+        load_config(latin)
+    assert main(["show", "--cfg", str(latin), "--key", "seed"]) == 2
+
+
+def test_generate_flags_go_through_the_configs_validation(tmp_path, capsys):
+    model = tmp_path / "no-model-needed"  # refused before any model is looked at
+    for flags, message in ((["--temperature", "inf"], "--temperature (generate.temperature): must be a finite"),
+                           (["--repetition-penalty", "inf"], "--repetition-penalty (generate.repetition_penalty)"),
+                           (["--top-p", "nan"], "--top-p (generate.top_p): must be a finite"),
+                           (["--seed", "-1"], "--seed (generate.seed): must be in [0, 2**63)")):
+        assert main(["generate", "--model", str(model), *flags]) == 2
+        assert message in capsys.readouterr().err.replace("\n", "")
+    assert main(["generate", "--model", str(model), "--prompts", str(tmp_path)]) == 2
+    assert f"--prompts: {tmp_path} is a folder" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_deepspeed_launch_on_several_nodes_needs_a_hostfile(tmp_path, capsys):
+    exp = write_experiment(tmp_path, {"launch.nodes": 2, "launch.backend": "deepspeed",
+                                      "launch.master_addr": "node1"})
+    assert main(["launch", "--cfg", str(exp), "--dry-run"]) == 2
+    assert "launch.hostfile: the deepspeed launcher needs a hostfile to start 2 nodes" in capsys.readouterr().err
+    exp = write_experiment(tmp_path, {"launch.nodes": 2, "launch.backend": "deepspeed", "launch.hostfile": "hosts",
+                                      "launch.master_addr": "node1"})
+    assert main(["launch", "--cfg", str(exp), "--dry-run"]) == 2
+    assert f"launch.hostfile: {tmp_path / 'hosts'} does not exist" in capsys.readouterr().err.replace("\n", "")
+    (tmp_path / "hosts").write_text("node1 slots=1\nnode2 slots=1\n")
+    assert main(["launch", "--cfg", str(exp), "--dry-run"]) == 0
+    assert f"--hostfile {tmp_path / 'hosts'}" in capsys.readouterr().out
+
+
+@pytest.mark.multirank
+def test_generate_side_files_never_replace_a_users_file(trained, tmp_path):
+    model = str(trained / "export")
+    flags = ["--max-new-tokens", "3", "--num-return-sequences", "1"]
+    (tmp_path / "mynotes.txt").write_text("my notes")
+    (tmp_path / "report.quality.json").write_text('{"mine": 1}')
+    for out, theirs in (("mynotes.jsonl", "mynotes.txt"), ("report.jsonl", "report.quality.json")):
+        proc = _cli(["generate", "--model", model, "--out", str(tmp_path / out), *flags])
+        assert proc.returncode == 2 and f"{tmp_path / theirs} exists and was not written by bookgen generate" in \
+            proc.stderr.replace("\n", ""), proc.stderr[-2000:]
+        assert not (tmp_path / out).exists()
+    assert (tmp_path / "mynotes.txt").read_text() == "my notes"
+    assert (tmp_path / "report.quality.json").read_text() == '{"mine": 1}'
+    # generate's own files are replaced by the next run; a user's file only when named with --force
+    for _ in range(2):
+        proc = _cli(["generate", "--model", model, "--out", str(tmp_path / "gen.jsonl"), *flags])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _cli(["generate", "--model", model, "--out", str(tmp_path / "mynotes.jsonl"), "--force", *flags])
+    assert proc.returncode == 0 and (tmp_path / "mynotes.txt").read_text().startswith("=== GENERATED SEQUENCE 1")
