@@ -46,6 +46,7 @@ from bookgen.step import StepMetrics, train_step
 from bookgen.train_state import TrainState
 
 SUMMARY = "run_summary.json"
+PREEMPTED_MARKER = "PREEMPTED"  # written after the preemption save; slurm/train.sh requeues only with it
 STOP_FILE = "STOP_REQUESTED"  # slurm/train.sh creates it when Slurm warns of the time limit
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues the job on it
 
@@ -109,6 +110,9 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
     stop = StopFlag()
     if dist.is_main:
         announce(cfg, console, dist)
+        # a new start clears the previous one's preemption records before anything can fail
+        (cfg.run.output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
     ensure_prepared(cfg, dist, console)
     run = _build(cfg, dist, console)
     if run.finished:
@@ -181,9 +185,7 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
         return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, None, None, progress,
                    None, None, finished=True)
     log = None
-    if dist.is_main:  # a new start clears the previous one's preemption records
-        (cfg.run.output_dir / "PREEMPTED").unlink(missing_ok=True)
-        (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
+    if dist.is_main:
         log = MetricsLog(cfg.run.output_dir, tensorboard=cfg.run.tensorboard, resume_step=state.global_step)
     if engine.device.type == "cpu" and native.unavailable():
         console.print(f"[yellow]bookgen's C kernels are not in use ({native.unavailable()}): GELU, dropout and "
@@ -313,7 +315,7 @@ def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, con
     console.print(f"preempted: saved checkpoint at step {run.state.global_step}; rerun to resume")
     if run.log is not None:
         run.log.close()
-        (cfg.run.output_dir / "PREEMPTED").write_text(f"{run.state.global_step}\n")
+        (cfg.run.output_dir / PREEMPTED_MARKER).write_text(f"{run.state.global_step}\n")
     distributed.teardown()
     sys.exit(PREEMPTED_EXIT)
 

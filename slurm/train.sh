@@ -38,11 +38,15 @@ fi
 echo "bookgen job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES nodes x $NPROC ranks," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT, run folder $RUN_DIR"
 
+# a marker left by an earlier job (or one that failed later) must not requeue this one: only this job's ranks
+# may write it, after they saved a checkpoint on a stop request
+rm -f "$RUN_DIR/PREEMPTED"
+
 # USR1 (time limit near) or TERM: ask the ranks to checkpoint and stop at the end of their step
 trap 'echo "bookgen: stop requested by Slurm"; touch "$RUN_DIR/STOP_REQUESTED"' USR1 TERM
 
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
-    "$PYTHON" -m torch.distributed.run \
+    "$PYTHON" -m bookgen.torchrun \
         --nnodes "$SLURM_NNODES" --nproc_per_node "$NPROC" \
         --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
         "$REPO/launcher/run.py" --cfg "$EXP" "$@" &
@@ -53,7 +57,9 @@ while kill -0 "$SRUN" 2>/dev/null; do
     status=$?
 done
 
-if [ -f "$RUN_DIR/PREEMPTED" ]; then
+# requeue only a job whose ranks stopped for preemption (exit 75 after a complete save); a user error, a
+# crash or a finished run ends the job with its own status
+if [ "$status" -eq 75 ] && [ -f "$RUN_DIR/PREEMPTED" ]; then
     echo "bookgen: preempted; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0

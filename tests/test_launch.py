@@ -40,6 +40,7 @@ def test_dry_run_commands(tmp_path, capsys):
     assert out.startswith("sbatch --nodes=4 --ntasks-per-node=1 --export=ALL,BOOKGEN_NPROC_PER_NODE=8")
     assert "--partition=gpu --time=12:00:00 --gpus-per-node=8 --qos=high" in out
     assert out.endswith(f"slurm/train.sh {exp} --set=train.max_steps=10")
+    (tmp_path / "hosts").write_text("node1 slots=8\nnode2 slots=8\n")
     cfg = load_config(exp, ["launch.backend=deepspeed", "launch.nodes=2", "launch.hostfile=hosts"])
     ds = launch_command(cfg, exp, [])
     assert ds[:5] == ["deepspeed", "--num_nodes", "2", "--num_gpus", "8"] and str(tmp_path / "hosts") in ds
@@ -172,3 +173,29 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(tmp_path):
     assert "stop requested by Slurm" in log and "requeueing job" in log and "(restart 1)" in log
     saved = int(re.search(r"preempted: saved checkpoint at step (\d+)", log).group(1))
     assert saved >= 10 and f"at step {saved}" in log.split("(restart 1)")[1], "the requeued job resumed there"
+
+
+@pytest.mark.slurm
+@slurm
+def test_a_stale_preemption_marker_never_requeues_a_failing_job(tmp_path):
+    exp = write_experiment(tmp_path, SETTINGS | {"checkpoint.resume": "nowhere/step00000004"}, rows=120)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "PREEMPTED").write_text("12\n")  # left by an earlier job
+    job, proc = _sbatch(exp, tmp_path, wait=True)
+    log = next(tmp_path.glob("job-*.out")).read_text()
+    assert proc.returncode == 2, proc.stderr + log[-3000:]
+    assert "checkpoint.resume: " in log and "does not exist" in log
+    assert "requeueing" not in log and "(restart 1)" not in log
+    out = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True).stdout
+    assert "Restarts=0" in out and _job_state(job) == "FAILED"
+
+
+@pytest.mark.multirank
+def test_launch_ends_with_the_ranks_own_status_and_no_traceback(tmp_path):
+    exp = write_experiment(tmp_path, {"checkpoint.resume": "nowhere/step00000004", "launch.procs_per_node": 2,
+                                      "launch.master_port": free_port()})
+    proc = subprocess.run([sys.executable, "-m", "bookgen.cli", "launch", "--cfg", str(exp)], cwd=REPO,
+                          capture_output=True, text=True, env=rank_env(), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "does not exist" in proc.stderr and "bookgen: rank 0 exited with status 2" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr

@@ -1,0 +1,36 @@
+"""torchrun that ends with its ranks' own exit status, without torchrun's traceback.
+
+`python -m torch.distributed.run` turns any failed rank into a ``ChildFailedError`` traceback and exit 1, so a
+rank's user error (exit 2, its message already printed) or its preemption exit (75, which slurm/train.sh
+requeues on) reach the shell as a generic crash. `bookgen launch` and slurm/train.sh start ranks through this
+module instead: same arguments as torchrun, exit status of the first rank that failed (128 + N for signal N).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+
+def exit_status(exitcode: int) -> int:
+    """A rank's status as a shell reports it: a rank killed by signal N (exitcode -N) is 128 + N."""
+    return 128 - exitcode if exitcode < 0 else exitcode
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(list(argv) if argv is not None else sys.argv[1:]))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        status = exit_status(failure.exitcode)
+        print(f"bookgen: rank {rank} exited with status {status}"
+              + (" (see its message above)" if status == 2 else ""), file=sys.stderr)
+        return status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
