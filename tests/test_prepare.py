@@ -6,6 +6,7 @@ import re
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +246,129 @@ def test_cli_prepare_reports_and_bad_source_exits_2(tmp_path, capsys):
     assert "absent.txt: data.source not found" in capsys.readouterr().err
     splits = json.loads((tmp_path / "run" / "prepared" / "splits.json").read_text())
     assert splits["counts"] == {"train": 42, "valid": 12, "test": 6}
+
+
+# --- issue 31: prepare never writes over its source, reads every row, shares a folder safely -----------------
+
+def test_a_source_inside_the_prepared_folder_is_refused(tmp_path):
+    from bookgen.errors import ConfigError
+
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    lines = {s: "".join(f"<BOS> {s} summary number {i} <EOS>\n" for i in range(30)) for s in sources.SPLITS}
+    for split, text in lines.items():
+        (folder / f"{split}.txt").write_text(text)
+    exp = write_experiment(tmp_path, {"data.source": str(folder), "data.prepared_dir": str(folder)})
+    with pytest.raises(ConfigError, match=rf"data.source {folder} is the prepared folder"):
+        prepare(load_config(exp))
+    corpus = tmp_path / "prep" / "train.txt"
+    corpus.parent.mkdir()
+    corpus.write_text(SAMPLE.read_text())
+    exp = write_experiment(tmp_path, {"data.source": str(corpus), "data.prepared_dir": "prep/"})
+    with pytest.raises(ConfigError, match=r"train.txt lies in the prepared folder"):
+        prepare(load_config(exp))
+    assert {s: (folder / f"{s}.txt").read_text() for s in sources.SPLITS} == lines
+    assert corpus.read_text() == SAMPLE.read_text() and sorted(p.name for p in corpus.parent.iterdir()) == ["train.txt"]
+
+
+def test_cmu_is_told_from_the_whole_file(tmp_path):
+    rows = [_cmu_row(i, f"summary {i} of a book") for i in range(400)]
+    damaged = tmp_path / "damaged.txt"  # the first 150 rows lost their metadata columns
+    damaged.write_text("".join(r.split("\t")[-1] + "\n" for r in rows[:150]) + "".join(r + "\n" for r in rows[150:]))
+    assert sources.detect_format(damaged) == "cmu"
+    exp = write_experiment(tmp_path, {"data.source": str(damaged)})
+    with pytest.raises(sources.CorpusError, match=r"damaged.txt:1: expected 7 tab-separated columns"):
+        prepare(load_config(exp))
+    report = prepare(load_config(exp, ["data.skip_malformed=true"]))
+    assert report.skipped_malformed == 150 and sum(report.counts.values()) == 250
+    text = tmp_path / "text.txt"  # prose with a few CMU-looking lines stays text
+    text.write_text("".join(f"a line of prose {i}\n" for i in range(300)) + "".join(r + "\n" for r in rows[:20]))
+    assert sources.detect_format(text) == "text"
+
+
+@pytest.mark.parametrize("bad", ["12345", '{"a": 1}', "[1, 2]", "true"])
+def test_every_jsonl_row_is_checked(tmp_path, bad):
+    import gzip
+
+    rows = [json.dumps({"text": f"document number {i} with some words"}) for i in range(40_000)]
+    rows[39_000] = f'{{"text": {bad}}}'
+    for name, write in (("docs.jsonl", lambda p, t: p.write_text(t)),
+                        ("docs.jsonl.gz", lambda p, t: p.write_bytes(gzip.compress(t.encode())))):
+        path = tmp_path / name
+        write(path, "\n".join(rows) + "\n")
+        exp = write_experiment(tmp_path / name.replace(".", "_"), {"data.source": str(path)})
+        with pytest.raises(sources.CorpusError, match=rf"{name}:39001: 'text' \(data.text_field\) holds"):
+            prepare(load_config(exp), quiet=True)
+
+
+def test_a_zstd_source_is_named_as_compressed(tmp_path):
+    packed = tmp_path / "booksummaries.txt.zst"
+    packed.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(100))
+    with pytest.raises(sources.CorpusError, match=r"compressed with zstd, which bookgen does not read"):
+        sources.detect_format(packed)
+    renamed = tmp_path / "corpus.txt"
+    renamed.write_bytes(packed.read_bytes())
+    with pytest.raises(sources.CorpusError, match=r"corpus.txt: compressed with zstd"):
+        sources.detect_format(renamed)
+
+
+def test_two_prepares_of_one_folder_take_turns(tmp_path):
+    import subprocess
+
+    from tests.ranks import rank_env
+
+    shared = tmp_path / "shared"
+    procs = []
+    for n, vocab in enumerate((1024, 400)):
+        exp = write_experiment(tmp_path / f"e{n}", {"data.prepared_dir": str(shared), "tokenizer.vocab_size": vocab})
+        procs.append(subprocess.Popen([sys.executable, "-m", "bookgen.cli", "prepare", "--cfg", str(exp)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=rank_env()))
+        time.sleep(0.5)
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "waiting for another bookgen prepare of" in outputs[1][1], "the second waited for the first"
+    # each reported its own tokens: the second rebuilt with its own vocabulary, after the first had finished
+    first, second = (re.search(r"tokens: train=([\d,]+)", err).group(1) for _, err in outputs)
+    assert first != second
+    assert len(load_tokenizer(tokenizer_dir(shared))) < 500
+    assert json.loads((shared / "report.json").read_text())["tokens"]["train"] == int(second.replace(",", ""))
+
+
+@pytest.mark.multirank  # it trains too
+def test_a_read_only_prepared_folder_is_used_as_it_is(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    from tests.ranks import rank_env
+
+    base = Path("/tmp") / f"bookgen-test-{os.getpid()}-ro"  # pytest's folders are private to their owner
+    shutil.rmtree(base, ignore_errors=True)
+    exp = write_experiment(base, {"data.prepared_dir": str(base / "data"), "train.max_steps": 1})
+    prepare(load_config(exp))
+    base.chmod(0o755)
+    for path in [base / "data", *(base / "data").rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    cmd = [sys.executable, "-m", "bookgen.cli", "prepare", "--cfg", str(exp)]
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    try:
+        for extra in ([], ["--verify"]):
+            proc = subprocess.run(cmd + extra, capture_output=True, text=True, env=rank_env({"HOME": "/tmp"}),
+                                  timeout=300)
+            assert proc.returncode == 0 and "rebuilt: nothing" in proc.stderr, proc.stderr[-2000:]
+        run = base / "run"  # training from it, into a run folder of this user's own
+        run.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(run, 65534, 65534)
+        train = [c if c != "prepare" else "train" for c in cmd]
+        proc = subprocess.run(train, capture_output=True, text=True, env=rank_env({"HOME": str(run)}), timeout=300)
+        assert proc.returncode == 0 and (run / "run_summary.json").is_file(), proc.stderr[-2000:]
+        # a setting that needs work asks for write access, by name
+        proc = subprocess.run(cmd + ["--set", "tokenizer.vocab_size=300"], capture_output=True, text=True,
+                              env=rank_env({"HOME": "/tmp"}), timeout=300)
+        assert proc.returncode == 2 and "while preparing into" in proc.stderr, proc.stderr[-2000:]
+    finally:
+        for path in [base / "data", *(base / "data").rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        shutil.rmtree(base, ignore_errors=True)

@@ -84,8 +84,3 @@ def iter_rows(lines: Iterable[str], *, source: Path, skip_malformed: bool, stats
             stats.bad_genres += 1
             genres = ()
         yield Book(cols[0], cols[2], cols[3], genres, normalize_summary(cols[6]))
-
-
-def looks_like_cmu(first_line: str) -> bool:
-    cols = first_line.rstrip("\n").split("\t")
-    return len(cols) == COLUMNS and cols[0].strip().isdigit() and cols[1].startswith("/m/")

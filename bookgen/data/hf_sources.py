@@ -10,9 +10,13 @@ comes out in batches, never as one list.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import json
+import lzma
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from bookgen.data.cmu import normalize_summary
 from bookgen.errors import CorpusError
@@ -42,6 +46,8 @@ def open_dataset(source: Path, fmt: str, *, text_field: str, split_names: list[s
     """(documents, None) for one table, or (None, {train, valid, test: documents}) for a DatasetDict whose
     splits ``split_names`` names. Documents come lazily; empty or missing texts come as "" (prepare skips and
     counts them). The column is checked here, before anything is read."""
+    if fmt == "json" and _is_json_lines(source):
+        return _json_lines(source, text_field), None
     data = _load(source, fmt)
     import datasets
 
@@ -101,3 +107,57 @@ def _read_texts(table: Any, where: str, fmt: str, text_field: str) -> Iterator[s
         raise _unreadable(where, fmt, exc) from exc
     if rows == 0:
         raise CorpusError(f"{where}: the dataset has no rows")
+
+
+# JSON lines are read here, not through `datasets`: its reader types a column by its first rows and then casts
+# later values (row 39,001's {"text": 12345} becomes the text "12345", a dict its JSON), so a bad row far
+# down a file would silently become a document. Here every row's value is checked.
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _open_text(source: Path) -> IO[str]:
+    opener = _OPENERS.get(source.suffix.lower(), open)
+    return opener(source, "rt", encoding="utf-8")  # type: ignore[operator,no-any-return]
+
+
+def _is_json_lines(source: Path) -> bool:
+    """One JSON object on the first non-empty line (a ``.jsonl``, or a ``.json`` written as lines)."""
+    try:
+        with _open_text(source) as fh:
+            first = next((line for line in fh if line.strip()), "")
+        return isinstance(json.loads(first), dict)
+    except (OSError, EOFError, ValueError, lzma.LZMAError):
+        return False
+
+
+def _json_lines(source: Path, text_field: str) -> Iterator[str]:
+    """The text of every row; the column is checked on the first row now, every value as it is read."""
+    with _open_text(source) as fh:
+        first = json.loads(next(line for line in fh if line.strip()))
+    if text_field not in first:
+        raise CorpusError(f"{source}: no column {text_field!r} (data.text_field); its columns are {list(first)}")
+    return _json_line_texts(source, text_field)
+
+
+def _json_line_texts(source: Path, text_field: str) -> Iterator[str]:
+    line_no = 0
+    try:
+        with _open_text(source) as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    raise CorpusError(f"{source}:{line_no}: not a JSON object ({exc})") from exc
+                if not isinstance(row, dict):
+                    raise CorpusError(f"{source}:{line_no}: not a JSON object but {type(row).__name__}")
+                text = row.get(text_field)
+                if text is not None and not isinstance(text, str):
+                    raise CorpusError(f"{source}:{line_no}: {text_field!r} (data.text_field) holds "
+                                      f"{type(text).__name__} {json.dumps(text)[:60]}, not text")
+                yield normalize_summary(text) if text else ""
+    except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError) as exc:  # a truncated or damaged file
+        raise CorpusError(f"{source}:{line_no + 1}: cannot read it ({type(exc).__name__}: {exc})") from exc
+    if line_no == 0:
+        raise CorpusError(f"{source}: the dataset has no rows")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -33,8 +34,9 @@ from bookgen.data.spill import DocumentSpill
 from bookgen.data.split import reference_split_indices, seeded_split_indices
 from bookgen.data.store import MANIFEST, TokenStore, encode_lines, write_store
 from bookgen.data.tokenizer import tokenizer_fingerprint, tokenizer_source
-from bookgen.errors import StoreError
+from bookgen.errors import ConfigError, StoreError
 from bookgen.fileio import read_json, remove_dead_scratch, scratch_owner, sha256_json, staged_dir, write_json_atomic
+from bookgen.run_lock import hold_prepared_folder
 
 SPLITS = sources.SPLITS
 STAGE_VERSION = 2  # 2: lines end at \n only (no longer at U+2028 and the like)
@@ -70,8 +72,11 @@ def format_line(summary: str, cfg: ExperimentConfig) -> str:
 def prepare(cfg: ExperimentConfig, *, quiet: bool = False, verify: bool = False) -> PrepareReport:
     """Bring the prepared folder up to date. ``verify`` hashes every input and output again instead of
     trusting the digests remembered for unchanged files (see :mod:`bookgen.data.digests`)."""
+    _check_source_outside(cfg)
     try:
-        return _prepare(cfg, quiet=quiet, verify=verify)
+        cfg.prepared_dir.mkdir(parents=True, exist_ok=True)
+        with hold_prepared_folder(cfg.prepared_dir, _notify):
+            return _prepare(cfg, quiet=quiet, verify=verify)
     except OSError as exc:  # an unwritable folder, a full disk: say which file, not a traceback
         where = exc.filename or cfg.prepared_dir
         raise StoreError(f"{where}: {exc.strerror or exc} while preparing into {cfg.prepared_dir} "
@@ -79,10 +84,24 @@ def prepare(cfg: ExperimentConfig, *, quiet: bool = False, verify: bool = False)
                          "trusted, rerun once it is fixed") from exc
 
 
+def _notify(message: str) -> None:
+    print(f"bookgen: {message}", file=sys.stderr, flush=True)
+
+
+def _check_source_outside(cfg: ExperimentConfig) -> None:
+    """prepare writes train/valid/test.txt and more into data.prepared_dir: a source there would be replaced
+    by its own split (and a prepared folder inside a source folder would change the source's checksum)."""
+    source, prepared = cfg.data.source.resolve(), cfg.prepared_dir.resolve()
+    if source.is_relative_to(prepared) or (source.is_dir() and prepared.is_relative_to(source)):
+        raise ConfigError(f"data.source {source} {'is' if source == prepared else 'lies in'} the prepared folder "
+                          f"{prepared} (data.prepared_dir, default <run.output_dir>/prepared)"
+                          if source.is_relative_to(prepared) else
+                          f"data.prepared_dir {prepared} lies inside the source folder {source} (data.source)")
+
+
 def _prepare(cfg: ExperimentConfig, *, quiet: bool, verify: bool) -> PrepareReport:
     report = PrepareReport()
     prepared = cfg.prepared_dir
-    prepared.mkdir(parents=True, exist_ok=True)
     digests = Digests(prepared / DIGESTS, verify=verify)
     for folder in (prepared, prepared / "store"):  # what a killed prepare left (a gigabyte, for a large corpus)
         if folder.is_dir():
@@ -102,9 +121,13 @@ def _prepare(cfg: ExperimentConfig, *, quiet: bool, verify: bool) -> PrepareRepo
         with suppress(OSError):  # keep what was hashed, but never hide the real error behind this one
             digests.save()
         raise
-    digests.save()
     report.seconds["total"] = round(sum(report.seconds.values()), 3)
-    write_json_atomic(prepared / REPORT, report_record(report))
+    if report.rebuilt or not (prepared / REPORT).is_file():
+        digests.save()
+        write_json_atomic(prepared / REPORT, report_record(report))
+    else:  # up to date: a read-only shared dataset is used as it is (the digests are only a cache)
+        with suppress(OSError):
+            digests.save()
     return report
 
 
