@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # distributed imports torch, which `bookgen prepare` does not
     from bookgen.distributed import DistEnv
 
 LOCK_NAME = ".bookgen-run.lock"
-PREPARE_LOCK_NAME = ".bookgen-prepare.lock"
+PREPARE_LOCK_NAME = ".prepare.lock"  # no dash: scratch folders are the dot-names with one
 
 
 @contextmanager
