@@ -15,6 +15,7 @@ so a kill during a save could leave it naming an incomplete checkpoint.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from dataclasses import asdict
@@ -32,9 +33,9 @@ from deepspeed.checkpoint.constants import (
 from bookgen import faults
 from bookgen.config import ExperimentConfig
 from bookgen.config_io import RUNTIME_MODEL_KEYS, config_to_dict, model_fingerprint
-from bookgen.distributed import DistEnv, barrier, broadcast_object, gather_errors
+from bookgen.distributed import DistEnv, barrier, broadcast_object, gather_errors, gather_objects
 from bookgen.errors import BookgenError
-from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
+from bookgen.fileio import crc32_file, read_json, write_json_atomic, write_text_atomic
 from bookgen.layout import BatchLayout
 from bookgen.train_state import TrainState
 from bookgen.trained_on import train_split_digest
@@ -89,47 +90,100 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
         faults.inject("save", state.global_step, dist.rank)
         if dist.is_main:
             hf_files(folder / "hf")
-    except OSError as exc:
-        error = f"rank {dist.rank}: cannot write checkpoint {folder}: {exc}"
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as a RuntimeError
+        error = f"rank {dist.rank}: cannot write checkpoint {folder}: {_short(exc)}{_full_disk_note(root)}"
     # every rank learns whether any rank failed, so none of them marks a broken checkpoint complete
     errors = gather_errors(error)
     if errors:
         raise BookgenError("; ".join(errors) + ". Earlier checkpoints are untouched.")
+    crc32 = _crc32_of_files(folder, dist)
+    error = None
     if dist.is_main:
-        write_json_atomic(folder / MARKER, {
-            "state": asdict(state), "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
-            "precision": cfg.train.precision, "seed": cfg.seed,
-            "global_batch": BatchLayout.of(cfg.train, dist.world_size).global_batch,
-            "files": _file_sizes(folder),
-            "fingerprint": model_fingerprint(cfg),
-            "model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer),
-            "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing,
-                     "group_by_length": cfg.data.group_by_length, "train_sha256": train_split_digest(cfg)},
-            "eval_loss": eval_loss,
-        })
-        write_text_atomic(root / POINTER, tag + "\n")
-        _prune(root, cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best)
-    barrier()
+        try:
+            write_json_atomic(folder / MARKER, {
+                "state": asdict(state), "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
+                "precision": cfg.train.precision, "seed": cfg.seed,
+                "global_batch": BatchLayout.of(cfg.train, dist.world_size).global_batch,
+                "files": _file_sizes(folder), "crc32": crc32,
+                "fingerprint": model_fingerprint(cfg),
+                "model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer),
+                "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing,
+                         "group_by_length": cfg.data.group_by_length, "train_sha256": train_split_digest(cfg)},
+                "eval_loss": eval_loss,
+            })
+            write_text_atomic(root / POINTER, tag + "\n")
+            _prune(root, cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best)
+        except OSError as exc:  # the folder stays unmarked: nothing trusts it, the earlier ones stay
+            error = f"cannot mark checkpoint {folder} complete: {_short(exc)}"
+    errors = gather_errors(error)  # the other ranks must not wait at a barrier rank 0 never reaches
+    if errors:
+        raise BookgenError("; ".join(errors) + ". Earlier checkpoints are untouched.")
     return folder
+
+
+def _full_disk_note(folder: Path) -> str:
+    """torch's zip writer says "unexpected pos" where the disk filled up: say so when it is nearly full."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    return f" (No space left on device: {free:,} bytes free on {folder})" if free < 1 << 20 else ""
+
+
+def _short(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))[:300]
+
+
+def _checkpoint_files(folder: Path) -> list[str]:
+    return [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER]
+
+
+def _crc32_of_files(folder: Path, dist: DistEnv) -> dict[str, str]:
+    """Every file's CRC-32, the files striped over the ranks (each hashes about 1/world of the bytes; the
+    folder is shared, as saving needs) and gathered: resume, export, eval and generate check them."""
+    names = _checkpoint_files(folder)
+    mine = {name: crc32_file(folder / name) for i, name in enumerate(names) if i % dist.world_size == dist.rank}
+    merged: dict[str, str] = {}
+    for part in gather_objects(mine):
+        merged |= part  # type: ignore[arg-type]
+    return merged
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:
     """Every file's size, recorded in the marker: a truncated file is then found (and named) before loading."""
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != MARKER}
+    return {name: (folder / name).stat().st_size for name in _checkpoint_files(folder)}
 
 
-def check_files(folder: Path) -> None:
-    """Raise, naming the file and the previous complete checkpoint, when a file recorded at save time is
-    missing or has another size (a truncated copy, a disk that filled up after the save)."""
+REQUIRED_KEYS = ("state", "world_size", "zero_stage", "global_batch", "files", "fingerprint", "model", "tokenizer")
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    """The checkpoint's ``COMPLETE.json``, refused (naming it) when it is not one bookgen wrote."""
     marker = read_json(folder / MARKER)
-    sizes = marker.get("files") if isinstance(marker, dict) else None
-    for name, size in (sizes or {}).items():
+    missing = [k for k in REQUIRED_KEYS if k not in marker] if isinstance(marker, dict) else list(REQUIRED_KEYS)
+    if missing:
+        raise BookgenError(f"{folder / MARKER}: not a bookgen checkpoint record (unreadable, or without "
+                           f"{', '.join(missing)}): checkpoint {folder.name} is damaged. {previous_hint(folder)}")
+    return marker  # type: ignore[return-value]
+
+
+def check_files(folder: Path, rank: int = 0, world_size: int = 1) -> None:
+    """Raise, naming the file and the previous complete checkpoint, when a file recorded at save time is
+    missing, has another size (a truncated copy, a disk that filled up) or other content (its CRC-32; this
+    rank checks every ``world_size``-th file from ``rank``). Checkpoints saved before CRCs were recorded are
+    checked by size."""
+    marker = read_record(folder)
+    crc32 = marker.get("crc32") or {}
+    for i, (name, size) in enumerate(sorted(marker["files"].items())):
         path = folder / name
         found = path.stat().st_size if path.is_file() else None
         if found != size:
             what = "is missing" if found is None else f"has {found} bytes, {size} were saved"
             raise BookgenError(f"{path} {what}: checkpoint {folder.name} is damaged. {previous_hint(folder)}")
+        if name in crc32 and i % world_size == rank and crc32_file(path) != crc32[name]:
+            raise BookgenError(f"{path} has other content than was saved (CRC-32 differs): checkpoint "
+                               f"{folder.name} is damaged. {previous_hint(folder)}")
 
 
 def previous_hint(folder: Path) -> str:
@@ -185,7 +239,6 @@ def find_resume(cfg: ExperimentConfig) -> tuple[Path | None, list[str]]:
     if mode != "auto":
         folder = Path(mode)
         check_resume_folder(folder)
-        check_files(folder)
         return folder, []
     root = checkpoint_root(cfg)
     done = complete_checkpoints(root)
@@ -199,8 +252,6 @@ def find_resume(cfg: ExperimentConfig) -> tuple[Path | None, list[str]]:
     if done and any(name > done[-1].name for name in incomplete):
         notes.append(f"checkpoint {max(incomplete)} is incomplete (interrupted save); "
                      f"resuming from the previous complete one, {done[-1].name}")
-    if done:
-        check_files(done[-1])
     return (done[-1] if done else None), notes
 
 
@@ -257,9 +308,7 @@ def resolve(cfg: ExperimentConfig, choice: str | None) -> Path | None:
 
 def read_marker(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:
     """The checkpoint's record, refused when the model or tokenizer config differs from ``cfg``."""
-    marker = read_json(folder / MARKER)
-    if not isinstance(marker, dict):
-        raise BookgenError(f"{folder / MARKER}: unreadable checkpoint marker")
+    marker = read_record(folder)
     if marker["fingerprint"] != model_fingerprint(cfg):
         diffs = _diff("model", marker["model"], config_to_dict(cfg.model))
         diffs += _diff("tokenizer", marker["tokenizer"], config_to_dict(cfg.tokenizer))

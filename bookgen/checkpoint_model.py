@@ -8,24 +8,35 @@ only load checkpoints you trust).
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from bookgen.checkpoint import MARKER
+from bookgen.checkpoint import MARKER, check_files, previous_hint, read_record
 from bookgen.errors import BookgenError
-from bookgen.fileio import read_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    marker = read_json(folder / MARKER)
-    if not isinstance(marker, dict):
+    """The checkpoint's full fp32 weights, after its files are checked against their recorded sizes and
+    CRC-32s: a damaged file is named with the previous complete checkpoint, never unpickled."""
+    if not (folder / MARKER).is_file():
         raise BookgenError(f"{folder}: not a complete bookgen checkpoint (no {MARKER})")
-    if marker["zero_stage"] == 0:
+    check_files(folder)
+    marker = read_record(folder)
+    try:
+        return _consolidate(folder, marker["zero_stage"])
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        raise BookgenError(f"{folder}: cannot load this checkpoint ({type(exc).__name__}: {str(exc)[:300]}). "
+                           + previous_hint(folder)) from exc
+
+
+def _consolidate(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    if zero_stage == 0:
         states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -37,10 +48,10 @@ def load_checkpoint_model(folder: Path) -> tuple[PreTrainedModel, PreTrainedToke
     """The checkpoint's model (fp32, CPU) and tokenizer, built from the files saved beside it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    state = consolidated_state_dict(folder)  # first: it checks every file, hf/ included
     hf = folder / "hf"
     config = AutoConfig.from_pretrained(str(hf))
     model = AutoModelForCausalLM.from_config(config)
-    state = consolidated_state_dict(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")}  # tied to the input embeddings
     if set(missing) - tied or unexpected:

@@ -72,14 +72,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args, console)
     except BookgenError as exc:
-        import os
+        return _report(console, str(exc))
+    except KeyboardInterrupt:  # a Ctrl-C outside the training loop (which handles its own): no traceback
+        console.print("interrupted", highlight=False)
+        return 130
+    except OSError as exc:
+        import errno
 
-        from bookgen.distributed import discover
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        # a disk that filled up (or was remounted read-only) while running: say where, not a traceback
+        return _report(console, f"{exc.filename or 'a file'}: {exc.strerror}; what was complete before is "
+                                "untouched: free space and rerun the same command")
 
-        dist = discover(os.environ)
-        who = f" (rank {dist.rank} of {dist.world_size})" if dist.world_size > 1 else ""
-        console.print(f"[bold red]error{who}:[/] {exc}", highlight=False, soft_wrap=True)
-        return 2
+
+def _report(console, message: str) -> int:  # type: ignore[no-untyped-def]
+    import os
+
+    from bookgen.distributed import discover
+
+    dist = discover(os.environ)
+    who = f" (rank {dist.rank} of {dist.world_size})" if dist.world_size > 1 else ""
+    console.print(f"[bold red]error{who}:[/] {message}", highlight=False, soft_wrap=True)
+    return 2
 
 
 def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
@@ -97,9 +112,9 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
     if args.command == "prepare":
         return _prepare(cfg, args, console)
     if args.command == "train":
-        from bookgen.train import train
+        from bookgen.train import Invocation, train
 
-        train(cfg)
+        train(cfg, Invocation(Path(args.cfg).resolve(), tuple(args.overrides)))
         return 0
     if args.command == "samples":
         from bookgen.samples_run import samples_command

@@ -168,13 +168,18 @@ def broadcast_object(value: object) -> object:
     return value
 
 
+def gather_objects(value: object) -> list[object]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [value]
+    gathered: list[object] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def gather_errors(error: str | None) -> list[str]:
     """Every rank's error message (None: no error), so that all ranks stop together when any one fails."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return [error] if error else []
-    gathered: list[str | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, error)
-    return [e for e in gathered if e]
+    return [e for e in gather_objects(error) if isinstance(e, str) and e]
 
 
 def warn(dist: DistEnv, message: str) -> None:

@@ -8,6 +8,7 @@ from, with the position mapped by samples when the global batch changed.
 
 from __future__ import annotations
 
+import pickle
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from bookgen import checkpoint as ckpt
 from bookgen import reshard
 from bookgen.checkpoint import previous_hint
 from bookgen.config import ExperimentConfig
-from bookgen.distributed import DistEnv, broadcast_object
+from bookgen.distributed import DistEnv, broadcast_object, gather_errors
 from bookgen.errors import BookgenError
 from bookgen.layout import BatchLayout
 from bookgen.train_state import TrainState
@@ -41,12 +42,25 @@ def plan_resume(cfg: ExperimentConfig, dist: DistEnv) -> ResumePlan:
     folder, notes = ckpt.find_resume(cfg)
     marker = None
     if folder is not None:  # every refusal before the engine is built
+        _check_files_on_all_ranks(folder, dist)
         marker = check_compatible(folder, cfg)
         check_vocabulary(folder, cfg)
         for change in check_epoch_order(folder, marker, cfg, BatchLayout.of(cfg.train, dist.world_size).global_batch):
             notes.append(f"{folder} was saved at an epoch's end; {change} differs from then, which takes effect "
                          "from this epoch on")
     return ResumePlan(folder, reshard.needs_universal(folder, cfg, dist), notes, marker)
+
+
+def _check_files_on_all_ranks(folder: Path, dist: DistEnv) -> None:
+    """Sizes and CRC-32s of the checkpoint's files, the hashing striped over the ranks; all stop together."""
+    error = None
+    try:
+        ckpt.check_files(folder, dist.rank, dist.world_size)
+    except BookgenError as exc:
+        error = str(exc)
+    errors = gather_errors(error)
+    if errors:
+        raise BookgenError(errors[0])
 
 
 def restore(engine: Any, plan: ResumePlan, cfg: ExperimentConfig, dist: DistEnv, console: Console, *,
@@ -178,7 +192,7 @@ def _load(engine: Any, folder: Path, marker: dict[str, Any], cfg: ExperimentConf
     try:
         path, _client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                                load_lr_scheduler_states=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # torch names no file for a truncated one
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # torch names no file
         raise BookgenError(f"{folder}: cannot load this checkpoint ({type(exc).__name__}: {str(exc)[:300]}). "
                            + previous_hint(folder)) from exc
     if path is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -68,23 +69,51 @@ def plan_steps(n_examples: int, t: TrainConfig, world_size: int) -> StepPlan:
     return StepPlan(global_batch, per_epoch, total)
 
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
+
+
 class StopFlag:
-    """SIGTERM/SIGUSR1 (preemption) set a flag; the loop finishes its step, saves, and exits."""
+    """SIGTERM/SIGUSR1 (preemption) and a first Ctrl-C set a flag: the loop finishes its step, saves, and
+    exits. A second Ctrl-C stops at once (what a user pressing it twice wants): the newest complete
+    checkpoint stays the one to resume from, and a half-written one is never trusted."""
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.interrupted = False  # by Ctrl-C, not by the scheduler
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                print("\nbookgen: stopped at once (second Ctrl-C); the newest complete checkpoint is kept",
+                      file=sys.stderr, flush=True)
+                os._exit(INTERRUPTED_EXIT)
+            self.interrupted = True
+            print("\nbookgen: Ctrl-C: finishing this step and saving a checkpoint (press it again to stop at once)",
+                  file=sys.stderr, flush=True)
         self.requested = True
 
 
-def train(cfg: ExperimentConfig) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """How the user started this run, to print commands they can paste (resume, export)."""
+
+    experiment: Path | None = None
+    overrides: tuple[str, ...] = ()
+
+    def command(self, subcommand: str, *extra: str) -> str:
+        import shlex
+
+        cfg = str(self.experiment) if self.experiment is not None else "<exp.yaml>"
+        return shlex.join(["bookgen", subcommand, "--cfg", cfg, *(f"--set={o}" for o in self.overrides), *extra])
+
+
+def train(cfg: ExperimentConfig, invocation: Invocation | None = None) -> dict[str, Any]:
     with distributed.process_group(cfg.deepspeed.comm_timeout_s) as dist:
         check_training(cfg, dist)
         with hold_run_folder(cfg.run.output_dir, dist):
-            return _run(cfg, dist)
+            return _run(cfg, dist, invocation or Invocation())
 
 
 @dataclass(slots=True)
@@ -103,9 +132,10 @@ class Run:
     mfu_of: Callable[[float], float] | None  # tokens/s over all ranks -> MFU; None where the peak is unknown
     sampler: TrainingSampler | None  # eval.samples > 0
     finished: bool = False  # a rerun of a finished run: nothing to do, nothing to write
+    invocation: Invocation = Invocation()
 
 
-def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
+def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation) -> dict[str, Any]:
     console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
     stop = StopFlag()
     if dist.is_main:
@@ -115,6 +145,7 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
         (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
     ensure_prepared(cfg, dist, console)
     run = _build(cfg, dist, console)
+    run.invocation = invocation
     if run.finished:
         run.progress.close()
         console.print(f"{cfg.run.output_dir} is a finished run (step {run.state.global_step} of "
@@ -144,7 +175,7 @@ def _run(cfg: ExperimentConfig, dist: DistEnv) -> dict[str, Any]:
         plot_loss_curves(run.log.path, cfg.run.output_dir / "loss_curves.png")
         console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" for k, v in summary.items()
                                      if v is not None}))
-        console.print(_where_things_are(cfg), highlight=False)
+        console.print(_where_things_are(cfg, invocation), highlight=False)
     return summary
 
 
@@ -158,14 +189,16 @@ def _is_finished(cfg: ExperimentConfig, dist: DistEnv, state: TrainState, plan: 
     return bool(distributed.broadcast_object(recorded if dist.is_main else None))
 
 
-def _where_things_are(cfg: ExperimentConfig) -> str:
+def _where_things_are(cfg: ExperimentConfig, invocation: Invocation) -> str:
     root = ckpt.checkpoint_root(cfg)
     newest, best = ckpt.newest_complete(cfg), ckpt.best_complete(root) if cfg.checkpoint.keep_best else None
     samples = ", samples.jsonl" if cfg.eval.samples else ""
+    export = invocation.command("export", *(["--checkpoint", "best"] if best else []), "--out",
+                                str(cfg.run.output_dir.parent / f"{cfg.run.output_dir.name}-hf"))
     lines = [f"run folder {cfg.run.output_dir}: metrics.jsonl, loss_curves.png, eval_results.json, run_summary.json"
              f"{samples}",
              f"checkpoint {newest}" + (f"; best by validation loss {best}" if best is not None else ""),
-             f"export it: bookgen export --cfg <exp.yaml>{' --checkpoint best' if best else ''} --out <folder>"]
+             f"export it: {export}"]
     return "\n".join(lines)
 
 
@@ -254,7 +287,7 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
             if not math.isfinite(m.loss):  # every rank sees the same all-reduced loss and stops here
                 _stop_non_finite(run, cfg, m.loss)
             if m.stop_requested:
-                _save_and_exit_preempted(run, cfg, dist, console)
+                _save_and_exit_preempted(run, cfg, dist, stop, console)
             if state.global_step < plan.total_steps:  # the last step's evaluation and save are _finish's
                 _evaluate_and_save_on_schedule(run, cfg, dist, totals)
         if state.step_in_epoch >= plan.steps_per_epoch:
@@ -309,15 +342,24 @@ def _evaluate_and_save_on_schedule(run: Run, cfg: ExperimentConfig, dist: DistEn
         totals.saved_at = state.global_step
 
 
-def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, console: Console) -> None:
+def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag,
+                             console: Console) -> None:
+    """Save at this step and exit: 75 for a preemption (slurm/train.sh requeues on it and the marker), 130
+    for a Ctrl-C on this rank (no requeue: the user stopped it)."""
     ckpt.save(run.engine, cfg, dist, run.state, run.save_hf)
     run.progress.close()
-    console.print(f"preempted: saved checkpoint at step {run.state.global_step}; rerun to resume")
+    step = run.state.global_step
+    if stop.interrupted:
+        console.print(f"interrupted: saved checkpoint at step {step}; resume with: {run.invocation.command('train')}",
+                      highlight=False)
+    else:
+        console.print(f"preempted: saved checkpoint at step {step}; rerun to resume")
     if run.log is not None:
         run.log.close()
-        (cfg.run.output_dir / PREEMPTED_MARKER).write_text(f"{run.state.global_step}\n")
+        if not stop.interrupted:
+            (cfg.run.output_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
     distributed.teardown()
-    sys.exit(PREEMPTED_EXIT)
+    sys.exit(INTERRUPTED_EXIT if stop.interrupted else PREEMPTED_EXIT)
 
 
 def peak_memory_mb() -> int:
