@@ -76,8 +76,8 @@ def whole_process(args: argparse.Namespace) -> None:
             "hf generate (batched)": [sys.executable, __file__, "--only", "hf", "--model", str(folder), "--prompts",
                                       str(args.prompts), *common, "--count", f"{tmp}/hf.json"],
             "bookgen generate": [sys.executable, "-m", "bookgen.cli", "generate", "--model", str(folder), "--prompts",
-                                 str(prompt_file), "--out", f"{tmp}/bookgen.jsonl", "--top-k", "50", "--batch-size",
-                                 str(args.prompts * args.num_return_sequences), *common],
+                                 str(prompt_file), "--out", f"{tmp}/bookgen.jsonl", "--top-k", "50", *common],
+                                 # the plain command, as a user runs it: the default batch (a memory budget)
         }
         results = {}
         for name, cmd in ways.items():

@@ -314,7 +314,11 @@ class GenerateConfig:
     repetition_penalty: float = field(default=1.0, metadata=_doc("1.0 disables."))
     max_new_tokens: int = field(default=300, metadata=_doc("New tokens per sequence at most."))
     num_return_sequences: int = field(default=5, metadata=_doc("Samples per prompt."))
-    batch_size: int = field(default=16, metadata=_doc("Sequences decoded together."))
+    batch_size: int | None = field(
+        default=None,
+        metadata=_doc("Sequences decoded together; unset: as many as fit a KV-cache budget (half the free memory "
+                      "on a GPU, 2 GiB on a CPU), which for small models is all of them at once."),
+    )
     seed: int | None = field(default=None, metadata=_doc("Sampling seed; default the experiment seed."))
 
     def __post_init__(self) -> None:
@@ -326,7 +330,8 @@ class GenerateConfig:
         _require(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
         _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         _require(self.num_return_sequences >= 1, "num_return_sequences", "must be >= 1")
-        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        if self.batch_size is not None:
+            _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         if self.seed is not None:
             _require_seed(self.seed, "seed")
 

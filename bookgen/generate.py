@@ -191,7 +191,9 @@ def generate(
             warnings.warn(f"prompt {i}: {len(ids)} tokens, the model sees at most {limit}; kept its last "
                           f"{limit - 1} so that one new token fits", stacklevel=2)
     text_of = dict(zip(indices, prompts, strict=True))
-    per_batch = max(1, s.batch_size // s.num_return_sequences)
+    longest = max((len(ids) for ids in encoded.values()), default=0)
+    rows = s.batch_size or budget_rows(model, min(longest + s.max_new_tokens, limit))
+    per_batch = max(1, rows // s.num_return_sequences)
     by_length = sorted(indices, key=lambda i: len(encoded[i]))  # similar lengths: little left padding
     samples = []
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -205,6 +207,29 @@ def generate(
         if on_prompts_done is not None:
             on_prompts_done(len(group))
     return sorted(samples, key=lambda x: (x.prompt_index, x.sample_index))
+
+
+CPU_BUDGET_BYTES = 2 << 30
+GPU_BUDGET_SHARE = 0.5  # of the free memory: room for the weights' workspace and the allocator's slack
+
+
+def budget_rows(model: Any, length: int) -> int:
+    """How many sequences of ``length`` tokens to decode together: their KV cache and per-step logits within
+    half the free GPU memory, or 2 GiB on a CPU. One batch of everything is the fastest way to decode (each
+    step's weights are read once for all rows); the budget keeps a large model or a long context from
+    running out of memory (generate.batch_size overrides it)."""
+    parameter = next(model.parameters())
+    if parameter.device.type == "cuda":
+        budget = torch.cuda.mem_get_info(parameter.device)[0] * GPU_BUDGET_SHARE
+    else:
+        budget = CPU_BUDGET_BYTES
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    per_token = 2 * layers * kv_heads * head_dim * parameter.element_size()  # keys and values, every layer
+    per_row = per_token * length + 4 * 4 * config.vocab_size  # float32 logits and their filtered copies
+    return max(1, int(budget // per_row))
 
 
 def readable_path(out_jsonl: Path) -> Path:

@@ -209,3 +209,22 @@ def test_prompts_split_over_ranks_and_gathered_in_order(tmp_path, model_dir):
         outputs.append(out.read_text())
     assert outputs[0] == outputs[1], "same samples, same order, whatever the number of ranks"
     assert len(outputs[0].splitlines()) == 16
+
+
+def test_the_default_batch_follows_a_memory_budget(loaded):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bookgen.generate import CPU_BUDGET_BYTES, budget_rows
+
+    model, tok = loaded
+    # the embedded default's model: 64 prompts x 5 samples of 250 new tokens decode as one batch
+    assert GenerateConfig().batch_size is None and budget_rows(model, 260) >= 64 * 5
+    with torch.device("meta"):  # GPT-2 small's shape, without its weights
+        small = GPT2LMHeadModel(GPT2Config())
+    rows = budget_rows(small, 1024)
+    kv_and_logits = 2 * 12 * 768 * 4 * 1024 + 16 * 50257  # bytes a row holds at 1024 tokens
+    assert rows == CPU_BUDGET_BYTES // kv_and_logits and 20 < rows < 40
+    sampled = GenerateConfig(top_k=20, max_new_tokens=20, num_return_sequences=3)
+    assert [x.text for x in generate(model, tok, PROMPTS, sampled, seed=3)] == \
+        [x.text for x in generate(model, tok, PROMPTS, GenerateConfig(top_k=20, max_new_tokens=20,
+                                                                      num_return_sequences=3, batch_size=2), seed=3)]
