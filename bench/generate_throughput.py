@@ -43,7 +43,7 @@ def ensure_model(model: Path | None) -> Path:
     if model is not None:
         return model
     exp = REPO / "experiments" / "tiny_cpu.yaml"
-    out = REPO / "runs" / "tiny_cpu" / "export"
+    out = REPO / "runs" / "tiny_cpu-hf"  # beside the run folder: an export never goes inside one
     if not (out / "config.json").is_file():
         bookgen = [sys.executable, "-m", "bookgen.cli"]
         subprocess.run([*bookgen, "train", "--cfg", str(exp)], check=True, cwd=REPO)
