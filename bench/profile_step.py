@@ -5,8 +5,8 @@ transformers' Trainer runs), same model, same batches, same ranks.
 
 Times, per step and rank (mean after 5 warm-up steps): the batch (collate), the forward, the backward (with
 the gradient all-reduce, which DDP overlaps with the backward and ZeRO-0 runs after it), and the optimizer
-step (with DeepSpeed's clipping and gradient-norm). bookgen's model uses its default attention (the blocked
-kernel while training with attention dropout on a CPU), the Trainer's SDPA, as in the two benchmarks.
+step (with DeepSpeed's clipping and gradient-norm). bookgen's model trains with its CPU attention (the blocked
+kernel, bookgen.cpu), the Trainer's with SDPA, as in the two benchmarks.
 Rank 0 prints both rows. The batch layout is bookgen's (its order and padding), given to both, so only the
 engines and the attention kernels differ.
 """
@@ -80,13 +80,11 @@ def main() -> None:
     examples = Examples.build(TokenStore.open(args.prepared / "store" / "train"), args.block, args.packing)
     layout = BatchLayout(args.micro, 1, dist.world_size)
     order = epoch_order(examples.lengths, seed=0, epoch=0, global_batch=layout.global_batch, group_by_length=False)
-    from bookgen import attention
-    from bookgen.model import fuse_gelu, use_cpu_dropout
+    from bookgen.cpu import speed_up_training
 
     shape = tuple(args.shape)
-    model, tok = model_and_tokenizer(args.prepared, args.block, attention.register(), shape)  # bookgen's default
-    fuse_gelu(model)  # as bookgen's build_model does
-    use_cpu_dropout(model)
+    model, tok = model_and_tokenizer(args.prepared, args.block, shape=shape)
+    speed_up_training(model)  # as bookgen's training setup does on a CPU
     batches = [lambda s=s: examples.batch(micro_batch_indices(order, step=s, micro=0, rank=dist.rank, layout=layout),
                                           tok.pad_token_id) for s in range(WARMUP + args.steps)]
     engine = deepspeed_engine(model, layout)
@@ -121,7 +119,6 @@ def whole_train_steps(engine, examples, order, args, dist, pad_id) -> float:  # 
 def deepspeed_engine(model: torch.nn.Module, layout: BatchLayout):  # type: ignore[no-untyped-def]
     import deepspeed
 
-    from bookgen import grad_sync
     from bookgen.ds_config import use_fused_adamw
     from bookgen.engine import param_groups
 
@@ -131,7 +128,6 @@ def deepspeed_engine(model: torch.nn.Module, layout: BatchLayout):  # type: igno
               "zero_optimization": {"stage": 0}}
     use_fused_adamw(config["optimizer"])  # as bookgen's build_ds_config does
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=config)
-    grad_sync.install(engine, layout.world_size)  # as bookgen's build_engine does
     return engine
 
 

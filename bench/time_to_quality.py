@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "data"))
 from make_sample import row  # noqa: E402
 from scoring import loss_one_summary_at_a_time  # noqa: E402
 
-from bookgen.hardware import bf16_matmul_is_faster  # noqa: E402
+from bench.cpu_bf16 import bf16_matmul_is_faster  # noqa: E402
 
 LAYERS, HEADS, WIDTH, LR = 4, 4, 256, 1e-3
 EVALS_PER_EPOCH = 8

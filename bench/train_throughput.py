@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 from corpus import cmu_like_documents  # noqa: E402
 
-from bookgen.hardware import bf16_matmul_is_faster  # noqa: E402
+from bench.cpu_bf16 import bf16_matmul_is_faster  # noqa: E402
 
 WARMUP = 5
 TRAINER = "HF Trainer line-by-line fp32"

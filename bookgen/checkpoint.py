@@ -155,13 +155,14 @@ def _file_sizes(folder: Path) -> dict[str, int]:
     return {name: (folder / name).stat().st_size for name in _checkpoint_files(folder)}
 
 
-REQUIRED_KEYS = ("state", "world_size", "zero_stage", "global_batch", "files", "fingerprint", "model", "tokenizer")
+REQUIRED_KEYS = ("state", "zero_stage", "fingerprint", "model", "tokenizer")  # what every reader needs
 
 
-def read_record(folder: Path) -> dict[str, Any]:
+def read_record(folder: Path, *required: str) -> dict[str, Any]:
     """The checkpoint's ``COMPLETE.json``, refused (naming it) when it is not one bookgen wrote."""
     marker = read_json(folder / MARKER)
-    missing = [k for k in REQUIRED_KEYS if k not in marker] if isinstance(marker, dict) else list(REQUIRED_KEYS)
+    keys = (*REQUIRED_KEYS, *required)
+    missing = [k for k in keys if k not in marker] if isinstance(marker, dict) else list(keys)
     if missing:
         raise BookgenError(f"{folder / MARKER}: not a bookgen checkpoint record (unreadable, or without "
                            f"{', '.join(missing)}): checkpoint {folder.name} is damaged. {previous_hint(folder)}")
@@ -173,7 +174,7 @@ def check_files(folder: Path, rank: int = 0, world_size: int = 1) -> None:
     missing, has another size (a truncated copy, a disk that filled up) or other content (its CRC-32; this
     rank checks every ``world_size``-th file from ``rank``). Checkpoints saved before CRCs were recorded are
     checked by size."""
-    marker = read_record(folder)
+    marker = read_record(folder, "files")
     crc32 = marker.get("crc32") or {}
     for i, (name, size) in enumerate(sorted(marker["files"].items())):
         path = folder / name

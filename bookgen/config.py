@@ -172,11 +172,11 @@ class ModelConfig:
         metadata=_doc("Recompute each block's activations in the backward pass: activation memory of about one "
                       "block instead of all, for about a third more compute per step."),
     )
-    attention: Literal["bookgen", "sdpa", "eager", "flash_attention_2"] = field(
-        default="bookgen",
-        metadata=_doc("Attention kernel: bookgen (blocked causal attention when training on CPU with attention "
-                      "dropout, SDPA otherwise), sdpa or eager (transformers' own), flash_attention_2 (GPUs "
-                      "with flash_attn installed, bf16/fp16; varlen for data.packing: documents)."),
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = field(
+        default="sdpa",
+        metadata=_doc("Attention kernel: sdpa or eager (transformers' own; sdpa trains with bookgen's blocked "
+                      "attention on a CPU, uncompiled), flash_attention_2 (GPUs with flash_attn installed, "
+                      "bf16/fp16; varlen for data.packing: documents).", replaced={"bookgen": "sdpa"}),
     )
 
     def __post_init__(self) -> None:

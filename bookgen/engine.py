@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from bookgen import distributed, grad_sync
+from bookgen import distributed
 from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv
 from bookgen.ds_config import build_ds_config
 from bookgen.errors import BookgenError
-from bookgen.hardware import cpu_has_bf16
 from bookgen.schedule import lr_multiplier
 
 
@@ -29,6 +29,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix instructions (AVX-512 BF16 or AMX); elsewhere bf16 on CPU is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def float32_matmul_precision(tf32: bool, on_gpu: bool) -> str:
@@ -61,7 +70,6 @@ def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, dist: DistEnv, t
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
         config=ds_config, lr_scheduler=make_scheduler,
     )
-    grad_sync.install(engine, dist.world_size)
     if cfg.train.compile:
         # in place (nn.Module.compile): parameter names, checkpoints and exports stay as without it
         engine.compile()

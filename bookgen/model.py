@@ -8,14 +8,11 @@ and gives a broken start (first loss ~42 where ln(vocab) ~7 is expected).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bookgen import attention
 from bookgen.config import ExperimentConfig
-from bookgen.dropout import CpuDropout
 from bookgen.errors import BookgenError
 
 if TYPE_CHECKING:
@@ -53,40 +50,12 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = m.dropout
-    model.set_attn_implementation(attention.register() if m.attention == "bookgen" else m.attention)
-    fuse_gelu(model)
-    use_cpu_dropout(model)
+    model.set_attn_implementation(m.attention)
     if m.activation_checkpointing:
         enable_activation_checkpointing(model)
     resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
     set_special_token_ids(model, tokenizer)
     return model
-
-
-def fuse_gelu(model: torch.nn.Module) -> int:
-    """Compute GPT-2's ``gelu_new`` in one kernel (:class:`bookgen.gelu.FusedGelu`) instead of eight
-    elementwise passes. The config keeps ``gelu_new``, so an export loads as plain GPT-2. Returns the number
-    of activations replaced."""
-    from transformers.activations import NewGELUActivation
-
-    from bookgen.gelu import FusedGelu
-
-    return _replace_children(model, NewGELUActivation, lambda _: FusedGelu())
-
-
-def use_cpu_dropout(model: torch.nn.Module) -> int:
-    """Replace every plain ``nn.Dropout`` with bookgen's :class:`~bookgen.dropout.CpuDropout` (same p);
-    returns how many. Dropout holds no weights, so checkpoints and exports are unchanged."""
-    return _replace_children(model, torch.nn.Dropout, lambda child: CpuDropout(child.p, inplace=False))
-
-
-def _replace_children(model: torch.nn.Module, kind: type, make: Callable[[Any], torch.nn.Module]) -> int:
-    """Swap every submodule whose type is exactly ``kind`` for ``make(it)``; returns how many."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is kind]
-    for parent, name, child in swaps:
-        setattr(parent, name, make(child))
-    return len(swaps)
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

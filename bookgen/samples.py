@@ -69,8 +69,10 @@ class Uncompiled:
 
 
 def sample_round(model: Any, tokenizer: Any, cfg: ExperimentConfig, dist: DistEnv, *, step: int,
-                 zero3: bool, index: NgramIndex | None, reference_lengths: np.ndarray | None) -> SampleRound | None:
-    """Sample ``eval.samples`` rows from ``generate.prompt``; the round on rank 0, None elsewhere."""
+                 zero3: bool, index: NgramIndex | None, reference_lengths: np.ndarray | None,
+                 compiled: bool = False) -> SampleRound | None:
+    """Sample ``eval.samples`` rows from ``generate.prompt``; the round on rank 0, None elsewhere.
+    ``compiled``: the training compiled ``model`` (train.compile), so it is sampled through its eager forward."""
     if not (dist.is_main or zero3):
         return None
     settings = sample_settings(cfg)
@@ -78,7 +80,6 @@ def sample_round(model: Any, tokenizer: Any, cfg: ExperimentConfig, dist: DistEn
     start = time.perf_counter()
     was_training = getattr(model, "training", False)
     model.eval()
-    compiled = getattr(model, "_compiled_call_impl", None) is not None
     samples = generate(Uncompiled(model) if compiled else model, tokenizer,
                        [settings.prompt], settings, seed=sample_seed(cfg), agree=agree)
     if was_training:
@@ -137,6 +138,7 @@ class TrainingSampler:
 
     def after_eval(self, engine: Any, step: int, metrics: Any, note: Callable[[str], None]) -> None:
         round_ = sample_round(engine.module, self.tokenizer, self.cfg, self.dist, step=step, zero3=self.zero3,
+                              compiled=self.cfg.train.compile,
                               index=self.index, reference_lengths=self.reference)
         if round_ is None or self.log is None:
             return

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from bookgen import distributed, grad_sync
+from bookgen import distributed
 from bookgen.config import TrainConfig
 from bookgen.data.batches import Examples, micro_batch_indices, model_inputs, predicted_tokens, to_device
 from bookgen.distributed import DistEnv
@@ -65,10 +65,11 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
 def reduced_grad_norm(engine: Any) -> torch.Tensor | None:
     """The gradient norm where DeepSpeed does not record one: with a plain torch optimizer (ZeRO-0 in fp32)
     the gradients are whole and already all-reduced after the boundary's backward, so it is measured here,
-    before the step clips them. None where the engine's optimizer records it itself."""
-    sync = getattr(engine, "bookgen_grad_sync", None)
-    if sync is not None:  # bookgen.grad_sync measured it after its all-reduce
-        return sync.grad_norm
+    before the step clips them (on the device: nothing waits for it). None where the engine's optimizer
+    records it itself (ZeRO 1-3, bf16/fp16), read after the step with ``engine.get_global_grad_norm()``."""
     if hasattr(engine.optimizer, "_global_grad_norm"):
         return None
-    return grad_sync.norm_of([p.grad for p in engine.module.parameters() if p.grad is not None])
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from bookgen import checkpoint as ckpt
-from bookgen import distributed, faults, native
+from bookgen import distributed, faults
 from bookgen.config import ExperimentConfig, TrainConfig
 from bookgen.config_io import config_to_dict, write_resolved
 from bookgen.data.batches import (
@@ -211,6 +211,10 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
     resume_plan = plan_resume(cfg, dist)
     engine = build_engine(cfg, model, dist, plan.total_steps, load_universal=resume_plan.universal)
+    if engine.device.type == "cpu" and not cfg.train.compile and cfg.model.attention == "sdpa":
+        from bookgen.cpu import speed_up_training  # the one seam for CPU-only speed (tests, the demo)
+
+        speed_up_training(engine.module)
     state = restore(engine, resume_plan, cfg, dist, console, steps_per_epoch=plan.steps_per_epoch)
     progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step,
                              log_every=cfg.run.log_every)
@@ -220,9 +224,6 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
     log = None
     if dist.is_main:
         log = MetricsLog(cfg.run.output_dir, tensorboard=cfg.run.tensorboard, resume_step=state.global_step)
-    if engine.device.type == "cpu" and native.unavailable():
-        console.print(f"[yellow]bookgen's C kernels are not in use ({native.unavailable()}): GELU, dropout and "
-                      "attention's softmax take PyTorch's and NumPy's slower paths[/]", highlight=False)
     console.print(f"model: {count_parameters(engine.module):,} parameters; {len(train_examples)} training examples; "
                   f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
                   f"{plan.total_steps} steps in all")

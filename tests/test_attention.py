@@ -8,9 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from bookgen import attention
-
-pytestmark = pytest.mark.usefixtures("kernels")  # every test on the C kernels and on PyTorch's operations
+from bookgen.cpu import attention
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -131,7 +129,7 @@ def test_blocked_attention_backward_is_the_derivative_of_its_forward(kind: str, 
 
 @pytest.mark.parametrize("kind", ["causal", "padded", "packed"])
 def test_float32_gradients_equal_eager_attentions_in_float64(kind: str) -> None:
-    # the float32 path (where the C kernels run) against autograd through eager attention in float64 (rows
+    # the float32 path against autograd through eager attention in float64 (rows
     # that see nothing take PyTorch's operations on either path; gradcheck covers them)
     mask = _masks(37)[kind]
     gen = torch.Generator().manual_seed(8)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from bookgen import attention
+from bookgen.cpu import attention
 from bookgen.data.batches import IGNORE_INDEX, Examples, collate, collate_documents, model_inputs, pack_documents
 from bookgen.data.store import TokenStore, write_store
 from bookgen.model import enable_activation_checkpointing

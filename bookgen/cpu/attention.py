@@ -9,8 +9,9 @@ autograd would allocate a zero tensor of the full size per slice. Queries, keys 
 transformers leaves them (strided views of the QKV projection) and the output and gradients are written in
 the (B, T, H, D) layout of the projections around attention, so no layout copy is made either way. The
 maths is the eager one (softmax, dropout on the probabilities, times V), so results match up to rounding.
-Everything else (eval, generation, GPUs, plain causal attention without dropout, torch.compile) goes to
-transformers' own SDPA function unchanged.
+Training only: evaluation and generation (and any call this path does not fit) go to transformers' own SDPA
+function unchanged. :func:`bookgen.cpu.speed_up_training` installs it, on a CPU and uncompiled only (its
+host-side block list would break a compiled graph).
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-
-from bookgen import native
-from bookgen.dropout import apply_keep, keep_scale
 
 NAME = "bookgen_sdpa"
 QUERY_BLOCK = 128  # measured: 64-128 equally fast at block 512, 256 slower
@@ -50,7 +48,9 @@ class Block:
     bias: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
-_last: dict[str, object] = {}  # the blocks of the last mask seen: every layer of a forward gets the same mask
+# the blocks of the last mask seen: transformers builds one mask per forward and hands the same tensor to
+# every layer, so the blocks are worked out once per forward (the weak reference never keeps a mask alive)
+_last: dict[str, object] = {}
 
 
 def query_blocks(mask: torch.Tensor | None, batch: int, heads: int, t: int, block: int = QUERY_BLOCK) -> list[Block]:
@@ -62,7 +62,7 @@ def query_blocks(mask: torch.Tensor | None, batch: int, heads: int, t: int, bloc
         return [Block(everything, None, s, e, 0, e, mask_from=s, bias=_causal_tile(e - s))
                 for s, e in ((s, min(s + block, t)) for s in range(0, t, block))]
     ref = _last.get("mask")
-    if ref is not None and ref() is mask and _last["key"] == (mask._version, batch, heads, block):
+    if ref is not None and ref() is mask and _last["key"] == (batch, heads, block):
         return _last["blocks"]  # type: ignore[return-value]
     allowed = mask[:, 0]
     keys = torch.arange(allowed.shape[-1], device=mask.device)
@@ -81,7 +81,7 @@ def query_blocks(mask: torch.Tensor | None, batch: int, heads: int, t: int, bloc
                 if ks >= ke:  # its queries may attend to nothing: uniform weights over the causal keys
                     ks, ke = 0, qe
                 blocks.append(_with_bias(Block(rows, row, qs, qe, ks, ke, empty), allowed[row]))
-    _last.update(mask=weakref.ref(mask), key=(mask._version, batch, heads, block), blocks=blocks)
+    _last.update(mask=weakref.ref(mask), key=(batch, heads, block), blocks=blocks)
     return blocks
 
 
@@ -107,21 +107,13 @@ def _allowed(mask: torch.Tensor | None, b: Block, device: torch.device) -> torch
     return mask[b.row, 0, b.q_start : b.q_end, b.k_start : b.k_end]
 
 
-def dropout_probabilities(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """``probs`` with each element dropped at rate p and the rest scaled by 1 / (1 - p): bookgen's CPU masks
-    (bookgen.dropout), at a third of ``bernoulli_``'s cost here, in cache-sized chunks for float32."""
-    if probs.dtype == torch.float32 and probs.is_contiguous():
-        return apply_keep(probs, p, save_mask=False)[0]
-    return probs * keep_scale(probs.shape, p).to(probs.dtype)
-
-
 class _BlockedAttention(torch.autograd.Function):
     """(B, H, T, D) query, key and value of any strides; returns (B, H, T, D) as a view of a (B, T, H, D)
     tensor. Saves each block's probabilities and, with dropout, the kept ones.
 
     The backward takes the softmax through the FlashAttention identity, rowsum(P * dP) = rowsum(dOut * Out).
-    The dropout scale rides on the kept probabilities (made in the dropout's own pass) and the score scale on
-    the small (queries x D) products, so no score block takes an extra pass for either."""
+    The dropout scale rides on the kept probabilities (torch's dropout makes them scaled) and the score scale
+    on the small (queries x D) products, so no score block takes an extra pass for either."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, blocks, scaling, dropout):  # type: ignore[no-untyped-def]
@@ -134,18 +126,15 @@ class _BlockedAttention(torch.autograd.Function):
             qs, ks = slice(b.q_start, b.q_end), slice(b.k_start, b.k_end)
             for r in range(b.rows.start, b.rows.stop):  # one batch row's heads: views, never copies
                 scores = torch.matmul(q[r, :, qs], k[r, :, ks].transpose(1, 2))
-                if not b.empty_queries and native.usable(scores):  # tiles: float32, contiguous, CPU
-                    probs = native.softmax(scores, b.bias, b.mask_from)
-                else:
-                    if b.empty_queries:
-                        scores.masked_fill_(~_allowed(mask, b, q.device), lowest)
-                    elif b.bias is not None:  # adding a -inf tile is ~20x faster than masked_fill_ on the block
-                        scores[..., b.mask_from :].add_(b.bias)
-                    # CPU softmax accumulates in fp32 for bf16 inputs; an explicit upcast only added copies
-                    probs = torch.softmax(scores, dim=-1)
+                if b.empty_queries:
+                    scores.masked_fill_(~_allowed(mask, b, q.device), lowest)
+                elif b.bias is not None:  # adding a -inf tile is ~20x faster than masked_fill_ on the block
+                    scores[..., b.mask_from :].add_(b.bias)
+                # CPU softmax accumulates in fp32 for bf16 inputs; an explicit upcast only added copies
+                probs = torch.softmax(scores, dim=-1)
                 kept = probs  # the kept probabilities, already scaled by 1 / (1 - p)
                 if dropout > 0:
-                    kept = dropout_probabilities(probs, dropout)
+                    kept = torch.nn.functional.dropout(probs, dropout)
                 out[r, :, qs] = torch.matmul(kept, v[r, :, ks])
                 saved.append((probs, kept))
         ctx.save_for_backward(q, k, v, out)
@@ -174,10 +163,7 @@ class _BlockedAttention(torch.autograd.Function):
                 d_kept = torch.matmul(d_out, v[r, :, ks].transpose(1, 2))
                 # with kept = P * M (M: 0 where dropped, 1 / (1 - p) where kept) and dP = M * dKept:
                 # dScores = P * (dP - rowsum) = kept * dKept - P * rowsum
-                if native.usable(d_kept, kept, probs):
-                    d_scores = native.softmax_backward(d_kept, kept, probs, row_dot[r, :, qs])
-                else:
-                    d_scores = d_kept.mul_(kept).addcmul_(probs, row_dot[r, :, qs].expand_as(probs), value=-1)
+                d_scores = d_kept.mul_(kept).addcmul_(probs, row_dot[r, :, qs].expand_as(probs), value=-1)
                 if b.empty_queries:  # uniform weights over masked keys depend on neither queries nor keys
                     d_scores.masked_fill_(~_allowed(ctx.mask, b, q.device), 0)
                 dq[r, :, qs] = torch.matmul(d_scores, k[r, :, ks]).mul_(ctx.scaling)
@@ -207,11 +193,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # training only: with dropout (SDPA's CPU flash kernel takes none), or with a mask (packed rows and
     # padding, where SDPA computes the whole masked square); plain causal attention without dropout stays
     # on SDPA's flash kernel
-    usable = (module.training and (dropout > 0 or attention_mask is not None) and query.device.type == "cpu"
+    usable = (module.training and (dropout > 0 or attention_mask is not None)
               and query.shape[2] == key.shape[2] > 1
               and (attention_mask is None or attention_mask.dtype == torch.bool)
-              and getattr(module, "num_key_value_groups", 1) == 1 and kwargs.get("position_bias") is None
-              and not torch.compiler.is_compiling())  # its host-side block list would break the graph
+              and getattr(module, "num_key_value_groups", 1) == 1 and kwargs.get("position_bias") is None)
     if not usable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

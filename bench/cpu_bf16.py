@@ -1,17 +1,13 @@
-"""What this machine can do, where bookgen's choices depend on it."""
+"""Whether the CPU benchmarks should train in bf16 on this machine (a benchmark's choice, not bookgen's)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def cpu_has_bf16() -> bool:
-    """Native bf16 matrix instructions (AVX-512 BF16 or AMX); elsewhere bf16 on CPU is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+from bookgen.engine import cpu_has_bf16  # noqa: E402
 
 
 def bf16_matmul_is_faster(size: int = 1024, repeats: int = 5) -> bool:
