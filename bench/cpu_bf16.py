@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bookgen.engine import cpu_has_bf16  # noqa: E402
+from bookgen.train.engine import cpu_has_bf16  # noqa: E402
 
 
 def bf16_matmul_is_faster(size: int = 1024, repeats: int = 5) -> bool:

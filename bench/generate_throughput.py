@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bookgen.config import GenerateConfig  # noqa: E402
-from bookgen.generate import generate  # noqa: E402
+from bookgen.generation.sampling import generate  # noqa: E402
 
 
 def useful(ids: list[int], eos: int) -> int:

@@ -38,11 +38,11 @@ class Shape:
     vocab: int  # embedding rows after padding
 
     def flops_per_token(self) -> float:
-        """bookgen's own MFU count (bookgen.flops) for this shape, on an unallocated model."""
+        """bookgen's own MFU count (bookgen.model.flops) for this shape, on an unallocated model."""
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from bookgen.flops import flops_per_token
+        from bookgen.model.flops import flops_per_token
 
         config = GPT2Config(vocab_size=self.vocab, n_positions=self.block, n_embd=self.width, n_layer=self.layers,
                             n_head=self.heads)
@@ -67,7 +67,7 @@ class Result:
 def peak_tflops() -> tuple[str, float]:
     import torch
 
-    from bookgen.flops import peak_for_name
+    from bookgen.model.flops import peak_for_name
 
     if not torch.cuda.is_available():
         return "cpu", float("nan")
@@ -185,7 +185,7 @@ def main() -> None:
 
 
 def describe(r: Result, flops_per_token: float, peak: float) -> str:
-    from bookgen.flops import mfu
+    from bookgen.model.flops import mfu
 
     if r.error:
         return f"{r.name:16s} FAILED: {r.error}"

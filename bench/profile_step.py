@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from bookgen import distributed  # noqa: E402
 from bookgen.data.batches import Examples, epoch_order, micro_batch_indices  # noqa: E402
 from bookgen.data.store import TokenStore  # noqa: E402
-from bookgen.layout import BatchLayout  # noqa: E402
+from bookgen.train.batch_layout import BatchLayout  # noqa: E402
 
 WARMUP = 5
 
@@ -106,7 +106,7 @@ def main() -> None:
 def whole_train_steps(engine, examples, order, args, dist, pad_id) -> float:  # type: ignore[no-untyped-def]
     """bookgen's own train_step, as the loop calls it: the mean seconds of a step after warm-up."""
     from bookgen.config import TrainConfig
-    from bookgen.step import train_step
+    from bookgen.train.step import train_step
 
     t = TrainConfig(micro_batch_size=args.micro, learning_rate=1e-3)
     stamps = []
@@ -119,8 +119,8 @@ def whole_train_steps(engine, examples, order, args, dist, pad_id) -> float:  # 
 def deepspeed_engine(model: torch.nn.Module, layout: BatchLayout):  # type: ignore[no-untyped-def]
     import deepspeed
 
-    from bookgen.ds_config import use_fused_adamw
-    from bookgen.engine import param_groups
+    from bookgen.train.ds_config import use_fused_adamw
+    from bookgen.train.engine import param_groups
 
     config = {"train_micro_batch_size_per_gpu": layout.micro_batch_size, "gradient_accumulation_steps": 1,
               "train_batch_size": layout.global_batch, "gradient_clipping": 1.0, "steps_per_print": 10**9,

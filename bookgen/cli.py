@@ -112,17 +112,17 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
     if args.command == "prepare":
         return _prepare(cfg, args, console)
     if args.command == "train":
-        from bookgen.train import Invocation, train
+        from bookgen.train.loop import Invocation, train
 
         train(cfg, Invocation(Path(args.cfg).resolve(), tuple(args.overrides)))
         return 0
     if args.command == "samples":
-        from bookgen.samples_run import samples_command
+        from bookgen.commands.samples import samples_command
 
         samples_command(cfg, console)
         return 0
     if args.command == "eval":
-        from bookgen.evaluate_run import evaluate_only
+        from bookgen.commands.eval import evaluate_only
 
         evaluate_only(cfg, args.split, args.checkpoint)
         return 0
@@ -139,7 +139,7 @@ def _launch(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-u
     import shlex
     import subprocess
 
-    from bookgen.launch import launch_command, launch_warnings
+    from bookgen.commands.launch import launch_command, launch_warnings
 
     cmd = launch_command(cfg, Path(args.cfg).resolve(), args.overrides)
     for warning in launch_warnings(cfg):
@@ -162,9 +162,9 @@ def _show(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
 
 
 def _export(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
-    from bookgen.checkpoint import checkpoint_root, resolve
+    from bookgen.checkpoint.export import export
+    from bookgen.checkpoint.folder import checkpoint_root, resolve
     from bookgen.errors import BookgenError
-    from bookgen.export import export
 
     folder = resolve(cfg, args.checkpoint)
     if folder is None:
@@ -175,10 +175,10 @@ def _export(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-u
 
 
 def _generate(args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
+    from bookgen.commands.generate import run_generation, settings_from
     from bookgen.config_io import load_config, load_generate_overrides
     from bookgen.errors import BookgenError
-    from bookgen.generate import check_output_paths, read_prompts
-    from bookgen.generate_run import run_generation, settings_from
+    from bookgen.generation.sampling import check_output_paths, read_prompts
 
     if args.cfg is None and args.model is None:
         raise BookgenError("generate needs --model DIR (an exported folder) or --cfg EXP.yaml")

@@ -46,7 +46,7 @@ rm -f "$RUN_DIR/PREEMPTED"
 trap 'echo "bookgen: stop requested by Slurm"; touch "$RUN_DIR/STOP_REQUESTED"' USR1 TERM
 
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
-    "$PYTHON" -m bookgen.torchrun \
+    "$PYTHON" -m bookgen.commands.torchrun \
         --nnodes "$SLURM_NNODES" --nproc_per_node "$NPROC" \
         --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
         "$REPO/launcher/run.py" --cfg "$EXP" "$@" &

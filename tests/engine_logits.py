@@ -13,12 +13,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 
 from bookgen import distributed  # noqa: E402
+from bookgen.checkpoint.resume import plan_resume, restore  # noqa: E402
 from bookgen.config_io import load_config  # noqa: E402
 from bookgen.data.prepare import tokenizer_dir  # noqa: E402
 from bookgen.data.tokenizer import load_tokenizer  # noqa: E402
-from bookgen.engine import build_engine  # noqa: E402
-from bookgen.model import build_model  # noqa: E402
-from bookgen.resume import plan_resume, restore  # noqa: E402
+from bookgen.model.build import build_model  # noqa: E402
+from bookgen.train.engine import build_engine  # noqa: E402
 
 PROBE = "<BOS> The story is set in a mining town, where Anna lives"
 

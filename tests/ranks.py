@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bookgen.metrics import read_metrics
+from bookgen.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "launcher" / "run.py"
@@ -23,7 +23,7 @@ def free_port() -> int:
 def rank_command(n: int, args: list[str]) -> list[str]:
     if n == 1:
         return [sys.executable, str(RUN), *args]
-    return [sys.executable, "-m", "bookgen.torchrun", "--nnodes", "1", "--nproc_per_node", str(n),
+    return [sys.executable, "-m", "bookgen.commands.torchrun", "--nnodes", "1", "--nproc_per_node", str(n),
             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(RUN), *args]
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bookgen.checkpoint import MARKER, POINTER
-from bookgen.checkpoint_model import consolidated_state_dict
-from bookgen.metrics import read_metrics
+from bookgen.checkpoint.consolidate import consolidated_state_dict
+from bookgen.checkpoint.folder import MARKER, POINTER
+from bookgen.train.metrics import read_metrics
 from tests.helpers import REPO, write_experiment
 from tests.ranks import launch, rank_command, rank_env, step_losses
 
@@ -219,7 +219,7 @@ def test_export_loads_in_transformers_and_matches_engine_logits(tmp_path, stage)
 
 def test_best_checkpoint_outlives_rotation(tmp_path):
     """Pure rotation: the lowest validation loss is kept beside the newest `keep` ones."""
-    from bookgen.checkpoint import BEST_POINTER, _prune, best_complete
+    from bookgen.checkpoint.folder import BEST_POINTER, _prune, best_complete
     from bookgen.fileio import write_json_atomic
 
     root = tmp_path / "checkpoints"
@@ -237,7 +237,7 @@ def test_best_checkpoint_outlives_rotation(tmp_path):
 def test_keep_best_records_losses_and_eval_export_use_the_best(tmp_path):
     import json
 
-    from bookgen.checkpoint import BEST_POINTER
+    from bookgen.checkpoint.folder import BEST_POINTER
 
     # a learning rate that makes training diverge, so an early checkpoint is the best and must outlive rotation
     exp = write_experiment(tmp_path, {"train.max_steps": 6, "eval.every": 2, "checkpoint.every": 2,

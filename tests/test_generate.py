@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bookgen.config import GenerateConfig
-from bookgen.generate import generate, generate_rows, sample_rows
+from bookgen.generation.sampling import generate, generate_rows, sample_rows
 from tests.helpers import SAMPLE
 from tests.ranks import launch
 
@@ -214,7 +214,7 @@ def test_prompts_split_over_ranks_and_gathered_in_order(tmp_path, model_dir):
 def test_the_default_batch_follows_a_memory_budget(loaded):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from bookgen.generate import CPU_BUDGET_BYTES, budget_rows
+    from bookgen.generation.sampling import CPU_BUDGET_BYTES, budget_rows
 
     model, tok = loaded
     # the embedded default's model: 64 prompts x 5 samples of 250 new tokens decode as one batch

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bookgen.commands.launch import launch_command
 from bookgen.config_io import load_config
-from bookgen.launch import launch_command
 from tests.helpers import REPO, write_experiment
 from tests.ranks import free_port, launch, rank_env, step_losses
 

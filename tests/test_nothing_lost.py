@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bookgen.checkpoint import MARKER
+from bookgen.checkpoint.folder import MARKER
 from bookgen.fileio import read_json
-from bookgen.metrics import read_metrics
+from bookgen.train.metrics import read_metrics
 from tests.helpers import write_experiment
 from tests.ranks import launch
 

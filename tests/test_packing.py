@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from bookgen.cpu import attention
 from bookgen.data.batches import IGNORE_INDEX, Examples, collate, collate_documents, model_inputs, pack_documents
 from bookgen.data.store import TokenStore, write_store
-from bookgen.model import enable_activation_checkpointing
+from bookgen.model.build import enable_activation_checkpointing
 
 
 def test_best_fit_decreasing_places_every_document_once_in_rows_that_fit():
@@ -149,11 +149,11 @@ def test_blocked_kernel_dropout_with_a_document_mask_keeps_rate_scale_and_bounda
 
 
 def test_resuming_mid_epoch_with_another_packing_is_refused_and_at_an_epoch_end_allowed(tmp_path):
-    from bookgen.checkpoint import MARKER
+    from bookgen.checkpoint.folder import MARKER
+    from bookgen.checkpoint.resume import check_compatible
     from bookgen.config_io import config_to_dict, load_config, model_fingerprint
     from bookgen.errors import BookgenError
     from bookgen.fileio import write_json_atomic
-    from bookgen.resume import check_compatible
     from tests.helpers import write_experiment
 
     cfg = load_config(write_experiment(tmp_path), ["data.packing=documents"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bookgen.quality import NgramIndex, distinct, longest_copied_run, measure, repeated_share
+from bookgen.generation.quality import NgramIndex, distinct, longest_copied_run, measure, repeated_share
 
 
 def test_a_sample_that_repeats_one_4gram():

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bookgen.checkpoint import MARKER
+from bookgen.checkpoint.folder import MARKER
 from bookgen.cli import main
-from bookgen.metrics import read_metrics
+from bookgen.train.metrics import read_metrics
 from tests.helpers import REPO, write_experiment
 from tests.ranks import launch, rank_env
 
@@ -428,7 +428,7 @@ def test_dry_run_warns_that_other_nodes_cannot_reach_loopback(tmp_path, capsys):
 def test_an_export_killed_while_replacing_another_is_recognised_and_finished_by_the_next(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    import bookgen.export as export_mod
+    import bookgen.checkpoint.export as export_mod
     from bookgen.data.tokenizer import train_bpe
 
     tok = train_bpe(["a small corpus about dragons and kings"] * 20, 300, ["<BOS>", "<EOS>", "<PAD>"])
@@ -472,7 +472,7 @@ def test_a_second_run_into_a_busy_run_folder_is_refused(tmp_path):
     run that holds the folder; once that run ends (here: its lock is let go) the folder is free again."""
     import fcntl
 
-    from bookgen.run_lock import LOCK_NAME
+    from bookgen.train.run_lock import LOCK_NAME
 
     exp = write_experiment(tmp_path, {"train.max_steps": 1, "eval.at_end": False}, rows=60)
     run = tmp_path / "run"
@@ -492,7 +492,7 @@ def test_a_second_run_into_a_busy_run_folder_is_refused(tmp_path):
 
 @pytest.mark.multirank
 def test_two_runs_of_the_same_command_do_not_share_a_folder(tmp_path):
-    from bookgen.train import STOP_FILE
+    from bookgen.train.loop import STOP_FILE
 
     exp = write_experiment(tmp_path, {"train.max_steps": 10**6, "checkpoint.every": 10**6, "eval.at_end": False},
                            rows=120)

@@ -10,11 +10,11 @@ import torch
 
 from bookgen.config_io import load_config
 from bookgen.data.batches import IGNORE_INDEX, collate, epoch_order, eval_shard, micro_batch_indices, model_inputs
-from bookgen.ds_config import build_ds_config
 from bookgen.errors import BookgenError
-from bookgen.layout import BatchLayout
-from bookgen.schedule import lr_multiplier
-from bookgen.train import plan_steps
+from bookgen.train.batch_layout import BatchLayout
+from bookgen.train.ds_config import build_ds_config
+from bookgen.train.loop import plan_steps
+from bookgen.train.schedule import lr_multiplier
 from tests.helpers import REPO, write_experiment
 
 
@@ -149,7 +149,7 @@ def test_pretrained_model_gets_special_tokens_with_mean_rows_and_tied_head(tmp_p
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bookgen.data.tokenizer import add_special_tokens, train_bpe
-    from bookgen.model import build_model
+    from bookgen.model.build import build_model
 
     base_tok = train_bpe(["a story about a ship", "the ship sails"] * 20, 300, ["<|endoftext|>"])
     pretrained = GPT2LMHeadModel(GPT2Config(vocab_size=len(base_tok), n_layer=1, n_head=2, n_embd=16,
@@ -171,8 +171,8 @@ def test_pretrained_model_gets_special_tokens_with_mean_rows_and_tied_head(tmp_p
 
 
 def test_position_at_another_world_size_is_mapped_by_samples():
-    from bookgen.reshard import remap_position
-    from bookgen.train_state import TrainState
+    from bookgen.checkpoint.reshard import remap_position
+    from bookgen.train.state import TrainState
 
     state = TrainState(global_step=30, epoch=1, step_in_epoch=9)
     assert remap_position(state, 8, 4, 100) == TrainState(30, 1, 18)
@@ -199,7 +199,7 @@ def _saved_activation_bytes_loss_and_grads(model, batch):
 
 def test_activation_checkpointing_keeps_less_and_gives_the_same_loss_and_gradients(tmp_path):
     from bookgen.data.tokenizer import add_special_tokens, train_bpe
-    from bookgen.model import build_model
+    from bookgen.model.build import build_model
 
     tok = train_bpe(["a story about a ship", "the ship sails far"] * 20, 300, ["<|endoftext|>"])
     batch = collate([np.arange(5, 5 + n) for n in (40, 33)], pad_id=0)
@@ -222,7 +222,7 @@ def test_activation_checkpointing_keeps_less_and_gives_the_same_loss_and_gradien
 def test_flops_count_gpt2_small_by_hand_and_survive_zero3_partitioning():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from bookgen.flops import flops_per_token, matmul_params
+    from bookgen.model.flops import flops_per_token, matmul_params
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(GPT2Config())  # GPT-2 small: 12 layers x 768, vocabulary 50,257
@@ -237,7 +237,7 @@ def test_flops_count_gpt2_small_by_hand_and_survive_zero3_partitioning():
 
 
 def test_mfu_peak_is_known_only_for_listed_gpus_in_half_precision():
-    from bookgen.flops import peak_flops, peak_for_name
+    from bookgen.model.flops import peak_flops, peak_for_name
 
     assert peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_for_name("NVIDIA H100 PCIe") == 756e12, "the PCIe card has its own, lower peak"
@@ -248,7 +248,7 @@ def test_mfu_peak_is_known_only_for_listed_gpus_in_half_precision():
 
 
 def test_early_stopping_counts_evaluations_without_a_new_best():
-    from bookgen.train_state import TrainState
+    from bookgen.train.state import TrainState
 
     state = TrainState()
     counts = []
@@ -267,7 +267,7 @@ def test_early_stopping_counts_evaluations_without_a_new_best():
 
 
 def test_tf32_only_on_gpus_and_only_when_allowed():
-    from bookgen.engine import float32_matmul_precision
+    from bookgen.train.engine import float32_matmul_precision
 
     assert float32_matmul_precision(tf32=True, on_gpu=True) == "high"
     assert float32_matmul_precision(tf32=False, on_gpu=True) == "highest"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from bookgen.engine import cpu_has_bf16
-from bookgen.metrics import read_metrics
+from bookgen.train.engine import cpu_has_bf16
+from bookgen.train.metrics import read_metrics
 from tests.helpers import REPO, write_experiment
 from tests.ranks import launch, step_losses
 
@@ -206,7 +206,7 @@ def test_compiled_run_matches_eager_and_saves_the_same_weights(tmp_path):
     """train.compile: same losses, same evaluation, and a checkpoint with the model's own parameter names."""
     import torch
 
-    from bookgen.checkpoint_model import consolidated_state_dict, load_checkpoint_model
+    from bookgen.checkpoint.consolidate import consolidated_state_dict, load_checkpoint_model
 
     runs = {}
     for compiled in (False, True):
@@ -237,11 +237,11 @@ def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_gains(tmp_path):
     on matrices and embeddings, and not at all on biases and LayerNorm gains (ZeRO-2's flat groups)."""
     import torch
 
-    from bookgen.checkpoint_model import load_checkpoint_model
+    from bookgen.checkpoint.consolidate import load_checkpoint_model
     from bookgen.config_io import load_config
     from bookgen.data.prepare import tokenizer_dir
     from bookgen.data.tokenizer import load_tokenizer
-    from bookgen.model import build_model
+    from bookgen.model.build import build_model
 
     lr, decay = 1e-2, 0.5
     after = {}
@@ -290,7 +290,7 @@ def test_early_stopping_ends_a_diverging_run_and_a_rerun_does_not_train_on(tmp_p
 def test_fused_adamw_runs_by_default_and_updates_as_the_foreach_one(tmp_path):
     import torch
 
-    from bookgen.checkpoint_model import load_checkpoint_model
+    from bookgen.checkpoint.consolidate import load_checkpoint_model
 
     ds = json.loads((REPO / "ds_configs/zero0.json").read_text())
     ds["optimizer"]["params"]["foreach"] = True  # a JSON that picks an implementation keeps it

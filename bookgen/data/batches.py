@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bookgen.data.store import TokenStore
-from bookgen.layout import BatchLayout
+from bookgen.train.batch_layout import BatchLayout
 
 IGNORE_INDEX = -100  # positions the loss skips (padding, a document's first token when packed)
 GROUP_CHUNK_BATCHES = 50  # length grouping sorts within this many global batches, keeping some randomness

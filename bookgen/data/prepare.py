@@ -36,7 +36,7 @@ from bookgen.data.store import MANIFEST, TokenStore, encode_lines, write_store
 from bookgen.data.tokenizer import tokenizer_fingerprint, tokenizer_source
 from bookgen.errors import ConfigError, StoreError
 from bookgen.fileio import read_json, remove_dead_scratch, scratch_owner, sha256_json, staged_dir, write_json_atomic
-from bookgen.run_lock import hold_prepared_folder
+from bookgen.train.run_lock import hold_prepared_folder
 
 SPLITS = sources.SPLITS
 STAGE_VERSION = 2  # 2: lines end at \n only (no longer at U+2028 and the like)

@@ -30,15 +30,15 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
-from bookgen import faults
+from bookgen.checkpoint.compatibility import train_split_digest
 from bookgen.config import ExperimentConfig
 from bookgen.config_io import RUNTIME_MODEL_KEYS, config_to_dict, model_fingerprint
 from bookgen.distributed import DistEnv, barrier, broadcast_object, gather_errors, gather_objects
 from bookgen.errors import BookgenError
 from bookgen.fileio import crc32_file, read_json, write_json_atomic, write_text_atomic
-from bookgen.layout import BatchLayout
-from bookgen.train_state import TrainState
-from bookgen.trained_on import train_split_digest
+from bookgen.train import faults
+from bookgen.train.batch_layout import BatchLayout
+from bookgen.train.state import TrainState
 
 POINTER = "latest_complete"
 BEST_POINTER = "best_complete"

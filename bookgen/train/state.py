@@ -1,5 +1,5 @@
 """Where training stands: the step, the position in the epoch and the early-stopping counts. No I/O: the
-checkpoint writes it (``COMPLETE.json``) and the resume reads it back (:mod:`bookgen.resume`)."""
+checkpoint writes it (``COMPLETE.json``) and the resume reads it back (:mod:`bookgen.checkpoint.resume`)."""
 
 from __future__ import annotations
 

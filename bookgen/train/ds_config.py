@@ -14,7 +14,7 @@ from typing import Any
 
 from bookgen.config import ExperimentConfig
 from bookgen.errors import BookgenError
-from bookgen.layout import BatchLayout
+from bookgen.train.batch_layout import BatchLayout
 
 
 def load_ds_json(path: Path | None) -> dict[str, Any]:

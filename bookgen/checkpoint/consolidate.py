@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bookgen.checkpoint import MARKER, check_files, previous_hint, read_record
+from bookgen.checkpoint.folder import MARKER, check_files, previous_hint, read_record
 from bookgen.errors import BookgenError
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from pathlib import Path
 from bookgen.config import ExperimentConfig
 from bookgen.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # bookgen/commands/launch.py -> the checkout
 RUN = REPO / "launcher" / "run.py"
 SBATCH_SCRIPT = REPO / "slurm" / "train.sh"
 
@@ -30,7 +30,7 @@ def launch_command(cfg: ExperimentConfig, cfg_path: Path, overrides: list[str]) 
     la = cfg.launch
     args = ["--cfg", str(cfg_path), *(f"--set={o}" for o in overrides)]
     if la.backend == "torchrun":
-        cmd = [sys.executable, "-m", "bookgen.torchrun", "--nnodes", str(la.nodes),
+        cmd = [sys.executable, "-m", "bookgen.commands.torchrun", "--nnodes", str(la.nodes),
                "--nproc_per_node", str(la.procs_per_node)]
         if la.nodes == 1:
             cmd.append("--standalone")

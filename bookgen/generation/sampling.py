@@ -23,7 +23,7 @@ import torch
 
 from bookgen.config import GenerateConfig
 from bookgen.fileio import write_text_atomic
-from bookgen.model import position_count
+from bookgen.model.build import position_count
 
 StepObserver = Callable[[torch.Tensor, torch.Tensor], None]  # (raw next-token logits (rows, vocab), chosen (rows,))
 

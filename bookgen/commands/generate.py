@@ -13,13 +13,13 @@ import torch
 from rich.console import Console
 
 from bookgen import distributed
+from bookgen.checkpoint.compatibility import same_vocabulary_as_prepared
 from bookgen.config import ExperimentConfig, FieldError, GenerateConfig
 from bookgen.errors import BookgenError
 from bookgen.fileio import write_json_atomic
-from bookgen.generate import Sample, generate, quality_path, write_outputs
-from bookgen.quality import measure
-from bookgen.samples import quality_references
-from bookgen.trained_on import same_vocabulary_as_prepared
+from bookgen.generation.quality import measure
+from bookgen.generation.samples import quality_references
+from bookgen.generation.sampling import Sample, generate, quality_path, write_outputs
 
 
 def settings_from(base: GenerateConfig, flags: dict[str, Any]) -> GenerateConfig:
@@ -35,7 +35,7 @@ def settings_from(base: GenerateConfig, flags: dict[str, Any]) -> GenerateConfig
 def load_model(model_dir: Path | None, cfg: ExperimentConfig | None, checkpoint: str | None = None
                ) -> tuple[Any, Any, str]:
     """An exported Hugging Face folder, or a checkpoint of the experiment's run (``checkpoint``: latest,
-    best or a folder; see ``bookgen.checkpoint.resolve``)."""
+    best or a folder; see ``bookgen.checkpoint.folder.resolve``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_dir is not None:
@@ -45,8 +45,8 @@ def load_model(model_dir: Path | None, cfg: ExperimentConfig | None, checkpoint:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
         return model.eval(), AutoTokenizer.from_pretrained(str(model_dir)), str(model_dir)
     assert cfg is not None
-    from bookgen import checkpoint as ckpt
-    from bookgen.checkpoint_model import load_checkpoint_model
+    from bookgen.checkpoint import folder as ckpt
+    from bookgen.checkpoint.consolidate import load_checkpoint_model
 
     folder = ckpt.resolve(cfg, checkpoint)
     if folder is None:

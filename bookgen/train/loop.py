@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from bookgen import checkpoint as ckpt
-from bookgen import distributed, faults
+from bookgen import distributed
+from bookgen.checkpoint import folder as ckpt
+from bookgen.checkpoint.resume import plan_resume, restore
 from bookgen.config import ExperimentConfig, TrainConfig
 from bookgen.config_io import config_to_dict, write_resolved
 from bookgen.data.batches import (
@@ -29,22 +30,22 @@ from bookgen.data.prepare import tokenizer_dir
 from bookgen.data.prepared import ensure_prepared, prepared_examples
 from bookgen.data.tokenizer import load_tokenizer
 from bookgen.distributed import DistEnv
-from bookgen.engine import build_engine
 from bookgen.errors import BookgenError
-from bookgen.evaluate import EvalResult
-from bookgen.evaluate_run import eval_line, run_eval
+from bookgen.evaluation.perplexity import EvalResult
+from bookgen.evaluation.report import eval_line, run_eval
 from bookgen.fileio import read_json, write_json_atomic
-from bookgen.flops import flops_per_token, mfu, peak_flops
-from bookgen.layout import BatchLayout
-from bookgen.metrics import MetricsLog, plot_loss_curves
-from bookgen.model import build_model, count_parameters
-from bookgen.preflight import check_training
-from bookgen.progress import TrainProgress, summary_table
-from bookgen.resume import plan_resume, restore
-from bookgen.run_lock import hold_run_folder
-from bookgen.samples import TrainingSampler
-from bookgen.step import StepMetrics, train_step
-from bookgen.train_state import TrainState
+from bookgen.generation.samples import TrainingSampler
+from bookgen.model.build import build_model, count_parameters
+from bookgen.model.flops import flops_per_token, mfu, peak_flops
+from bookgen.train import faults
+from bookgen.train.batch_layout import BatchLayout
+from bookgen.train.engine import build_engine
+from bookgen.train.metrics import MetricsLog, plot_loss_curves
+from bookgen.train.preflight import check_training
+from bookgen.train.progress import TrainProgress, summary_table
+from bookgen.train.run_lock import hold_run_folder
+from bookgen.train.state import TrainState
+from bookgen.train.step import StepMetrics, train_step
 
 SUMMARY = "run_summary.json"
 PREEMPTED_MARKER = "PREEMPTED"  # written after the preemption save; slurm/train.sh requeues only with it

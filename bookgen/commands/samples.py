@@ -7,14 +7,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bookgen import checkpoint as ckpt
 from bookgen import distributed
-from bookgen.checkpoint_model import load_checkpoint_model
+from bookgen.checkpoint import folder as ckpt
+from bookgen.checkpoint.compatibility import check_vocabulary
+from bookgen.checkpoint.consolidate import load_checkpoint_model
 from bookgen.config import ExperimentConfig
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, write_json_atomic
-from bookgen.samples import SampleRound, quality_references, sample_round
-from bookgen.trained_on import check_vocabulary
+from bookgen.generation.samples import SampleRound, quality_references, sample_round
 
 COLUMNS = ("step", "eval loss", "stop rate", "length (valid)", "distinct-2", "repeated 4-grams", "copied 8-grams",
            "longest copy")

@@ -1,6 +1,6 @@
 """Samples while training (at every evaluation) and for every kept checkpoint (`bookgen samples`): the same
 prompt, settings and seed each time, so two evaluations of the same weights write the same text, and the
-measures of :mod:`bookgen.quality` beside the loss.
+measures of :mod:`bookgen.generation.quality` beside the loss.
 
 Under ZeRO-3 every forward gathers parameters collectively, so every rank samples the same rows and rank 0's
 chosen tokens are broadcast at each step: all ranks run the same forwards and stop together. Under ZeRO 0-2
@@ -23,8 +23,8 @@ import torch
 from bookgen.config import ExperimentConfig, GenerateConfig
 from bookgen.data.prepare import open_store
 from bookgen.distributed import DistEnv
-from bookgen.generate import Sample, generate
-from bookgen.quality import NgramIndex, Quality, measure
+from bookgen.generation.quality import NgramIndex, Quality, measure
+from bookgen.generation.sampling import Sample, generate
 
 
 @dataclass(frozen=True, slots=True)

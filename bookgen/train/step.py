@@ -12,7 +12,7 @@ from bookgen import distributed
 from bookgen.config import TrainConfig
 from bookgen.data.batches import Examples, micro_batch_indices, model_inputs, predicted_tokens, to_device
 from bookgen.distributed import DistEnv
-from bookgen.layout import BatchLayout
+from bookgen.train.batch_layout import BatchLayout
 
 
 @dataclass(slots=True)

@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bookgen.checkpoint import MARKER
-from bookgen.checkpoint_model import load_checkpoint_model
+from bookgen.checkpoint.consolidate import load_checkpoint_model
+from bookgen.checkpoint.folder import MARKER
 from bookgen.errors import BookgenError
 from bookgen.fileio import apply_umask, read_json, remove_dead_scratch, scratch_owner, staged_dir, write_json_atomic
 

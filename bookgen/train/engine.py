@@ -11,9 +11,9 @@ import torch
 from bookgen import distributed
 from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv
-from bookgen.ds_config import build_ds_config
 from bookgen.errors import BookgenError
-from bookgen.schedule import lr_multiplier
+from bookgen.train.ds_config import build_ds_config
+from bookgen.train.schedule import lr_multiplier
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, kind: str) -> Any:
@@ -58,7 +58,7 @@ def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, dist: DistEnv, t
 
     torch.set_float32_matmul_precision(float32_matmul_precision(cfg.train.tf32, torch.cuda.is_available()))
     ds_config = build_ds_config(cfg, dist.world_size)
-    if load_universal:  # resuming a checkpoint saved at another world size (bookgen.reshard)
+    if load_universal:  # resuming a checkpoint saved at another world size (bookgen.checkpoint.reshard)
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     check_precision(cfg)
     if cfg.train.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():

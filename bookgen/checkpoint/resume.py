@@ -1,7 +1,7 @@
 """Resume in one place: which checkpoint, planned before the engine exists, and the restore after it.
 
 :func:`plan_resume` picks the folder (``checkpoint.resume``), checks its files, and decides whether the engine
-must load a universal checkpoint (another world size, :mod:`bookgen.reshard`); :func:`restore` loads the
+must load a universal checkpoint (another world size, :mod:`bookgen.checkpoint.reshard`); :func:`restore` loads the
 weights, optimizer, schedule and RNG into the engine and returns the :class:`TrainState` the loop continues
 from, with the position mapped by samples when the global batch changed.
 """
@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from bookgen import checkpoint as ckpt
-from bookgen import reshard
-from bookgen.checkpoint import previous_hint
+from bookgen.checkpoint import folder as ckpt
+from bookgen.checkpoint import reshard
+from bookgen.checkpoint.compatibility import check_epoch_order, check_vocabulary
+from bookgen.checkpoint.folder import previous_hint
 from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv, broadcast_object, gather_errors
 from bookgen.errors import BookgenError
-from bookgen.layout import BatchLayout
-from bookgen.train_state import TrainState
-from bookgen.trained_on import check_epoch_order, check_vocabulary
+from bookgen.train.batch_layout import BatchLayout
+from bookgen.train.state import TrainState
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +185,7 @@ def _load(engine: Any, folder: Path, marker: dict[str, Any], cfg: ExperimentConf
     whose record (``marker``) the plan checked; also return the optimizer settings this run changed.
 
     With another global batch (world size, micro-batch or accumulation) the position is mapped by samples
-    seen (see bookgen.reshard); at another world size the RNG is reseeded.
+    seen (see bookgen.checkpoint.reshard); at another world size the RNG is reseeded.
     """
     load_dir, tag = reshard.load_dir_and_tag(folder, universal)
     built = OptimizerSettings.of(engine.lr_scheduler)

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from bookgen import distributed
-from bookgen.checkpoint import check_no_other_run, check_resume_folder, checkpoint_root
+from bookgen.checkpoint.folder import check_no_other_run, check_resume_folder, checkpoint_root
 from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv
-from bookgen.ds_config import build_ds_config
-from bookgen.engine import check_precision
 from bookgen.errors import BookgenError
-from bookgen.model import position_count
+from bookgen.model.build import position_count
+from bookgen.train.ds_config import build_ds_config
+from bookgen.train.engine import check_precision
 
 
 def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:

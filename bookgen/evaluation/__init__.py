@@ -1,0 +1,1 @@
+"""Token-weighted perplexity over all ranks."""
