@@ -5,12 +5,20 @@ transformers' own modules only."""
 
 from __future__ import annotations
 
-from typing import Any
+import torch
 
 
-def speed_up_training(model: Any) -> None:
-    """Train with bookgen's blocked attention (:mod:`bookgen.cpu.attention`): queries in blocks against only
-    the keys they may see, instead of SDPA's whole masked square with dropout on the math path."""
+def speed_up_training(model: torch.nn.Module) -> int:
+    """Train with bookgen's blocked attention (:mod:`bookgen.cpu.attention`: queries in blocks against only the
+    keys they may see, instead of SDPA's whole masked square with dropout on the math path) and dropout masks
+    drawn by NumPy (:mod:`bookgen.cpu.dropout`). Dropout holds no weights, so checkpoints and exports are
+    unchanged. Returns how many dropout modules were swapped."""
     from bookgen.cpu.attention import register
+    from bookgen.cpu.dropout import CpuDropout
 
-    model.set_attn_implementation(register())
+    model.set_attn_implementation(register())  # type: ignore[operator]
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is torch.nn.Dropout]
+    for parent, name, child in swaps:
+        setattr(parent, name, CpuDropout(child.p))
+    return len(swaps)

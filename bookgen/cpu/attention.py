@@ -23,6 +23,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from bookgen.cpu.dropout import apply_keep, keep_scale
+
 NAME = "bookgen_sdpa"
 QUERY_BLOCK = 128  # measured: 64-128 equally fast at block 512, 256 slower
 
@@ -107,12 +109,20 @@ def _allowed(mask: torch.Tensor | None, b: Block, device: torch.device) -> torch
     return mask[b.row, 0, b.q_start : b.q_end, b.k_start : b.k_end]
 
 
+def dropout_probabilities(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """``probs`` with each element dropped at rate p and the rest scaled by 1 / (1 - p), with bookgen's NumPy
+    masks (:mod:`bookgen.cpu.dropout`), in cache-sized chunks for float32."""
+    if probs.dtype == torch.float32 and probs.is_contiguous():
+        return apply_keep(probs, p, save_mask=False)[0]
+    return probs * keep_scale(probs.shape, p).to(probs.dtype)
+
+
 class _BlockedAttention(torch.autograd.Function):
     """(B, H, T, D) query, key and value of any strides; returns (B, H, T, D) as a view of a (B, T, H, D)
     tensor. Saves each block's probabilities and, with dropout, the kept ones.
 
     The backward takes the softmax through the FlashAttention identity, rowsum(P * dP) = rowsum(dOut * Out).
-    The dropout scale rides on the kept probabilities (torch's dropout makes them scaled) and the score scale
+    The dropout scale rides on the kept probabilities (the dropout makes them scaled) and the score scale
     on the small (queries x D) products, so no score block takes an extra pass for either."""
 
     @staticmethod
@@ -134,7 +144,7 @@ class _BlockedAttention(torch.autograd.Function):
                 probs = torch.softmax(scores, dim=-1)
                 kept = probs  # the kept probabilities, already scaled by 1 / (1 - p)
                 if dropout > 0:
-                    kept = torch.nn.functional.dropout(probs, dropout)
+                    kept = dropout_probabilities(probs, dropout)
                 out[r, :, qs] = torch.matmul(kept, v[r, :, ks])
                 saved.append((probs, kept))
         ctx.save_for_backward(q, k, v, out)

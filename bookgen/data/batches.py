@@ -15,7 +15,6 @@ position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -52,67 +51,89 @@ def pack_documents(lengths: np.ndarray, block_size: int) -> list[np.ndarray]:
     return [np.asarray(r, dtype=np.int64) for r in rows]
 
 
-@dataclass(slots=True)
 class Examples:
-    """Index over a token store: example i is ``tokens_of(i)``, made of the documents ``segments_of(i)``
-    gives the lengths of; ``lengths[i]`` its token count and ``targets[i]`` the tokens its loss predicts."""
+    """Index over a token store, one class per ``data.packing``: example i is ``tokens_of(i)``, made of the
+    documents whose lengths ``segments_of(i)`` gives; ``lengths[i]`` is its token count and ``targets[i]`` the
+    tokens its loss predicts. :meth:`build` picks the class."""
 
-    store: TokenStore
-    block_size: int
-    packing: Packing
     lengths: np.ndarray
     targets: np.ndarray
-    _doc_starts: np.ndarray  # concat only: global token offset of each document
-    _rows: list[np.ndarray]  # documents only: each row's document indices
 
-    @classmethod
-    def build(cls, store: TokenStore, block_size: int, packing: Packing) -> Examples:
-        empty = np.zeros(0, np.int64)
-        doc_lengths = np.minimum(store.lengths, block_size).astype(np.int64)
-        if packing == "none":
-            return cls(store, block_size, packing, doc_lengths, np.maximum(doc_lengths - 1, 0), empty, [])
-        if packing == "documents":
-            rows = pack_documents(doc_lengths, block_size)
-            lengths = np.array([doc_lengths[r].sum() for r in rows], np.int64)
-            targets = np.array([np.maximum(doc_lengths[r] - 1, 0).sum() for r in rows], np.int64)
-            return cls(store, block_size, packing, lengths, targets, empty, rows)
-        starts = np.concatenate([[0], np.cumsum(store.lengths)]).astype(np.int64)
-        n_blocks = int(starts[-1]) // block_size  # the incomplete tail block is dropped
-        lengths = np.full(n_blocks, block_size, np.int64)
-        return cls(store, block_size, packing, lengths, lengths - 1, starts, [])
+    def __init__(self, store: TokenStore, block_size: int) -> None:
+        self.store, self.block_size = store, block_size
+        self.doc_lengths = np.minimum(store.lengths, block_size).astype(np.int64)  # each truncated alone
+
+    @staticmethod
+    def build(store: TokenStore, block_size: int, packing: Packing) -> Examples:
+        kinds: dict[str, type[Examples]] = {"none": LineByLine, "documents": PackedDocuments, "concat": ConcatBlocks}
+        return kinds[packing](store, block_size)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def segments_of(self, index: int) -> list[int]:
-        """Lengths of the documents in example ``index``, in order (one segment unless ``documents``)."""
-        if self.packing == "documents":
-            return np.minimum(self.store.lengths[self._rows[index]], self.block_size).tolist()
         return [int(self.lengths[index])]
 
     def tokens_of(self, index: int) -> np.ndarray:
-        if self.packing == "none":
-            return self.store[index][: self.block_size]
-        if self.packing == "documents":
-            return np.concatenate([self.store[int(d)][: self.block_size] for d in self._rows[index]])
+        raise NotImplementedError
+
+    def batch(self, indices: list[int] | np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+        """The host tensors for these examples: right-padded rows."""
+        return collate([self.tokens_of(int(i)) for i in indices], pad_id)
+
+
+class LineByLine(Examples):
+    """``none``: one document a row, truncated to the block size (the reference's recipe)."""
+
+    def __init__(self, store: TokenStore, block_size: int) -> None:
+        super().__init__(store, block_size)
+        self.lengths, self.targets = self.doc_lengths, np.maximum(self.doc_lengths - 1, 0)
+
+    def tokens_of(self, index: int) -> np.ndarray:
+        return self.store[index][: self.block_size]
+
+
+class PackedDocuments(Examples):
+    """``documents``: whole documents packed into rows (:func:`pack_documents`), positions restarting at each
+    and its first token no target, so each document's loss is the one it gets alone."""
+
+    def __init__(self, store: TokenStore, block_size: int) -> None:
+        super().__init__(store, block_size)
+        self.rows = pack_documents(self.doc_lengths, block_size)  # each row's document indices
+        self.lengths = np.array([self.doc_lengths[r].sum() for r in self.rows], np.int64)
+        self.targets = np.array([np.maximum(self.doc_lengths[r] - 1, 0).sum() for r in self.rows], np.int64)
+
+    def segments_of(self, index: int) -> list[int]:
+        return self.doc_lengths[self.rows[index]].tolist()
+
+    def tokens_of(self, index: int) -> np.ndarray:
+        return np.concatenate([self.store[int(d)][: self.block_size] for d in self.rows[index]])
+
+    def batch(self, indices: list[int] | np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+        """Packed rows with positions restarting at every document."""
+        return collate_documents([self.tokens_of(int(i)) for i in indices],
+                                 [self.segments_of(int(i)) for i in indices], pad_id)
+
+
+class ConcatBlocks(Examples):
+    """``concat``: full blocks of the concatenated documents, crossing them; the tail block is dropped."""
+
+    def __init__(self, store: TokenStore, block_size: int) -> None:
+        super().__init__(store, block_size)
+        self.doc_starts = np.concatenate([[0], np.cumsum(store.lengths)]).astype(np.int64)
+        self.lengths = np.full(int(self.doc_starts[-1]) // block_size, block_size, np.int64)
+        self.targets = self.lengths - 1
+
+    def tokens_of(self, index: int) -> np.ndarray:
         lo, hi = index * self.block_size, (index + 1) * self.block_size
-        first = int(np.searchsorted(self._doc_starts, lo, side="right")) - 1
-        pieces, doc = [], first
+        doc = int(np.searchsorted(self.doc_starts, lo, side="right")) - 1
+        pieces = []
         while lo < hi:
-            start = int(self._doc_starts[doc])
-            doc_tokens = self.store[doc]
-            take = doc_tokens[lo - start : hi - start]
+            take = self.store[doc][lo - int(self.doc_starts[doc]) : hi - int(self.doc_starts[doc])]
             pieces.append(take)
             lo += len(take)
             doc += 1
         return np.concatenate(pieces)
-
-    def batch(self, indices: list[int] | np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
-        """The host tensors for these examples: padded rows, or packed rows with restarting positions."""
-        tokens = [self.tokens_of(int(i)) for i in indices]
-        if self.packing != "documents":
-            return collate(tokens, pad_id)
-        return collate_documents(tokens, [self.segments_of(int(i)) for i in indices], pad_id)
 
 
 def epoch_order(
