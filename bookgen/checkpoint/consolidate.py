@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bookgen.checkpoint.folder import MARKER, check_files, previous_hint, read_record
+from bookgen.checkpoint.folder import MARKER, check_files, previous_hint
 from bookgen.errors import BookgenError
 
 if TYPE_CHECKING:
@@ -26,8 +26,7 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     CRC-32s: a damaged file is named with the previous complete checkpoint, never unpickled."""
     if not (folder / MARKER).is_file():
         raise BookgenError(f"{folder}: not a complete bookgen checkpoint (no {MARKER})")
-    check_files(folder)
-    marker = read_record(folder)
+    marker = check_files(folder)
     try:
         return _consolidate(folder, marker["zero_stage"])
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:

@@ -169,11 +169,11 @@ def read_record(folder: Path, *required: str) -> dict[str, Any]:
     return marker  # type: ignore[return-value]
 
 
-def check_files(folder: Path, rank: int = 0, world_size: int = 1) -> None:
+def check_files(folder: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Raise, naming the file and the previous complete checkpoint, when a file recorded at save time is
     missing, has another size (a truncated copy, a disk that filled up) or other content (its CRC-32; this
     rank checks every ``world_size``-th file from ``rank``). Checkpoints saved before CRCs were recorded are
-    checked by size."""
+    checked by size. Returns the checkpoint's record."""
     marker = read_record(folder, "files")
     crc32 = marker.get("crc32") or {}
     for i, (name, size) in enumerate(sorted(marker["files"].items())):
@@ -185,6 +185,7 @@ def check_files(folder: Path, rank: int = 0, world_size: int = 1) -> None:
         if name in crc32 and i % world_size == rank and crc32_file(path) != crc32[name]:
             raise BookgenError(f"{path} has other content than was saved (CRC-32 differs): checkpoint "
                                f"{folder.name} is damaged. {previous_hint(folder)}")
+    return marker
 
 
 def previous_hint(folder: Path) -> str:

@@ -82,9 +82,9 @@ def _run(dist: distributed.DistEnv, cfg: ExperimentConfig | None, model_dir: Pat
         if issubclass(warning.category, UserWarning) and str(warning.message).startswith("prompt "):
             console.print(f"[yellow]warning: {warning.message}[/]", highlight=False)
     if multi:
-        gathered: list[list[Sample] | None] = [None] * dist.world_size
-        torch.distributed.all_gather_object(gathered, samples)
-        samples = sorted((x for part in gathered for x in part or []), key=lambda x: (x.prompt_index, x.sample_index))
+        gathered = distributed.gather_objects(samples)
+        samples = sorted((x for part in gathered for x in part or []),  # type: ignore[attr-defined]
+                         key=lambda x: (x.prompt_index, x.sample_index))
     took = time.perf_counter() - start
     if dist.is_main:
         readable = write_outputs(samples, out)

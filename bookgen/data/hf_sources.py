@@ -46,8 +46,9 @@ def open_dataset(source: Path, fmt: str, *, text_field: str, split_names: list[s
     """(documents, None) for one table, or (None, {train, valid, test: documents}) for a DatasetDict whose
     splits ``split_names`` names. Documents come lazily; empty or missing texts come as "" (prepare skips and
     counts them). The column is checked here, before anything is read."""
-    if fmt == "json" and _is_json_lines(source):
-        return _json_lines(source, text_field), None
+    first = _first_json_line(source) if fmt == "json" else None
+    if first is not None:
+        return _json_lines(source, first, text_field), None
     data = _load(source, fmt)
     import datasets
 
@@ -120,20 +121,19 @@ def _open_text(source: Path) -> IO[str]:
     return opener(source, "rt", encoding="utf-8")  # type: ignore[operator,no-any-return]
 
 
-def _is_json_lines(source: Path) -> bool:
-    """One JSON object on the first non-empty line (a ``.jsonl``, or a ``.json`` written as lines)."""
+def _first_json_line(source: Path) -> dict[str, Any] | None:
+    """The JSON object on the first non-empty line, when the file is JSON lines (a ``.jsonl``, or a ``.json``
+    written as lines); None otherwise (a JSON document, left to `datasets`)."""
     try:
         with _open_text(source) as fh:
-            first = next((line for line in fh if line.strip()), "")
-        return isinstance(json.loads(first), dict)
+            first = json.loads(next((line for line in fh if line.strip()), ""))
     except (OSError, EOFError, ValueError, lzma.LZMAError):
-        return False
+        return None
+    return first if isinstance(first, dict) else None
 
 
-def _json_lines(source: Path, text_field: str) -> Iterator[str]:
+def _json_lines(source: Path, first: dict[str, Any], text_field: str) -> Iterator[str]:
     """The text of every row; the column is checked on the first row now, every value as it is read."""
-    with _open_text(source) as fh:
-        first = json.loads(next(line for line in fh if line.strip()))
     if text_field not in first:
         raise CorpusError(f"{source}: no column {text_field!r} (data.text_field); its columns are {list(first)}")
     return _json_line_texts(source, text_field)

@@ -92,11 +92,12 @@ def _check_source_outside(cfg: ExperimentConfig) -> None:
     """prepare writes train/valid/test.txt and more into data.prepared_dir: a source there would be replaced
     by its own split (and a prepared folder inside a source folder would change the source's checksum)."""
     source, prepared = cfg.data.source.resolve(), cfg.prepared_dir.resolve()
-    if source.is_relative_to(prepared) or (source.is_dir() and prepared.is_relative_to(source)):
+    where = "(data.prepared_dir, default <run.output_dir>/prepared)"
+    if source.is_relative_to(prepared):
         raise ConfigError(f"data.source {source} {'is' if source == prepared else 'lies in'} the prepared folder "
-                          f"{prepared} (data.prepared_dir, default <run.output_dir>/prepared)"
-                          if source.is_relative_to(prepared) else
-                          f"data.prepared_dir {prepared} lies inside the source folder {source} (data.source)")
+                          f"{prepared} {where}")
+    if source.is_dir() and prepared.is_relative_to(source):
+        raise ConfigError(f"data.prepared_dir {prepared} lies inside the source folder {source} (data.source)")
 
 
 def _prepare(cfg: ExperimentConfig, *, quiet: bool, verify: bool) -> PrepareReport:

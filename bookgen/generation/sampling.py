@@ -242,26 +242,30 @@ def quality_path(out_jsonl: Path) -> Path:
     return out_jsonl.with_suffix(".quality.json")
 
 
-READABLE_HEADER = "=== GENERATED SEQUENCE 1 ==="
+def readable_header(n: int) -> str:
+    """The reference's heading of the n-th sequence in the readable copy; the first one also tells a file
+    generate wrote from a user's file of the same name."""
+    return f"=== GENERATED SEQUENCE {n} ==="
 
 
 def written_by_generate(path: Path) -> bool:
     """Whether ``path`` holds what `bookgen generate` writes (so replacing it loses nothing the user made):
     told by the file's own content, since these are plain files a user may also keep under such names."""
+    whole = path.name.endswith(".quality.json")  # a small JSON object: read whole; the others by their head
     try:
         with open(path, encoding="utf-8") as fh:
-            head = fh.read(4096)
+            head = fh.read() if whole else fh.read(4096)
     except (OSError, UnicodeDecodeError):
         return False
     if not head:
         return True  # nothing to lose
-    if path.name.endswith(".quality.json"):
+    if whole:
         try:
-            return "stop_rate" in json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, TypeError):
+            return "stop_rate" in json.loads(head)
+        except (ValueError, TypeError):
             return False
     if path.suffix == ".txt":
-        return head.startswith(READABLE_HEADER)
+        return head.startswith(readable_header(1))
     try:
         first = json.loads(head.splitlines()[0])
     except (ValueError, IndexError):
@@ -302,7 +306,7 @@ def write_outputs(samples: list[Sample], out_jsonl: Path) -> Path:
     """JSONL, one sample a line, and the reference's readable form beside it (``.txt``)."""
     write_text_atomic(out_jsonl, "".join(json.dumps(x.to_dict()) + "\n" for x in samples))
     readable = readable_path(out_jsonl)
-    blocks = [f"=== GENERATED SEQUENCE {n} ===\n{x.prompt} {x.text}\n" for n, x in enumerate(samples, start=1)]
+    blocks = [f"{readable_header(n)}\n{x.prompt} {x.text}\n" for n, x in enumerate(samples, start=1)]
     write_text_atomic(readable, "\n".join(blocks))
     return readable
 

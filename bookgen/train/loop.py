@@ -132,8 +132,8 @@ class Run:
     progress: TrainProgress
     mfu_of: Callable[[float], float] | None  # tokens/s over all ranks -> MFU; None where the peak is unknown
     sampler: TrainingSampler | None  # eval.samples > 0
+    invocation: Invocation  # to print the commands that resume and export this run
     finished: bool = False  # a rerun of a finished run: nothing to do, nothing to write
-    invocation: Invocation = Invocation()
 
 
 def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation) -> dict[str, Any]:
@@ -145,8 +145,7 @@ def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation) -> dict[s
         (cfg.run.output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
     ensure_prepared(cfg, dist, console)
-    run = _build(cfg, dist, console)
-    run.invocation = invocation
+    run = _build(cfg, dist, console, invocation)
     if run.finished:
         run.progress.close()
         console.print(f"{cfg.run.output_dir} is a finished run (step {run.state.global_step} of "
@@ -203,7 +202,7 @@ def _where_things_are(cfg: ExperimentConfig, invocation: Invocation) -> str:
     return "\n".join(lines)
 
 
-def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
+def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: Invocation) -> Run:
     """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
     model = build_model(cfg, tokenizer)
@@ -221,7 +220,7 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
                              log_every=cfg.run.log_every)
     if resume_plan.folder is not None and _is_finished(cfg, dist, state, plan):
         return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, None, None, progress,
-                   None, None, finished=True)
+                   None, None, invocation, finished=True)
     log = None
     if dist.is_main:
         log = MetricsLog(cfg.run.output_dir, tensorboard=cfg.run.tensorboard, resume_step=state.global_step)
@@ -232,7 +231,7 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> Run:
     mfu_of = None if peak is None else partial(mfu, flops_per_token=model_flops, devices=dist.world_size, peak=peak)
     sampler = TrainingSampler(cfg, dist, tokenizer, resume_step=state.global_step) if cfg.eval.samples else None
     return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, log,
-               _hf_files_writer(engine, tokenizer), progress, mfu_of, sampler)
+               _hf_files_writer(engine, tokenizer), progress, mfu_of, sampler, invocation)
 
 
 def _finish(run: Run, cfg: ExperimentConfig, dist: DistEnv, done: LoopTotals) -> list[EvalResult]:
