@@ -7,7 +7,7 @@ documents) through torchrun with ZeRO-2 (compiled) and with ZeRO-3; kill the ZeR
 it; score the exported weights on the CPU in fp32, one summary at a time, with plain transformers (the GPU's
 bf16 perplexity must match within BF16_TOLERANCE); generate a batch of samples on the GPU; then, unless
 --no-throughput, the throughput/MFU check (bench/gpu_check.py). `--tiny` runs the same stages on the CPU
-with a 2-layer model in fp32 (about two minutes; tests/test_bench.py runs it, so the script cannot rot).
+with a 2-layer model in fp32 (about two minutes; tests/bench/test_gpu_scripts.py runs it, so the script cannot rot).
 Writes pipeline.json and pipeline.log under runs/gpu_pipeline/ and, when set, $OUT.
 """
 

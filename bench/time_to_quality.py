@@ -9,7 +9,7 @@ its config, lr 1e-3 with linear decay, 2 ranks on CPU. Each final model is expor
 one validation summary at a time by plain transformers in fp32 (token-weighted perplexity). Wall time is the
 whole training process (torchrun start to exit: imports, model build, every step, bookgen's final save).
 bookgen's runs also evaluate 8 times an epoch (per summary, the same number plain transformers gives, as
-tests/test_training.py checks), which gives the time from the process start until the validation perplexity
+tests/train/test_training.py checks), which gives the time from the process start until the validation perplexity
 first reaches the Trainer's final one (within 1%), less the time spent evaluating: the time to quality.
 Their wall time includes those evaluations.
 The corpus is built from data/make_sample.py's templates, so that there is something to learn.

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
+
+from tests.ranks import rank_env
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "booksummaries.txt"
@@ -37,3 +43,33 @@ def write_experiment(folder: Path, overrides: dict | None = None, *, rows: int |
     path = folder / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def run_cli(args: list[str], cwd: Path | None = None, user: bool = False) -> subprocess.CompletedProcess[str]:
+    """`bookgen ARGS` in a fresh process; ``user``: as an unprivileged user when this runs as root (root
+    writes into read-only folders, so permission mistakes only show as another user)."""
+    cmd = [sys.executable, "-m", "bookgen.cli", *args]
+    env = rank_env({"PYTHONPATH": str(REPO)})
+    if user and os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        # a home of its own: DeepSpeed compiles its shared-memory op into ~/.cache on start, and a cache
+        # that root wrote into is not writable for this user
+        env["HOME"] = str(_home_of_nobody())
+    return subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _home_of_nobody() -> Path:
+    home = Path("/tmp/bookgen-test-home-65534")
+    if not home.is_dir():
+        home.mkdir(mode=0o755)
+        os.chown(home, 65534, 65534)
+    return home
+
+
+def world_readable_tmp(tmp_path: Path) -> Path:
+    """A folder another user can enter (pytest's own tmp folders are private to their owner)."""
+    folder = Path("/tmp") / f"bookgen-test-{os.getpid()}-{tmp_path.name}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    return folder

@@ -1,3 +1,6 @@
+"""The experiment YAML: the embedded default, typed values, overrides, and every refusal naming its key and
+where it came from."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -5,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bookgen.cli import main
 from bookgen.config_io import config_from_dict, config_to_dict, load_config, write_resolved
 from bookgen.errors import ConfigError
 from tests.helpers import REPO, write_experiment
@@ -134,3 +138,42 @@ def test_early_stopping_needs_evaluations_to_count(tmp_path):
         load_config(write_experiment(tmp_path, {"eval.early_stopping_patience": 3}))
     with pytest.raises(ConfigError, match=r"eval.early_stopping_patience: must be >= 1"):
         load_config(write_experiment(tmp_path, {"eval.early_stopping_patience": 0, "eval.every": 5}))
+
+
+def test_config_refusals_name_the_key_and_where_it_came_from(tmp_path):
+    from bookgen.config_io import load_config
+    from bookgen.errors import ConfigError
+
+    exp = write_experiment(tmp_path)
+    with pytest.raises(ConfigError, match=r"--set train.learning_rate=.inf: train.learning_rate: expected a finite"):
+        load_config(exp, ["train.learning_rate=.inf"])
+    with pytest.raises(ConfigError, match=r"--set generate.temperature=.nan: generate.temperature"):
+        load_config(exp, ["generate.temperature=.nan"])
+    with pytest.raises(ConfigError, match=r"--set train.epochs=0: train.epochs: must be >= 1"):
+        load_config(exp, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match=r"exp.yaml: data.block_size: 128 is more than model.n_positions \(64\)"):
+        load_config(write_experiment(tmp_path / "b", {"data.block_size": 128}))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty.yaml: the experiment file is empty"):
+        load_config(empty)
+    cfg = load_config(exp, ["checkpoint.resume=old/checkpoints/step00000004"])
+    assert cfg.checkpoint.resume == str(tmp_path / "old/checkpoints/step00000004"), "relative to the YAML's folder"
+
+
+def test_odd_values_are_named_errors_not_tracebacks(tmp_path, capsys):
+    from bookgen.config_io import load_config
+    from bookgen.errors import ConfigError
+
+    exp = write_experiment(tmp_path)
+    for item, message in (("train.adam_eps=-1", "--set train.adam_eps=-1: train.adam_eps: must be > 0"),
+                          ("seed=-1", "--set seed=-1: seed: must be in"),
+                          (f"seed={2**64}", f"--set seed={2**64}: seed: must be in"),
+                          ("trian.lr=1", "--set trian.lr=1: trian: unknown key; did you mean train?")):
+        with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
+            load_config(exp, [item])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(exp.read_bytes() + "# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml: not UTF-8 text"):
+        load_config(latin)
+    assert main(["show", "--cfg", str(latin), "--key", "seed"]) == 2

@@ -1,9 +1,9 @@
-"""The generation runner against transformers' generate, its sampling bounds, and its CLI."""
+"""The generation runner against transformers' generate: greedy equality, sampling bounds, stopping at <EOS>,
+the batch budget."""
 
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,6 @@ import torch
 from bookgen.config import GenerateConfig
 from bookgen.generation.sampling import generate, generate_rows, sample_rows
 from tests.helpers import SAMPLE
-from tests.ranks import launch
 
 PROMPTS = ["<BOS>", "<BOS> The story is set in a mining town", "<BOS> In the end", "<BOS> Anna"]
 
@@ -157,58 +156,6 @@ def test_each_sequence_stops_at_eos(loaded):
     assert all("<EOS>" not in x.text for x in samples)
     s = GenerateConfig(top_k=50, max_new_tokens=7, num_return_sequences=2)
     assert all(x.stopped == "length" and x.tokens == 7 for x in generate(model, tok, ["<BOS>"], s, seed=0))
-
-
-def test_cli_writes_jsonl_and_reference_text(tmp_path, model_dir):
-    from bookgen.cli import main
-
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    out = tmp_path / "gen.jsonl"
-    assert main(["generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
-                 "--num-return-sequences", "2", "--max-new-tokens", "12", "--seed", "4"]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(i, j) for i in range(4) for j in range(2)]
-    assert all(set(r) == {"prompt_index", "sample_index", "prompt", "text", "tokens", "stopped"} for r in rows)
-    assert rows[2]["prompt"] == PROMPTS[1] and all(r["stopped"] in ("eos", "length") for r in rows)
-    text = out.with_suffix(".txt").read_text()
-    assert text.startswith("=== GENERATED SEQUENCE 1 ===\n<BOS>") and "=== GENERATED SEQUENCE 8 ===" in text
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--model", "/nonexistent/model"], "/nonexistent/model is not a model folder"),
-        (["--top-k", "0"], "--top-k (generate.top_k): must be >= 1, got 0"),
-        (["--top-p", "1.5"], "--top-p (generate.top_p): must be in (0, 1], got 1.5"),
-        (["--top-p", "0"], "--top-p (generate.top_p): must be in (0, 1]"),
-        (["--prompts", "EMPTY"], "holds no prompt"),
-        (["--prompt", "  "], "an empty prompt was given"),
-    ],
-)
-def test_bad_input_is_a_clear_error(tmp_path, model_dir, capsys, args, message):
-    from bookgen.cli import main
-
-    (tmp_path / "empty.txt").write_text("\n\n")
-    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
-    if "--model" not in args:
-        args = ["--model", str(model_dir), *args]
-    assert main(["generate", *args, "--out", str(tmp_path / "o.jsonl")]) == 2
-    assert message in capsys.readouterr().err
-
-
-@pytest.mark.multirank
-def test_prompts_split_over_ranks_and_gathered_in_order(tmp_path, model_dir):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS * 2) + "\n")
-    outputs = []
-    for world in (1, 2):
-        out = tmp_path / f"gen{world}.jsonl"
-        launch(world, ["--mode", "generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
-                       "--num-return-sequences", "2", "--max-new-tokens", "10", "--seed", "9"])
-        outputs.append(out.read_text())
-    assert outputs[0] == outputs[1], "same samples, same order, whatever the number of ranks"
-    assert len(outputs[0].splitlines()) == 16
 
 
 def test_the_default_batch_follows_a_memory_budget(loaded):

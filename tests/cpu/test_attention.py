@@ -159,3 +159,43 @@ def test_blocks_skip_other_summaries_and_padding() -> None:
     padded = attention.query_blocks(masks["padded"], batch=2, heads=3, t=37, block=8)
     assert max(b.k_end for b in padded if b.row == 1) == 31
     assert sorted({(b.rows.start, b.rows.stop) for b in padded}) == [(0, 1), (1, 2)]  # a row each
+
+
+def _packed_mask(lengths: list[int]) -> torch.Tensor:
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    t = len(segment)
+    return (torch.ones(t, t, dtype=torch.bool).tril() & (segment[:, None] == segment[None, :]))[None, None]
+
+
+def test_blocked_kernel_with_a_document_mask_equals_each_document_alone():
+    lengths = [37, 5, 60, 26]
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, sum(lengths), 8, generator=gen) for _ in range(3))
+    packed = attention.blocked_causal_attention(q, k, v, scaling=8 ** -0.5, dropout=0.0, mask=_packed_mask(lengths),
+                                                block=32)
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        alone = attention.blocked_causal_attention(q[:, :, part], k[:, :, part], v[:, :, part], scaling=8 ** -0.5,
+                                                   dropout=0.0, block=32)
+        torch.testing.assert_close(packed[:, :, part], alone, rtol=1e-5, atol=1e-6)
+        start += n
+
+
+def test_blocked_kernel_dropout_with_a_document_mask_keeps_rate_scale_and_boundaries():
+    # with V = identity the output is the (dropped, rescaled) probability matrix itself
+    lengths, p = [70, 50, 72], 0.1
+    t = sum(lengths)
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 4, t, t, generator=gen), torch.randn(1, 4, t, t, generator=gen)
+    eye = torch.eye(t).expand(1, 4, t, t)
+    mask = _packed_mask(lengths)
+    kept = attention.blocked_causal_attention(q, k, eye, scaling=t ** -0.5, dropout=0.0, mask=mask, block=64)
+    torch.manual_seed(5)
+    dropped = attention.blocked_causal_attention(q, k, eye, scaling=t ** -0.5, dropout=p, mask=mask, block=64)
+    allowed = mask.expand_as(kept)
+    assert torch.all(dropped[~allowed] == 0), "no probability crosses a document boundary or looks ahead"
+    zeroed = dropped[allowed] == 0
+    rate, n = zeroed.float().mean().item(), int(allowed.sum())
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n), f"dropped {rate:.4f} of {n}, expected {p}"
+    torch.testing.assert_close(dropped[allowed][~zeroed], kept[allowed][~zeroed] / (1 - p))

@@ -1,8 +1,15 @@
+"""Prepare: CMU rows, the reproducible 70/20/10 split, the token store and its cache, and every bad source
+named."""
+
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 import tarfile
 import time
@@ -11,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bookgen.cli import main
 from bookgen.config_io import load_config
 from bookgen.data import cmu, sources
 from bookgen.data.prepare import open_store, prepare, store_dir, tokenizer_dir
@@ -19,7 +27,8 @@ from bookgen.data.store import TokenStore, token_dtype
 from bookgen.data.tokenizer import load_tokenizer
 from bookgen.errors import StoreError
 from bookgen.fileio import sha256_file
-from tests.helpers import SAMPLE, SHARED_CMU, write_experiment
+from tests.helpers import REPO, SAMPLE, SHARED_CMU, run_cli, world_readable_tmp, write_experiment
+from tests.ranks import rank_env
 
 
 def _cmu_row(i: int, summary: str, genres: str = '{"/m/02xlf": "Fiction"}') -> str:
@@ -222,7 +231,6 @@ def test_download_offline_fails_fast_with_instructions(tmp_path):
 
 
 def test_cli_prepare_reports_and_bad_source_exits_2(tmp_path, capsys):
-    from bookgen.cli import main
 
     path = write_experiment(tmp_path, rows=60)
     source = tmp_path / "booksummaries.txt"
@@ -247,8 +255,6 @@ def test_cli_prepare_reports_and_bad_source_exits_2(tmp_path, capsys):
     splits = json.loads((tmp_path / "run" / "prepared" / "splits.json").read_text())
     assert splits["counts"] == {"train": 42, "valid": 12, "test": 6}
 
-
-# --- issue 31: prepare never writes over its source, reads every row, shares a folder safely -----------------
 
 def test_a_source_inside_the_prepared_folder_is_refused(tmp_path):
     from bookgen.errors import ConfigError
@@ -313,9 +319,7 @@ def test_a_zstd_source_is_named_as_compressed(tmp_path):
 
 
 def test_two_prepares_of_one_folder_take_turns(tmp_path):
-    import subprocess
 
-    from tests.ranks import rank_env
 
     shared = tmp_path / "shared"
     procs = []
@@ -338,9 +342,7 @@ def test_two_prepares_of_one_folder_take_turns(tmp_path):
 def test_a_read_only_prepared_folder_is_used_as_it_is(tmp_path):
     import os
     import shutil
-    import subprocess
 
-    from tests.ranks import rank_env
 
     base = Path("/tmp") / f"bookgen-test-{os.getpid()}-ro"  # pytest's folders are private to their owner
     shutil.rmtree(base, ignore_errors=True)
@@ -372,3 +374,57 @@ def test_a_read_only_prepared_folder_is_used_as_it_is(tmp_path):
         for path in [base / "data", *(base / "data").rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_prepare_into_a_read_only_folder_is_named(tmp_path):
+    base = world_readable_tmp(tmp_path)
+    try:
+        locked = base / "locked"
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        exp = write_experiment(base, {"data.prepared_dir": str(locked / "prepared")}, rows=60)
+        proc = run_cli(["prepare", "--cfg", str(exp)], user=True)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert f"Permission denied while preparing into {locked / 'prepared'} (data.prepared_dir" in proc.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_cmu_file_with_a_malformed_first_row_is_still_cmu(tmp_path):
+    from bookgen.data.sources import detect_format, open_corpus
+    from bookgen.errors import CorpusError
+
+    sample = (REPO / "data/sample/booksummaries.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    source = tmp_path / "booksummaries.txt"
+    source.write_text("a stray line without tabs\n" + "".join(sample[:20]), encoding="utf-8")
+    assert detect_format(source) == "cmu"
+    with pytest.raises(CorpusError, match=r"booksummaries.txt:1: expected 7 tab-separated columns"):
+        list(open_corpus(source, "cmu", skip_malformed=False, scratch=tmp_path).rows)
+    assert len(list(open_corpus(source, "cmu", skip_malformed=True, scratch=tmp_path).rows)) == 20
+
+
+def _archive(path: Path, member: str, data: bytes) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_archive_member_must_be_exact_and_truncated_archives_are_named(tmp_path):
+    from bookgen.data.sources import extract_archive
+    from bookgen.errors import CorpusError
+
+    row = (REPO / "data/sample/booksummaries.txt").read_bytes().splitlines(keepends=True)[0]
+    good = _archive(tmp_path / "good.tar.gz", "./booksummaries/booksummaries.txt", row)
+    assert extract_archive(good, tmp_path / "x").read_bytes() == row
+    evil = _archive(tmp_path / "evil.tar.gz", "../booksummaries/booksummaries.txt", row)
+    with pytest.raises(CorpusError, match="has no member booksummaries/booksummaries.txt"):
+        extract_archive(evil, tmp_path / "y")
+    big = _archive(tmp_path / "big.tar.gz", "booksummaries/booksummaries.txt", os.urandom(200_000))
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(big.read_bytes()[:50_000])
+    with pytest.raises(CorpusError, match="truncated.tar.gz: not a readable"):
+        extract_archive(truncated, tmp_path / "z")
+    assert gzip  # the archive is gzip-compressed, as the real one

@@ -1,0 +1,60 @@
+"""Perplexity: token-weighted over all ranks, every example counted once, the same for any world size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bookgen.data.batches import eval_shard
+from tests.helpers import write_experiment
+from tests.ranks import launch
+
+
+@pytest.mark.multirank
+def test_perplexity_is_the_same_for_any_world_size_and_matches_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # trained on concatenated blocks: evaluation still scores each summary on its own
+    exp = write_experiment(tmp_path, {"train.max_steps": 6, "train.learning_rate": 3e-3, "eval.batch_size": 3,
+                                      "data.packing": "concat"}, rows=130)
+    launch(1, ["--cfg", str(exp)])
+    results = {}
+    for world in (1, 2, 3):
+        launch(world, ["--mode", "eval", "--cfg", str(exp), "--split", "test"])
+        results[world] = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert results[1]["split"] == "test" and results[1]["step"] == 6 and results[1]["examples"] == 13
+    for world in (2, 3):
+        assert results[world]["tokens"] == results[1]["tokens"]
+        assert results[world]["perplexity"] == pytest.approx(results[1]["perplexity"], rel=1e-5)
+
+    launch(1, ["--mode", "export", "--cfg", str(exp), "--out", str(tmp_path / "hf")])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for line in (tmp_path / "run" / "prepared" / "test.txt").read_text().splitlines():
+            ids = torch.tensor([tok(line, add_special_tokens=False)["input_ids"][:64]])
+            loss = model(input_ids=ids, labels=ids).loss  # mean over the ids.shape[1] - 1 predictions
+            nll += float(loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert count == results[1]["tokens"]
+    assert results[1]["perplexity"] == pytest.approx(float(np.exp(nll / count)), rel=1e-5)
+
+
+def test_eval_shard_counts_every_example_once_longest_first():
+    lengths = np.random.default_rng(0).integers(5, 500, size=11)
+    for world in (1, 2, 3, 5):
+        shards = [eval_shard(lengths, r, world) for r in range(world)]
+        assert sorted(np.concatenate(shards).tolist()) == list(range(11))
+        assert all((np.diff(lengths[shard]) <= 0).all() for shard in shards), "longest first"
+    # batches of similar lengths: far less padding than in corpus order
+    lengths = np.random.default_rng(1).lognormal(np.log(300), 1.0, size=400).clip(10, 1024).astype(int)
+
+    def padding(order):
+        batches = [lengths[order[i : i + 8]] for i in range(0, len(order), 8)]
+        return sum(len(b) * b.max() - b.sum() for b in batches)
+
+    assert padding(eval_shard(lengths, 0, 1)) < padding(np.arange(400)) / 5

@@ -1,0 +1,31 @@
+"""Finished runs several test modules share (made once per session by fixtures in conftest.py; tests copy
+them, never change them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bookgen.cli import main
+from tests.helpers import write_experiment
+from tests.ranks import launch
+
+TRAINED_STEPS = 4
+TRAINED_SETTINGS = {"train.max_steps": TRAINED_STEPS, "checkpoint.every": 2, "checkpoint.keep": 2, "eval.at_end": False}
+
+FINISHED_STEPS = 6
+FINISHED_SETTINGS = {"train.max_steps": FINISHED_STEPS, "checkpoint.every": 3, "checkpoint.keep": 3, "eval.every": 3,
+                     "eval.at_end": True, "eval.samples": 2, "generate.max_new_tokens": 8}
+
+
+def trained_run(folder: Path) -> Path:
+    """A finished single-rank run (checkpoints at steps 2 and 4) and its export."""
+    exp = write_experiment(folder, TRAINED_SETTINGS, rows=120)
+    launch(1, ["--cfg", str(exp)])
+    assert main(["export", "--cfg", str(exp), "--out", str(folder / "export")]) == 0
+    return folder
+
+
+def finished_run(folder: Path) -> Path:
+    """A finished single-rank run with evaluations and samples at steps 3 and 6."""
+    launch(1, ["--cfg", str(write_experiment(folder, FINISHED_SETTINGS, rows=120))])
+    return folder

@@ -1,0 +1,112 @@
+"""Pure pieces of training: DeepSpeed config ownership, batch arithmetic, the schedule, early stopping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bookgen.config_io import load_config
+from bookgen.errors import BookgenError
+from bookgen.train.batch_layout import BatchLayout
+from bookgen.train.ds_config import build_ds_config
+from bookgen.train.loop import plan_steps
+from bookgen.train.schedule import lr_multiplier
+from tests.helpers import REPO, write_experiment
+
+
+def _cfg(tmp_path, ds: dict | None = None, **overrides):
+    path = write_experiment(tmp_path, overrides)
+    cfg = load_config(path)
+    if ds is not None:
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        cfg.deepspeed.config = tmp_path / "ds.json"
+    return cfg
+
+
+def test_experiment_values_are_filled_into_the_shipped_configs(tmp_path):
+    for stage in range(4):
+        cfg = load_config(write_experiment(tmp_path, {"deepspeed.zero_stage": stage, "train.grad_accum_steps": 3,
+                                                      "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json")}))
+        ds = build_ds_config(cfg, world_size=2)
+        assert ds["train_batch_size"] == 2 * 3 * 2 and ds["gradient_accumulation_steps"] == 3
+        assert ds["zero_optimization"]["stage"] == stage
+        assert ds["optimizer"]["params"]["lr"] == cfg.train.learning_rate
+        assert ds["optimizer"]["params"]["torch_adam"] is True
+        assert ds["bf16"]["enabled"] is False
+
+
+def test_batch_size_mismatch_shows_the_numbers(tmp_path):
+    cfg = _cfg(tmp_path, {"train_batch_size": 16})
+    with pytest.raises(BookgenError) as info:
+        build_ds_config(cfg, world_size=2)
+    msg = str(info.value)
+    assert "train_batch_size is 16 in" in msg and "ds.json" in msg
+    assert "train.micro_batch_size 2 x train.grad_accum_steps 1 x world size 2 gives 4" in msg
+
+
+def test_json_value_disagreeing_with_yaml_names_both(tmp_path):
+    cfg = _cfg(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}, "gradient_clipping": "auto"})
+    with pytest.raises(BookgenError, match=r"optimizer.params.lr is 0.1 in .*ds.json, but train.learning_rate"):
+        build_ds_config(cfg, world_size=1)
+    ok = _cfg(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": "auto"})
+    assert build_ds_config(ok, world_size=1)["gradient_clipping"] == 1.0
+    with pytest.raises(BookgenError, match="remove \"scheduler\""):
+        build_ds_config(_cfg(tmp_path, {"scheduler": {"type": "WarmupLR"}}), world_size=1)
+
+
+def test_training_split_smaller_than_a_global_batch_is_refused(tmp_path):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(BookgenError, match="fewer than one global batch of 8"):
+        plan_steps(7, cfg.train, world_size=4)
+    assert plan_steps(100, cfg.train, world_size=2).steps_per_epoch == 25
+
+
+def test_linear_schedule_matches_transformers():
+    from transformers import get_linear_schedule_with_warmup
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    hf = get_linear_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=20)
+    for step in range(20):
+        assert lr_multiplier(step, warmup_steps=0, total_steps=20, kind="linear") == pytest.approx(hf.get_last_lr()[0])
+        opt.step()
+        hf.step()
+    assert lr_multiplier(0, warmup_steps=4, total_steps=20, kind="linear") == 0.25
+    assert lr_multiplier(10, warmup_steps=4, total_steps=20, kind="cosine") < 1.0
+
+
+def test_early_stopping_counts_evaluations_without_a_new_best():
+    from bookgen.train.state import TrainState
+
+    state = TrainState()
+    counts = []
+    for step, loss in ((2, 5.0), (4, 4.0), (6, 4.05), (8, 3.9), (10, 3.95), (12, 3.96)):
+        state.global_step = step
+        state.note_eval(loss, min_delta=0.0)
+        counts.append(state.evals_since_best)
+    assert counts == [0, 0, 1, 0, 1, 2]
+    assert (state.best_eval_loss, state.best_eval_step) == (3.9, 8)
+    strict = TrainState()
+    for loss in (5.0, 4.0, 3.85, 3.7):  # 3.85 is not 0.2 below 4.0; 3.7 is
+        strict.note_eval(loss, min_delta=0.2)
+    assert (strict.best_eval_loss, strict.evals_since_best) == (3.7, 0)
+    strict.note_eval(3.6, min_delta=0.2)
+    assert strict.evals_since_best == 1
+
+
+def test_tf32_only_on_gpus_and_only_when_allowed():
+    from bookgen.train.engine import float32_matmul_precision
+
+    assert float32_matmul_precision(tf32=True, on_gpu=True) == "high"
+    assert float32_matmul_precision(tf32=False, on_gpu=True) == "highest"
+    assert float32_matmul_precision(tf32=True, on_gpu=False) == "highest", "CPU runs keep exact fp32"
+
+
+def test_batch_layout_is_computed_once_without_a_process_group(tmp_path):
+    cfg = load_config(write_experiment(tmp_path), ["train.micro_batch_size=3", "train.grad_accum_steps=4"])
+    layout = BatchLayout.of(cfg.train, world_size=2)
+    assert (layout.micro_batches, layout.global_batch) == (8, 24)
+    assert build_ds_config(cfg, 2)["train_batch_size"] == layout.global_batch
+    assert plan_steps(100, cfg.train, 2).global_batch == layout.global_batch
