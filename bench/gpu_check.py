@@ -1,9 +1,13 @@
-"""GPU check (bench/gpu_check.sh runs it): GPT-2 small size at block 1024, bf16, ZeRO-2, one GPU.
+"""GPU check (bench/gpu_check.sh runs it): GPT-2 small size at block 1024, bf16, one GPU.
 
-Trains `--steps` steps of packed blocks with bookgen and with transformers' Trainer, each eager and under
-torch.compile, and prints tokens/s, MFU (6*N*T + attention, against the GPU's dense bf16 peak), time to
-the first step and peak memory. A run that fails is reported with its log's tail and the others go on,
-so one bad variant does not cost the whole device slot. `--tiny` shrinks everything for a CPU smoke test.
+Trains `--steps` steps with bookgen and with transformers' Trainer and prints useful (non-padding) tokens/s
+over the loop after the warm-up, MFU (6*N*T + attention, against the GPU's dense bf16 peak), time to the
+first step and peak memory. bookgen runs on the light configuration (ZeRO-0, bf16-mixed) and on ZeRO-2
+(bf16 weights), `concat` and `documents`, eager and compiled; the Trainer eager and compiled on concatenated
+blocks. Each bookgen run goes through bench/gpu_probe.py: the attention kernels it ran, a 5-step profiler
+trace ($OUT/<variant>.trace.json) and the synchronising calls per step after the warm-up (none expected on a
+step that does not log). A run that fails is reported with its log's tail and the others go on, so one bad
+variant does not cost the whole device slot. `--tiny` shrinks everything for a CPU smoke test.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from train_throughput import WARMUP, summarize_bookgen, summarize_trainer, write_corpus  # noqa: E402
+from train_throughput import summarize_bookgen, summarize_trainer, write_corpus  # noqa: E402
 
-# most telling first, should the device time run out: bookgen's best, then the Hugging Face stack as is
-VARIANTS = ("bookgen_compile", "trainer", "bookgen", "trainer_compile")
+# most telling first, should the device time run out: bookgen's best against the Trainer's, then the rest
+VARIANTS = ("light_concat_compile", "trainer_compile", "light_documents_compile", "trainer", "zero2_concat_compile",
+            "light_concat", "light_documents", "zero2_documents_compile")
+LOG_EVERY = WARM_UP = 10  # bookgen's default; the warm-up ends on a log step, so its time stamp is measured
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,9 @@ class Result:
     first_step_s: float = float("nan")
     peak_mb: float = float("nan")
     error: str | None = None
+    attention: dict[str, int] | None = None  # bookgen: CUDA attention kernels in the profiled steps, and calls
+    syncs_quiet: int | None = None  # bookgen: synchronising calls after the warm-up on steps that do not log
+    syncs_log: int | None = None  # ... and on log steps
 
     @classmethod
     def of(cls, name: str, numbers: dict) -> Result:
@@ -76,19 +85,22 @@ def peak_tflops() -> tuple[str, float]:
     return name, float("nan") if peak is None else peak / 1e12
 
 
-def bookgen_experiment(folder: Path, args: argparse.Namespace, shape: Shape, *, compiled: bool) -> Path:
-    name = "bookgen_compile" if compiled else "bookgen"
+def bookgen_experiment(folder: Path, args: argparse.Namespace, shape: Shape, name: str) -> Path:
+    """``name``: light|zero2 _ concat|documents [_compile]."""
+    setup, packing, *rest = name.split("_")
+    stage = 0 if setup == "light" else 2
+    precision = "fp32" if args.tiny else ("bf16-mixed" if setup == "light" else "bf16")
     cfg = {
-        "seed": 0, "run": {"output_dir": f"run_{name}", "log_every": 50},
-        "data": {"source": "corpus.txt", "block_size": shape.block, "packing": "concat", "prepared_dir": "prepared"},
+        "seed": 0, "run": {"output_dir": f"run_{name}", "log_every": LOG_EVERY},
+        "data": {"source": "corpus.txt", "block_size": shape.block, "packing": packing, "prepared_dir": "prepared"},
         "tokenizer": {"vocab_size": 8192},
         # GPT-2's 50,257-row vocabulary padded to 50,304 rows as nanoGPT does; here every run has 50,304 rows
         "model": {"n_layer": shape.layers, "n_head": shape.heads, "n_embd": shape.width,
                   "n_positions": shape.block, "dropout": 0.0, "pad_to_multiple_of": shape.vocab},
         "train": {"max_steps": args.steps, "micro_batch_size": args.micro, "learning_rate": 6e-4,
-                  "precision": "fp32" if args.tiny else "bf16", "warmup_steps": 10, "compile": compiled},
+                  "precision": precision, "warmup_steps": 10, "compile": rest == ["compile"]},
         "eval": {"at_end": False}, "checkpoint": {"resume": "never", "every": 10**6},
-        "deepspeed": {"zero_stage": 2, "config": str(REPO / "ds_configs" / "zero2.json")},
+        "deepspeed": {"zero_stage": stage, "config": str(REPO / "ds_configs" / f"zero{stage}.json")},
     }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -118,17 +130,23 @@ def torchrun(script: Path, *script_args: str, log: Path, timeout_s: float) -> fl
     return start
 
 
-def run_bookgen(folder: Path, args: argparse.Namespace, shape: Shape, *, compiled: bool) -> Result:
-    exp = bookgen_experiment(folder, args, shape, compiled=compiled)
-    run = folder / f"run_{exp.stem}"
+def run_bookgen(folder: Path, args: argparse.Namespace, shape: Shape, name: str) -> Result:
+    exp = bookgen_experiment(folder, args, shape, name)
+    run = folder / f"run_{name}"
     shutil.rmtree(run, ignore_errors=True)
-    start = torchrun(REPO / "launcher" / "run.py", "--cfg", str(exp), log=folder / f"{exp.stem}.log",
-                     timeout_s=args.timeout)
-    return Result.of(exp.stem, summarize_bookgen(start, run))
+    start = torchrun(REPO / "bench" / "gpu_probe.py", str(folder / name), "--cfg", str(exp),
+                     log=folder / f"{name}.log", timeout_s=args.timeout)
+    result = Result.of(name, summarize_bookgen(start, run, WARM_UP))
+    probe = json.loads((folder / f"{name}.json").read_text())
+    result.attention = probe["attention_kernels"]
+    syncs = {int(k): n for k, n in probe["syncs"].items()}
+    result.syncs_quiet = sum(n for k, n in syncs.items() if k % LOG_EVERY and k != args.steps)
+    result.syncs_log = sum(n for k, n in syncs.items() if not (k % LOG_EVERY and k != args.steps))
+    return result
 
 
-def run_trainer(folder: Path, args: argparse.Namespace, shape: Shape, *, compiled: bool) -> Result:
-    name = "trainer_compile" if compiled else "trainer"
+def run_trainer(folder: Path, args: argparse.Namespace, shape: Shape, name: str) -> Result:
+    compiled = name.endswith("_compile")
     out = folder / f"{name}.json"
     options = ["packed", f"vocab_multiple={shape.vocab}", "dropout=0.0"]  # as bookgen's side
     options += [] if args.tiny else ["bf16"]
@@ -136,7 +154,7 @@ def run_trainer(folder: Path, args: argparse.Namespace, shape: Shape, *, compile
     start = torchrun(REPO / "bench" / "hf_trainer_baseline.py", str(folder / "prepared"), str(out), str(args.steps),
                      str(args.micro), str(shape.block), str(shape.layers), str(shape.heads), str(shape.width),
                      *options, log=folder / f"{name}.log", timeout_s=args.timeout)
-    return Result.of(name, summarize_trainer(start, out))
+    return Result.of(name, summarize_trainer(start, out, WARM_UP))
 
 
 def main() -> None:
@@ -155,20 +173,21 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "corpus.txt").exists():
         write_corpus(folder / "corpus.txt", docs=600 if args.tiny else 6000)
-    subprocess.run([sys.executable, "-m", "bookgen.cli", "prepare", "--cfg",
-                    str(bookgen_experiment(folder, args, shape, compiled=False))], check=True, cwd=REPO)
+    for packing in ("concat", "documents"):
+        subprocess.run([sys.executable, "-m", "bookgen.cli", "prepare", "--cfg",
+                        str(bookgen_experiment(folder, args, shape, f"light_{packing}"))], check=True, cwd=REPO)
     device, peak = peak_tflops()
     flops = shape.flops_per_token()
     print(f"{device}: GPT-2 shape {shape.layers}x{shape.width}, vocab {shape.vocab}, "
           f"block {shape.block}, micro-batch {args.micro}, "
-          f"{'fp32' if args.tiny else 'bf16'}, {args.steps} steps (first {WARMUP} warm-up); "
+          f"{'fp32' if args.tiny else 'bf16'}, {args.steps} steps (first {WARM_UP} warm-up); "
           f"{flops / 1e9:.2f} GFLOP/token; peak {peak:.0f} TFLOPS", flush=True)
     results: list[Result] = []
     for name in variants:
-        runner = run_bookgen if name.startswith("bookgen") else run_trainer
+        runner = run_trainer if name.startswith("trainer") else run_bookgen
         started = time.time()
         try:
-            results.append(runner(folder, args, shape, compiled=name.endswith("_compile")))
+            results.append(runner(folder, args, shape, name))
         except Exception as exc:  # report and go on: the device time is too scarce to stop at one failure
             results.append(Result(name, error=str(exc)))
         print(f"[{time.time() - started:4.0f} s] {describe(results[-1], flops, peak)}", flush=True)
@@ -177,8 +196,9 @@ def main() -> None:
     for r in results:
         print(describe(r, flops, peak))
     by_name = {r.name: r for r in results}
-    for ours, theirs in (("bookgen", "trainer"), ("bookgen_compile", "trainer_compile"),
-                         ("bookgen_compile", "trainer")):
+    for ours, theirs in (("light_concat", "trainer"), ("light_concat_compile", "trainer_compile"),
+                         ("light_documents_compile", "light_concat_compile"),
+                         ("zero2_concat_compile", "trainer_compile")):
         a, b = by_name.get(ours), by_name.get(theirs)
         if a and b and not (a.error or b.error):
             print(f"{ours} / {theirs}: {a.tokens_per_s / b.tokens_per_s:.2f}x")
@@ -188,10 +208,15 @@ def describe(r: Result, flops_per_token: float, peak: float) -> str:
     from bookgen.model.flops import mfu
 
     if r.error:
-        return f"{r.name:16s} FAILED: {r.error}"
+        return f"{r.name:24s} FAILED: {r.error}"
     utilisation = mfu(r.tokens_per_s, flops_per_token, devices=1, peak=peak * 1e12)
-    return (f"{r.name:16s} {r.tokens_per_s:12,.0f} tokens/s   MFU {utilisation:6.1%}   "
+    line = (f"{r.name:24s} {r.tokens_per_s:12,.0f} tokens/s   MFU {utilisation:6.1%}   "
             f"first step {r.first_step_s:6.1f} s   peak {r.peak_mb:9,.0f} MB")
+    if r.attention is not None:
+        kernels = ", ".join(f"{k[:60]} x{n}" for k, n in sorted(r.attention.items())) or "none seen"
+        line += f"\n{'':24s} syncs after warm-up: {r.syncs_quiet} on quiet steps, {r.syncs_log} on log steps; "
+        line += f"attention kernels: {kernels}"
+    return line
 
 
 def save(results: list[Result], shape: Shape, flops_per_token: float, args: argparse.Namespace, device: str,
@@ -201,7 +226,7 @@ def save(results: list[Result], shape: Shape, flops_per_token: float, args: argp
               "date": time.strftime("%Y-%m-%d"), "results": [asdict(r) for r in results]}
     (folder / "results.json").write_text(json.dumps(record, indent=1))
     if out := os.environ.get("OUT"):  # the device tool brings $OUT back
-        for path in [folder / "results.json", *folder.glob("*.log")]:
+        for path in [folder / "results.json", *folder.glob("*.log"), *folder.glob("*.trace.json")]:
             shutil.copy(path, out)
 
 

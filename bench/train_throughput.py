@@ -46,7 +46,7 @@ def write_corpus(path: Path, docs: int = 1500) -> None:
 
 def experiment(folder: Path, args: argparse.Namespace, name: str, **extra: object) -> Path:
     cfg = {
-        "seed": 0, "run": {"output_dir": f"run_{name}", "log_every": 10**6},
+        "seed": 0, "run": {"output_dir": f"run_{name}", "log_every": WARMUP},  # WARMUP's stamp is measured
         "data": {"source": str(folder / "corpus.txt"), "block_size": args.block, "prepared_dir": "prepared"},
         "tokenizer": {"vocab_size": 2048},
         "model": {"n_layer": args.layers, "n_head": args.heads, "n_embd": args.width, "n_positions": args.block,
@@ -70,25 +70,28 @@ def torchrun(ranks: int, *cmd: str) -> float:
     return start
 
 
-def summarize(start: float, stamps: list[float], tokens: list[float], inputs: list[float], rss: float) -> dict:
-    rate = sum(tokens[WARMUP:]) / (stamps[-1] - stamps[WARMUP - 1])
+def summarize(start: float, stamps: list[float], tokens: list[float], inputs: list[float], rss: float,
+              warmup: int = WARMUP) -> dict:
+    """Useful tokens/s over the steps after ``warmup``. bookgen writes a step's record when it reads the
+    device (every run.log_every steps), so ``warmup`` must be a log step for its time stamp to be its own."""
+    rate = sum(tokens[warmup:]) / (stamps[-1] - stamps[warmup - 1])
     return {"tokens_per_s": rate, "padding": 1 - sum(tokens) / sum(inputs), "first_step_s": stamps[0] - start,
             "peak_rss_mb": rss}
 
 
-def summarize_bookgen(start: float, run: Path) -> dict:
+def summarize_bookgen(start: float, run: Path, warmup: int = WARMUP) -> dict:
     """The numbers of a bookgen run folder (its metrics.jsonl and run_summary.json)."""
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r]
     rss = json.loads((run / "run_summary.json").read_text())["peak_memory_mb_max_rank"]
     return summarize(start, [r["time"] for r in steps], [r["tokens"] for r in steps],
-                     [r["input_tokens"] for r in steps], rss)
+                     [r["input_tokens"] for r in steps], rss, warmup)
 
 
-def summarize_trainer(start: float, out: Path) -> dict:
+def summarize_trainer(start: float, out: Path, warmup: int = WARMUP) -> dict:
     """The numbers of a bench/hf_trainer_baseline.py run (its OUT.json)."""
     r = json.loads(out.read_text())
-    return summarize(start, r["stamps"], r["tokens"], r["input_tokens"], r["peak_rss_mb"])
+    return summarize(start, r["stamps"], r["tokens"], r["input_tokens"], r["peak_rss_mb"], warmup)
 
 
 def run_bookgen(folder: Path, ranks: int, exp: Path) -> dict:

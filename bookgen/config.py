@@ -54,7 +54,10 @@ REPLACED = "replaced"  # old values of a setting -> the value that now means the
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
     output_dir: Path = field(metadata=_doc("Run folder: resolved config, metrics, checkpoints.", path=True))
-    log_every: int = field(default=1, metadata=_doc("Print a progress line every N optimizer steps."))
+    log_every: int = field(default=10, metadata=_doc(
+        "Read the loss and gradient norm off the device every N optimizer steps (each read waits for the GPU), "
+        "then write every step's record and print a progress line; stop requests are seen then too. "
+        "Evaluation, checkpoint and last steps always read."))
     tensorboard: bool = field(default=False, metadata=_doc("Also log to TensorBoard (if installed)."))
     peak_tflops: float | None = field(
         default=None,
@@ -174,9 +177,11 @@ class ModelConfig:
     )
     attention: Literal["sdpa", "eager", "flash_attention_2"] = field(
         default="sdpa",
-        metadata=_doc("Attention kernel: sdpa or eager (transformers' own; sdpa trains with bookgen's blocked "
-                      "attention on a CPU, uncompiled), flash_attention_2 (GPUs with flash_attn installed, "
-                      "bf16/fp16; varlen for data.packing: documents).", replaced={"bookgen": "sdpa"}),
+        metadata=_doc("Attention kernel: sdpa trains through bookgen's causal attention (SDPA with no mask, the "
+                      "flash kernel on GPUs; torch's varlen flash kernel for data.packing: documents on CUDA in "
+                      "bf16/fp16; the blocked CPU kernel on a CPU, uncompiled) and generates with transformers' "
+                      "SDPA; eager and flash_attention_2 (GPUs with flash_attn installed) are transformers' own.",
+                      replaced={"bookgen": "sdpa"}),
     )
 
     def __post_init__(self) -> None:
@@ -212,8 +217,11 @@ class TrainConfig:
                       "reference's Trainer before transformers 4.46)."),
     )
     grad_clip: float = field(default=1.0, metadata=_doc("Gradient norm clipping; 0 disables."))
-    precision: Literal["fp32", "bf16", "fp16"] = field(
-        default="fp32", metadata=_doc("Training precision; fp16 needs a GPU.")
+    precision: Literal["fp32", "bf16-mixed", "bf16", "fp16"] = field(
+        default="fp32",
+        metadata=_doc("Training precision. bf16-mixed: fp32 weights and optimizer, bf16 autocast (DeepSpeed's "
+                      "torch_autocast), the fast path for a model that fits on each GPU; bf16 and fp16: 16-bit "
+                      "weights under ZeRO 1-3 (fp16 needs a GPU); fp32."),
     )
     compile: bool = field(
         default=False,
@@ -380,6 +388,11 @@ class ExperimentConfig:
             _require(self.data.block_size <= self.model.n_positions, "data.block_size",
                      f"{self.data.block_size} is more than model.n_positions ({self.model.n_positions}): the model "
                      "has no position embedding beyond that; lower data.block_size or raise model.n_positions")
+        if self.train.precision == "bf16" and self.deepspeed.zero_stage == 0:
+            # DeepSpeed's unfused 16-bit optimizer: one device read per parameter tensor every step
+            _require(False, "train.precision", "bf16 with deepspeed.zero_stage 0 keeps bf16 weights in DeepSpeed's "
+                     "slowest optimizer (one device read per parameter tensor each step); use bf16-mixed (fp32 "
+                     "weights, bf16 autocast) for ZeRO-0, or ZeRO 1-3 for bf16 weights")
         if self.checkpoint.keep_best:
             # only a checkpoint saved right after an evaluation has a loss to rank it by
             every, eval_every = self.checkpoint.every, self.eval.every

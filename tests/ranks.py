@@ -35,9 +35,9 @@ def rank_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def launch(n: int, args: list[str], *, timeout: float = 300, env: dict[str, str] | None = None,
-           check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``launcher/run.py`` on ``n`` ranks; on unexpected failure show the output's tail."""
-    proc = subprocess.run(rank_command(n, args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+           check: bool = True, command: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``launcher/run.py`` on ``n`` ranks (or ``command``); on unexpected failure show the output's tail."""
+    proc = subprocess.run(command or rank_command(n, args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=rank_env(env))
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n"

@@ -23,9 +23,11 @@ import torch
 from bookgen.data.store import TokenStore
 from bookgen.train.batch_layout import BatchLayout
 
+BOUNDS_BUCKET = 64  # cu_seq_lens_q comes in lengths that are multiples of this
 IGNORE_INDEX = -100  # positions the loss skips (padding, a document's first token when packed)
 GROUP_CHUNK_BATCHES = 50  # length grouping sorts within this many global batches, keeping some randomness
 Packing = Literal["none", "documents", "concat"]
+Batch = dict[str, "torch.Tensor | int"]  # host tensors, and the packed rows' longest length
 
 
 def pack_documents(lengths: np.ndarray, block_size: int) -> list[np.ndarray]:
@@ -77,7 +79,7 @@ class Examples:
     def tokens_of(self, index: int) -> np.ndarray:
         raise NotImplementedError
 
-    def batch(self, indices: list[int] | np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    def batch(self, indices: list[int] | np.ndarray, pad_id: int) -> Batch:
         """The host tensors for these examples: right-padded rows."""
         return collate([self.tokens_of(int(i)) for i in indices], pad_id)
 
@@ -109,7 +111,7 @@ class PackedDocuments(Examples):
     def tokens_of(self, index: int) -> np.ndarray:
         return np.concatenate([self.store[int(d)][: self.block_size] for d in self.rows[index]])
 
-    def batch(self, indices: list[int] | np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    def batch(self, indices: list[int] | np.ndarray, pad_id: int) -> Batch:
         """Packed rows with positions restarting at every document."""
         return collate_documents([self.tokens_of(int(i)) for i in indices],
                                  [self.segments_of(int(i)) for i in indices], pad_id)
@@ -180,7 +182,7 @@ def eval_shard(lengths: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     return shard[np.argsort(-lengths[shard], kind="stable")]
 
 
-def collate(token_lists: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(token_lists: list[np.ndarray], pad_id: int) -> Batch:
     """Right-pad to the longest example; padding gets attention 0 and label IGNORE_INDEX."""
     width = max(len(t) for t in token_lists)
     input_ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
@@ -193,25 +195,36 @@ def collate(token_lists: list[np.ndarray], pad_id: int) -> dict[str, torch.Tenso
 
 
 def collate_documents(token_rows: list[np.ndarray], segments: list[list[int]], pad_id: int
-                      ) -> dict[str, torch.Tensor]:
-    """Packed rows, without an attention mask: position ids restart at 0 at every document (and at the
-    padding that fills a short row, its own segment), and each document's first token is not a target.
-    Given position ids and no mask, transformers attends within each segment only."""
+                      ) -> Batch:
+    """Packed rows: position ids restart at 0 at every document (and at the padding that fills a short row, its
+    own segment), and each document's first token is not a target. ``cu_seq_lens_q`` holds every segment's
+    start over the flattened batch (padded with empty segments to a multiple of :data:`BOUNDS_BUCKET` entries, so
+    a compiled model sees few shapes), ``max_length_q`` the block size: bookgen's attention attends within each
+    segment (:mod:`bookgen.model.attention`). transformers' own attentions get the position ids alone and find
+    the segments from them."""
     width = max(len(t) for t in token_rows)
     input_ids = torch.full((len(token_rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(token_rows), width), dtype=torch.long)
     labels = torch.full((len(token_rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(token_rows), width), dtype=torch.long)
+    bounds = [0]
     for row, (tokens, lengths) in enumerate(zip(token_rows, segments, strict=True)):
         ids = torch.from_numpy(tokens.astype(np.int64))
         input_ids[row, : len(ids)] = ids
         labels[row, : len(ids)] = ids
+        attention[row, : len(ids)] = 1
         start = 0
         for n in [*lengths, width - len(ids)]:
+            if n == 0:
+                continue
             positions[row, start : start + n] = torch.arange(n)
             if start < len(ids):
                 labels[row, start] = IGNORE_INDEX  # the previous document does not predict this one
             start += n
-    return {"input_ids": input_ids, "position_ids": positions, "labels": labels}
+            bounds.append(row * width + start)
+    bounds += [bounds[-1]] * (-len(bounds) % BOUNDS_BUCKET)
+    return {"input_ids": input_ids, "position_ids": positions, "labels": labels, "attention_mask": attention,
+            "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32), "max_length_q": width}
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -221,10 +234,36 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A host batch as model arguments on ``device``. Without padding (packed blocks) the attention mask is
-    left out: attention is then plainly causal, which picks the flash kernels on GPUs. transformers can
-    drop an all-ones mask itself, but not under torch.compile (it cannot read the mask's values while
-    tracing), where it would build a dense mask instead."""
-    full = "attention_mask" not in batch or bool(batch["attention_mask"].all())
-    return {k: to_device(v, device) for k, v in batch.items() if not (full and k == "attention_mask")}
+PACKING_KEYS = ("cu_seq_lens_q", "max_length_q")  # what only bookgen's attention reads
+
+
+def model_inputs(batch: Batch, device: torch.device, *, bookgen_attention: bool
+                 ) -> dict[str, torch.Tensor | int]:
+    """A host batch as model arguments on ``device``.
+
+    For bookgen's attention (:mod:`bookgen.model.attention`) everything goes: transformers builds no mask from
+    the attention mask (passed only so it does not read the ids back looking for padding), and the summary
+    boundaries reach the attention. For transformers' own attentions, packed rows go without a mask (the
+    position ids mark the summaries) and a batch without padding too (plainly causal: the flash kernel, also
+    under torch.compile, where transformers could not drop an all-ones mask itself)."""
+    keep = dict(batch)
+    if not bookgen_attention:
+        for key in PACKING_KEYS:
+            keep.pop(key, None)
+        mask = keep.get("attention_mask")
+        if "position_ids" in keep or (isinstance(mask, torch.Tensor) and mask.numpy().all()):
+            keep.pop("attention_mask", None)
+    return {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in keep.items()}
+
+
+def step_token_counts(examples: Examples, order: np.ndarray, *, step: int, layout: BatchLayout) -> tuple[int, int]:
+    """(non-padding tokens, tokens fed to the model with padding) of optimizer step ``step`` over all ranks,
+    from the shared order on the host: every rank knows them without a collective or a device read. A
+    micro-batch is as wide as its longest row (:func:`collate`, :func:`collate_documents`)."""
+    tokens = inputs = 0
+    for micro in range(layout.grad_accum_steps):
+        for rank in range(layout.world_size):
+            lengths = examples.lengths[micro_batch_indices(order, step=step, micro=micro, rank=rank, layout=layout)]
+            tokens += int(lengths.sum())
+            inputs += len(lengths) * int(lengths.max())
+    return tokens, inputs

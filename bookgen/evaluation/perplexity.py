@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from bookgen.data.batches import IGNORE_INDEX, Examples, eval_shard, model_inputs
 from bookgen.distributed import DistEnv, all_reduce_max, all_reduce_sum
+from bookgen.model.attention import uses_causal_attention
 
 Forward = Callable[..., object]  # model or engine: forward(input_ids=..., [attention_mask=...]) -> .logits
 
@@ -55,11 +56,12 @@ def perplexity(
     n_batches = all_reduce_max(-(-len(shard) // batch_size), device)
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = 0
+    causal = uses_causal_attention(forward)
     for b in range(n_batches):
         picked = shard[b * batch_size : (b + 1) * batch_size]
         real = len(picked) > 0
         host = examples.batch(picked if real else [0], pad_id)
-        batch = model_inputs(host, device)
+        batch = model_inputs(host, device, bookgen_attention=causal)
         labels = batch.pop("labels")
         out = forward(**batch, use_cache=False)  # a KV cache would keep every layer's keys and values alive
         if real:

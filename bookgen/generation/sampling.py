@@ -23,6 +23,7 @@ import torch
 
 from bookgen.config import GenerateConfig
 from bookgen.fileio import write_text_atomic
+from bookgen.model.attention import generation_attention
 from bookgen.model.build import position_count
 
 StepObserver = Callable[[torch.Tensor, torch.Tensor], None]  # (raw next-token logits (rows, vocab), chosen (rows,))
@@ -197,15 +198,17 @@ def generate(
     by_length = sorted(indices, key=lambda i: len(encoded[i]))  # similar lengths: little left padding
     samples = []
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    for start in range(0, len(by_length), per_batch):
-        group = by_length[start : start + per_batch]
-        for p, j, ids, why in generate_rows(model, [encoded[i] for i in group], group, s, eos_id=eos_id,
-                                            pad_id=pad_id if pad_id is not None else eos_id, seed=seed,
-                                            observer=observer, agree=agree):
-            text = tokenizer.decode([t for t in ids if t != eos_id], skip_special_tokens=False)
-            samples.append(Sample(p, j, text_of[p], text.strip(), len(ids), why, tuple(t for t in ids if t != eos_id)))
-        if on_prompts_done is not None:
-            on_prompts_done(len(group))
+    with generation_attention(model):  # a KV cache and left padding: transformers' SDPA with its masks
+        for start in range(0, len(by_length), per_batch):
+            group = by_length[start : start + per_batch]
+            for p, j, ids, why in generate_rows(model, [encoded[i] for i in group], group, s, eos_id=eos_id,
+                                                pad_id=pad_id if pad_id is not None else eos_id, seed=seed,
+                                                observer=observer, agree=agree):
+                kept = tuple(t for t in ids if t != eos_id)
+                text = tokenizer.decode(list(kept), skip_special_tokens=False)
+                samples.append(Sample(p, j, text_of[p], text.strip(), len(ids), why, kept))
+            if on_prompts_done is not None:
+                on_prompts_done(len(group))
     return sorted(samples, key=lambda x: (x.prompt_index, x.sample_index))
 
 

@@ -50,12 +50,22 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = m.dropout
-    model.set_attn_implementation(m.attention)
+    model.set_attn_implementation(training_attention(m.attention))
     if m.activation_checkpointing:
         enable_activation_checkpointing(model)
     resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
     set_special_token_ids(model, tokenizer)
     return model
+
+
+def training_attention(choice: str) -> str:
+    """``sdpa`` trains through bookgen's causal attention (SDPA without a mask, a variable-length kernel for
+    packed summaries; :mod:`bookgen.model.attention`); ``eager`` and ``flash_attention_2`` are transformers'."""
+    if choice == "sdpa":
+        from bookgen.model.attention import register
+
+        return register()
+    return choice
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

@@ -45,7 +45,7 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float | No
     peak; None otherwise (CPUs, fp32, unlisted GPUs), so no made-up MFU is shown."""
     if override_tflops is not None:
         return override_tflops * 1e12
-    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+    if device.type != "cuda" or precision not in ("bf16", "bf16-mixed", "fp16"):
         return None
     return peak_for_name(torch.cuda.get_device_name(device))
 

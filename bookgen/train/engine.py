@@ -61,9 +61,9 @@ def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, dist: DistEnv, t
     if load_universal:  # resuming a checkpoint saved at another world size (bookgen.checkpoint.reshard)
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     check_precision(cfg)
-    if cfg.train.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
+    if cfg.train.precision.startswith("bf16") and not torch.cuda.is_available() and not cpu_has_bf16():
         if dist.is_main:  # the same on every rank: said once
-            distributed.warn(dist, "this CPU has no native bf16; train.precision: bf16 will be slow")
+            distributed.warn(dist, f"this CPU has no native bf16; train.precision: {cfg.train.precision} will be slow")
     make_scheduler = partial(_scheduler, warmup=cfg.train.warmup_steps, total=total_steps,
                              kind=cfg.train.lr_schedule)
     engine, _optimizer, _loader, _scheduler_obj = deepspeed.initialize(

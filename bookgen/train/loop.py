@@ -43,9 +43,10 @@ from bookgen.train.engine import build_engine
 from bookgen.train.metrics import MetricsLog, plot_loss_curves
 from bookgen.train.preflight import check_training
 from bookgen.train.progress import TrainProgress, summary_table
+from bookgen.train.readout import Interval, StepRecord
 from bookgen.train.run_lock import hold_run_folder
 from bookgen.train.state import TrainState
-from bookgen.train.step import StepMetrics, train_step
+from bookgen.train.step import train_step
 
 SUMMARY = "run_summary.json"
 PREEMPTED_MARKER = "PREEMPTED"  # written after the preemption save; slurm/train.sh requeues only with it
@@ -216,8 +217,7 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: I
 
         speed_up_training(engine.module)
     state = restore(engine, resume_plan, cfg, dist, console, steps_per_epoch=plan.steps_per_epoch)
-    progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step,
-                             log_every=cfg.run.log_every)
+    progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step)
     if resume_plan.folder is not None and _is_finished(cfg, dist, state, plan):
         return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, None, None, progress,
                    None, None, invocation, finished=True)
@@ -265,35 +265,67 @@ def _stopped_early(state: TrainState, cfg: ExperimentConfig) -> bool:
 
 
 def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, console: Console) -> LoopTotals:
-    """Optimizer steps until the plan is done or early stopping ends it: log, evaluate and checkpoint on
-    schedule, stop on preemption."""
+    """Optimizer steps until the plan is done or early stopping ends it. The device's numbers are read on log
+    steps only (:mod:`bookgen.train.readout`); those also check for a stop request, then evaluate and
+    checkpoint on schedule."""
     state, plan = run.state, run.plan
     totals = LoopTotals(tokens=0, seconds=0.0, evals=[], evaluated_at=None, saved_at=None)
-    start, seconds_before = time.perf_counter(), state.train_seconds
+    interval, clock = Interval(), _Clock(time.perf_counter(), state.train_seconds)
     while state.global_step < plan.total_steps and not _stopped_early(state, cfg):
         order = epoch_order(run.train_examples.lengths, seed=cfg.seed, epoch=state.epoch,
                             global_batch=plan.global_batch, group_by_length=cfg.data.group_by_length)
         while (state.step_in_epoch < plan.steps_per_epoch and state.global_step < plan.total_steps
                and not _stopped_early(state, cfg)):
-            stop_now = stop.requested or (dist.is_main and (cfg.run.output_dir / STOP_FILE).exists())
-            m = train_step(run.engine, run.train_examples, order, state.step_in_epoch, cfg.train, dist, run.pad_id,
-                           stop_now)
+            numbers = train_step(run.engine, run.train_examples, order, state.step_in_epoch, cfg.train, dist,
+                                 run.pad_id)
             state.global_step += 1
             state.step_in_epoch += 1
             faults.inject("step", state.global_step, dist.rank)
-            totals.tokens, totals.seconds = totals.tokens + m.tokens, time.perf_counter() - start
-            state.tokens_trained, state.last_loss = state.tokens_trained + m.tokens, m.loss
-            state.train_seconds = seconds_before + totals.seconds
-            _log_step(run, m, tokens_per_second=totals.tokens / max(totals.seconds, 1e-9))
-            if not math.isfinite(m.loss):  # every rank sees the same all-reduced loss and stops here
-                _stop_non_finite(run, cfg, m.loss)
-            if m.stop_requested:
-                _save_and_exit_preempted(run, cfg, dist, stop, console)
-            if state.global_step < plan.total_steps:  # the last step's evaluation and save are _finish's
-                _evaluate_and_save_on_schedule(run, cfg, dist, totals)
+            interval.add(state.global_step, state.epoch, numbers)
+            totals.tokens += numbers.tokens
+            state.tokens_trained += numbers.tokens
+            run.progress.advance(state.global_step)  # host numbers only: the bar moves every step
+            if is_log_step(cfg, plan, state.global_step):
+                _read_and_log(run, cfg, dist, stop, console, interval, totals, clock)
+                if state.global_step < plan.total_steps:  # the last step's evaluation and save are _finish's
+                    _evaluate_and_save_on_schedule(run, cfg, dist, totals)
         if state.step_in_epoch >= plan.steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
     return totals
+
+
+def is_log_step(cfg: ExperimentConfig, plan: StepPlan, step: int) -> bool:
+    """Steps that read the device's numbers: every ``run.log_every``, and every step that evaluates, saves or
+    ends the run, so nothing is recorded after a non-finite loss unseen."""
+    return (_due(cfg.run.log_every, step) or _due(cfg.eval.every, step) or _due(cfg.checkpoint.every, step)
+            or step >= plan.total_steps)
+
+
+@dataclass(frozen=True, slots=True)
+class _Clock:
+    start: float  # perf_counter at the loop's start
+    seconds_before: float  # training seconds of the parts before a resume
+
+
+def _read_and_log(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, console: Console,
+                  interval: Interval, totals: LoopTotals, clock: _Clock) -> None:
+    """Read the interval's numbers (the one wait for the device), log every step of it, stop on a non-finite
+    loss, and save and exit when any rank was asked to stop."""
+    state = run.state
+    stop_now = stop.requested or (dist.is_main and (cfg.run.output_dir / STOP_FILE).exists())
+    records, stop_any = interval.read(micro_batches=BatchLayout.of(cfg.train, dist.world_size).micro_batches,
+                                      is_main=dist.is_main, stop_requested=stop_now)
+    totals.seconds = time.perf_counter() - clock.start  # measured after the read: the device's time included
+    state.train_seconds = clock.seconds_before + totals.seconds
+    state.last_loss = records[-1].loss
+    rate = totals.tokens / max(totals.seconds, 1e-9)
+    for record in records:
+        _log_step(run, record, tokens_per_second=rate if record is records[-1] else None)
+    bad = next((r for r in records if not math.isfinite(r.loss)), None)
+    if bad is not None:  # every rank read the same all-reduced losses and stops here
+        _stop_non_finite(run, cfg, bad)
+    if stop_any:
+        _save_and_exit_preempted(run, cfg, dist, stop, console)
 
 
 def _sample(run: Run, step: int) -> None:
@@ -301,26 +333,27 @@ def _sample(run: Run, step: int) -> None:
         run.sampler.after_eval(run.engine, step, run.log, run.progress.note)
 
 
-def _stop_non_finite(run: Run, cfg: ExperimentConfig, loss: float) -> None:
+def _stop_non_finite(run: Run, cfg: ExperimentConfig, bad: StepRecord) -> None:
     """A nan/inf loss poisons the weights: stop before any checkpoint or evaluation records them."""
     run.progress.close()
     if run.log is not None:
         run.log.close()
     last = ckpt.newest_complete(cfg)
-    raise BookgenError(f"step {run.state.global_step}: the training loss is {loss}; stopped without saving. "
+    raise BookgenError(f"step {bad.step}: the training loss is {bad.loss}; stopped without saving. "
                        f"The last good checkpoint is {last or 'none (nothing was saved)'}. Lower "
                        "train.learning_rate, raise train.warmup_steps or use train.precision: fp32")
 
 
-def _log_step(run: Run, m: StepMetrics, *, tokens_per_second: float) -> None:
-    state = run.state
-    utilisation = None if run.mfu_of is None else run.mfu_of(tokens_per_second)
-    run.progress.update(step=state.global_step, epoch=state.epoch, loss=m.loss, lr=m.lr,
-                        tokens_per_second=tokens_per_second, mfu=utilisation)
+def _log_step(run: Run, r: StepRecord, *, tokens_per_second: float | None) -> None:
+    """One step's record; the rate (and MFU) only on the log step that measured it, over the loop so far."""
+    utilisation = None if run.mfu_of is None or tokens_per_second is None else run.mfu_of(tokens_per_second)
+    if tokens_per_second is not None:
+        run.progress.update(step=r.step, epoch=r.epoch, loss=r.loss, lr=r.lr, tokens_per_second=tokens_per_second,
+                            mfu=utilisation)
     if run.log is not None:
-        record = {"step": state.global_step, "epoch": state.epoch, "loss": m.loss, "lr": m.lr,
-                  "grad_norm": m.grad_norm, "tokens": m.tokens, "input_tokens": m.input_tokens,
-                  "tokens_per_second": tokens_per_second, "mfu": utilisation}
+        record = {"step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                  "tokens": r.tokens, "input_tokens": r.input_tokens, "tokens_per_second": tokens_per_second,
+                  "mfu": utilisation}
         run.log.write({k: v for k, v in record.items() if v is not None})
 
 
@@ -359,6 +392,9 @@ def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, sto
         run.log.close()
         if not stop.interrupted:
             (cfg.run.output_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
+    # no rank exits before the marker is written: srun ends the other tasks when the first one exits, and
+    # slurm/train.sh requeues only a job whose marker is there
+    distributed.barrier()
     distributed.teardown()
     sys.exit(INTERRUPTED_EXIT if stop.interrupted else PREEMPTED_EXIT)
 

@@ -8,9 +8,8 @@ from rich.table import Table
 
 
 class TrainProgress:
-    def __init__(self, console: Console, *, total_steps: int, start_step: int, log_every: int) -> None:
+    def __init__(self, console: Console, *, total_steps: int, start_step: int) -> None:
         self.console = console
-        self.log_every = log_every
         self.live = console.is_terminal and not console.quiet
         self.bar = Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -21,11 +20,16 @@ class TrainProgress:
                                       lr=0.0, rate="")
         self.bar.start()
 
+    def advance(self, step: int) -> None:
+        """Every step: the bar moves on host numbers alone."""
+        self.bar.update(self.task, completed=step)
+
     def update(self, *, step: int, epoch: int, loss: float, lr: float, tokens_per_second: float,
                mfu: float | None = None) -> None:
+        """On log steps: the numbers read from the device, and a plain line where there is no live bar."""
         rate = f"{tokens_per_second:,.0f} tok/s" + (f"  MFU {mfu:.1%}" if mfu is not None else "")
         self.bar.update(self.task, completed=step, epoch=epoch, loss=loss, lr=lr, rate=rate)
-        if not self.live and not self.console.quiet and step % self.log_every == 0:
+        if not self.live and not self.console.quiet:
             self.console.print(f"step {step} epoch {epoch} loss {loss:.4f} lr {lr:.3e} {rate}", highlight=False)
 
     def note(self, message: str) -> None:

@@ -100,11 +100,12 @@ def test_preemption_signal_saves_exits_for_requeue_and_resumes(tmp_path, referen
     exp = _experiment(tmp_path)
     pre = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "sigusr1:5:1"}, check=False, timeout=120)
     assert pre.returncode != 0, "a preempted run must not look finished"
-    assert "preempted: saved checkpoint at step 6" in pre.stderr
+    # the signal arrives after step 5; the ranks agree to stop on the next log step (a checkpoint step, 8)
+    assert "preempted: saved checkpoint at step 8" in pre.stderr
     run = exp.parent / "run"
-    assert (run / "checkpoints" / "step00000006" / MARKER).is_file() and (run / "PREEMPTED").is_file()
+    assert (run / "checkpoints" / "step00000008" / MARKER).is_file() and (run / "PREEMPTED").is_file()
     again = launch(2, ["--cfg", str(exp)])
-    assert "at step 6" in again.stderr and not (run / "PREEMPTED").exists()
+    assert "at step 8" in again.stderr and not (run / "PREEMPTED").exists()
     _assert_same_as_reference(run, reference)
 
 
@@ -280,8 +281,9 @@ def test_resuming_under_another_precision_is_refused_by_name(tmp_path):
     resumed in bf16 ended in a KeyError traceback (ZeRO-0) or a missing-file error (ZeRO-1)."""
     exp = write_experiment(tmp_path, {"train.max_steps": 2, "checkpoint.every": 2, "eval.at_end": False}, rows=120)
     launch(1, ["--cfg", str(exp)])
-    proc = launch(1, ["--cfg", str(exp), "--set", "train.max_steps=4", "--set", "train.precision=bf16"], check=False)
+    proc = launch(1, ["--cfg", str(exp), "--set", "train.max_steps=4", "--set", "train.precision=bf16-mixed"],
+                  check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "step00000002 was saved under train.precision fp32, this run uses bf16" in proc.stderr
+    assert "step00000002 was saved under train.precision fp32, this run uses bf16-mixed" in proc.stderr
     assert "--set train.precision=fp32" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run/checkpoints/step00000004").exists()

@@ -177,3 +177,11 @@ def test_odd_values_are_named_errors_not_tracebacks(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"latin.yaml: not UTF-8 text"):
         load_config(latin)
     assert main(["show", "--cfg", str(latin), "--key", "seed"]) == 2
+
+
+def test_bf16_weights_on_zero0_are_refused_for_bf16_mixed(tmp_path):
+    """DeepSpeed's optimizer for 16-bit weights without ZeRO reads the device once per parameter tensor."""
+    exp = write_experiment(tmp_path, {"train.precision": "bf16", "deepspeed.zero_stage": 0})
+    with pytest.raises(ConfigError, match=r"train.precision: bf16 with deepspeed.zero_stage 0 .* use bf16-mixed"):
+        load_config(exp)
+    assert load_config(write_experiment(tmp_path, {"train.precision": "bf16-mixed"})).train.precision == "bf16-mixed"

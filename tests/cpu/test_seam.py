@@ -101,4 +101,4 @@ def test_a_model_built_for_training_holds_only_transformers_modules(tmp_path):
     cfg = load_config(write_experiment(tmp_path, {"model.dropout": 0.2}))
     model = build_model(cfg, add_special_tokens(tok, cfg))
     assert all(type(m).__module__.startswith(("transformers.", "torch.")) for m in model.modules())
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "bookgen_causal", "an attention function, no module of bookgen's"

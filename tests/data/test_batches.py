@@ -45,15 +45,24 @@ def test_collate_pads_right_and_masks_labels():
     assert batch["labels"].tolist() == [[5, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
 
 
-def test_batches_without_padding_reach_the_model_without_a_mask_and_give_the_same_loss():
+def test_batches_reach_the_model_without_a_mask_and_give_the_same_logits():
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bookgen.model.attention import register
 
     cpu = torch.device("cpu")
     full = collate([np.arange(1, 9), np.arange(2, 10)], pad_id=0)
     padded = collate([np.arange(1, 9), np.arange(2, 6)], pad_id=0)
-    assert set(model_inputs(full, cpu)) == {"input_ids", "labels"}, "plain causal attention: flash kernels"
-    assert set(model_inputs(padded, cpu)) == {"input_ids", "attention_mask", "labels"}
+    # transformers' own attentions: a batch without padding goes without a mask (plainly causal: flash)
+    assert set(model_inputs(full, cpu, bookgen_attention=False)) == {"input_ids", "labels"}
+    assert set(model_inputs(padded, cpu, bookgen_attention=False)) == {"input_ids", "attention_mask", "labels"}
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_layer=1, n_head=2, n_embd=16, n_positions=16)).eval()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_layer=1, n_head=2, n_embd=16, n_positions=16,
+                                       pad_token_id=0)).eval()
     with torch.no_grad():
-        assert torch.equal(model(**model_inputs(full, cpu)).logits, model(**full).logits)
+        assert torch.equal(model(**model_inputs(full, cpu, bookgen_attention=False)).logits, model(**full).logits)
+        reference = model(**padded).logits  # transformers' SDPA with the padding mask
+        model.set_attn_implementation(register())  # bookgen's: no mask at all, right padding is never seen
+        ours = model(**model_inputs(padded, cpu, bookgen_attention=True)).logits
+    real = padded["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], reference[real], rtol=1e-6, atol=1e-6)

@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from bookgen.cpu import attention
 from bookgen.data.batches import IGNORE_INDEX, Examples, collate, collate_documents, model_inputs, pack_documents
 from bookgen.data.store import TokenStore, write_store
+from bookgen.model import attention as causal
 from bookgen.model.build import enable_activation_checkpointing
 
 
@@ -46,7 +47,11 @@ def test_documents_examples_predict_the_tokens_line_by_line_predicts(tmp_path):
                                                                           np.cumsum(packed.segments_of(i))[:-1]))
     assert seen == sorted(tuple(lines.tokens_of(i)) for i in range(len(lines)))
     batch = packed.batch([0, 1], pad_id=0)
-    assert "attention_mask" not in batch
+    width = batch["input_ids"].shape[1]
+    row_bounds = [np.cumsum([0, *packed.segments_of(i), width - sum(packed.segments_of(i))]) for i in (0, 1)]
+    expected = sorted({int(b) + r * width for r, bounds in enumerate(row_bounds) for b in bounds})
+    assert sorted(set(batch["cu_seq_lens_q"].tolist())) == expected, "every summary's and padding's start"
+    assert len(batch["cu_seq_lens_q"]) % 64 == 0 and batch["max_length_q"] == width
     assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == packed.targets[[0, 1]].sum()
 
 
@@ -55,14 +60,16 @@ def _tiny_gpt2(attn: str, *, checkpointing: bool = False) -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.0,
                         resid_pdrop=0.0, embd_pdrop=0.0)
     model = GPT2LMHeadModel(config)
-    model.set_attn_implementation(attention.register() if attn == "bookgen" else attn)
+    model.set_attn_implementation({"cpu_blocked": attention.register, "causal": causal.register}.get(
+        attn, lambda: attn)())
     if checkpointing:
         enable_activation_checkpointing(model)
     return model.train()
 
 
 def _summed_nll(model: GPT2LMHeadModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(**model_inputs(batch, torch.device("cpu")), use_cache=False)
+    out = model(**model_inputs(batch, torch.device("cpu"), bookgen_attention=causal.uses_causal_attention(model)),
+                use_cache=False)
     labels = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.size(-1)),
                                              labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
@@ -73,8 +80,8 @@ def _grads(model: GPT2LMHeadModel) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attn,checkpointing", [("sdpa", False), ("eager", False), ("bookgen", False),
-                                                ("sdpa", True)])
+@pytest.mark.parametrize("attn,checkpointing", [("sdpa", False), ("eager", False), ("cpu_blocked", False),
+                                                ("causal", False), ("causal", True)])
 def test_packed_summaries_have_the_loss_and_gradients_they_have_alone(attn, checkpointing):
     rng = np.random.default_rng(2)
     docs = [rng.integers(3, 101, size=n) for n in (20, 7, 31, 2, 12, 40, 9)]
@@ -106,3 +113,25 @@ def test_packed_summaries_have_the_loss_and_gradients_they_have_alone(attn, chec
         # carry rounding of a few 1e-6 whichever kernel computes them
         scale = float(grads_alone[name].abs().max())
         torch.testing.assert_close(grad, grads_alone[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("packing", ["none", "documents", "concat"])
+def test_step_token_counts_on_the_host_are_the_batches_own(tmp_path, packing):
+    """The logged token counts come from the shared order on the host, for every rank, without a collective;
+    they must be what the ranks' batches hold."""
+    from bookgen.data.batches import epoch_order, micro_batch_indices, step_token_counts
+    from bookgen.train.batch_layout import BatchLayout
+
+    rng = np.random.default_rng(3)
+    store = _store(tmp_path, [rng.integers(3, 100, size=int(n)).tolist() for n in rng.integers(2, 40, size=80)])
+    examples = Examples.build(store, 32, packing)
+    layout = BatchLayout(micro_batch_size=2, grad_accum_steps=2, world_size=2)
+    order = epoch_order(examples.lengths, seed=1, epoch=0, global_batch=layout.global_batch, group_by_length=False)
+    for step in range(len(examples) // layout.global_batch):
+        tokens = inputs = 0
+        for micro in range(2):
+            for rank in range(2):
+                batch = examples.batch(micro_batch_indices(order, step=step, micro=micro, rank=rank, layout=layout), 0)
+                tokens += int((batch["input_ids"] != 0).sum()) if packing != "concat" else batch["input_ids"].numel()
+                inputs += batch["input_ids"].numel()
+        assert step_token_counts(examples, order, step=step, layout=layout) == (tokens, inputs)

@@ -8,6 +8,7 @@ import math
 from collections import Counter
 
 import pytest
+import torch
 import yaml
 
 from bookgen.train.engine import cpu_has_bf16
@@ -106,7 +107,9 @@ def test_packed_run_has_no_padding_and_line_by_line_does(tmp_path):
     # MFU against the given peak: 2 layers x 32 wide, tied head, block 64 (no known peak on a CPU otherwise)
     vocab = json.loads(next((run / "checkpoints").glob("step*/hf/config.json")).read_text())["vocab_size"]
     flops_per_token = 6 * (2 * 12 * 32**2 + vocab * 32) + 12 * 2 * 32 * 64
-    for r in steps:
+    measured = [r for r in steps if "mfu" in r]
+    assert [r["step"] for r in measured] == [3], "rate and MFU on log steps: the last one here"
+    for r in measured:
         assert r["mfu"] == pytest.approx(r["tokens_per_second"] * flops_per_token / 0.5e12)
     assert 0 < json.loads((run / "run_summary.json").read_text())["mfu"] < 1
 
@@ -119,15 +122,22 @@ def test_packed_run_has_no_padding_and_line_by_line_does(tmp_path):
 
 
 @pytest.mark.multirank
-def test_bf16_run(tmp_path):
+def test_bf16_mixed_on_zero0_and_bf16_weights_on_zero1_train(tmp_path):
     if not cpu_has_bf16():
         pytest.skip("this CPU has no native bf16 (avx512_bf16/amx); bf16 would be emulated")
-    exp = write_experiment(tmp_path, {"train.precision": "bf16", "train.max_steps": 4, "train.learning_rate": 3e-3},
-                           rows=120)
-    launch(1, ["--cfg", str(exp)])
-    losses = step_losses(exp.parent / "run")
-    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
-    assert losses[4] < losses[1]
+    for precision, stage in (("bf16-mixed", 0), ("bf16", 1)):
+        exp = write_experiment(tmp_path / precision, {
+            "train.precision": precision, "deepspeed.zero_stage": stage, "train.max_steps": 4,
+            "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json"), "train.learning_rate": 3e-3}, rows=120)
+        launch(1, ["--cfg", str(exp)])
+        losses = step_losses(exp.parent / "run")
+        assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+        assert losses[4] < losses[1], precision
+    # autocast leaves the weights in fp32: the checkpoint's weights are fp32, unlike bf16's
+    from bookgen.checkpoint.consolidate import consolidated_state_dict
+
+    weights = consolidated_state_dict(tmp_path / "bf16-mixed/run/checkpoints/step00000004")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
 
 
 @pytest.mark.multirank
