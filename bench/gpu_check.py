@@ -139,9 +139,10 @@ def run_bookgen(folder: Path, args: argparse.Namespace, shape: Shape, name: str)
     result = Result.of(name, summarize_bookgen(start, run, WARM_UP))
     probe = json.loads((folder / f"{name}.json").read_text())
     result.attention = probe["attention_kernels"]
-    syncs = {int(k): n for k, n in probe["syncs"].items()}
-    result.syncs_quiet = sum(n for k, n in syncs.items() if k % LOG_EVERY and k != args.steps)
-    result.syncs_log = sum(n for k, n in syncs.items() if not (k % LOG_EVERY and k != args.steps))
+    syncs = {int(k): n for k, n in probe["syncs"].items()}  # none without CUDA
+    if syncs:
+        result.syncs_quiet = sum(n for k, n in syncs.items() if k % LOG_EVERY and k != args.steps)
+        result.syncs_log = sum(n for k, n in syncs.items() if not (k % LOG_EVERY and k != args.steps))
     return result
 
 
@@ -214,7 +215,9 @@ def describe(r: Result, flops_per_token: float, peak: float) -> str:
             f"first step {r.first_step_s:6.1f} s   peak {r.peak_mb:9,.0f} MB")
     if r.attention is not None:
         kernels = ", ".join(f"{k[:60]} x{n}" for k, n in sorted(r.attention.items())) or "none seen"
-        line += f"\n{'':24s} syncs after warm-up: {r.syncs_quiet} on quiet steps, {r.syncs_log} on log steps; "
+        syncs = ("not measured (no CUDA)" if r.syncs_quiet is None else
+                 f"{r.syncs_quiet} on steps that do not log, {r.syncs_log} on log steps")
+        line += f"\n{'':24s} synchronising calls after the warm-up: {syncs}; "
         line += f"attention kernels: {kernels}"
     return line
 

@@ -68,7 +68,9 @@ class Plan:
 def experiment(plan: Plan, name: str, *, stage: int, compiled: bool) -> Path:
     layers, heads, width, block = (2, 2, 64, 128) if plan.tiny else (12, 12, 768, 1024)
     cfg = {
-        "seed": 0, "run": {"output_dir": f"run_{name}", "log_every": 20},
+        # the resume stage compares the killed run's step losses: it reads every step (a run's records reach
+        # metrics.jsonl on log steps)
+        "seed": 0, "run": {"output_dir": f"run_{name}", "log_every": 1 if name == "resume" else 20},
         "data": {"source": str(REPO / "data" / "sample" / "booksummaries.txt"), "block_size": block,
                  "packing": "documents", "prepared_dir": "prepared"},
         "tokenizer": {"vocab_size": 2048},
@@ -202,7 +204,7 @@ def stage_generate(plan: Plan, stage: Stage) -> None:
 
 
 def stage_throughput(plan: Plan, stage: Stage) -> None:
-    args = ["--tiny", "--steps", "10", "--micro", "2", "--variants", "bookgen"] if plan.tiny else []
+    args = ["--tiny", "--steps", "20", "--micro", "2", "--variants", "light_documents"] if plan.tiny else []
     with (plan.folder / "throughput.log").open("w") as out:
         code = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), *args], cwd=REPO, stdout=out,
                               stderr=subprocess.STDOUT).returncode
