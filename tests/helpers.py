@@ -61,7 +61,7 @@ def run_cli(args: list[str], cwd: Path | None = None, user: bool = False) -> sub
 def _home_of_nobody() -> Path:
     home = Path("/tmp/bookgen-test-home-65534")
     if not home.is_dir():
-        home.mkdir(mode=0o755)
+        home.mkdir(mode=0o755, exist_ok=True)  # two test workers may both get here
         os.chown(home, 65534, 65534)
     return home
 
