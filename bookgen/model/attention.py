@@ -57,8 +57,8 @@ def causal_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
                                              enable_gqa=gqa)
         return out.transpose(1, 2), None
-    kernel = varlen_kernel()
-    if kernel is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0:
+    kernel = varlen_kernel() if varlen_fits(query, dropout) else None
+    if kernel is not None:
         b, h, t, d = query.shape
         flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value)]
         longest = int(kwargs["max_length_q"])  # a constant (the block size): no recompiles
@@ -68,6 +68,11 @@ def causal_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                          enable_gqa=gqa)
     return out.transpose(1, 2), None
+
+
+def varlen_fits(query: torch.Tensor, dropout: float) -> bool:
+    """The flash kernel's terms: CUDA, half precision, no attention dropout (it has none)."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0
 
 
 def document_mask(bounds: torch.Tensor, rows: int, width: int) -> torch.Tensor:
