@@ -50,7 +50,7 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = m.dropout
-    model.set_attn_implementation(training_attention(m.attention))
+    model.set_attn_implementation(training_attention(m.attention, model.config))
     if m.activation_checkpointing:
         enable_activation_checkpointing(model)
     resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
@@ -58,14 +58,24 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
     return model
 
 
-def training_attention(choice: str) -> str:
+def training_attention(choice: str, config: Any) -> str:
     """``sdpa`` trains through bookgen's causal attention (SDPA without a mask, a variable-length kernel for
-    packed summaries; :mod:`bookgen.model.attention`); ``eager`` and ``flash_attention_2`` are transformers'."""
-    if choice == "sdpa":
+    packed summaries; :mod:`bookgen.model.attention`) for every model whose attention is plainly causal;
+    one with sliding windows or logit soft-capping keeps transformers' SDPA, which knows them. ``eager`` and
+    ``flash_attention_2`` are transformers' own."""
+    if choice == "sdpa" and plainly_causal(config):
         from bookgen.model.attention import register
 
         return register()
     return choice
+
+
+def plainly_causal(config: Any) -> bool:
+    """Whether a model's attention is full causal attention over its keys (GPT-2, Llama, Qwen, ...)."""
+    windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    layer_types = getattr(config, "layer_types", None) or []
+    return not (windowed or any("sliding" in str(t) for t in layer_types)
+                or getattr(config, "attn_logit_softcapping", None) is not None)
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

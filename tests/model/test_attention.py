@@ -102,3 +102,26 @@ def test_the_varlen_path_gets_the_collators_boundaries_and_keeps_each_summarys_l
                 torch.testing.assert_close(logits[r, start : start + len(DOCS[d])], alone, rtol=1e-5, atol=1e-5)
                 start += len(DOCS[d])
     assert (batch["labels"][:, 0] == IGNORE_INDEX).all()
+
+
+def test_other_causal_families_train_through_it_and_windowed_ones_keep_transformers_sdpa(tmp_path):
+    """Llama (rotary positions, grouped-query attention): the same logits for real tokens as transformers'
+    SDPA with the padding mask. Mistral with a sliding window keeps transformers' SDPA, which knows it."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig
+
+    from bookgen.model.build import training_attention
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
+    padded = collate([DOCS[2], DOCS[1]], pad_id=0)
+    with torch.no_grad():
+        reference = llama(**padded).logits
+        llama.set_attn_implementation(training_attention("sdpa", llama.config))
+        assert attention.uses_causal_attention(llama)
+        ours = llama(**model_inputs(padded, torch.device("cpu"), bookgen_attention=True)).logits
+    real = padded["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], reference[real], rtol=1e-5, atol=1e-5)
+    assert training_attention("sdpa", MistralConfig(sliding_window=16)) == "sdpa"
+    assert training_attention("sdpa", MistralConfig(sliding_window=None)) == attention.NAME
+    assert training_attention("eager", llama.config) == "eager"
