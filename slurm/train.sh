@@ -57,9 +57,11 @@ while kill -0 "$SRUN" 2>/dev/null; do
     status=$?
 done
 
-# requeue only a job whose ranks stopped for preemption (exit 75 after a complete save); a user error, a
-# crash or a finished run ends the job with its own status
-if [ "$status" -eq 75 ] && [ -f "$RUN_DIR/PREEMPTED" ]; then
+# requeue only a job whose ranks stopped for preemption: they write the marker after a complete save (and
+# any older marker was removed above). Not srun's status: when the first node's ranks exit 75, srun ends the
+# other nodes' tasks, which may then report 143. A user error, a crash or a finished run ends the job with
+# its own status
+if [ -f "$RUN_DIR/PREEMPTED" ]; then
     echo "bookgen: preempted; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -73,3 +74,14 @@ def world_readable_tmp(tmp_path: Path) -> Path:
     folder.mkdir(mode=0o755)
     folder.chmod(0o755)
     return folder
+
+
+def load_experiment(tmp_path: Path, ds: dict | None = None, **overrides):
+    """The typed config of a tiny experiment; ``ds``: a DeepSpeed JSON written beside it and used."""
+    from bookgen.config_io import load_config
+
+    cfg = load_config(write_experiment(tmp_path, overrides))
+    if ds is not None:
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        cfg.deepspeed.config = tmp_path / "ds.json"
+    return cfg

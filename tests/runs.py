@@ -3,14 +3,18 @@ them, never change them)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from bookgen.cli import main
-from tests.helpers import write_experiment
+from tests.helpers import REPO, write_experiment
 from tests.ranks import launch
 
 TRAINED_STEPS = 4
 TRAINED_SETTINGS = {"train.max_steps": TRAINED_STEPS, "checkpoint.every": 2, "checkpoint.keep": 2, "eval.at_end": False}
+
+LAUNCH_SETTINGS = {"train.max_steps": 5, "eval.at_end": False, "deepspeed.zero_stage": 2,
+                   "deepspeed.config": str(REPO / "ds_configs/zero2.json")}  # the launcher tests' experiment
 
 FINISHED_STEPS = 6
 FINISHED_SETTINGS = {"train.max_steps": FINISHED_STEPS, "checkpoint.every": 3, "checkpoint.keep": 3, "eval.every": 3,
@@ -29,3 +33,9 @@ def finished_run(folder: Path) -> Path:
     """A finished single-rank run with evaluations and samples at steps 3 and 6."""
     launch(1, ["--cfg", str(write_experiment(folder, FINISHED_SETTINGS, rows=120))])
     return folder
+
+
+def copy_trained_run(trained: Path, tmp_path: Path, overrides: dict | None = None) -> Path:
+    """An experiment in ``tmp_path`` whose run folder is a copy of the trained one."""
+    shutil.copytree(trained / "run", tmp_path / "run")
+    return write_experiment(tmp_path, TRAINED_SETTINGS | (overrides or {}), rows=120)

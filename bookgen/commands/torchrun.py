@@ -8,6 +8,7 @@ module instead: same arguments as torchrun, exit status of the first rank that f
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(parse_args(list(argv) if argv is not None else sys.argv[1:]))
     except ChildFailedError as exc:
+        # this node's ranks have ended: a SIGTERM now (srun ends the other nodes' tasks when one fails) must
+        # not turn their own status into 143
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         rank, failure = exc.get_first_failure()
         status = exit_status(failure.exitcode)
         print(f"bookgen: rank {rank} exited with status {status}"

@@ -16,18 +16,12 @@ from bookgen.checkpoint.folder import MARKER
 from bookgen.cli import main
 from tests.helpers import REPO, run_cli, world_readable_tmp, write_experiment
 from tests.ranks import launch, rank_command, rank_env
-from tests.runs import FINISHED_SETTINGS, FINISHED_STEPS, TRAINED_SETTINGS
-
-
-def _copy_run(trained: Path, tmp_path: Path, overrides: dict | None = None) -> Path:
-    """An experiment in ``tmp_path`` whose run folder is a copy of the trained one."""
-    shutil.copytree(trained / "run", tmp_path / "run")
-    return write_experiment(tmp_path, TRAINED_SETTINGS | (overrides or {}), rows=120)
+from tests.runs import FINISHED_SETTINGS, FINISHED_STEPS, TRAINED_SETTINGS, copy_trained_run
 
 
 @pytest.mark.multirank
 def test_export_refuses_the_run_folder_and_leaves_it_whole(trained, tmp_path):
-    exp = _copy_run(trained, tmp_path)
+    exp = copy_trained_run(trained, tmp_path)
     run = tmp_path / "run"
     before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
     proc = run_cli(["export", "--cfg", str(exp), "--out", str(run), "--force"])
@@ -138,7 +132,7 @@ def test_an_export_killed_while_replacing_another_is_recognised_and_finished_by_
 
 @pytest.mark.multirank
 def test_export_refuses_any_folder_inside_a_run_however_spelled(trained, tmp_path):
-    exp = _copy_run(trained, tmp_path)
+    exp = copy_trained_run(trained, tmp_path)
     hf = tmp_path / "run/checkpoints/step00000004/hf"
     before = {p.name: p.read_bytes() for p in hf.iterdir()}
     for cwd, out in ((hf, "."), (hf, "../hf/"), (tmp_path, "run/checkpoints/step00000004/hf"),
@@ -153,7 +147,7 @@ def test_export_refuses_any_folder_inside_a_run_however_spelled(trained, tmp_pat
 
 @pytest.mark.multirank
 def test_export_force_never_replaces_a_file_it_did_not_write(trained, tmp_path):
-    exp = _copy_run(trained, tmp_path)
+    exp = copy_trained_run(trained, tmp_path)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")

@@ -15,7 +15,7 @@ from bookgen.cli import main
 from bookgen.fileio import read_json
 from tests.helpers import REPO, run_cli, write_experiment
 from tests.ranks import launch
-from tests.runs import TRAINED_SETTINGS
+from tests.runs import copy_trained_run
 
 ZERO2 = {"train.max_steps": 4, "checkpoint.every": 2, "checkpoint.keep": 2, "eval.at_end": False,
          "eval.samples": 0, "deepspeed.zero_stage": 2}
@@ -134,15 +134,9 @@ def test_a_real_full_disk_during_a_save_and_on_resume(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def _copy_run(trained: Path, tmp_path: Path, overrides: dict | None = None) -> Path:
-    """An experiment in ``tmp_path`` whose run folder is a copy of the trained one."""
-    shutil.copytree(trained / "run", tmp_path / "run")
-    return write_experiment(tmp_path, TRAINED_SETTINGS | (overrides or {}), rows=120)
-
-
 @pytest.mark.multirank
 def test_truncated_checkpoint_file_is_named_with_the_previous_checkpoint(trained, tmp_path):
-    exp = _copy_run(trained, tmp_path, {"train.max_steps": 6})
+    exp = copy_trained_run(trained, tmp_path, {"train.max_steps": 6})
     damaged = tmp_path / "run/checkpoints/step00000004/mp_rank_00_model_states.pt"
     damaged.write_bytes(damaged.read_bytes()[:1000])
     proc = launch(1, ["--cfg", str(exp)], check=False)

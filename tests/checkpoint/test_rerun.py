@@ -14,7 +14,7 @@ from bookgen.fileio import read_json
 from bookgen.train.metrics import read_metrics
 from tests.helpers import write_experiment
 from tests.ranks import launch
-from tests.runs import FINISHED_SETTINGS, FINISHED_STEPS, TRAINED_SETTINGS
+from tests.runs import FINISHED_SETTINGS, FINISHED_STEPS, copy_trained_run
 
 
 def _files(run: Path) -> dict[str, bytes]:
@@ -67,15 +67,9 @@ def test_each_checkpoint_records_its_own_steps_evaluation(finished):
     assert sorted(set(samples)) == [3, 6] and len(samples) == 4
 
 
-def _copy_run(trained: Path, tmp_path: Path, overrides: dict | None = None) -> Path:
-    """An experiment in ``tmp_path`` whose run folder is a copy of the trained one."""
-    shutil.copytree(trained / "run", tmp_path / "run")
-    return write_experiment(tmp_path, TRAINED_SETTINGS | (overrides or {}), rows=120)
-
-
 @pytest.mark.multirank
 def test_rerunning_a_finished_run_keeps_its_checkpoint(trained, tmp_path):
-    exp = _copy_run(trained, tmp_path)
+    exp = copy_trained_run(trained, tmp_path)
     final = tmp_path / "run/checkpoints/step00000004"
     stamp = (final / MARKER).stat().st_mtime_ns
     # a kill inside a save of step 4 would, before, have left no checkpoint at all

@@ -16,19 +16,8 @@ from bookgen.cli import main
 from bookgen.commands.launch import launch_command
 from bookgen.config_io import load_config
 from tests.helpers import REPO, write_experiment
-from tests.ranks import free_port, launch, rank_env, step_losses
-
-SETTINGS = {"train.max_steps": 5, "eval.at_end": False, "deepspeed.zero_stage": 2,
-            "deepspeed.config": str(REPO / "ds_configs/zero2.json")}
-
-
-@pytest.fixture(scope="module")
-def one_node(tmp_path_factory) -> dict[int, float]:
-    """Losses of the same experiment on one node with 2 ranks (torchrun)."""
-    folder = tmp_path_factory.mktemp("one_node")
-    exp = write_experiment(folder, SETTINGS, rows=120)
-    launch(2, ["--cfg", str(exp)])
-    return step_losses(folder / "run")
+from tests.ranks import free_port, rank_env, step_losses
+from tests.runs import LAUNCH_SETTINGS
 
 
 def test_dry_run_commands(tmp_path, capsys):
@@ -53,7 +42,7 @@ def test_dry_run_commands(tmp_path, capsys):
 
 @pytest.mark.multirank
 def test_torchrun_across_two_nodes_matches_one_node(tmp_path, one_node):
-    exp = write_experiment(tmp_path, SETTINGS | {"launch.nodes": 2, "launch.master_port": free_port()}, rows=120)
+    exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"launch.nodes": 2, "launch.master_port": free_port()}, rows=120)
     procs = []
     for node_rank in (0, 1):
         cmd = launch_command(load_config(exp, [f"launch.node_rank={node_rank}"]), exp, [])
@@ -69,7 +58,7 @@ def test_torchrun_across_two_nodes_matches_one_node(tmp_path, one_node):
 def test_deepspeed_launcher_matches_torchrun(tmp_path, one_node):
     if shutil.which("deepspeed") is None and not (Path(sys.executable).parent / "deepspeed").exists():
         pytest.skip("the deepspeed launcher is not on PATH")
-    exp = write_experiment(tmp_path, SETTINGS | {"launch.backend": "deepspeed", "launch.procs_per_node": 2,
+    exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"launch.backend": "deepspeed", "launch.procs_per_node": 2,
                                                  "launch.master_port": free_port()}, rows=120)
     cmd = launch_command(load_config(exp), exp, [])
     cmd[0] = str(Path(sys.executable).parent / "deepspeed")

@@ -13,19 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, write_experiment
-from tests.ranks import launch, rank_env, step_losses
-
-SETTINGS = {"train.max_steps": 5, "eval.at_end": False, "deepspeed.zero_stage": 2,
-            "deepspeed.config": str(REPO / "ds_configs/zero2.json")}
-
-
-@pytest.fixture(scope="module")
-def one_node(tmp_path_factory) -> dict[int, float]:
-    """Losses of the same experiment on one node with 2 ranks (torchrun)."""
-    folder = tmp_path_factory.mktemp("one_node")
-    exp = write_experiment(folder, SETTINGS, rows=120)
-    launch(2, ["--cfg", str(exp)])
-    return step_losses(folder / "run")
+from tests.ranks import rank_env, step_losses
+from tests.runs import LAUNCH_SETTINGS
 
 
 def _slurm_ready() -> str | None:
@@ -66,7 +55,7 @@ def _job_state(job: int) -> str:
 @pytest.mark.slurm
 @slurm
 def test_sbatch_two_nodes_matches_torchrun(tmp_path, one_node):
-    exp = write_experiment(tmp_path, SETTINGS | {"train.max_steps": 3}, rows=120)
+    exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"train.max_steps": 3}, rows=120)
     job, proc = _sbatch(exp, tmp_path, "--set", "train.max_steps=5", wait=True)
     log = next(tmp_path.glob("job-*.out")).read_text()
     assert proc.returncode == 0, proc.stderr + log[-3000:]
@@ -96,7 +85,7 @@ def _wait_for_end(job: int, timeout: float = 400) -> str:
 
 def _interrupt_mid_run(tmp_path: Path, checkpoint_every: int, interrupt: list[str]) -> str:
     """Submit an 80-step job, run ``interrupt JOBID`` at step 10 or later, let it finish; return its log."""
-    exp = write_experiment(tmp_path, SETTINGS | {"train.max_steps": 80, "checkpoint.every": checkpoint_every},
+    exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"train.max_steps": 80, "checkpoint.every": checkpoint_every},
                            rows=120)
     job, proc = _sbatch(exp, tmp_path, wait=False)
     assert proc.returncode == 0, proc.stderr
@@ -132,7 +121,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(tmp_path):
 @pytest.mark.slurm
 @slurm
 def test_a_stale_preemption_marker_never_requeues_a_failing_job(tmp_path):
-    exp = write_experiment(tmp_path, SETTINGS | {"checkpoint.resume": "nowhere/step00000004"}, rows=120)
+    exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"checkpoint.resume": "nowhere/step00000004"}, rows=120)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "PREEMPTED").write_text("12\n")  # left by an earlier job
     job, proc = _sbatch(exp, tmp_path, wait=True)

@@ -11,17 +11,8 @@ import yaml
 
 from bookgen.config_io import load_config
 from bookgen.data.batches import collate
-from tests.helpers import REPO, run_cli, write_experiment
+from tests.helpers import REPO, load_experiment, run_cli, write_experiment
 from tests.ranks import launch
-
-
-def _cfg(tmp_path, ds: dict | None = None, **overrides):
-    path = write_experiment(tmp_path, overrides)
-    cfg = load_config(path)
-    if ds is not None:
-        (tmp_path / "ds.json").write_text(json.dumps(ds))
-        cfg.deepspeed.config = tmp_path / "ds.json"
-    return cfg
 
 
 def test_pretrained_model_gets_special_tokens_with_mean_rows_and_tied_head(tmp_path):
@@ -75,7 +66,7 @@ def test_activation_checkpointing_keeps_less_and_gives_the_same_loss_and_gradien
     runs = {}
     for on in (False, True):
         # dropout on: recomputation must draw the same masks as the first forward
-        cfg = _cfg(tmp_path / str(on), **{"model.activation_checkpointing": on, "model.dropout": 0.1,
+        cfg = load_experiment(tmp_path / str(on), **{"model.activation_checkpointing": on, "model.dropout": 0.1,
                                           "model.n_layer": 4})
         model = build_model(cfg, add_special_tokens(tok, cfg)).train()
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is on

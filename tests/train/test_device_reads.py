@@ -22,7 +22,7 @@ def deepspeed_reads_are_known(reads: list[str], stage: int) -> bool:
 
 
 # ZeRO-1 runs ZeRO-2's optimizer code; one compiled run: the compiled model itself is checked for graph breaks
-# (where a read could hide) in every packing mode by tests/model/test_attention.py
+# (where a read could hide) in every packing mode by tests/model/test_causal_attention.py
 CONFIGS = [  # (ZeRO stage, precision, packing, compiled)
     (0, "fp32", "none", False),
     (0, "bf16-mixed", "documents", False),

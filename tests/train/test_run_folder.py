@@ -6,20 +6,13 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from bookgen.checkpoint.folder import MARKER
 from tests.helpers import REPO, run_cli, world_readable_tmp, write_experiment
 from tests.ranks import launch, rank_env
-from tests.runs import TRAINED_SETTINGS
-
-
-def _copy_run(trained: Path, tmp_path: Path, overrides: dict | None = None) -> Path:
-    """An experiment in ``tmp_path`` whose run folder is a copy of the trained one."""
-    shutil.copytree(trained / "run", tmp_path / "run")
-    return write_experiment(tmp_path, TRAINED_SETTINGS | (overrides or {}), rows=120)
+from tests.runs import copy_trained_run
 
 
 @pytest.mark.multirank
@@ -27,7 +20,7 @@ def test_a_new_run_never_meets_another_runs_checkpoints(trained, tmp_path):
     """`checkpoint.resume: never` (or a named checkpoint) in a run folder that holds other complete checkpoints
     is refused before anything is written. Before, the new run's save at a step the old run had saved kept the
     old weights, and an export of the 'finished' run held the earlier run's model."""
-    exp = _copy_run(trained, tmp_path)
+    exp = copy_trained_run(trained, tmp_path)
     run = tmp_path / "run"
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     fresh = launch(1, ["--cfg", str(exp), "--set", "checkpoint.resume=never"], check=False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -13,16 +11,7 @@ from bookgen.train.batch_layout import BatchLayout
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.loop import plan_steps
 from bookgen.train.schedule import lr_multiplier
-from tests.helpers import REPO, write_experiment
-
-
-def _cfg(tmp_path, ds: dict | None = None, **overrides):
-    path = write_experiment(tmp_path, overrides)
-    cfg = load_config(path)
-    if ds is not None:
-        (tmp_path / "ds.json").write_text(json.dumps(ds))
-        cfg.deepspeed.config = tmp_path / "ds.json"
-    return cfg
+from tests.helpers import REPO, load_experiment, write_experiment
 
 
 def test_experiment_values_are_filled_into_the_shipped_configs(tmp_path):
@@ -38,7 +27,7 @@ def test_experiment_values_are_filled_into_the_shipped_configs(tmp_path):
 
 
 def test_batch_size_mismatch_shows_the_numbers(tmp_path):
-    cfg = _cfg(tmp_path, {"train_batch_size": 16})
+    cfg = load_experiment(tmp_path, {"train_batch_size": 16})
     with pytest.raises(BookgenError) as info:
         build_ds_config(cfg, world_size=2)
     msg = str(info.value)
@@ -47,17 +36,18 @@ def test_batch_size_mismatch_shows_the_numbers(tmp_path):
 
 
 def test_json_value_disagreeing_with_yaml_names_both(tmp_path):
-    cfg = _cfg(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}, "gradient_clipping": "auto"})
+    ds = {"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}, "gradient_clipping": "auto"}
+    cfg = load_experiment(tmp_path, ds)
     with pytest.raises(BookgenError, match=r"optimizer.params.lr is 0.1 in .*ds.json, but train.learning_rate"):
         build_ds_config(cfg, world_size=1)
-    ok = _cfg(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": "auto"})
+    ok = load_experiment(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": "auto"})
     assert build_ds_config(ok, world_size=1)["gradient_clipping"] == 1.0
     with pytest.raises(BookgenError, match="remove \"scheduler\""):
-        build_ds_config(_cfg(tmp_path, {"scheduler": {"type": "WarmupLR"}}), world_size=1)
+        build_ds_config(load_experiment(tmp_path, {"scheduler": {"type": "WarmupLR"}}), world_size=1)
 
 
 def test_training_split_smaller_than_a_global_batch_is_refused(tmp_path):
-    cfg = _cfg(tmp_path)
+    cfg = load_experiment(tmp_path)
     with pytest.raises(BookgenError, match="fewer than one global batch of 8"):
         plan_steps(7, cfg.train, world_size=4)
     assert plan_steps(100, cfg.train, world_size=2).steps_per_epoch == 25
