@@ -6,8 +6,9 @@
 #
 # Every #SBATCH default below can be overridden on the sbatch command line. Arguments after the
 # experiment file reach every rank. Slurm sends USR1 two minutes before the time limit: the ranks
-# finish their step, save a checkpoint and stop, and the job requeues itself; the requeued job
-# resumes from the newest complete checkpoint with no user action (so does one requeued by hand).
+# train on to their next log step, save a checkpoint there and stop, and the job requeues itself; the
+# requeued job resumes from the newest complete checkpoint with no user action (so does one requeued by
+# hand).
 #SBATCH --job-name=bookgen
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

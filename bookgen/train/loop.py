@@ -75,9 +75,10 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
 
 class StopFlag:
-    """SIGTERM/SIGUSR1 (preemption) and a first Ctrl-C set a flag: the loop finishes its step, saves, and
-    exits. A second Ctrl-C stops at once (what a user pressing it twice wants): the newest complete
-    checkpoint stays the one to resume from, and a half-written one is never trusted."""
+    """SIGTERM/SIGUSR1 (preemption) and a first Ctrl-C set a flag: the loop trains on to its next log step
+    (run.log_every), where the ranks agree to stop, saves, and exits. A second Ctrl-C stops at once (what a
+    user pressing it twice wants): the newest complete checkpoint stays the one to resume from, and a
+    half-written one is never trusted."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -92,7 +93,7 @@ class StopFlag:
                       file=sys.stderr, flush=True)
                 os._exit(INTERRUPTED_EXIT)
             self.interrupted = True
-            print("\nbookgen: Ctrl-C: finishing this step and saving a checkpoint (press it again to stop at once)",
+            print("\nbookgen: Ctrl-C: saving a checkpoint at the next log step (press it again to stop at once)",
                   file=sys.stderr, flush=True)
         self.requested = True
 
