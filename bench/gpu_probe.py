@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import warnings
+from itertools import count
 from pathlib import Path
 
 import torch
@@ -34,19 +35,20 @@ def main() -> int:
     prefix, argv = Path(sys.argv[1]), sys.argv[2:]
     attention: dict[str, int] = {}
     starts: list[int] = []  # warnings seen when each step from SYNC_FROM on began
-    train_step, profiler, seen = loop.train_step, torch.profiler.profile(activities=_activities()), []
+    train_step, profiler, calls = loop.train_step, torch.profiler.profile(activities=_activities()), count(1)
+    catcher, caught = warnings.catch_warnings(record=True), None  # caught: the warnings, from SYNC_FROM on
 
     def probed(*args, **kwargs):
-        k = _count(probed)
+        nonlocal caught
+        k = next(calls)
         if k == PROFILE.start:
             profiler.__enter__()
         if k == SYNC_FROM and torch.cuda.is_available():
             torch.cuda.set_sync_debug_mode("warn")
-            seen.append(warnings.catch_warnings(record=True))
-            seen.append(seen[0].__enter__())
+            caught = catcher.__enter__()
             warnings.simplefilter("always")
-        if len(seen) > 1:
-            starts.append(len(seen[1]))
+        if caught is not None:
+            starts.append(len(caught))
         result = train_step(*args, **kwargs)
         if k == PROFILE.stop - 1:
             profiler.__exit__(None, None, None)
@@ -61,18 +63,12 @@ def main() -> int:
         return run(argv)
     finally:
         syncs = {}
-        if len(seen) > 1:
+        if caught is not None:
             torch.cuda.set_sync_debug_mode("default")
-            ends = [*starts[1:], len(seen[1])]
+            ends = [*starts[1:], len(caught)]
             syncs = {SYNC_FROM + i: end - start for i, (start, end) in enumerate(zip(starts, ends, strict=True))}
         if os.environ.get("RANK", "0") == "0":
             Path(f"{prefix}.json").write_text(json.dumps({"attention_kernels": attention, "syncs": syncs}, indent=1))
-
-
-def _count(fn) -> int:
-    """The 1-based number of this call of ``fn``."""
-    fn.calls = getattr(fn, "calls", 0) + 1
-    return fn.calls
 
 
 def _activities() -> list:

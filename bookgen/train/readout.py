@@ -13,8 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
-
+from bookgen import distributed
 from bookgen.train.step import StepNumbers
 
 
@@ -46,15 +45,10 @@ class Interval:
         pending, self.steps = self.steps, []
         assert pending, "a log step reads the steps since the last one, at least itself"
         device = pending[0][2].loss_sum.device
-        losses = torch.stack([n.loss_sum for _, _, n in pending])
-        norms = torch.stack([n.grad_norm.double() if n.grad_norm is not None else
-                             torch.full((), math.nan, dtype=torch.float64, device=device) for _, _, n in pending])
-        # the norm is the same on every rank: only rank 0's goes into the sum
-        values = torch.cat([losses, norms if is_main else torch.zeros_like(norms),
-                            torch.tensor([float(stop_requested)], dtype=torch.float64, device=device)])
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(values)
-        read = values.tolist()  # the interval's one wait for the device
+        # the norm is the same on every rank: only rank 0's goes into the sum (nan where none was measured)
+        norms = [(n.grad_norm if n.grad_norm is not None else math.nan) if is_main else 0.0 for _, _, n in pending]
+        read = distributed.all_reduce_sum([*(n.loss_sum for _, _, n in pending), *norms, float(stop_requested)],
+                                          device)  # the interval's one wait for the device
         n = len(pending)
         records = [StepRecord(step, epoch, read[i] / micro_batches,
                               None if math.isnan(read[n + i]) else read[n + i], nums.tokens, nums.input_tokens,
