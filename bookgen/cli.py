@@ -1,4 +1,4 @@
-"""The `bookgen` command: prepare, train, eval, export, generate, samples, launch, show, config-help.
+"""The `bookgen` command: prepare, train, eval, export, generate, samples, launch, show, runs, config-help.
 
 `train` and `eval` run in this process as one rank, or as one of many when started by torchrun,
 the deepspeed launcher or srun (see launcher/run.py, which calls :func:`main` too).
@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                        ("max-new-tokens", int), ("num-return-sequences", int), ("seed", int), ("batch-size", int)):
         gen.add_argument(f"--{flag}", type=kind, default=None)
     with_cfg(sub.add_parser("samples", help="generation quality of every checkpoint the run keeps"))
+    runs = sub.add_parser("runs", help="run folders side by side: status, speed, perplexity, samples")
+    runs.add_argument("folders", nargs="*", type=Path, metavar="FOLDER",
+                      help="run folders, or folders of run folders (default: ./runs)")
+    runs.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+                      help="also draw the runs' validation losses on one chart")
     sub.add_parser("config-help", help="list every config key with its default and meaning")
     return parser
 
@@ -89,11 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(console, message: str) -> int:  # type: ignore[no-untyped-def]
     import os
 
+    from rich.markup import escape
+
     from bookgen.distributed import discover
 
     dist = discover(os.environ)
     who = f" (rank {dist.rank} of {dist.world_size})" if dist.world_size > 1 else ""
-    console.print(f"[bold red]error{who}:[/] {message}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets (pip install 'bookgen[mlflow]', a list of keys) that are not markup
+    console.print(f"[bold red]error{who}:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return 2
 
 
@@ -104,6 +112,10 @@ def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
         for key, default, text in describe_fields():
             print(f"{key:32s} {default:24s} {text}")
         return 0
+    if args.command == "runs":
+        from bookgen.commands.runs import runs_command
+
+        return runs_command(args.folders, args.plot, console)
     from bookgen.config_io import load_config
 
     if args.command == "generate":

@@ -52,13 +52,41 @@ REPLACED = "replaced"  # old values of a setting -> the value that now means the
 
 
 @dataclass(kw_only=True, slots=True)
+class WandbConfig:
+    project: str | None = field(default=None, metadata=_doc("W&B project; unset: $WANDB_PROJECT, else bookgen."))
+    entity: str | None = field(default=None, metadata=_doc("W&B team or user; unset: $WANDB_ENTITY or your default."))
+    name: str | None = field(default=None, metadata=_doc("W&B run name; unset: the run folder's name."))
+    tags: list[str] = field(default_factory=list, metadata=_doc("W&B run tags."))
+
+
+@dataclass(kw_only=True, slots=True)
+class MlflowConfig:
+    uri: str | None = field(default=None, metadata=_doc(
+        "MLflow tracking server URL or database URI, or a local folder (an SQLite store and the artifacts are kept "
+        "there); unset: $MLFLOW_TRACKING_URI, else ./mlruns in the folder the run starts from."))
+    experiment: str | None = field(default=None, metadata=_doc(
+        "MLflow experiment; unset: $MLFLOW_EXPERIMENT_NAME, else bookgen."))
+    run_name: str | None = field(default=None, metadata=_doc("MLflow run name; unset: the run folder's name."))
+
+
+@dataclass(kw_only=True, slots=True)
 class RunConfig:
     output_dir: Path = field(metadata=_doc("Run folder: resolved config, metrics, checkpoints.", path=True))
     log_every: int = field(default=10, metadata=_doc(
         "Read the loss and gradient norm off the device every N optimizer steps (each read waits for the GPU), "
         "then write every step's record and print a progress line; stop requests are seen then too. "
         "Evaluation, checkpoint and last steps always read."))
-    tensorboard: bool = field(default=False, metadata=_doc("Also log to TensorBoard (if installed)."))
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata=_doc("Where rank 0 also sends the run (metrics.jsonl is always written): tensorboard (into "
+                      "<output_dir>/tensorboard), wandb (pip install 'bookgen[wandb]'; WANDB_MODE=offline works "
+                      "with no network), mlflow (pip install 'bookgen[mlflow]'). A resumed run continues the same "
+                      "tracked run; [] sends nowhere."),
+    )
+    tensorboard: bool | None = field(default=None, metadata=_doc(
+        "Old switch, kept for old experiment files: true adds tensorboard to run.trackers, false removes it."))
+    wandb: WandbConfig = field(default_factory=lambda: WandbConfig())
+    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig())
     peak_tflops: float | None = field(
         default=None,
         metadata=_doc("One device's dense peak TFLOPS, for the MFU column; unset: known GPUs in bf16/fp16."),
@@ -66,6 +94,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "log_every", "must be >= 1")
+        _require(len(set(self.trackers)) == len(self.trackers), "trackers", "names a tracker twice")
+        if self.tensorboard is not None:  # folded into trackers, so the resolved config says it once
+            if self.tensorboard and "tensorboard" not in self.trackers:
+                self.trackers.append("tensorboard")
+            elif not self.tensorboard and "tensorboard" in self.trackers:
+                self.trackers.remove("tensorboard")
+            self.tensorboard = None
         if self.peak_tflops is not None:
             _require(self.peak_tflops > 0, "peak_tflops", "must be > 0")
 

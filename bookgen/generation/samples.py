@@ -120,7 +120,7 @@ def quality_references(cfg: ExperimentConfig) -> tuple[NgramIndex, np.ndarray]:
 
 class TrainingSampler:
     """The samples of a training run: after each evaluation, a round on every rank that must take part,
-    written (rank 0) to samples.jsonl, metrics.jsonl (``samples_*``), TensorBoard and the console."""
+    written (rank 0) to samples.jsonl, metrics.jsonl (``samples_*``), the trackers and the console."""
 
     def __init__(self, cfg: ExperimentConfig, dist: DistEnv, tokenizer: Any, *, resume_step: int) -> None:
         self.cfg, self.dist, self.tokenizer = cfg, dist, tokenizer
@@ -146,7 +146,7 @@ class TrainingSampler:
         self.log.write(round_)
         if metrics is not None:
             metrics.write({"step": step, **round_.metrics()})
-            metrics.text("samples", "\n\n".join(x.text for x in round_.samples), step)
+            metrics.samples(step, round_.records())
         q = round_.quality
         note(f"samples @ step {step} ({round_.seconds:.1f} s): stop rate {q.stop_rate:.0%}, length "
              f"{q.length_median:.0f} (valid {q.reference_length_median or 0:.0f}), repeated 4-grams "

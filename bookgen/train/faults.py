@@ -3,7 +3,8 @@
 what: ``kill`` (SIGKILL this rank after the step), ``kill_in_save`` (SIGKILL during the checkpoint save
 of that step, after DeepSpeed wrote its files and before the checkpoint is marked complete),
 ``sigterm`` / ``sigusr1`` (send the preemption signal to this rank), ``enospc`` (the save fails with
-"no space left"). Without the variable nothing happens; the cost is one dictionary lookup.
+"no space left"), ``tracker`` (every tracker's call with that step's metrics raises, as a tracker whose
+server or disk is gone would). Without the variable nothing happens; the cost is one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -36,3 +37,9 @@ def inject(point: str, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if point == "save" and what == "enospc":
         raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+
+def tracker_fails(step: int) -> bool:
+    """Whether the trackers' calls for ``step`` are to fail (``BOOKGEN_FAULT=tracker:<step>``; rank 0 tracks)."""
+    fault = _parse()
+    return fault is not None and fault[0] == "tracker" and fault[1] == step

@@ -37,20 +37,20 @@ from bookgen.fileio import read_json, write_json_atomic
 from bookgen.generation.samples import TrainingSampler
 from bookgen.model.build import build_model, count_parameters
 from bookgen.model.flops import flops_per_token, mfu, peak_flops
+from bookgen.tracking import open_trackers, run_params
 from bookgen.train import faults
 from bookgen.train.batch_layout import BatchLayout
+from bookgen.train.ds_config import build_ds_config
 from bookgen.train.engine import build_engine
 from bookgen.train.metrics import MetricsLog, plot_loss_curves
 from bookgen.train.preflight import check_training
 from bookgen.train.progress import TrainProgress, summary_table
 from bookgen.train.readout import Interval, StepRecord
+from bookgen.train.run_files import END_FILES, PREEMPTED_MARKER, RESOLVED_CONFIG, RUN_INFO, STOP_FILE, SUMMARY
 from bookgen.train.run_lock import hold_run_folder
 from bookgen.train.state import TrainState
 from bookgen.train.step import train_step
 
-SUMMARY = "run_summary.json"
-PREEMPTED_MARKER = "PREEMPTED"  # written after the preemption save; slurm/train.sh requeues only with it
-STOP_FILE = "STOP_REQUESTED"  # slurm/train.sh creates it when Slurm warns of the time limit
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues the job on it
 
 
@@ -143,6 +143,9 @@ def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation) -> dict[s
     stop = StopFlag()
     if dist.is_main:
         announce(cfg, console, dist)
+        write_json_atomic(cfg.run.output_dir / RUN_INFO, {  # what `bookgen runs` shows of a run before its end
+            "experiment": str(invocation.experiment) if invocation.experiment else None,
+            "world_size": dist.world_size, "started": time.time()})
         # a new start clears the previous one's preemption records before anything can fail
         (cfg.run.output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
@@ -155,9 +158,14 @@ def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation) -> dict[s
                       "was changed. Raise train.max_steps or train.epochs to train on", highlight=False)
         return read_json(cfg.run.output_dir / SUMMARY) or {}
     start = time.perf_counter()
-    done = _loop(run, cfg, dist, stop, console)
-    run.progress.close()
-    evals = _finish(run, cfg, dist, done)
+    try:
+        done = _loop(run, cfg, dist, stop, console)
+        run.progress.close()
+        evals = _finish(run, cfg, dist, done)
+    except BaseException:  # the trackers' runs end as failed (one that stopped for a preemption already ended)
+        if run.log is not None:
+            run.log.close("failed")
+        raise
     state = run.state
     # the whole run's numbers, the parts before a resume included (they travel in the checkpoints' state)
     seconds = state.train_seconds + (time.perf_counter() - start - done.seconds)
@@ -172,9 +180,10 @@ def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation) -> dict[s
         summary |= run.sampler.last.metrics()
     summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), run.engine.device)
     if run.log is not None:
-        write_json_atomic(cfg.run.output_dir / SUMMARY, summary)
-        run.log.close()
-        plot_loss_curves(run.log.path, cfg.run.output_dir / "loss_curves.png")
+        folder = cfg.run.output_dir
+        write_json_atomic(folder / SUMMARY, summary)
+        plot_loss_curves(run.log.path, folder / "loss_curves.png")
+        run.log.close("finished", files=[folder / name for name in END_FILES])
         console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" for k, v in summary.items()
                                      if v is not None}))
         console.print(_where_things_are(cfg, invocation), highlight=False)
@@ -222,9 +231,7 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: I
     if resume_plan.folder is not None and _is_finished(cfg, dist, state, plan):
         return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, None, None, progress,
                    None, None, invocation, finished=True)
-    log = None
-    if dist.is_main:
-        log = MetricsLog(cfg.run.output_dir, tensorboard=cfg.run.tensorboard, resume_step=state.global_step)
+    log = _open_log(cfg, dist, state.global_step)
     console.print(f"model: {count_parameters(engine.module):,} parameters; {len(train_examples)} training examples; "
                   f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
                   f"{plan.total_steps} steps in all")
@@ -233,6 +240,23 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: I
     sampler = TrainingSampler(cfg, dist, tokenizer, resume_step=state.global_step) if cfg.eval.samples else None
     return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, log,
                _hf_files_writer(engine, tokenizer), progress, mfu_of, sampler, invocation)
+
+
+def _open_log(cfg: ExperimentConfig, dist: DistEnv, resume_step: int) -> MetricsLog | None:
+    """Rank 0's metrics log and trackers; a tracker that cannot start stops every rank here."""
+    log, error = None, None
+    if dist.is_main:
+        log = MetricsLog(cfg.run.output_dir, resume_step=resume_step)
+        params = run_params(config_to_dict(cfg), build_ds_config(cfg, dist.world_size), dist.world_size)
+        try:
+            log.trackers = open_trackers(cfg, params=params, resume_step=resume_step, logged=log.sent_before)
+        except BookgenError as exc:
+            log.close("failed")
+            error = str(exc)
+    errors = distributed.gather_errors(error)
+    if errors:
+        raise BookgenError("; ".join(errors))
+    return log
 
 
 def _finish(run: Run, cfg: ExperimentConfig, dist: DistEnv, done: LoopTotals) -> list[EvalResult]:
@@ -338,7 +362,7 @@ def _stop_non_finite(run: Run, cfg: ExperimentConfig, bad: StepRecord) -> None:
     """A nan/inf loss poisons the weights: stop before any checkpoint or evaluation records them."""
     run.progress.close()
     if run.log is not None:
-        run.log.close()
+        run.log.close("failed")
     last = ckpt.newest_complete(cfg)
     raise BookgenError(f"step {bad.step}: the training loss is {bad.loss}; stopped without saving. "
                        f"The last good checkpoint is {last or 'none (nothing was saved)'}. Lower "
@@ -390,7 +414,7 @@ def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, sto
     else:
         console.print(f"preempted: saved checkpoint at step {step}; rerun to resume")
     if run.log is not None:
-        run.log.close()
+        run.log.close("interrupted" if stop.interrupted else "preempted")
         if not stop.interrupted:
             (cfg.run.output_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
     # no rank exits before the marker is written: srun ends the other tasks when the first one exits, and
@@ -418,7 +442,7 @@ def announce(cfg: ExperimentConfig, console: Console, dist: DistEnv) -> None:
     import yaml
     from rich.syntax import Syntax
 
-    write_resolved(cfg, cfg.run.output_dir / "resolved_config.yaml")
+    write_resolved(cfg, cfg.run.output_dir / RESOLVED_CONFIG)
     console.print(Syntax(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "yaml", theme="ansi_dark"))
     console.print(f"world size {dist.world_size}; output {cfg.run.output_dir}")
 

@@ -1,4 +1,4 @@
-"""Rank 0's records of a run: metrics.jsonl, optional TensorBoard, and the loss-curve PNG."""
+"""Rank 0's records of a run: metrics.jsonl (and through it the trackers), and the loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -7,51 +7,49 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bookgen.tracking.fanout import Status, Trackers
+
 
 class MetricsLog:
-    """Appends one JSON object per line; on resume, lines past the resumed step are dropped first."""
+    """Appends one JSON object per line and hands each record to the run's trackers; on resume, lines past
+    the resumed step are dropped first, and what they held is not sent to the trackers again."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, *, resume_step: int = 0) -> None:
         self.path = run_dir / "metrics.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(resume_step)
+        self.sent_before = self._truncate_after(resume_step)
         self._fh = open(self.path, "a", encoding="utf-8")
-        self._tb = _tensorboard_writer(run_dir / "tensorboard") if tensorboard else None
+        self.trackers = Trackers([])
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int) -> dict[str, int]:
+        """Drop the records past ``step``; returns each key's last step in the file as it was."""
         if not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
+            return {}
+        records = read_metrics(self.path)
+        last: dict[str, int] = {}
+        for record in records:
+            for key in record:
+                last[key] = max(last.get(key, -1), record.get("step", 0))
+        keep = [r for r in records if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+        return last
 
     def write(self, record: dict[str, Any]) -> None:
         record = {"time": time.time(), **record}
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "time") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, record["step"])
+        self.trackers.metrics(record["step"], record)
 
-    def text(self, tag: str, value: str, step: int) -> None:
-        """A text record in TensorBoard (when on), e.g. a sample; metrics.jsonl keeps numbers only."""
-        if self._tb is not None:
-            self._tb.add_text(tag, value, step)
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """A round of samples for the trackers (a table, an artifact, a text panel); samples.jsonl has them."""
+        self.trackers.samples(step, rows)
 
-    def close(self) -> None:
-        self._fh.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _tensorboard_writer(folder: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("bookgen: run.tensorboard is on but tensorboard is not installed (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(folder))
+    def close(self, status: Status = "finished", files: list[Path] | None = None) -> None:
+        """Close the log and end the trackers' runs with ``status``, sending ``files`` first."""
+        if not self._fh.closed:
+            self._fh.close()
+        self.trackers.files(files or [])
+        self.trackers.close(status)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

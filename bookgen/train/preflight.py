@@ -14,6 +14,7 @@ from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
 from bookgen.model.build import position_count
+from bookgen.tracking import check_tracker_packages
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.engine import check_precision
 
@@ -29,6 +30,7 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
     if cfg.checkpoint.resume != "auto":
         check_no_other_run(cfg, None if cfg.checkpoint.resume == "never" else Path(cfg.checkpoint.resume))
     check_block_fits(cfg)
+    check_tracker_packages(cfg)
     if cfg.model.attention == "flash_attention_2":
         import importlib.util
 

@@ -1,0 +1,184 @@
+"""`bookgen runs [FOLDER...]`: run folders side by side, and their validation curves on one chart."""
+
+from __future__ import annotations
+
+import fcntl
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bookgen.errors import BookgenError
+from bookgen.fileio import read_json
+from bookgen.train.metrics import read_metrics
+from bookgen.train.run_files import PREEMPTED_MARKER, RESOLVED_CONFIG, RUN_INFO, SUMMARY
+from bookgen.train.run_lock import LOCK_NAME
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    folder: Path
+    experiment: str
+    model: str
+    packing: str
+    zero_stage: int
+    world_size: int | None
+    steps: int
+    tokens_per_second: float | None
+    best_perplexity: float | None
+    last_perplexity: float | None
+    stop_rate: float | None
+    copied_share: float | None
+    status: str  # running, finished, preempted or failed
+    curve: list[tuple[int, float]]  # (step, validation loss)
+
+
+def find_run_folders(paths: list[Path]) -> list[Path]:
+    """Each path is a run folder, or a folder whose subfolders are run folders (``runs/``)."""
+    found: list[Path] = []
+    for path in paths:
+        if (path / RESOLVED_CONFIG).is_file():
+            found.append(path)
+        elif path.is_dir():
+            inner = sorted(p for p in path.iterdir() if (p / RESOLVED_CONFIG).is_file())
+            if not inner:
+                raise BookgenError(f"{path}: neither a run folder (no {RESOLVED_CONFIG}) nor a folder of run folders")
+            found.extend(inner)
+        else:
+            raise BookgenError(f"{path}: no such folder")
+    return found
+
+
+def read_run(folder: Path) -> RunRow:
+    try:
+        cfg = yaml.safe_load((folder / RESOLVED_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise BookgenError(f"{folder / RESOLVED_CONFIG}: cannot read it ({exc})") from exc
+    metrics_path = folder / "metrics.jsonl"
+    try:
+        records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    except ValueError as exc:
+        raise BookgenError(f"{metrics_path}: not JSON lines ({exc})") from exc
+    summary, info = _mapping(read_json(folder / SUMMARY)), _mapping(read_json(folder / RUN_INFO))
+    steps = max((r["step"] for r in records if "loss" in r), default=0)
+    evals = [r for r in records if "perplexity" in r]
+    rates = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
+    samples = [r for r in records if "samples_stop_rate" in r]
+    model = cfg.get("model", {})
+    return RunRow(
+        folder=folder,
+        experiment=Path(info["experiment"]).name if info.get("experiment") else "-",
+        model=model.get("name_or_path") or f"gpt2 {model.get('n_layer')}x{model.get('n_embd')}",
+        packing=cfg.get("data", {}).get("packing", "-"),
+        zero_stage=cfg.get("deepspeed", {}).get("zero_stage", 0),
+        world_size=info.get("world_size"),
+        steps=steps,
+        tokens_per_second=summary.get("tokens_per_second", rates[-1] if rates else None),
+        best_perplexity=min((r["perplexity"] for r in evals), default=None),
+        last_perplexity=evals[-1]["perplexity"] if evals else None,
+        stop_rate=samples[-1]["samples_stop_rate"] if samples else None,
+        copied_share=samples[-1].get("samples_copied_8gram_share") if samples else None,
+        status=run_status(folder, summary, steps),
+        curve=[(r["step"], r["eval_loss"]) for r in evals if "eval_loss" in r],
+    )
+
+
+def run_status(folder: Path, summary: dict[str, Any], steps: int) -> str:
+    """running: a run holds the folder's lock now; finished: the summary covers the last step; preempted: it
+    saved and asked to be requeued; failed: it ended any other way (an error, a kill, a Ctrl-C)."""
+    if _locked(folder / LOCK_NAME):
+        return "running"
+    if summary.get("steps") is not None and summary["steps"] >= steps:
+        return "finished"
+    if (folder / PREEMPTED_MARKER).exists():
+        return "preempted"
+    return "failed"
+
+
+def _locked(path: Path) -> bool:
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # a file system without locks cannot tell
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def runs_table(rows: list[RunRow]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="bookgen runs")
+    for name in ("run", "experiment", "model", "packing", "ZeRO", "ranks", "steps", "tokens/s", "best ppl",
+                 "last ppl", "stop rate", "copied", "status"):
+        table.add_column(name, justify="left" if name in ("run", "experiment", "model", "packing", "status")
+                         else "right")
+    for r in rows:
+        table.add_row(_shown(r.folder), r.experiment, r.model, r.packing, str(r.zero_stage),
+                      _text(r.world_size), str(r.steps), _text(r.tokens_per_second, "{:,.0f}"),
+                      _text(r.best_perplexity, "{:.2f}"), _text(r.last_perplexity, "{:.2f}"),
+                      _text(r.stop_rate, "{:.0%}"), _text(r.copied_share, "{:.0%}"), r.status)
+    return table
+
+
+def _shown(folder: Path) -> str:
+    """A run folder as the user would type it: relative to here when it is below here."""
+    try:
+        return str(folder.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)
+
+
+def _text(value: float | int | None, form: str = "{}") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return form.format(value)
+
+
+def plot_curves(rows: list[RunRow], out_png: Path) -> None:
+    """The runs' validation losses against the step, one line a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_curves = [r for r in rows if r.curve]
+    if not with_curves:
+        raise BookgenError("--plot: none of these runs has evaluated yet (no eval_loss in metrics.jsonl)")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in with_curves:
+        ax.plot(*zip(*r.curve, strict=True), "o-", label=r.folder.name, markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def runs_command(paths: list[Path], plot: Path | None, console: Any) -> int:
+    from rich.console import Console
+
+    rows = [read_run(folder) for folder in find_run_folders(paths or [Path("runs")])]
+    out = Console()  # the table goes to stdout, whole when piped (rich would cut it at 80 columns)
+    if not out.is_terminal:
+        out = Console(width=240)
+    out.print(runs_table(rows))
+    if plot is not None:
+        plot_curves(rows, plot)
+        console.print(f"validation curves: {plot}", highlight=False)
+    return 0

@@ -1,0 +1,77 @@
+"""Start the trackers an experiment asks for, or reopen the ones a resumed run already has."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bookgen.config import ExperimentConfig
+from bookgen.errors import BookgenError
+from bookgen.fileio import write_json_atomic
+from bookgen.tracking.fanout import Tracker, Trackers
+
+STATE_FILE = "trackers.json"  # each tracker's run id, for a resumed run to append to
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "bookgen[wandb]"),
+                    "mlflow": ("mlflow", "bookgen[mlflow]")}
+
+
+def check_tracker_packages(cfg: ExperimentConfig) -> None:
+    """Preflight: every tracker asked for can be imported (before any data is touched)."""
+    for name in cfg.run.trackers:
+        module, extra = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise BookgenError(f"run.trackers: {name} needs the {module} package, which is not installed: "
+                               f"pip install '{extra}', or remove {name} from run.trackers")
+
+
+def open_trackers(cfg: ExperimentConfig, *, params: Mapping[str, Any], resume_step: int,
+                  logged: Mapping[str, int]) -> Trackers:
+    """Rank 0: the experiment's trackers, reopened from ``trackers.json`` when resuming (``resume_step`` > 0).
+    A tracker that cannot start stops the run here, before training, with its name and reason."""
+    run_dir = cfg.run.output_dir
+    state_path = run_dir / STATE_FILE
+    previous = _read_state(state_path) if resume_step > 0 else {}
+    trackers: list[Tracker] = []
+    state: dict[str, Any] = {}
+    try:
+        for name in cfg.run.trackers:
+            tracker = _start(name, cfg, params, previous.get(name))
+            trackers.append(tracker)
+            state[name] = tracker.state()
+    except Exception as exc:
+        for tracker in trackers:
+            tracker.close("failed")
+        if isinstance(exc, BookgenError):
+            raise
+        raise BookgenError(f"run.trackers: {name} could not start ({type(exc).__name__}: {str(exc)[:400]})") from exc
+    if state or state_path.exists():
+        write_json_atomic(state_path, state)
+    return Trackers(trackers, logged if resume_step > 0 else {})
+
+
+def _start(name: str, cfg: ExperimentConfig, params: Mapping[str, Any], previous: dict[str, Any] | None) -> Any:
+    if name == "tensorboard":
+        from bookgen.tracking.tensorboard import TensorBoardTracker
+
+        return TensorBoardTracker(cfg.run.output_dir / "tensorboard", params, previous)
+    if name == "wandb":
+        from bookgen.tracking.wandb import WandbTracker
+
+        return WandbTracker(cfg.run.wandb, cfg.run.output_dir, params, previous)
+    from bookgen.tracking.mlflow import MlflowTracker
+
+    return MlflowTracker(cfg.run.mlflow, cfg.run.output_dir, params, previous)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise BookgenError(f"{path}: cannot read the trackers' run ids ({exc}); remove the file to start new "
+                           "tracked runs") from exc
+    return data if isinstance(data, dict) else {}
