@@ -51,6 +51,9 @@ def test_unknown_section_is_named(tmp_path):
         ("deepspeed.zero_stage", 4, r"deepspeed.zero_stage: must be 0, 1, 2 or 3"),
         ("data.block_size", 2, r"data.block_size: must be >= 8"),
         ("run.tensorboard", "yes", r"run.tensorboard: expected true or false"),
+        ("run.trackers", ["tensorbord"], r"run.trackers\[0\]: expected one of 'tensorboard', 'wandb', 'mlflow'"),
+        ("run.trackers", ["mlflow", "mlflow"], r"run.trackers: names a tracker twice"),
+        ("run.wandb.projet", "x", r"run.wandb.projet: unknown key; did you mean run.wandb.project\?"),
         ("train", [1, 2], r"train: expected a mapping"),
     ],
 )
@@ -185,3 +188,16 @@ def test_bf16_weights_on_zero0_are_refused_for_bf16_mixed(tmp_path):
     with pytest.raises(ConfigError, match=r"train.precision: bf16 with deepspeed.zero_stage 0 .* use bf16-mixed"):
         load_config(exp)
     assert load_config(write_experiment(tmp_path, {"train.precision": "bf16-mixed"})).train.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize(("given", "trackers"), [
+    ({}, ["tensorboard"]),
+    ({"run.trackers": []}, []),
+    ({"run.tensorboard": False}, []),  # the old switch, as old experiment files say it
+    ({"run.tensorboard": True, "run.trackers": ["mlflow"]}, ["mlflow", "tensorboard"]),
+])
+def test_trackers_default_to_tensorboard_and_the_old_switch_still_works(tmp_path, given, trackers):
+    cfg = load_config(write_experiment(tmp_path, given))
+    assert cfg.run.trackers == trackers
+    again = config_from_dict(config_to_dict(cfg), "resolved")
+    assert again.run.trackers == trackers and again.run.tensorboard is None, "the resolved config says it once"
