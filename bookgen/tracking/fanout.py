@@ -15,7 +15,8 @@ Status = Literal["finished", "preempted", "interrupted", "failed"]
 class Tracker(Protocol):
     name: str
 
-    def log_metrics(self, step: int, values: dict[str, float]) -> None: ...
+    def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """(step, numbers) rows in step order: one call per log step."""
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None: ...
 
@@ -38,16 +39,22 @@ class Trackers:
     def names(self) -> list[str]:
         return [t.name for t in self._live]
 
-    def metrics(self, step: int, record: Mapping[str, Any]) -> None:
-        values = {k: float(v) for k, v in record.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")
-                  and step > self._logged.get(k, -1)}
-        if values:
-            self._each("log_metrics", step, values)
+    def metrics(self, records: list[Mapping[str, Any]]) -> None:
+        """Records (each with its ``step``) as (step, numbers) rows, without what was sent before."""
+        rows = []
+        for record in records:
+            step = record["step"]
+            values = {k: float(v) for k, v in record.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")
+                      and step > self._logged.get(k, -1)}
+            if values:
+                rows.append((step, values))
+        if rows:
+            self._each("log_metrics", rows)
 
     def _fault(self, method: str, args: tuple[Any, ...]) -> None:
-        if method == "log_metrics" and faults.tracker_fails(args[0]):
-            raise OSError(f"injected tracker failure at step {args[0]}")
+        if method == "log_metrics" and any(faults.tracker_fails(step) for step, _ in args[0]):
+            raise OSError("injected tracker failure")
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         if step > self._logged_samples:

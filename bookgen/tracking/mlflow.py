@@ -12,8 +12,10 @@ from typing import Any
 
 from bookgen.config import MlflowConfig
 from bookgen.tracking.fanout import Status
+from bookgen.tracking.params import flatten
 
-PARAMS_PER_CALL = 100  # MLflow's limit for one log_batch
+PARAMS_PER_CALL = 100  # MLflow's limits for one log_batch
+METRICS_PER_CALL = 1000
 PARAM_VALUE_CHARS = 6000  # MLflow's limit for one value
 END_STATUS = {"finished": "FINISHED", "failed": "FAILED", "preempted": "KILLED", "interrupted": "KILLED"}
 
@@ -35,8 +37,6 @@ class MlflowTracker:
     def __init__(self, settings: MlflowConfig, run_dir: Path, params: Mapping[str, Any],
                  previous: Mapping[str, Any] | None) -> None:
         from mlflow import MlflowClient
-
-        from bookgen.tracking.params import flatten
 
         if previous:  # the store the run started in, wherever this attempt starts from
             self.uri, artifacts = previous["tracking_uri"], None
@@ -66,11 +66,13 @@ class MlflowTracker:
     def state(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "tracking_uri": self.uri}
 
-    def log_metrics(self, step: int, values: dict[str, float]) -> None:
+    def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        metrics = [Metric(k, v, now, step) for step, values in rows for k, v in values.items()]
+        for start in range(0, len(metrics), METRICS_PER_CALL):  # one database transaction a call
+            self._client.log_batch(self.run_id, metrics=metrics[start:start + METRICS_PER_CALL])
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         self._client.log_text(self.run_id, json.dumps(rows, indent=1, ensure_ascii=False),

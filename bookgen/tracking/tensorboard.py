@@ -23,9 +23,10 @@ class TensorBoardTracker:
     def state(self) -> dict[str, Any]:
         return {}
 
-    def log_metrics(self, step: int, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self._writer.add_scalar(key, value, step)
+    def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        for step, values in rows:
+            for key, value in values.items():
+                self._writer.add_scalar(key, value, step)
         # on disk at once (the writer's own interval is 2 minutes): what a killed run sent is there on resume,
         # which sends only the steps after it
         self._writer.flush()

@@ -35,8 +35,9 @@ class WandbTracker:
     def state(self) -> dict[str, Any]:
         return {"id": self._run.id, "project": self._run.project}
 
-    def log_metrics(self, step: int, values: dict[str, float]) -> None:
-        self._run.log(values, step=step)
+    def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        for step, values in rows:
+            self._run.log(values, step=step)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         table = self._wandb.Table(columns=list(SAMPLE_COLUMNS), data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows])

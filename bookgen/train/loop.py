@@ -344,8 +344,10 @@ def _read_and_log(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag
     state.train_seconds = clock.seconds_before + totals.seconds
     state.last_loss = records[-1].loss
     rate = totals.tokens / max(totals.seconds, 1e-9)
-    for record in records:
-        _log_step(run, record, tokens_per_second=rate if record is records[-1] else None)
+    logged = [_step_record(run, record, tokens_per_second=rate if record is records[-1] else None)
+              for record in records]
+    if run.log is not None:
+        run.log.write(*logged)  # the interval at once: one write, one call to each tracker
     bad = next((r for r in records if not math.isfinite(r.loss)), None)
     if bad is not None:  # every rank read the same all-reduced losses and stops here
         _stop_non_finite(run, cfg, bad)
@@ -369,17 +371,16 @@ def _stop_non_finite(run: Run, cfg: ExperimentConfig, bad: StepRecord) -> None:
                        "train.learning_rate, raise train.warmup_steps or use train.precision: fp32")
 
 
-def _log_step(run: Run, r: StepRecord, *, tokens_per_second: float | None) -> None:
+def _step_record(run: Run, r: StepRecord, *, tokens_per_second: float | None) -> dict[str, Any]:
     """One step's record; the rate (and MFU) only on the log step that measured it, over the loop so far."""
     utilisation = None if run.mfu_of is None or tokens_per_second is None else run.mfu_of(tokens_per_second)
     if tokens_per_second is not None:
         run.progress.update(step=r.step, epoch=r.epoch, loss=r.loss, lr=r.lr, tokens_per_second=tokens_per_second,
                             mfu=utilisation)
-    if run.log is not None:
-        record = {"step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
-                  "tokens": r.tokens, "input_tokens": r.input_tokens, "tokens_per_second": tokens_per_second,
-                  "mfu": utilisation}
-        run.log.write({k: v for k, v in record.items() if v is not None})
+    record = {"step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+              "tokens": r.tokens, "input_tokens": r.input_tokens, "tokens_per_second": tokens_per_second,
+              "mfu": utilisation}
+    return {k: v for k, v in record.items() if v is not None}
 
 
 def _evaluate_and_save_on_schedule(run: Run, cfg: ExperimentConfig, dist: DistEnv, totals: LoopTotals) -> None:

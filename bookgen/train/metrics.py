@@ -34,11 +34,12 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
         return last
 
-    def write(self, record: dict[str, Any]) -> None:
-        record = {"time": time.time(), **record}
-        self._fh.write(json.dumps(record) + "\n")
+    def write(self, *records: dict[str, Any]) -> None:
+        now = time.time()
+        stamped = [{"time": now, **record} for record in records]
+        self._fh.write("".join(json.dumps(record) + "\n" for record in stamped))
         self._fh.flush()
-        self.trackers.metrics(record["step"], record)
+        self.trackers.metrics(stamped)
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         """A round of samples for the trackers (a table, an artifact, a text panel); samples.jsonl has them."""

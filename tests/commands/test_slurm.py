@@ -83,10 +83,10 @@ def _wait_for_end(job: int, timeout: float = 400) -> str:
     return _job_state(job)
 
 
-def _interrupt_mid_run(tmp_path: Path, checkpoint_every: int, interrupt: list[str]) -> str:
+def _interrupt_mid_run(tmp_path: Path, checkpoint_every: int, interrupt: list[str], extra: dict | None = None) -> str:
     """Submit an 80-step job, run ``interrupt JOBID`` at step 10 or later, let it finish; return its log."""
-    exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"train.max_steps": 80, "checkpoint.every": checkpoint_every},
-                           rows=120)
+    exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"train.max_steps": 80, "checkpoint.every": checkpoint_every}
+                           | (extra or {}), rows=120)
     job, proc = _sbatch(exp, tmp_path, wait=False)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
@@ -104,8 +104,17 @@ def _interrupt_mid_run(tmp_path: Path, checkpoint_every: int, interrupt: list[st
 @pytest.mark.slurm
 @slurm
 def test_requeued_job_resumes_and_completes(tmp_path):
-    log = _interrupt_mid_run(tmp_path, 4, ["scontrol", "requeue"])
+    """Also: the requeued job appends to the MLflow run it started, each step once."""
+    store = tmp_path / "store"
+    log = _interrupt_mid_run(tmp_path, 4, ["scontrol", "requeue"], {"run.trackers": ["mlflow"],
+                                                                    "run.mlflow.uri": str(store)})
     assert "(restart 1)" in log and "resumed from" in log
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("bookgen").experiment_id])
+    assert sorted(m.step for m in client.get_metric_history(tracked.info.run_id, "loss")) == list(range(1, 81))
+    assert tracked.info.status == "FINISHED"
 
 
 @pytest.mark.slurm

@@ -127,3 +127,15 @@ def test_a_missing_tracker_package_is_named_before_any_data_is_touched(tmp_path)
     assert "run.trackers: mlflow needs the mlflow package" in proc.stderr
     assert "pip install 'bookgen[mlflow]'" in proc.stderr
     assert not (tmp_path / "run" / "prepared").exists(), "nothing prepared"
+
+
+@pytest.mark.multirank
+def test_a_tracker_that_cannot_start_stops_the_run_before_training(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    exp = write_experiment(tmp_path, {"run.trackers": ["mlflow"], "run.mlflow.uri": str(tmp_path / "a-file" / "store")},
+                           rows=120)
+    proc = launch(1, ["--cfg", str(exp)], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "run.trackers: mlflow could not start" in proc.stderr and "a-file" in proc.stderr
+    assert not list((tmp_path / "run").glob("checkpoints/step*")), "nothing trained, nothing saved"
+    assert not (tmp_path / "run" / "trackers.json").exists()
