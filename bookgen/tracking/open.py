@@ -46,7 +46,9 @@ def open_trackers(cfg: ExperimentConfig, *, params: Mapping[str, Any], resume_st
             tracker.close("failed")
         if isinstance(exc, BookgenError):
             raise
-        raise BookgenError(f"run.trackers: {name} could not start ({type(exc).__name__}: {str(exc)[:400]})") from exc
+        hint = "; with no network, set WANDB_MODE=offline" if name == "wandb" else ""
+        raise BookgenError(f"run.trackers: {name} could not start ({type(exc).__name__}: {str(exc)[:400]}){hint}"
+                           ) from exc
     if state or state_path.exists():
         write_json_atomic(state_path, state)
     return Trackers(trackers, logged if resume_step > 0 else {})
