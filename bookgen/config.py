@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 
 class FieldError(ValueError):
@@ -197,6 +197,13 @@ class ModelConfig:
         metadata=_doc("Hub id or local folder of a pretrained model; unset builds from the fields below.",
                       path_or_id=True),
     )
+    config: dict[str, Any] | None = field(
+        default=None,
+        metadata=_doc("Build from a config of any causal-LM family transformers knows, e.g. {model_type: llama, "
+                      "hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, "
+                      "num_key_value_heads: 2, max_position_embeddings: 512}; vocab_size and the special token ids "
+                      "come from the tokenizer. Unset: the GPT-2 keys below."),
+    )
     n_layer: int = field(default=2, metadata=_doc("Layers (from-scratch model only)."))
     n_head: int = field(default=2, metadata=_doc("Attention heads (from-scratch model only)."))
     n_embd: int = field(default=64, metadata=_doc("Width (from-scratch model only)."))
@@ -220,6 +227,13 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.config is not None:
+            _require(self.name_or_path is None, "config", "a pretrained model (model.name_or_path) brings its own "
+                     "config; give one or the other")
+            _require(isinstance(self.config.get("model_type"), str), "config",
+                     "needs model_type (gpt2, llama, qwen2, mistral, gpt_neox, opt, ...)")
+            for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+                _require(key not in self.config, "config", f"{key} comes from the tokenizer; remove it")
         for key in ("n_layer", "n_head", "n_embd", "n_positions"):
             _require(getattr(self, key) >= 1, key, "must be >= 1")
         _require(self.n_embd % self.n_head == 0, "n_embd", "must be divisible by model.n_head")
@@ -419,7 +433,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _require_seed(self.seed, "seed")
-        if self.model.name_or_path is None:  # a pretrained model's positions are checked once it is known
+        if self.model.name_or_path is None and self.model.config is None:  # others: checked in preflight
             _require(self.data.block_size <= self.model.n_positions, "data.block_size",
                      f"{self.data.block_size} is more than model.n_positions ({self.model.n_positions}): the model "
                      "has no position embedding beyond that; lower data.block_size or raise model.n_positions")

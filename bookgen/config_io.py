@@ -163,6 +163,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value not in get_args(tp):
             fail("one of " + ", ".join(repr(a) for a in get_args(tp)))
         return value
+    if origin is dict:  # a free mapping (model.config): string keys, any YAML values
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            fail("a mapping with string keys")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             fail("a list")
@@ -204,6 +208,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return str(value)
         if isinstance(value, list):
             return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
         return value
 
     return plain(cfg)

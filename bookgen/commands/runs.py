@@ -70,7 +70,8 @@ def read_run(folder: Path) -> RunRow:
     return RunRow(
         folder=folder,
         experiment=Path(info["experiment"]).name if info.get("experiment") else "-",
-        model=model.get("name_or_path") or f"gpt2 {model.get('n_layer')}x{model.get('n_embd')}",
+        model=model.get("name_or_path") or (model.get("config") or {}).get("model_type")
+        or f"gpt2 {model.get('n_layer')}x{model.get('n_embd')}",
         packing=cfg.get("data", {}).get("packing", "-"),
         zero_stage=cfg.get("deepspeed", {}).get("zero_stage", 0),
         world_size=info.get("world_size"),

@@ -32,6 +32,11 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     if m.name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(m.name_or_path, torch_dtype=torch.float32)
+    elif m.config is not None:
+        special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+        config = family_config(m.config, **special, **_dropout_settings(m.config, m.dropout))
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     else:
         config = GPT2Config(
             vocab_size=len(tokenizer), n_positions=m.n_positions, n_embd=m.n_embd, n_layer=m.n_layer,
@@ -56,6 +61,34 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
     resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
     set_special_token_ids(model, tokenizer)
     return model
+
+
+def family_config(mapping: dict[str, Any], **extra: Any) -> Any:
+    """A transformers config from ``model.config`` (``model_type`` and that family's keys), checked to be a
+    causal language model; errors name the key."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {k: v for k, v in mapping.items() if k != "model_type"} | extra
+    try:
+        config = AutoConfig.for_model(mapping["model_type"], **settings)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BookgenError(f"model.config: model_type {mapping['model_type']!r}: {str(exc)[:300]}") from exc
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise BookgenError(f"model.config: model_type {mapping['model_type']!r} is not a causal language model "
+                           "(AutoModelForCausalLM has no class for it)")
+    return config
+
+
+def _dropout_settings(mapping: dict[str, Any], dropout: float | None) -> dict[str, float]:
+    """``model.dropout`` for a config family: every rate its config names (GPT-2's *_pdrop, Llama's
+    attention_dropout, OPT's dropout, ...) that ``model.config`` does not set itself."""
+    if dropout is None:
+        return {}
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(mapping["model_type"]).to_dict()
+    return {k: dropout for k, v in defaults.items() if isinstance(v, float) and k not in mapping
+            and (k.endswith("_pdrop") or k.endswith("dropout"))}
 
 
 def training_attention(choice: str, config: Any) -> str:

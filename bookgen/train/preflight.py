@@ -13,7 +13,7 @@ from bookgen.checkpoint.folder import check_no_other_run, check_resume_folder, c
 from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
-from bookgen.model.build import position_count
+from bookgen.model.build import family_config, position_count
 from bookgen.tracking import check_tracker_packages
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.engine import check_precision
@@ -45,20 +45,24 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
 
 
 def check_block_fits(cfg: ExperimentConfig) -> None:
-    """A pretrained model's position count is read from its config (a from-config model is checked when
-    the experiment is loaded)."""
-    if cfg.model.name_or_path is None:
-        return
-    from transformers import AutoConfig
+    """A pretrained model's or a model.config family's position count is read from its config (the GPT-2 keys
+    are checked when the experiment is loaded); a model.config that transformers cannot build is named."""
+    if cfg.model.config is not None:
+        config, what = family_config(cfg.model.config), f"model.config ({cfg.model.config['model_type']})"
+    elif cfg.model.name_or_path is not None:
+        from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(cfg.model.name_or_path)
-    except (OSError, ValueError) as exc:
-        raise BookgenError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r}: {exc}") from exc
+        try:
+            config = AutoConfig.from_pretrained(cfg.model.name_or_path)
+        except (OSError, ValueError) as exc:
+            raise BookgenError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r}: {exc}") from exc
+        what = cfg.model.name_or_path
+    else:
+        return
     positions = position_count(config)
     if positions is not None and cfg.data.block_size > positions:
         raise BookgenError(f"data.block_size: {cfg.data.block_size} is more than the {positions} positions of "
-                           f"{cfg.model.name_or_path}; set data.block_size to at most {positions}")
+                           f"{what}; set data.block_size to at most {positions}")
 
 
 def _unwritable(cfg: ExperimentConfig, dist: DistEnv) -> str | None:

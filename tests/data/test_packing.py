@@ -55,11 +55,28 @@ def test_documents_examples_predict_the_tokens_line_by_line_predicts(tmp_path):
     assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == packed.targets[[0, 1]].sum()
 
 
-def _tiny_gpt2(attn: str, *, checkpointing: bool = False) -> GPT2LMHeadModel:
+FAMILIES = {  # model.config mappings of tiny models of other families (rotary positions, grouped-query heads)
+    "llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+    "qwen2": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+    "gpt_neox": {"model_type": "gpt_neox", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "max_position_embeddings": 64},
+}
+
+
+def _tiny_gpt2(attn: str, *, checkpointing: bool = False, family: str = "gpt2") -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.0,
-                        resid_pdrop=0.0, embd_pdrop=0.0)
-    model = GPT2LMHeadModel(config)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.0,
+                            resid_pdrop=0.0, embd_pdrop=0.0)
+        model = GPT2LMHeadModel(config)
+    else:  # built as bookgen builds model.config
+        from transformers import AutoModelForCausalLM
+
+        from bookgen.model.build import family_config
+
+        model = AutoModelForCausalLM.from_config(family_config(FAMILIES[family], vocab_size=101))
     model.set_attn_implementation({"cpu_blocked": attention.register, "causal": causal.register}.get(
         attn, lambda: attn)())
     if checkpointing:
@@ -80,14 +97,17 @@ def _grads(model: GPT2LMHeadModel) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attn,checkpointing", [("sdpa", False), ("eager", False), ("cpu_blocked", False),
-                                                ("causal", False), ("causal", True)])
-def test_packed_summaries_have_the_loss_and_gradients_they_have_alone(attn, checkpointing):
+@pytest.mark.parametrize("attn,checkpointing,family", [
+    ("sdpa", False, "gpt2"), ("eager", False, "gpt2"), ("cpu_blocked", False, "gpt2"), ("causal", False, "gpt2"),
+    ("causal", True, "gpt2"), ("causal", False, "llama"), ("causal", False, "qwen2"), ("causal", False, "gpt_neox"),
+    ("sdpa", False, "llama")])
+def test_packed_summaries_have_the_loss_and_gradients_they_have_alone(attn, checkpointing, family):
+    """Other families too: their positions restart at each summary (rotary included)."""
     rng = np.random.default_rng(2)
     docs = [rng.integers(3, 101, size=n) for n in (20, 7, 31, 2, 12, 40, 9)]
     rows = [[0, 1, 2], [3, 4, 5], [6]]  # the last row is short: padding fills it
 
-    model = _tiny_gpt2(attn, checkpointing=checkpointing)
+    model = _tiny_gpt2(attn, checkpointing=checkpointing, family=family)
     alone = []
     for doc in docs:
         nll = _summed_nll(model, collate([doc], pad_id=0)).sum()

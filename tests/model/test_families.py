@@ -1,0 +1,75 @@
+"""model.config: models of other causal-LM families built from a config train, agree across ZeRO stages,
+export to a folder transformers loads, and sample; wrong mappings are named before any data is touched."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bookgen.cli import main
+from bookgen.config_io import load_config
+from bookgen.errors import ConfigError
+from tests.helpers import REPO, run_cli, write_experiment
+from tests.ranks import launch, step_losses
+
+BLOCK = 128
+LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": BLOCK}
+QWEN2 = LLAMA | {"model_type": "qwen2"}
+
+
+def _family_run(tmp_path, name: str, mapping: dict, stage: int):
+    return write_experiment(tmp_path / name, {
+        "model.config": mapping, "data.packing": "documents", "data.block_size": BLOCK, "train.max_steps": 3,
+        "deepspeed.zero_stage": stage, "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json"),
+        "eval.at_end": False}, rows=120)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("mapping", [LLAMA, QWEN2], ids=["llama", "qwen2"])
+def test_a_family_from_its_config_trains_the_same_on_zero_0_and_3_and_exports(tmp_path, mapping):
+    losses = {}
+    for stage in (0, 3):
+        exp = _family_run(tmp_path, f"z{stage}", mapping, stage)
+        launch(2, ["--cfg", str(exp)])
+        losses[stage] = step_losses(exp.parent / "run")
+    vocab = json.loads((tmp_path / "z0/run/prepared/store/train/manifest.json").read_text())["vocab_size"]
+    assert abs(losses[0][1] - math.log(vocab)) < 0.3, "a sane initialisation starts near ln(vocab)"
+    assert sorted(losses[3]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert losses[3][step] == pytest.approx(losses[0][step], rel=1e-5), step
+
+    out = tmp_path / "export"
+    assert main(["export", "--cfg", str(tmp_path / "z3/exp.yaml"), "--out", str(out)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == mapping["model_type"] and model.config.vocab_size == vocab
+    assert model.config.num_key_value_heads == 2, "the family's own settings are kept"
+    proc = run_cli(["generate", "--model", str(out), "--max-new-tokens", "8", "--num-return-sequences", "2",
+                    "--out", str(tmp_path / "gen.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len((tmp_path / "gen.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(("mapping", "message"), [
+    ({"hidden_size": 32}, r"model.config: needs model_type"),
+    ({"model_type": "llama", "vocab_size": 9}, r"model.config: vocab_size comes from the tokenizer"),
+])
+def test_a_wrong_model_config_is_named_when_loaded(tmp_path, mapping, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_experiment(tmp_path, {"model.config": mapping}))
+
+
+def test_an_unknown_or_non_causal_family_and_too_few_positions_are_named_before_prepare(tmp_path):
+    for mapping, message in (
+        ({"model_type": "lama"}, "model.config: model_type 'lama'"),
+        ({"model_type": "t5"}, "model.config: model_type 't5' is not a causal language model"),
+        (LLAMA | {"max_position_embeddings": 32}, "data.block_size: 64 is more than the 32 positions of model.config"),
+    ):
+        exp = write_experiment(tmp_path, {"model.config": mapping})
+        proc = run_cli(["train", "--cfg", str(exp)])
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "run" / "prepared").exists()
