@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from bookgen.cli import main
 from tests.helpers import run_cli
 from tests.runs import FINISHED_STEPS
 
@@ -37,8 +38,8 @@ def test_runs_table_shows_each_status_and_plots_the_curves(finished, tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_runs_names_a_folder_that_holds_no_runs(tmp_path):
-    proc = run_cli(["runs", str(tmp_path)])
-    assert proc.returncode == 2 and f"{tmp_path}: neither a run folder" in proc.stderr
-    proc = run_cli(["runs", str(tmp_path / "missing")])
-    assert proc.returncode == 2 and "no such folder" in proc.stderr
+def test_runs_names_a_folder_that_holds_no_runs(tmp_path, capsys):
+    assert main(["runs", str(tmp_path)]) == 2
+    assert f"{tmp_path}: neither a run folder" in capsys.readouterr().err.replace("\n", "")
+    assert main(["runs", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err

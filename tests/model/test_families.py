@@ -63,13 +63,15 @@ def test_a_wrong_model_config_is_named_when_loaded(tmp_path, mapping, message):
         load_config(write_experiment(tmp_path, {"model.config": mapping}))
 
 
-def test_an_unknown_or_non_causal_family_and_too_few_positions_are_named_before_prepare(tmp_path):
+def test_an_unknown_or_non_causal_family_and_too_few_positions_are_named_in_preflight(tmp_path):
+    """The checks `bookgen train` runs before any data is touched (as for a pretrained model's positions)."""
+    from bookgen.errors import BookgenError
+    from bookgen.train.preflight import check_block_fits
+
     for mapping, message in (
         ({"model_type": "lama"}, "model.config: model_type 'lama'"),
         ({"model_type": "t5"}, "model.config: model_type 't5' is not a causal language model"),
         (LLAMA | {"max_position_embeddings": 32}, "data.block_size: 64 is more than the 32 positions of model.config"),
     ):
-        exp = write_experiment(tmp_path, {"model.config": mapping})
-        proc = run_cli(["train", "--cfg", str(exp)])
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-        assert not (tmp_path / "run" / "prepared").exists()
+        with pytest.raises(BookgenError, match=message):
+            check_block_fits(load_config(write_experiment(tmp_path, {"model.config": mapping})))
