@@ -1,13 +1,20 @@
 """Build the model (pretrained or from a config), add the special tokens, resize the embeddings.
 
-This all happens before the DeepSpeed engine exists, on every rank, from the same seed, so every
-rank holds the same full model; the engine then partitions it (ZeRO-3 included). Building GPT-2
-inside ``deepspeed.zero.Init`` instead runs transformers' weight initialisation on empty partitions
-and gives a broken start (first loss ~42 where ln(vocab) ~7 is expected).
+This all happens before the DeepSpeed engine exists, on every rank, from the same seed. Under ZeRO 0-2 every
+rank holds the same full model. Under ZeRO-3 (``zero3_config``) the model is created inside DeepSpeed's
+``zero.Init`` through transformers' ``HfDeepSpeedConfig``, as the ``Trainer`` does: each parameter is
+partitioned as it is created, so no rank holds the whole model on the device. A model built from a config
+is then initialised module by module on gathered full tensors by rank 0, in the order transformers' own
+initialisation takes; bookgen builds the unsharded models the same way (construction without
+initialisation, then ``initialize_weights``), so both start from the same weights for the same seed
+(tested: ZeRO-0 and ZeRO-3 give the same losses). Pretrained weights are read into the partitions by
+transformers (rank 0 reads the files; the other ranks only the keys).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,42 +32,83 @@ def position_count(config: Any) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
+def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
+                zero3_config: dict[str, Any] | None = None) -> PreTrainedModel:
+    """``zero3_config``: the run's DeepSpeed config when it is ZeRO-3, to create the model partitioned."""
     m = cfg.model
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-    if m.name_or_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, torch_dtype=torch.float32)
-    elif m.config is not None:
-        special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-        config = family_config(m.config, **special, **_dropout_settings(m.config, m.dropout))
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    else:
-        config = GPT2Config(
-            vocab_size=len(tokenizer), n_positions=m.n_positions, n_embd=m.n_embd, n_layer=m.n_layer,
-            n_head=m.n_head, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model = GPT2LMHeadModel(config)
-    # a model built from a config names no loss type; transformers then warns on every call, which also
-    # breaks a compiled graph in two
-    if getattr(model, "loss_type", None) is None:
-        model.loss_type = "ForCausalLM"
-    if m.dropout is not None:
-        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            if hasattr(model.config, name):
-                setattr(model.config, name, m.dropout)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = m.dropout
-    model.set_attn_implementation(training_attention(m.attention, model.config))
-    if m.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
-    set_special_token_ids(model, tokenizer)
+    with _partitioned_while_built(zero3_config):
+        model = _create(cfg, tokenizer)
+        # a model built from a config names no loss type; transformers then warns on every call, which also
+        # breaks a compiled graph in two
+        if getattr(model, "loss_type", None) is None:
+            model.loss_type = "ForCausalLM"
+        if m.dropout is not None:
+            for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+                if hasattr(model.config, name):
+                    setattr(model.config, name, m.dropout)
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = m.dropout
+        model.set_attn_implementation(training_attention(m.attention, model.config))
+        if m.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
+        set_special_token_ids(model, tokenizer)
+    # under ZeRO-3 only rank 0 drew the initial weights: every rank continues from the same random state
+    torch.manual_seed(cfg.seed)
     return model
+
+
+def _create(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    m = cfg.model
+    if m.name_or_path is not None:
+        return AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=torch.float32)
+    special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if m.config is not None:
+        config = family_config(m.config, **special, **_dropout_settings(m.config, m.dropout))
+    else:
+        config = GPT2Config(n_positions=m.n_positions, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
+                            **special)
+    return _from_config(config)
+
+
+def _from_config(config: Any) -> PreTrainedModel:
+    """Weights drawn once, by transformers' initialisation, in the order ZeRO-3's partitioned build draws them."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # transformers creates it inside zero.Init and initialises it gathered
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # the modules' own reset_parameters would draw from the generator first
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.initialize_weights()
+    model.tie_weights()
+    return model
+
+
+@contextmanager
+def _partitioned_while_built(zero3_config: dict[str, Any] | None) -> Iterator[None]:
+    """transformers creates, loads and resizes models partitioned while an ``HfDeepSpeedConfig`` of a ZeRO-3
+    config is alive (it keeps a weak reference): alive while the model is built, gone after."""
+    if zero3_config is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(zero3_config)
+    try:
+        yield
+    finally:
+        del keep
+        import gc
+
+        gc.collect()  # the weak reference must die now, not at some later collection
 
 
 def family_config(mapping: dict[str, Any], **extra: Any) -> Any:
@@ -124,21 +172,42 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
 
 
 def resize_embeddings(model: PreTrainedModel, vocab_size: int, pad_to_multiple_of: int | None) -> None:
-    """Grow the (tied) embeddings to hold the new tokens; new rows start at the mean of the old ones."""
-    old = model.get_input_embeddings().weight.shape[0]
+    """Grow the (tied) embeddings to hold the new tokens; new rows start at the mean of the old ones. Under
+    ZeRO-3 the rows are written by rank 0 on the gathered tensors and partitioned again."""
+    old = _rows(model.get_input_embeddings().weight)
     target = vocab_size
     if pad_to_multiple_of:
         target = -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
     if target == old:
         return
     model.resize_token_embeddings(target, mean_resizing=False)
-    if target > old:
-        with torch.no_grad():
-            weight = model.get_input_embeddings().weight
-            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
-            head = model.get_output_embeddings()
-            if head is not None and head.weight.data_ptr() != weight.data_ptr():
-                head.weight[old:] = head.weight[:old].mean(dim=0, keepdim=True)
+    if target <= old:
+        return
+    weight = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    weights = [weight] + ([head.weight] if head is not None and head.weight is not weight else [])
+    with _gathered(weights) as writer:
+        if writer:
+            with torch.no_grad():
+                for w in weights:
+                    w[old:] = w[:old].mean(dim=0, keepdim=True)
+
+
+def _rows(weight: torch.Tensor) -> int:
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+@contextmanager
+def _gathered(params: list[torch.Tensor]) -> Iterator[bool]:
+    """Full tensors to write: as they are, or ZeRO-3 partitions gathered, written by rank 0 (yields whether
+    this rank writes) and partitioned again on exit."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield True
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield torch.distributed.get_rank() == 0
 
 
 def set_special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -23,11 +23,13 @@ def _scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, kin
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices and embeddings, not biases and norm gains (as transformers' Trainer
-    and nanoGPT do), so decay does not pull LayerNorm gains towards 0. Always two groups, so a checkpoint
-    resumes whatever the decay. ``parameters()`` yields a tied weight once."""
+    and nanoGPT do), so decay does not pull LayerNorm gains towards 0; told apart by their full shape (a
+    ZeRO-3 partition is flat). Always two groups, so a checkpoint resumes whatever the decay.
+    ``parameters()`` yields a tied weight once."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    matrix = {id(p) for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2}  # ZeRO-3: flat partitions
+    groups = [{"params": [p for p in trainable if id(p) in matrix], "weight_decay": weight_decay},
+              {"params": [p for p in trainable if id(p) not in matrix], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 

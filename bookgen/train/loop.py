@@ -216,8 +216,9 @@ def _where_things_are(cfg: ExperimentConfig, invocation: Invocation) -> str:
 def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: Invocation) -> Run:
     """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
-    model = build_model(cfg, tokenizer)
-    model_flops = flops_per_token(model, cfg.data.block_size)  # before ZeRO-3 partitions the weights
+    zero3 = build_ds_config(cfg, dist.world_size) if cfg.deepspeed.zero_stage == 3 else None
+    model = build_model(cfg, tokenizer, zero3_config=zero3)  # under ZeRO-3: partitioned as it is created
+    model_flops = flops_per_token(model, cfg.data.block_size)
     train_examples, valid_examples = prepared_examples(cfg, "train"), prepared_examples(cfg, "valid")
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
     resume_plan = plan_resume(cfg, dist)

@@ -133,3 +133,48 @@ def test_pretrained_model_with_too_few_positions_is_refused_before_prepare(train
     proc = run_cli(["train", "--cfg", str(exp)])
     assert proc.returncode == 2 and "data.block_size: 128 is more than the 64 positions" in proc.stderr
     assert not (tmp_path / "run/prepared").exists()
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("source", ["config", "pretrained"])
+def test_zero3_creates_the_model_partitioned_with_the_unsharded_weights(tmp_path, source):
+    """Under ZeRO-3 each rank holds about half the weights from the moment the model exists, and the gathered
+    weights are the ones the unsharded build gives: a model from a config initialised the same, a pretrained
+    one with its own rows and the new special tokens' rows at their mean (resized in partitions)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bookgen.data.prepare import tokenizer_dir
+    from bookgen.data.tokenizer import load_tokenizer, train_bpe
+    from bookgen.model.build import build_model
+    from tests.ranks import rank_command
+
+    settings = {"deepspeed.zero_stage": 3, "deepspeed.config": str(REPO / "ds_configs/zero3.json")}
+    if source == "pretrained":
+        text = (REPO / "data" / "sample" / "booksummaries.txt").read_text().splitlines()[:100]
+        tok = train_bpe([line.split("\t")[6] for line in text], 400, ["<|endoftext|>"])
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=64)
+                        ).save_pretrained(tmp_path / "pre")
+        tok.save_pretrained(tmp_path / "pre")
+        settings["model.name_or_path"] = "pre"
+    exp = write_experiment(tmp_path, settings, rows=120)
+    out = tmp_path / "built.pt"
+    launch(2, [], command=rank_command(2, [])[:-1] + [str(REPO / "tests" / "zero3_build.py"), str(exp), str(out)])
+    sharded = torch.load(out)
+    # transformers creates a resized embedding whole on each rank (the Trainer's path too); the engine partitions it
+    assert sharded["held"]["whole"] == (["transformer.wte.weight"] if source == "pretrained" else [])
+    whole = sharded["weights"]["transformer.wte.weight"].numel() if source == "pretrained" else 0
+    assert sharded["held"]["local"] - whole <= (sharded["held"]["full"] - whole) // 2 + 1024, "about half each"
+
+    cfg = load_config(exp)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
+    unsharded = build_model(cfg, tokenizer)
+    rng = torch.rand(3)
+    expected = dict(unsharded.named_parameters())
+    assert sharded["weights"].keys() == expected.keys()
+    for name, weight in sharded["weights"].items():
+        assert torch.equal(weight, expected[name].detach()), name
+    assert torch.equal(sharded["rng"], rng), "every rank continues from the same random state"
+    if source == "pretrained":
+        embedding = sharded["weights"]["transformer.wte.weight"]
+        old = len(tokenizer) - 3
+        assert torch.allclose(embedding[old:], embedding[:old].mean(0).expand(3, -1))

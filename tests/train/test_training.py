@@ -20,13 +20,15 @@ from tests.ranks import launch, step_losses
 @pytest.mark.multirank
 def test_first_steps_agree_across_zero_stages(tmp_path):
     """Also ZeRO-3 with activation checkpointing: recomputing the blocks under ZeRO-3's parameter
-    gathering must give the same training."""
+    gathering must give the same training. Strong weight decay: every stage must decay the same tensors
+    (ZeRO-3 creates the model partitioned, its parameters flat)."""
     losses, norms = {}, {}
     for variant, stage, checkpointing in (("z0", 0, False), ("z1", 1, False), ("z2", 2, False), ("z3", 3, False),
                                           ("z3-recompute", 3, True)):
         exp = write_experiment(tmp_path / variant, {
             "deepspeed.zero_stage": stage, "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json"),
             "train.max_steps": 3, "eval.at_end": False, "model.activation_checkpointing": checkpointing,
+            "train.weight_decay": 1.0,
         }, rows=120)
         proc = launch(2, ["--cfg", str(exp)])
         losses[variant] = step_losses(exp.parent / "run")

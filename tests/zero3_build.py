@@ -1,0 +1,45 @@
+"""Helper for tests/model/test_build.py: every rank builds the experiment's model as a ZeRO-3 run does
+(partitioned as it is created), records what it holds, and rank 0 saves the gathered weights. Run under
+torchrun: zero3_build.py EXP.yaml OUT.pt"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bookgen import distributed  # noqa: E402
+from bookgen.config_io import load_config  # noqa: E402
+from bookgen.data.prepare import tokenizer_dir  # noqa: E402
+from bookgen.data.prepared import ensure_prepared  # noqa: E402
+from bookgen.data.tokenizer import load_tokenizer  # noqa: E402
+from bookgen.model.build import build_model  # noqa: E402
+from bookgen.train.ds_config import build_ds_config  # noqa: E402
+
+
+def main() -> None:
+    cfg = load_config(sys.argv[1])
+    dist = distributed.setup(120)
+    from rich.console import Console
+
+    ensure_prepared(cfg, dist, Console(quiet=True))
+    tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
+    model = build_model(cfg, tokenizer, zero3_config=build_ds_config(cfg, dist.world_size))
+    params = list(model.parameters())
+    held = {"whole": [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")],
+            "local": sum(p.numel() for p in params),
+            "full": sum(int(getattr(p, "ds_numel", p.numel())) for p in params)}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if dist.is_main:
+        torch.save({"held": held, "weights": weights, "rng": torch.rand(3)}, sys.argv[2])
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()
