@@ -180,8 +180,10 @@ class TokenizerConfig:
         ),
     )
     vocab_size: int = field(default=4096, metadata=_doc("Vocabulary size when bookgen trains the BPE."))
-    bos_token: str = field(default="<BOS>", metadata=_doc("Start-of-summary token."))
-    eos_token: str = field(default="<EOS>", metadata=_doc("End-of-summary token."))
+    bos_token: str = field(default="<BOS>", metadata=_doc(
+        "Start-of-summary token; a pretrained tokenizer's own (e.g. <s>) is used as it is, not added."))
+    eos_token: str = field(default="<EOS>", metadata=_doc(
+        "End-of-summary token; a pretrained tokenizer's own (e.g. </s>) is used as it is, not added."))
     pad_token: str = field(default="<PAD>", metadata=_doc("Padding token, excluded from the loss."))
 
     def __post_init__(self) -> None:

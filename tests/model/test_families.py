@@ -75,3 +75,30 @@ def test_an_unknown_or_non_causal_family_and_too_few_positions_are_named_in_pref
     ):
         with pytest.raises(BookgenError, match=message):
             check_block_fits(load_config(write_experiment(tmp_path, {"model.config": mapping})))
+
+
+@pytest.mark.multirank
+def test_a_pretrained_model_keeps_its_own_bos_and_eos_when_the_experiment_names_them(tmp_path):
+    """tokenizer.bos_token/eos_token set to the model's own (<s>, </s>): they are not added again, only
+    <PAD> is; the prepared lines start and end with the model's own ids."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from bookgen.data.tokenizer import train_bpe
+    from bookgen.model.build import family_config
+
+    text = (REPO / "data" / "sample" / "booksummaries.txt").read_text().splitlines()[:100]
+    base = train_bpe([line.split("\t")[6] for line in text], 400, ["<s>", "</s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, bos_token="<s>", eos_token="</s>")
+    AutoModelForCausalLM.from_config(family_config(LLAMA, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                                   eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "pre")
+    tok.save_pretrained(tmp_path / "pre")
+    exp = write_experiment(tmp_path, {"model.name_or_path": "pre", "tokenizer.bos_token": "<s>",
+                                      "tokenizer.eos_token": "</s>", "train.max_steps": 2}, rows=120)
+    launch(1, ["--cfg", str(exp)])
+    hf = json.loads(next((tmp_path / "run" / "checkpoints").glob("step*/hf/config.json")).read_text())
+    assert hf["vocab_size"] == len(tok) + 1, "only <PAD> is new"
+    assert (hf["bos_token_id"], hf["eos_token_id"]) == (tok.bos_token_id, tok.eos_token_id)
+    from bookgen.data.store import TokenStore
+
+    first = TokenStore.open(tmp_path / "run" / "prepared" / "store" / "train")[0]
+    assert first[0] == tok.bos_token_id and first[-1] == tok.eos_token_id
