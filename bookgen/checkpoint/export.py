@@ -70,7 +70,7 @@ def check_export_target(out: Path, *, force: bool, checkpoint: Path) -> None:
                            "--force to add the export's files there (nothing else in it is touched)")
 
 
-def export(folder: Path, out: Path, *, force: bool = False) -> Path:
+def export(folder: Path, out: Path, *, force: bool = False, max_shard_size: str = "5GB") -> Path:
     """Write ``folder``'s model and tokenizer as a Hugging Face folder at ``out`` (see
     :func:`check_export_target`). A new folder appears complete or not at all; into an existing one the
     files are moved one by one, the export record last, and files of a previous export that this one does
@@ -79,25 +79,39 @@ def export(folder: Path, out: Path, *, force: bool = False) -> Path:
     cleans, never one that claims to be complete."""
     out = out.resolve()
     check_export_target(out, force=force, checkpoint=folder)
+    shard_bytes = _shard_size(max_shard_size)
     model, tokenizer = load_checkpoint_model(folder)
     try:
-        _export_into(out, model, tokenizer, folder)
+        _export_into(out, model, tokenizer, folder, shard_bytes)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile: what was there is untouched
         raise BookgenError(f"--out: cannot write the export into {out}: {exc.strerror or exc}") from exc
     return out
 
 
-def _export_into(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+def _shard_size(text: str) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(text)
+    except ValueError as exc:
+        raise BookgenError(f"--max-shard-size: {text!r} is not a size; write it as 5GB, 500MB or 2GiB") from exc
+    if size <= 0:
+        raise BookgenError(f"--max-shard-size: {text!r} must be more than 0")
+    return size
+
+
+def _export_into(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path,
+                 shard_bytes: int) -> None:
     if not out.exists():
         with staged_dir(out) as scratch:
-            _write(model, tokenizer, scratch, folder)
+            _write(model, tokenizer, scratch, folder, shard_bytes)
         return
     previous = read_json(out / EXPORT_MARKER)
     before = set(previous.get("files", [])) if isinstance(previous, dict) else set()
     remove_dead_scratch(out)  # what an export killed outright left
     with tempfile.TemporaryDirectory(dir=out, prefix=f".bookgen-export-{scratch_owner()}-") as tmp:
         scratch = Path(tmp)
-        written = _write(model, tokenizer, scratch, folder)
+        written = _write(model, tokenizer, scratch, folder, shard_bytes)
         theirs = [name for name in written if (out / name).exists() and name not in before | {EXPORT_MARKER}]
         if theirs:  # --force adds files; it never replaces one an export did not write
             raise BookgenError(f"--out: {out} holds {', '.join(theirs)}, which no bookgen export wrote; the export "
@@ -114,8 +128,9 @@ def _export_into(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokeniz
         os.replace(scratch / EXPORT_MARKER, out / EXPORT_MARKER)
 
 
-def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scratch: Path, source: Path) -> list[str]:
-    model.save_pretrained(str(scratch), safe_serialization=True)
+def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scratch: Path, source: Path,
+           shard_bytes: int) -> list[str]:
+    model.save_pretrained(str(scratch), safe_serialization=True, max_shard_size=shard_bytes)
     tokenizer.save_pretrained(str(scratch))
     files = sorted(p.name for p in scratch.iterdir() if p.is_file())
     for name in files:

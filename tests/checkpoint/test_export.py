@@ -219,3 +219,26 @@ def test_export_loads_in_transformers_and_matches_engine_logits(tmp_path, stage)
     gen = pipeline("text-generation", model=str(out), device="cpu")
     text = gen("<BOS> The story", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert text.startswith("<BOS> The story")
+
+
+@pytest.mark.multirank
+def test_export_in_shards_loads_the_same_and_a_reexport_in_one_file_removes_them(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    exp = copy_trained_run(trained, tmp_path)
+    out = tmp_path / "hf"
+    assert main(["export", "--cfg", str(exp), "--out", str(out), "--max-shard-size", "100KB"]) == 0
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    with torch.no_grad():
+        sharded = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+    assert main(["export", "--cfg", str(exp), "--out", str(out)]) == 0  # the default: one file
+    assert sorted(p.name for p in out.glob("model*.safetensors*")) == ["model.safetensors"], "old shards removed"
+    with torch.no_grad():
+        whole = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+    assert torch.equal(sharded, whole)
+    proc = run_cli(["export", "--cfg", str(exp), "--out", str(tmp_path / "x"), "--max-shard-size", "5 gigs"])
+    assert proc.returncode == 2 and "--max-shard-size: '5 gigs' is not a size" in proc.stderr
+    assert not (tmp_path / "x").exists()
