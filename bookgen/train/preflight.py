@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,7 +24,8 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
     """Every rank: the DeepSpeed config agrees with the experiment, the precision runs here, the resume
     folder exists, a new start meets no other run's checkpoints, the model has positions for a block, and
     the run folder can be written."""
-    build_ds_config(cfg, dist.world_size)  # raises on a ZeRO stage or batch clash with the JSON
+    ds = build_ds_config(cfg, dist.world_size)  # raises on a ZeRO stage or batch clash with the JSON
+    check_offload(ds, str(cfg.deepspeed.config or "the built-in DeepSpeed config"))
     check_precision(cfg)
     if cfg.checkpoint.resume not in ("auto", "never"):
         check_resume_folder(Path(cfg.checkpoint.resume))
@@ -77,3 +79,32 @@ def _unwritable(cfg: ExperimentConfig, dist: DistEnv) -> str | None:
             return (f"{who}{key}: cannot write into {folder} ({exc.strerror or exc}); checkpoints and metrics go "
                     "there: fix its permissions or choose another run.output_dir")
     return None
+
+
+def check_offload(ds: dict[str, Any], where: str) -> None:
+    """ZeRO-Offload's needs: an optimizer offloaded without ``torch_adam`` runs DeepSpeed's CPU Adam, a compiled
+    op that must be installed or buildable here (a compiler and ninja); NVMe offload needs ``nvme_path``."""
+    zero = ds.get("zero_optimization", {})
+    for key in ("offload_param", "offload_optimizer"):
+        target = zero.get(key) or {}
+        if target.get("device") == "nvme" and not target.get("nvme_path"):
+            raise BookgenError(f"{where}: zero_optimization.{key} offloads to nvme but names no nvme_path (a folder "
+                               "on a local NVMe drive)")
+    offloaded = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+    if offloaded and not ds.get("optimizer", {}).get("params", {}).get("torch_adam") and not cpu_adam_available():
+        raise BookgenError(f"{where}: zero_optimization.offload_optimizer runs DeepSpeed's CPU Adam, which this "
+                           "DeepSpeed neither has built nor can build here (it needs a C++ compiler and ninja): "
+                           "install DeepSpeed with DS_BUILD_CPU_ADAM=1 pip install deepspeed, or set "
+                           '"optimizer": {"params": {"torch_adam": true}} (torch\'s AdamW on the CPU, slower)')
+
+
+def cpu_adam_available() -> bool:
+    """DeepSpeed's CPU Adam op: built into the installed DeepSpeed, or buildable at first use."""
+    import shutil
+
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    if installed_ops.get("cpu_adam"):
+        return True
+    return bool(CPUAdamBuilder().is_compatible(verbose=False) and shutil.which("ninja") and shutil.which("c++"))

@@ -100,3 +100,22 @@ def test_batch_layout_is_computed_once_without_a_process_group(tmp_path):
     assert (layout.micro_batches, layout.global_batch) == (8, 24)
     assert build_ds_config(cfg, 2)["train_batch_size"] == layout.global_batch
     assert plan_steps(100, cfg.train, 2).global_batch == layout.global_batch
+
+
+def test_offload_needs_cpu_adam_or_torch_adam_and_nvme_a_path(monkeypatch):
+    """The shipped offload config passes where DeepSpeed's CPU Adam can be built (a compiler and ninja, as
+    here); where it cannot, the check names the way out; NVMe needs a folder."""
+    import json as json_module
+
+    from bookgen.train import preflight
+
+    shipped = json_module.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    preflight.check_offload(shipped, "zero3_offload.json")
+    monkeypatch.setattr(preflight, "cpu_adam_available", lambda: False)
+    with pytest.raises(BookgenError, match=r"zero3_offload.json: .*CPU Adam.*DS_BUILD_CPU_ADAM=1"):
+        preflight.check_offload(shipped, "zero3_offload.json")
+    shipped["optimizer"]["params"]["torch_adam"] = True
+    preflight.check_offload(shipped, "zero3_offload.json")  # torch's AdamW needs nothing compiled
+    shipped["zero_optimization"]["offload_param"] = {"device": "nvme"}
+    with pytest.raises(BookgenError, match="offload_param offloads to nvme but names no nvme_path"):
+        preflight.check_offload(shipped, "zero3_offload.json")
