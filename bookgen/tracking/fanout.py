@@ -15,6 +15,9 @@ Status = Literal["finished", "preempted", "interrupted", "failed"]
 class Tracker(Protocol):
     name: str
 
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to reopen this tracked run (kept in trackers.json)."""
+
     def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         """(step, numbers) rows in step order: one call per log step."""
 
@@ -34,10 +37,6 @@ class Trackers:
         self._logged = dict(logged or {})
         # a samples table goes with that round's measures (samples_* in metrics.jsonl)
         self._logged_samples = max((v for k, v in self._logged.items() if k.startswith("samples_")), default=-1)
-
-    @property
-    def names(self) -> list[str]:
-        return [t.name for t in self._live]
 
     def metrics(self, records: list[Mapping[str, Any]]) -> None:
         """Records (each with its ``step``) as (step, numbers) rows, without what was sent before."""
