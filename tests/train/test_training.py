@@ -191,7 +191,10 @@ def test_compiled_run_matches_eager_and_saves_the_same_weights(tmp_path):
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
     weights = [consolidated_state_dict(runs[c] / "checkpoints" / "step00000003") for c in (False, True)]
     assert weights[1].keys() == weights[0].keys(), "no _orig_mod. prefixes from the compiled module"
-    assert all(torch.allclose(weights[1][k], weights[0][k], atol=1e-5) for k in weights[0])
+    # Adam divides by sqrt(v): where a gradient is tiny, the compiled kernels' reordered reductions move the
+    # update (up to lr = 3e-3 a step) by a fraction of a percent; 1.4e-5 seen. A real difference (a missed
+    # update, another parameter) is of the order of the updates themselves
+    assert all(torch.allclose(weights[1][k], weights[0][k], atol=5e-5) for k in weights[0])
     model, _ = load_checkpoint_model(runs[True] / "checkpoints" / "step00000003")
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], weights[1][k]) for k in weights[1]), "the compiled run's own weights load"
