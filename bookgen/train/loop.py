@@ -216,7 +216,8 @@ def _where_things_are(cfg: ExperimentConfig, invocation: Invocation) -> str:
 def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: Invocation) -> Run:
     """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
-    zero3 = build_ds_config(cfg, dist.world_size) if cfg.deepspeed.zero_stage == 3 else None
+    ds_config = build_ds_config(cfg, dist.world_size)
+    zero3 = ds_config if cfg.deepspeed.zero_stage == 3 else None
     model = build_model(cfg, tokenizer, zero3_config=zero3)  # under ZeRO-3: partitioned as it is created
     model_flops = flops_per_token(model, cfg.data.block_size)
     train_examples, valid_examples = prepared_examples(cfg, "train"), prepared_examples(cfg, "valid")
@@ -232,7 +233,7 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: I
     if resume_plan.folder is not None and _is_finished(cfg, dist, state, plan):
         return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, None, None, progress,
                    None, None, invocation, finished=True)
-    log = _open_log(cfg, dist, state.global_step)
+    log = _open_log(cfg, dist, state.global_step, ds_config)
     console.print(f"model: {count_parameters(engine.module):,} parameters; {len(train_examples)} training examples; "
                   f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
                   f"{plan.total_steps} steps in all")
@@ -243,12 +244,14 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: I
                _hf_files_writer(engine, tokenizer), progress, mfu_of, sampler, invocation)
 
 
-def _open_log(cfg: ExperimentConfig, dist: DistEnv, resume_step: int) -> MetricsLog | None:
+def _open_log(cfg: ExperimentConfig, dist: DistEnv, resume_step: int, ds_config: dict[str, Any]
+              ) -> MetricsLog | None:
     """Rank 0's metrics log and trackers; a tracker that cannot start stops every rank here."""
     log, error = None, None
     if dist.is_main:
         log = MetricsLog(cfg.run.output_dir, resume_step=resume_step)
-        params = run_params(config_to_dict(cfg), build_ds_config(cfg, dist.world_size), dist.world_size)
+    if dist.is_main and cfg.run.trackers:  # the run's params (a git call among them) only for a tracker
+        params = run_params(config_to_dict(cfg), ds_config, dist.world_size)
         try:
             log.trackers = open_trackers(cfg, params=params, resume_step=resume_step, logged=log.sent_before)
         except BookgenError as exc:
