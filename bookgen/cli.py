@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                     help="largest safetensors file (e.g. 5GB, 500MB); a larger model is written in shards with an "
                          "index, as save_pretrained writes them (default 5GB, the hub's usual)")
+    ex.add_argument("--adapter-only", action="store_true",
+                    help="a LoRA run: write the adapter folder peft loads (adapter_config.json and its weights) "
+                         "instead of the merged model")
     la = with_cfg(sub.add_parser("launch", help="start the ranks as the launch section says"))
     la.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     sh = with_cfg(sub.add_parser("show", help="print one resolved config value (for scripts)"))
@@ -184,8 +187,9 @@ def _export(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-u
     folder = resolve(cfg, args.checkpoint)
     if folder is None:
         raise BookgenError(f"no complete checkpoint under {checkpoint_root(cfg)}; train first or pass --checkpoint")
-    out = export(folder, args.out, force=args.force, max_shard_size=args.max_shard_size)
-    console.print(f"exported {folder} to {out}")
+    out = export(folder, args.out, force=args.force, max_shard_size=args.max_shard_size,
+                 adapter_only=args.adapter_only)
+    console.print(f"exported {folder}{' (the LoRA adapter)' if args.adapter_only else ''} to {out}")
     return 0
 
 

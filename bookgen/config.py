@@ -193,6 +193,36 @@ class TokenizerConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class LoraSettings:
+    r: int = field(default=8, metadata=_doc("LoRA rank: each adapted matrix W gains B @ A with A r x in, B out x r."))
+    alpha: float = field(default=16.0, metadata=_doc("LoRA scale numerator: the update is (alpha / r) B @ A."))
+    dropout: float = field(default=0.0, metadata=_doc("Dropout on the adapters' input."))
+    target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata=_doc("Layers to adapt, by name or name suffix (GPT-2: c_attn, c_proj, c_fc; Llama: q_proj, k_proj, "
+                      "v_proj, o_proj, gate_proj, up_proj, down_proj); [all-linear]: every linear layer but the "
+                      "output head."),
+    )
+    modules_to_save: list[str] = field(
+        default_factory=list,
+        metadata=_doc("Modules trained in full beside the adapters and saved with them (e.g. lm_head)."),
+    )
+    train_new_tokens: bool = field(
+        default=True,
+        metadata=_doc("Train the embedding rows of the tokens this run adds (<BOS>, <EOS>, <PAD>) beside the "
+                      "adapters (peft's trainable tokens); false leaves them at their mean initialisation."),
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "r", "must be >= 1")
+        _require(self.alpha > 0, "alpha", "must be > 0")
+        _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _require(bool(self.target_modules), "target_modules", "names no layer; use [all-linear] or layer names")
+        _require("all-linear" not in self.target_modules or len(self.target_modules) == 1, "target_modules",
+                 "all-linear stands alone; give it or layer names")
+
+
+@dataclass(kw_only=True, slots=True)
 class ModelConfig:
     name_or_path: str | None = field(
         default=None,
@@ -218,6 +248,11 @@ class ModelConfig:
         default=False,
         metadata=_doc("Recompute each block's activations in the backward pass: activation memory of about one "
                       "block instead of all, for about a third more compute per step."),
+    )
+    lora: LoraSettings | None = field(
+        default=None,
+        metadata=_doc("LoRA through peft: only the adapters (and model.lora.modules_to_save) train; unset: full "
+                      "fine-tuning. model.lora: {} takes every default."),
     )
     attention: Literal["sdpa", "eager", "flash_attention_2"] = field(
         default="sdpa",

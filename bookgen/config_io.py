@@ -110,9 +110,11 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path,
                 raise ConfigError(f"{source}: {dotted}: required key is missing")
             continue
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, raw[name], prefix=f"{dotted}.", source=source, base_dir=base_dir,
-                                  overrides=overrides)
+        section_tp = _section_type(tp)
+        if section_tp is not None:  # a section; an optional one (model.lora) is off when null
+            optional = section_tp is not tp
+            kwargs[name] = None if optional and raw[name] is None else _build(
+                section_tp, raw[name], prefix=f"{dotted}.", source=source, base_dir=base_dir, overrides=overrides)
             continue
         where = _where(dotted, overrides, source)
         replaced = f.metadata.get(REPLACED, {})
@@ -135,6 +137,17 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path,
     except FieldError as exc:
         dotted = f"{prefix}{exc.key}"
         raise ConfigError(f"{_where(dotted, overrides, source)}: {dotted}: {exc}") from exc
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass of a section field (``X``) or of an optional section (``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [o for o in get_args(tp) if o is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            return inner[0]
+    return None
 
 
 def _where_given(dotted: str, overrides: dict[str, str], source: str) -> str:
@@ -241,8 +254,11 @@ def describe_fields(cls: type = ExperimentConfig, prefix: str = "") -> list[tupl
     rows: list[tuple[str, str, str]] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows.extend(describe_fields(hints[f.name], f"{prefix}{f.name}."))
+        section_tp = _section_type(hints[f.name])
+        if section_tp is not None:
+            if section_tp is not hints[f.name]:  # optional: its own row says what unset means
+                rows.append((f"{prefix}{f.name}", "None", str(f.metadata.get("help", ""))))
+            rows.extend(describe_fields(section_tp, f"{prefix}{f.name}."))
             continue
         if f.default is not dataclasses.MISSING:
             default = repr(f.default)

@@ -16,6 +16,7 @@ import torch
 
 from bookgen.checkpoint.folder import MARKER, check_files, previous_hint
 from bookgen.errors import BookgenError
+from bookgen.model.lora import ADAPTER_CONFIG, wrap_for_loading
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -43,18 +44,27 @@ def _consolidate(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name))
 
 
-def load_checkpoint_model(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The checkpoint's model (fp32, CPU) and tokenizer, built from the files saved beside it."""
+def load_checkpoint_model(folder: Path, *, merge_adapters: bool = True
+                          ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The checkpoint's model (fp32, CPU) and tokenizer, built from the files saved beside it. A LoRA run's model
+    comes back with its adapters merged into the base weights (a plain transformers model), or, with
+    ``merge_adapters=False``, as the peft model it trained as."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     state = consolidated_state_dict(folder)  # first: it checks every file, hf/ included
     hf = folder / "hf"
     config = AutoConfig.from_pretrained(str(hf))
     model = AutoModelForCausalLM.from_config(config)
+    lora = (hf / ADAPTER_CONFIG).is_file()
+    if lora:
+        model = wrap_for_loading(model, hf)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")}  # tied to the input embeddings
     if set(missing) - tied or unexpected:
         raise BookgenError(f"{folder}: weights do not fit the saved config (missing {sorted(set(missing) - tied)}, "
                            f"unexpected {sorted(unexpected)})")
-    model.tie_weights()
+    if not lora:  # a peft model keeps its tied embeddings through its own wrappers
+        model.tie_weights()
+    if lora and merge_adapters:
+        model = model.merge_and_unload()
     return model.eval(), AutoTokenizer.from_pretrained(str(hf))

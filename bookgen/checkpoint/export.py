@@ -12,6 +12,7 @@ from bookgen.checkpoint.consolidate import load_checkpoint_model
 from bookgen.checkpoint.folder import MARKER
 from bookgen.errors import BookgenError
 from bookgen.fileio import apply_umask, read_json, remove_dead_scratch, scratch_owner, staged_dir, write_json_atomic
+from bookgen.model.lora import check_adapter_export, is_lora
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -70,17 +71,21 @@ def check_export_target(out: Path, *, force: bool, checkpoint: Path) -> None:
                            "--force to add the export's files there (nothing else in it is touched)")
 
 
-def export(folder: Path, out: Path, *, force: bool = False, max_shard_size: str = "5GB") -> Path:
+def export(folder: Path, out: Path, *, force: bool = False, max_shard_size: str = "5GB",
+           adapter_only: bool = False) -> Path:
     """Write ``folder``'s model and tokenizer as a Hugging Face folder at ``out`` (see
     :func:`check_export_target`). A new folder appears complete or not at all; into an existing one the
     files are moved one by one, the export record last, and files of a previous export that this one does
     not write are removed (nothing else). While files move the record says ``"complete": false`` and lists
     both exports' files, so an export killed half-way leaves a folder the next export still recognises and
-    cleans, never one that claims to be complete."""
+    cleans, never one that claims to be complete. ``adapter_only``: a LoRA checkpoint's adapter folder (see
+    :func:`bookgen.model.lora.check_adapter_export`) instead of the merged model."""
     out = out.resolve()
     check_export_target(out, force=force, checkpoint=folder)
     shard_bytes = _shard_size(max_shard_size)
-    model, tokenizer = load_checkpoint_model(folder)
+    if adapter_only:
+        check_adapter_export(folder / "hf")
+    model, tokenizer = load_checkpoint_model(folder, merge_adapters=not adapter_only)
     try:
         _export_into(out, model, tokenizer, folder, shard_bytes)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile: what was there is untouched
@@ -130,11 +135,15 @@ def _export_into(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokeniz
 
 def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scratch: Path, source: Path,
            shard_bytes: int) -> list[str]:
-    model.save_pretrained(str(scratch), safe_serialization=True, max_shard_size=shard_bytes)
+    record: dict[str, object] = {"checkpoint": str(source.resolve()), "complete": True}
+    if is_lora(model):  # the adapter alone; the base model it needs is named in adapter_config.json
+        model.save_pretrained(str(scratch), safe_serialization=True)
+        record["vocab_size"] = int(model.get_input_embeddings().weight.shape[0])  # the base grows to this first
+    else:
+        model.save_pretrained(str(scratch), safe_serialization=True, max_shard_size=shard_bytes)
     tokenizer.save_pretrained(str(scratch))
     files = sorted(p.name for p in scratch.iterdir() if p.is_file())
     for name in files:
         apply_umask(scratch / name, folder=False)
-    write_json_atomic(scratch / EXPORT_MARKER, {"checkpoint": str(source.resolve()), "complete": True,
-                                                "files": files})
+    write_json_atomic(scratch / EXPORT_MARKER, record | {"files": files})
     return [*files, EXPORT_MARKER]

@@ -20,6 +20,7 @@ from bookgen.fileio import write_json_atomic
 from bookgen.generation.quality import measure
 from bookgen.generation.samples import quality_references
 from bookgen.generation.sampling import Sample, generate, quality_path, write_outputs
+from bookgen.model.lora import ADAPTER_CONFIG, load_adapter_folder
 
 
 def settings_from(base: GenerateConfig, flags: dict[str, Any]) -> GenerateConfig:
@@ -39,6 +40,9 @@ def load_model(model_dir: Path | None, cfg: ExperimentConfig | None, checkpoint:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_dir is not None:
+        if (model_dir / ADAPTER_CONFIG).is_file():  # a LoRA adapter export: its base model, merged with it
+            model, tokenizer = load_adapter_folder(model_dir)
+            return model, tokenizer, str(model_dir)
         if not (model_dir / "config.json").is_file():
             raise BookgenError(f"--model: {model_dir} is not a model folder (no config.json); "
                                "export one with `bookgen export`")

@@ -53,10 +53,18 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
         model.set_attn_implementation(training_attention(m.attention, model.config))
         if m.activation_checkpointing:
             enable_activation_checkpointing(model)
+        old_rows = _rows(model.get_input_embeddings().weight)
         resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
         set_special_token_ids(model, tokenizer)
     # under ZeRO-3 only rank 0 drew the initial weights: every rank continues from the same random state
     torch.manual_seed(cfg.seed)
+    if m.lora is not None:
+        # outside: peft's ZeRO-3 path gathers on CUDA only; a resized embedding (the only one with new rows to
+        # train) is whole on each rank until the engine partitions it, and the adapters are partitioned then
+        from bookgen.model.lora import apply_lora
+
+        model = apply_lora(model, m.lora, list(range(old_rows, len(tokenizer))))
+        torch.manual_seed(cfg.seed)
     return model
 
 

@@ -37,6 +37,7 @@ from bookgen.fileio import read_json, write_json_atomic
 from bookgen.generation.samples import TrainingSampler
 from bookgen.model.build import build_model, count_parameters
 from bookgen.model.flops import flops_per_token, mfu, peak_flops
+from bookgen.model.lora import is_lora, save_adapter_config, trainable_parameters
 from bookgen.tracking import open_trackers, run_params
 from bookgen.train import faults
 from bookgen.train.batch_layout import BatchLayout
@@ -234,14 +235,22 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: I
         return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, None, None, progress,
                    None, None, invocation, finished=True)
     log = _open_log(cfg, dist, state.global_step, ds_config)
-    console.print(f"model: {count_parameters(engine.module):,} parameters; {len(train_examples)} training examples; "
+    console.print(f"model: {_parameter_line(engine.module)}; {len(train_examples)} training examples; "
                   f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
                   f"{plan.total_steps} steps in all")
     peak = peak_flops(engine.device, cfg.train.precision, cfg.run.peak_tflops)
     mfu_of = None if peak is None else partial(mfu, flops_per_token=model_flops, devices=dist.world_size, peak=peak)
     sampler = TrainingSampler(cfg, dist, tokenizer, resume_step=state.global_step) if cfg.eval.samples else None
     return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, log,
-               _hf_files_writer(engine, tokenizer), progress, mfu_of, sampler, invocation)
+               _hf_files_writer(engine, tokenizer, cfg.model.name_or_path), progress, mfu_of, sampler, invocation)
+
+
+def _parameter_line(model: torch.nn.Module) -> str:
+    total = count_parameters(model)
+    if not is_lora(model):
+        return f"{total:,} parameters"
+    trainable = trainable_parameters(model)
+    return f"{total:,} parameters, {trainable:,} of them trained (LoRA: {100 * trainable / total:.2f}%)"
 
 
 def _open_log(cfg: ExperimentConfig, dist: DistEnv, resume_step: int, ds_config: dict[str, Any]
@@ -452,11 +461,14 @@ def announce(cfg: ExperimentConfig, console: Console, dist: DistEnv) -> None:
     console.print(f"world size {dist.world_size}; output {cfg.run.output_dir}")
 
 
-def _hf_files_writer(engine: Any, tokenizer: Any) -> Any:
+def _hf_files_writer(engine: Any, tokenizer: Any, base: str | None) -> Any:
+    """``base``: where a LoRA run's base model comes from, recorded in its adapter config."""
     def write(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         engine.module.config.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
+        if is_lora(engine.module):
+            save_adapter_config(engine.module, folder, base)
 
     return write
 

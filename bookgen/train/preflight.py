@@ -15,6 +15,7 @@ from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
 from bookgen.model.build import family_config, position_count
+from bookgen.model.lora import check_targets
 from bookgen.tracking import check_tracker_packages
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.engine import check_precision
@@ -31,7 +32,7 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
         check_resume_folder(Path(cfg.checkpoint.resume))
     if cfg.checkpoint.resume != "auto":
         check_no_other_run(cfg, None if cfg.checkpoint.resume == "never" else Path(cfg.checkpoint.resume))
-    check_block_fits(cfg)
+    check_model(cfg)
     check_tracker_packages(cfg)
     if cfg.model.attention == "flash_attention_2":
         import importlib.util
@@ -46,9 +47,10 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
         raise BookgenError("; ".join(errors))
 
 
-def check_block_fits(cfg: ExperimentConfig) -> None:
+def check_model(cfg: ExperimentConfig) -> None:
     """A pretrained model's or a model.config family's position count is read from its config (the GPT-2 keys
-    are checked when the experiment is loaded); a model.config that transformers cannot build is named."""
+    are checked when the experiment is loaded); a model.config that transformers cannot build is named, and
+    so is a LoRA target that matches no layer."""
     if cfg.model.config is not None:
         config, what = family_config(cfg.model.config), f"model.config ({cfg.model.config['model_type']})"
     elif cfg.model.name_or_path is not None:
@@ -60,6 +62,13 @@ def check_block_fits(cfg: ExperimentConfig) -> None:
             raise BookgenError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r}: {exc}") from exc
         what = cfg.model.name_or_path
     else:
+        from transformers import GPT2Config
+
+        m = cfg.model
+        config, what = GPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, n_positions=m.n_positions,
+                                  vocab_size=8), None
+    check_targets(cfg, config)
+    if what is None:
         return
     positions = position_count(config)
     if positions is not None and cfg.data.block_size > positions:

@@ -66,7 +66,7 @@ def test_a_wrong_model_config_is_named_when_loaded(tmp_path, mapping, message):
 def test_an_unknown_or_non_causal_family_and_too_few_positions_are_named_in_preflight(tmp_path):
     """The checks `bookgen train` runs before any data is touched (as for a pretrained model's positions)."""
     from bookgen.errors import BookgenError
-    from bookgen.train.preflight import check_block_fits
+    from bookgen.train.preflight import check_model
 
     for mapping, message in (
         ({"model_type": "lama"}, "model.config: model_type 'lama'"),
@@ -74,7 +74,7 @@ def test_an_unknown_or_non_causal_family_and_too_few_positions_are_named_in_pref
         (LLAMA | {"max_position_embeddings": 32}, "data.block_size: 64 is more than the 32 positions of model.config"),
     ):
         with pytest.raises(BookgenError, match=message):
-            check_block_fits(load_config(write_experiment(tmp_path, {"model.config": mapping})))
+            check_model(load_config(write_experiment(tmp_path, {"model.config": mapping})))
 
 
 @pytest.mark.multirank

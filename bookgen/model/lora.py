@@ -1,0 +1,176 @@
+"""LoRA through peft: the built model is wrapped before the DeepSpeed engine exists, so DeepSpeed sees the frozen
+base weights and trains (and partitions, under ZeRO-3) only the adapters, the rows of the tokens the run added
+and ``model.lora.modules_to_save``.
+
+A checkpoint keeps the whole wrapped model's state (what resume needs) and ``hf/adapter_config.json``;
+consolidation rebuilds the wrapper from it (:func:`wrap_for_loading`), and export either merges the adapters into
+the base weights or writes the adapter folder peft loads (:func:`load_adapter_folder` reads it back)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bookgen.config import ExperimentConfig, LoraSettings
+from bookgen.errors import BookgenError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's name: a checkpoint's hf/ and an adapter export hold it
+ALL_LINEAR = "all-linear"
+
+
+def check_peft_installed() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise BookgenError("model.lora: LoRA runs through the peft package, which is not installed: "
+                           "pip install 'bookgen[lora]'")
+
+
+def peft_config(settings: LoraSettings, new_token_ids: list[int]) -> Any:
+    from peft import LoraConfig
+
+    targets: list[str] | str = ALL_LINEAR if settings.target_modules == [ALL_LINEAR] else settings.target_modules
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
+                      modules_to_save=settings.modules_to_save or None, task_type="CAUSAL_LM", bias="none",
+                      trainable_token_indices=new_token_ids if settings.train_new_tokens and new_token_ids else None)
+
+
+def apply_lora(model: PreTrainedModel, settings: LoraSettings, new_token_ids: list[int]) -> Any:
+    """The peft model around ``model``: base weights frozen, adapters drawn from the global RNG (the same on
+    every rank). ``new_token_ids``: the rows the run added to the embeddings."""
+    from peft import get_peft_model
+
+    try:
+        wrapped = get_peft_model(model, peft_config(settings, new_token_ids))
+    except ValueError as exc:  # peft names a target that matched nothing
+        raise BookgenError(f"model.lora: {str(exc)[:400]}") from exc
+    _gather_whole_for_token_layers(wrapped)
+    return wrapped
+
+
+def _gather_whole_for_token_layers(model: torch.nn.Module) -> None:
+    """peft's trainable-token layers read their base embedding's weight without calling the base module, which
+    ZeRO-3 gathers only for the module it runs: marked as leaves, ZeRO-3 gathers everything under them."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    leaves = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
+    if leaves and any(hasattr(p, "ds_id") for p in model.parameters()):
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [type(m) for m in leaves])
+
+
+def check_targets(cfg: ExperimentConfig, config: Any) -> None:
+    """Every name in ``model.lora.target_modules`` and ``modules_to_save`` matches a layer of the model (built on
+    the meta device: no memory, no weights read), before any data is touched."""
+    settings = cfg.model.lora
+    if settings is None:
+        return
+    check_peft_installed()
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = [name for name, _ in model.named_modules() if name]
+    lora = peft_config(settings, [])
+    if settings.target_modules != [ALL_LINEAR]:
+        for target in settings.target_modules:
+            one = peft_config(LoraSettings(target_modules=[target]), [])
+            if not any(check_target_module_exists(one, name) for name in names):
+                raise BookgenError(f"model.lora.target_modules: {target!r} matches no layer of this "
+                                   f"{config.model_type} model; its linear layers: {', '.join(_linear_names(model))}")
+    for name in lora.modules_to_save or []:
+        if not any(n == name or n.endswith("." + name) for n in names):
+            raise BookgenError(f"model.lora.modules_to_save: {name!r} matches no module of this {config.model_type} "
+                               "model")
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last names of a model's linear layers (transformers' Conv1D in GPT-2 included)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, (torch.nn.Linear, Conv1D))})
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_adapter_config(model: Any, folder: Path, base: str | None) -> None:
+    """The adapter's peft config beside the checkpoint's model config; ``base``: where the base model comes from
+    (``model.name_or_path``; None for a model built from a config)."""
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = base
+    config.save_pretrained(str(folder))
+
+
+def wrap_for_loading(model: PreTrainedModel, folder: Path) -> Any:
+    """``model`` (the base, already resized) wrapped as the checkpoint in ``folder`` was trained, to load its
+    state dict into."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig.from_pretrained(str(folder))
+    config.inference_mode = False
+    base = config.base_model_name_or_path
+    with warnings.catch_warnings():  # peft renames the base after the model it wraps: put back below
+        warnings.simplefilter("ignore")
+        wrapped = get_peft_model(model, config)
+    wrapped.peft_config["default"].base_model_name_or_path = base
+    return wrapped
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    """Trainable parameters, tied tensors once; a ZeRO-3 partition counts at its full size."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += int(getattr(p, "ds_numel", p.numel()))
+    return total
+
+
+def check_adapter_export(hf: Path) -> None:
+    """``--adapter-only`` needs a LoRA checkpoint whose base model lies in a folder or on the hub: named before
+    the checkpoint is read."""
+    import json
+
+    if not (hf / ADAPTER_CONFIG).is_file():
+        raise BookgenError(f"--adapter-only: {hf.parent} is a full fine-tuning checkpoint (no LoRA adapter); "
+                           "export it without --adapter-only")
+    base = json.loads((hf / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise BookgenError(f"--adapter-only: {hf.parent}'s run built its base model from model.config, so no folder "
+                           "holds the base an adapter needs; export the merged model (without --adapter-only)")
+
+
+def load_adapter_folder(folder: Path) -> tuple[Any, Any]:
+    """An adapter export as one merged model and its tokenizer: the base (``base_model_name_or_path``) grown to
+    the export's vocabulary as training grew it (new rows at the mean), then the adapter applied and merged."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bookgen.model.build import resize_embeddings, set_special_token_ids
+
+    base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise BookgenError(f"--model: {folder} is a LoRA adapter for {base!r}, which cannot be loaded: "
+                           f"{str(exc)[:300]}") from exc
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    record = json.loads((folder / "bookgen_export.json").read_text()) if (folder / "bookgen_export.json").is_file() \
+        else {}
+    resize_embeddings(model, int(record.get("vocab_size", len(tokenizer))), None)
+    set_special_token_ids(model, tokenizer)
+    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval(), tokenizer
