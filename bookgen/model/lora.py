@@ -32,13 +32,26 @@ def check_peft_installed() -> None:
                            "pip install 'bookgen[lora]'")
 
 
-def peft_config(settings: LoraSettings, new_token_ids: list[int]) -> Any:
+def peft_config(settings: LoraSettings, token_rows: dict[str, list[int]] | None = None) -> Any:
     from peft import LoraConfig
 
     targets: list[str] | str = ALL_LINEAR if settings.target_modules == [ALL_LINEAR] else settings.target_modules
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
                       modules_to_save=settings.modules_to_save or None, task_type="CAUSAL_LM", bias="none",
-                      trainable_token_indices=new_token_ids if settings.train_new_tokens and new_token_ids else None)
+                      trainable_token_indices=token_rows or None)
+
+
+def new_token_rows(model: PreTrainedModel, new_token_ids: list[int]) -> dict[str, list[int]]:
+    """The embedding modules whose ``new_token_ids`` rows train, by name: the input embeddings, and an output
+    head of its own (Llama's untied lm_head; a tied one follows the input rows in peft)."""
+    if not new_token_ids:
+        return {}
+    names = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
+    rows = {names[id(model.get_input_embeddings())]: new_token_ids}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        rows[names[id(head)]] = new_token_ids
+    return rows
 
 
 def apply_lora(model: PreTrainedModel, settings: LoraSettings, new_token_ids: list[int]) -> Any:
@@ -46,8 +59,11 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, new_token_ids: li
     every rank). ``new_token_ids``: the rows the run added to the embeddings."""
     from peft import get_peft_model
 
+    rows = new_token_rows(model, new_token_ids) if settings.train_new_tokens else {}
     try:
-        wrapped = get_peft_model(model, peft_config(settings, new_token_ids))
+        with warnings.catch_warnings():  # GPT-2's Conv1D layers store weights transposed; peft sees it, and says so
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            wrapped = get_peft_model(model, peft_config(settings, rows))
     except ValueError as exc:  # peft names a target that matched nothing
         raise BookgenError(f"model.lora: {str(exc)[:400]}") from exc
     _gather_whole_for_token_layers(wrapped)
@@ -56,14 +72,16 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, new_token_ids: li
 
 def _gather_whole_for_token_layers(model: torch.nn.Module) -> None:
     """peft's trainable-token layers read their base embedding's weight without calling the base module, which
-    ZeRO-3 gathers only for the module it runs: marked as leaves, ZeRO-3 gathers everything under them."""
+    ZeRO-3 gathers only for the module it runs: registered as an external parameter of the token layer, it is
+    gathered for the token layer's forward and backward too (a no-op outside ZeRO-3)."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
-    leaves = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
-    if leaves and any(hasattr(p, "ds_id") for p in model.parameters()):
-        from deepspeed.utils import set_z3_leaf_modules
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
+    if layers:
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-        set_z3_leaf_modules(model, [type(m) for m in leaves])
+        for layer in layers:
+            register_external_parameter(layer, layer.base_layer.weight)
 
 
 def check_targets(cfg: ExperimentConfig, config: Any) -> None:
@@ -79,10 +97,10 @@ def check_targets(cfg: ExperimentConfig, config: Any) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     names = [name for name, _ in model.named_modules() if name]
-    lora = peft_config(settings, [])
+    lora = peft_config(settings)
     if settings.target_modules != [ALL_LINEAR]:
         for target in settings.target_modules:
-            one = peft_config(LoraSettings(target_modules=[target]), [])
+            one = peft_config(LoraSettings(target_modules=[target]))
             if not any(check_target_module_exists(one, name) for name in names):
                 raise BookgenError(f"model.lora.target_modules: {target!r} matches no layer of this "
                                    f"{config.model_type} model; its linear layers: {', '.join(_linear_names(model))}")

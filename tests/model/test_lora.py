@@ -1,0 +1,154 @@
+"""model.lora: LoRA through peft on a pretrained folder (GPT-2 with tied embeddings, Llama with its own head):
+only the adapters and the new tokens' rows train, ZeRO-0 and ZeRO-3 agree, a killed run resumes bit-identical,
+the merged export and the adapter export give the trained model's logits, and mistakes are named early."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bookgen.checkpoint.consolidate import consolidated_state_dict, load_checkpoint_model
+from bookgen.cli import main
+from bookgen.config_io import load_config
+from bookgen.errors import BookgenError
+from tests.helpers import REPO, run_cli, write_experiment
+from tests.ranks import launch, step_losses
+
+STEPS = 6
+LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
+def _pretrained(folder: Path, family: str) -> Path:
+    """A small pretrained model folder (random weights, saved by save_pretrained) with its own tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bookgen.data.tokenizer import train_bpe
+
+    text = (REPO / "data" / "sample" / "booksummaries.txt").read_text().splitlines()[:100]
+    tok = train_bpe([line.split("\t")[6] for line in text], 400, ["<|endoftext|>"])
+    settings = ({"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
+                if family == "gpt2" else LLAMA)
+    config = AutoConfig.for_model(**settings, vocab_size=len(tok), bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _lora_run(folder: Path, pretrained: Path, stage: int, **extra) -> Path:
+    return write_experiment(folder, {
+        "model.name_or_path": str(pretrained), "model.lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "model.dropout": 0.1, "data.packing": "documents", "data.block_size": 128, "train.max_steps": STEPS,
+        "train.learning_rate": 3e-3, "checkpoint.every": 2, "eval.at_end": False,
+        "deepspeed.zero_stage": stage, "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json")} | extra,
+        rows=120)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_or_adapter(tmp_path, family):
+    pre = _pretrained(tmp_path / "pre", family)
+    runs = {}
+    for name, stage, fault in (("z0", 0, None), ("z3", 3, None), ("killed", 3, "kill:5:1")):
+        exp = _lora_run(tmp_path / name, pre, stage)
+        if fault:
+            died = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": fault}, check=False, timeout=180)
+            assert died.returncode != 0
+            resumed = launch(2, ["--cfg", str(exp)])
+            assert "at step 4" in resumed.stderr
+        else:
+            proc = launch(2, ["--cfg", str(exp)])
+            assert "of them trained (LoRA" in proc.stderr
+        runs[name] = exp.parent / "run"
+
+    losses = {name: step_losses(run) for name, run in runs.items()}
+    assert sorted(losses["z3"]) == list(range(1, STEPS + 1))
+    for step in losses["z0"]:
+        assert losses["z3"][step] == pytest.approx(losses["z0"][step], rel=1e-5), step
+    assert losses["killed"] == losses["z3"], "a killed LoRA run resumes bit-identical"
+    final = {name: consolidated_state_dict(run / "checkpoints" / f"step{STEPS:08d}") for name, run in runs.items()}
+    assert all(torch.equal(final["z3"][k], final["killed"][k]) for k in final["z3"])
+
+    # base weights unchanged; adapters and the new tokens' rows trained
+    from safetensors.torch import load_file
+
+    base = load_file(pre / "model.safetensors")
+    trained = final["z3"]
+    vocab = next(iter(base[k] for k in base if "wte" in k or "embed_tokens" in k)).shape[0]
+    for key, weight in base.items():
+        wrapped = [k for k in trained if k.replace("base_layer.", "").replace("token_adapter.", "")
+                   == f"base_model.model.{key}"]
+        assert wrapped, key
+        got = trained[wrapped[0]]
+        assert torch.equal(got[:vocab] if got.shape[0] > weight.shape[0] else got, weight), f"{key} is frozen"
+    deltas = [k for k in trained if "trainable_tokens_delta" in k]
+    assert deltas and all(trained[k].shape[0] == 3 for k in deltas), "<BOS>, <EOS>, <PAD> rows train"
+    embed_key = next(k for k in trained if k.endswith("token_adapter.base_layer.weight"))
+    assert not torch.equal(trained[deltas[0]], trained[embed_key][vocab:]), "the new rows moved from their mean"
+    assert all(trained[k].abs().sum() > 0 for k in trained if "lora_B" in k), "every adapter trained"
+
+    # exports: the merged model and the adapter on its base give the trained model's logits
+    exp = tmp_path / "z3" / "exp.yaml"
+    assert main(["export", "--cfg", str(exp), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["export", "--cfg", str(exp), "--out", str(tmp_path / "adapter"), "--adapter-only"]) == 0
+    assert (tmp_path / "adapter/adapter_config.json").is_file() and not (tmp_path / "adapter/config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    from bookgen.model.lora import load_adapter_folder
+
+    peft_model, _ = load_checkpoint_model(runs["z3"] / "checkpoints" / f"step{STEPS:08d}", merge_adapters=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    from_adapter, _ = load_adapter_folder(tmp_path / "adapter")
+    ids = torch.tensor([[vocab, 5, 17, 42, 99, vocab + 1]])
+    with torch.no_grad():
+        expected = peft_model.eval()(ids).logits
+        for model in (merged, from_adapter):
+            assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+    proc = run_cli(["generate", "--model", str(tmp_path / "adapter"), "--max-new-tokens", "6",
+                    "--num-return-sequences", "2", "--out", str(tmp_path / "gen.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len((tmp_path / "gen.jsonl").read_text().splitlines()) == 2
+
+
+def test_lora_counts_only_adapters_and_new_rows_as_trainable(tmp_path):
+    from bookgen.model.build import build_model, count_parameters
+    from bookgen.model.lora import trainable_parameters
+    from bookgen.train.engine import param_groups
+
+    pre = _pretrained(tmp_path / "pre", "gpt2")
+    cfg = load_config(_lora_run(tmp_path, pre, 0, **{"model.lora": {"r": 4, "target_modules": ["c_attn"]}}))
+    from bookgen.data.tokenizer import add_special_tokens, load_tokenizer
+
+    model = build_model(cfg, add_special_tokens(load_tokenizer(pre), cfg))
+    # c_attn: 32 -> 96 in each of 2 layers: r x (32 + 96) each; 3 new rows of 32 in the tied embedding
+    assert trainable_parameters(model) == 2 * 4 * (32 + 96) + 3 * 32
+    grouped = sum(p.numel() for g in param_groups(model, 0.1) for p in g["params"])
+    assert grouped == trainable_parameters(model), "the optimizer sees only what trains"
+    assert count_parameters(model) > 10 * trainable_parameters(model)
+
+
+@pytest.mark.parametrize(("lora", "message"), [
+    ({"target_modules": ["q_proj"]}, r"model.lora.target_modules: 'q_proj' matches no layer of this gpt2 model; "
+                                     r"its linear layers: c_attn, c_fc, c_proj"),
+    ({"modules_to_save": ["score"]}, r"model.lora.modules_to_save: 'score' matches no module"),
+])
+def test_a_lora_setting_that_matches_nothing_is_named_before_any_data(tmp_path, lora, message):
+    exp = write_experiment(tmp_path, {"model.lora": lora})
+    proc = run_cli(["train", "--cfg", str(exp)])
+    assert proc.returncode == 2 and __import__("re").search(message, proc.stderr), proc.stderr[-1500:]
+    assert not (tmp_path / "run/prepared").exists()
+
+
+def test_adapter_only_export_is_refused_for_a_full_fine_tuning_checkpoint(tmp_path):
+    from bookgen.model.lora import check_adapter_export
+
+    (tmp_path / "step1/hf").mkdir(parents=True)
+    with pytest.raises(BookgenError, match=r"--adapter-only: .*step1 is a full fine-tuning checkpoint"):
+        check_adapter_export(tmp_path / "step1/hf")
+    (tmp_path / "step1/hf/adapter_config.json").write_text(json.dumps({"base_model_name_or_path": None}))
+    with pytest.raises(BookgenError, match=r"built its base model from model.config"):
+        check_adapter_export(tmp_path / "step1/hf")
