@@ -65,6 +65,6 @@ def load_checkpoint_model(folder: Path, *, merge_adapters: bool = True
                            f"unexpected {sorted(unexpected)})")
     if not lora:  # a peft model keeps its tied embeddings through its own wrappers
         model.tie_weights()
-    if lora and merge_adapters:
-        model = model.merge_and_unload()
+    if lora and merge_adapters:  # a plain model, trainable as from_pretrained gives it
+        model = model.merge_and_unload().requires_grad_(True)
     return model.eval(), AutoTokenizer.from_pretrained(str(hf))

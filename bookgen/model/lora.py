@@ -191,4 +191,4 @@ def load_adapter_folder(folder: Path) -> tuple[Any, Any]:
         else {}
     resize_embeddings(model, int(record.get("vocab_size", len(tokenizer))), None)
     set_special_token_ids(model, tokenizer)
-    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval(), tokenizer
+    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload().requires_grad_(True).eval(), tokenizer

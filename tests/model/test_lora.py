@@ -108,6 +108,8 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_or_adapter
         expected = peft_model.eval()(ids).logits
         for model in (merged, from_adapter):
             assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+    evaluated = run_cli(["eval", "--cfg", str(exp)])  # the merged model is a plain, trainable one again
+    assert evaluated.returncode == 0 and f"eval test @ step {STEPS}" in evaluated.stderr, evaluated.stderr[-1500:]
     proc = run_cli(["generate", "--model", str(tmp_path / "adapter"), "--max-new-tokens", "6",
                     "--num-return-sequences", "2", "--out", str(tmp_path / "gen.jsonl")])
     assert proc.returncode == 0, proc.stderr[-2000:]
