@@ -28,6 +28,21 @@ def test_reference_experiment_matches_the_reference_run():
     assert cfg.train.micro_batch_size == 2 and cfg.data.split == "reference" and cfg.data.packing == "none"
 
 
+def test_llama_lora_experiment_and_optional_sections(tmp_path):
+    cfg = load_config(REPO / "experiments" / "llama_lora.yaml")
+    assert cfg.model.lora is not None and cfg.model.lora.r == 16 and cfg.model.lora.target_modules == ["all-linear"]
+    assert cfg.deepspeed.zero_stage == 3 and cfg.tokenizer.eos_token == "<|end_of_text|>"
+    assert config_from_dict(config_to_dict(cfg), "resolved").model.lora == cfg.model.lora, "written and read back"
+    off = load_config(REPO / "experiments" / "llama_lora.yaml", ["model.lora=null"])
+    assert off.model.lora is None, "null turns an optional section off"
+    assert load_config(write_experiment(tmp_path, {"model.lora": {}})).model.lora.r == 8, "{} takes the defaults"
+    for bad, message in ((["model.lora.rank=4"], "model.lora.rank: unknown key"),
+                         (["model.lora.r=0"], "model.lora.r: must be >= 1"),
+                         (["model.lora.target_modules=[all-linear, q_proj]"], "all-linear stands alone")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(write_experiment(tmp_path, {"model.lora": {}}), bad)
+
+
 def test_unknown_key_suggests_close_match(tmp_path):
     path = write_experiment(tmp_path, {"train.lerning_rate": 1e-4})
     expected = r"exp.yaml: train.lerning_rate: unknown key; did you mean train.learning_rate\?"
