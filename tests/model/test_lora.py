@@ -138,11 +138,12 @@ def test_lora_counts_only_adapters_and_new_rows_as_trainable(tmp_path):
                                      r"its linear layers: c_attn, c_fc, c_proj"),
     ({"modules_to_save": ["score"]}, r"model.lora.modules_to_save: 'score' matches no module"),
 ])
-def test_a_lora_setting_that_matches_nothing_is_named_before_any_data(tmp_path, lora, message):
-    exp = write_experiment(tmp_path, {"model.lora": lora})
-    proc = run_cli(["train", "--cfg", str(exp)])
-    assert proc.returncode == 2 and __import__("re").search(message, proc.stderr), proc.stderr[-1500:]
-    assert not (tmp_path / "run/prepared").exists()
+def test_a_lora_setting_that_matches_nothing_is_named_by_preflight(tmp_path, lora, message):
+    """Preflight (train/preflight.check_training, before any data is touched) names it."""
+    from bookgen.train.preflight import check_model
+
+    with pytest.raises(BookgenError, match=message):
+        check_model(load_config(write_experiment(tmp_path, {"model.lora": lora})))
 
 
 def test_adapter_only_export_is_refused_for_a_full_fine_tuning_checkpoint(tmp_path):
