@@ -36,8 +36,10 @@ def main() -> None:
 
     with deepspeed.zero.GatheredParameters(params):
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = getattr(model, "bookgen_load_stats", None)  # what this rank read from a pretrained folder
+    read = distributed.gather_objects(None if stats is None else (stats.bytes_read, stats.largest_read, stats.tensors))
     if dist.is_main:
-        torch.save({"held": held, "weights": weights, "rng": torch.rand(3)}, sys.argv[2])
+        torch.save({"held": held, "weights": weights, "rng": torch.rand(3), "read": read}, sys.argv[2])
     distributed.teardown()
 
 

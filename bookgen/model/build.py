@@ -7,8 +7,9 @@ partitioned as it is created, so no rank holds the whole model on the device. A 
 is then initialised module by module on gathered full tensors by rank 0, in the order transformers' own
 initialisation takes; bookgen builds the unsharded models the same way (construction without
 initialisation, then ``initialize_weights``), so both start from the same weights for the same seed
-(tested: ZeRO-0 and ZeRO-3 give the same losses). Pretrained weights are read into the partitions by
-transformers (rank 0 reads the files; the other ranks only the keys).
+(tested: ZeRO-0 and ZeRO-3 give the same losses). Pretrained weights from a local safetensors folder
+are read straight into the partitions, each rank reading only its own bytes (:mod:`bookgen.model.partitioned_load`);
+else transformers reads them (rank 0 reads each shard file whole).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
         old_rows = _rows(model.get_input_embeddings().weight)
         resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
         set_special_token_ids(model, tokenizer)
+    # from_pretrained returns the model in eval mode (dropout off); every build trains in training mode
+    model.train()
     # under ZeRO-3 only rank 0 drew the initial weights: every rank continues from the same random state
     torch.manual_seed(cfg.seed)
     if m.lora is not None:
@@ -73,6 +76,14 @@ def _create(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> PreTra
 
     m = cfg.model
     if m.name_or_path is not None:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():  # each rank reads only its partitions, where the folder allows
+            from bookgen.model.partitioned_load import load_pretrained_partitioned
+
+            model = load_pretrained_partitioned(m.name_or_path)
+            if model is not None:
+                return model
         return AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=torch.float32)
     special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}

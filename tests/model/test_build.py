@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -38,6 +39,8 @@ def test_pretrained_model_gets_special_tokens_with_mean_rows_and_tied_head(tmp_p
     assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
         tok.convert_tokens_to_ids("<BOS>"), tok.convert_tokens_to_ids("<EOS>"), tok.convert_tokens_to_ids("<PAD>"))
     assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<EOS>")
+    # from_pretrained hands the model over in eval mode: trained so, its dropout would stay off
+    assert all(module.training for module in model.modules()), "a pretrained model trains in training mode"
 
 
 def _saved_activation_bytes_loss_and_grads(model, batch):
@@ -140,7 +143,9 @@ def test_pretrained_model_with_too_few_positions_is_refused_before_prepare(train
 def test_zero3_creates_the_model_partitioned_with_the_unsharded_weights(tmp_path, source):
     """Under ZeRO-3 each rank holds about half the weights from the moment the model exists, and the gathered
     weights are the ones the unsharded build gives: a model from a config initialised the same, a pretrained
-    one with its own rows and the new special tokens' rows at their mean (resized in partitions)."""
+    one (bf16 in several safetensors shards) with its own rows and the new special tokens' rows at their mean
+    (resized in partitions). A pretrained folder is read partition by partition: each rank reads about half
+    the files' tensor bytes, and never more at once than one partition."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bookgen.data.prepare import tokenizer_dir
@@ -153,7 +158,8 @@ def test_zero3_creates_the_model_partitioned_with_the_unsharded_weights(tmp_path
         text = (REPO / "data" / "sample" / "booksummaries.txt").read_text().splitlines()[:100]
         tok = train_bpe([line.split("\t")[6] for line in text], 400, ["<|endoftext|>"])
         GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=64)
-                        ).save_pretrained(tmp_path / "pre")
+                        ).to(torch.bfloat16).save_pretrained(tmp_path / "pre", max_shard_size="20KB")
+        assert len(list((tmp_path / "pre").glob("model-*.safetensors"))) > 2, "several shards"
         tok.save_pretrained(tmp_path / "pre")
         settings["model.name_or_path"] = "pre"
     exp = write_experiment(tmp_path, settings, rows=120)
@@ -164,6 +170,19 @@ def test_zero3_creates_the_model_partitioned_with_the_unsharded_weights(tmp_path
     assert sharded["held"]["whole"] == (["transformer.wte.weight"] if source == "pretrained" else [])
     whole = sharded["weights"]["transformer.wte.weight"].numel() if source == "pretrained" else 0
     assert sharded["held"]["local"] - whole <= (sharded["held"]["full"] - whole) // 2 + 1024, "about half each"
+    if source == "pretrained":
+        from safetensors import safe_open
+
+        stored = {}
+        for shard in (tmp_path / "pre").glob("model-*.safetensors"):
+            with safe_open(shard, "pt") as f:
+                stored |= {k: f.get_slice(k).get_shape() for k in f.keys()}
+        sizes = [2 * math.prod(shape) for shape in stored.values()]  # bf16
+        read = sharded["read"]
+        assert [r[2] for r in read] == [len(stored)] * 2, "every tensor, on each rank"
+        assert sum(r[0] for r in read) == sum(sizes), "together the ranks read each byte once"
+        assert all(r[0] <= sum(sizes) // 2 + 2 * len(sizes) for r in read), "each about half"
+        assert all(r[1] <= max(sizes) // 2 + 2 for r in read), "never a whole tensor at once"
 
     cfg = load_config(exp)
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
