@@ -54,7 +54,9 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
         model.set_attn_implementation(training_attention(m.attention, model.config))
         if m.activation_checkpointing:
             enable_activation_checkpointing(model)
-        old_rows = _rows(model.get_input_embeddings().weight)
+        stats = getattr(model, "bookgen_load_stats", None)  # created with the new rows already (ZeRO-3)
+        old_rows = stats.file_rows if stats is not None and stats.file_rows else _rows(
+            model.get_input_embeddings().weight)
         resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
         set_special_token_ids(model, tokenizer)
     # from_pretrained returns the model in eval mode (dropout off); every build trains in training mode
@@ -81,7 +83,8 @@ def _create(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> PreTra
         if is_deepspeed_zero3_enabled():  # each rank reads only its partitions, where the folder allows
             from bookgen.model.partitioned_load import load_pretrained_partitioned
 
-            model = load_pretrained_partitioned(m.name_or_path)
+            model = load_pretrained_partitioned(m.name_or_path, rows=vocabulary_rows(len(tokenizer),
+                                                                                     m.pad_to_multiple_of))
             if model is not None:
                 return model
         return AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=torch.float32)
@@ -194,9 +197,7 @@ def resize_embeddings(model: PreTrainedModel, vocab_size: int, pad_to_multiple_o
     """Grow the (tied) embeddings to hold the new tokens; new rows start at the mean of the old ones. Under
     ZeRO-3 the rows are written by rank 0 on the gathered tensors and partitioned again."""
     old = _rows(model.get_input_embeddings().weight)
-    target = vocab_size
-    if pad_to_multiple_of:
-        target = -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
+    target = vocabulary_rows(vocab_size, pad_to_multiple_of)
     if target == old:
         return
     model.resize_token_embeddings(target, mean_resizing=False)
@@ -210,6 +211,13 @@ def resize_embeddings(model: PreTrainedModel, vocab_size: int, pad_to_multiple_o
             with torch.no_grad():
                 for w in weights:
                     w[old:] = w[:old].mean(dim=0, keepdim=True)
+
+
+def vocabulary_rows(vocab_size: int, pad_to_multiple_of: int | None) -> int:
+    """Embedding rows for a vocabulary: its size, rounded up to ``pad_to_multiple_of``."""
+    if not pad_to_multiple_of:
+        return vocab_size
+    return -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
 
 
 def _rows(weight: torch.Tensor) -> int:

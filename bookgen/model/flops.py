@@ -20,7 +20,6 @@ def matmul_params(model: torch.nn.Module) -> int:
     """Weights used in matrix products: every 2-D weight except embedding lookups, plus the LM head.
     Under ZeRO-3 a partitioned weight's real shape is ``ds_shape``."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     counted: set[int] = set()
     total = 0
     for p in model.parameters():
@@ -29,8 +28,11 @@ def matmul_params(model: torch.nn.Module) -> int:
             continue
         counted.add(id(p))
         total += math.prod(shape)
-    if head is not None and id(head.weight) in embeddings:  # tied to the token embedding
-        total += math.prod(tuple(getattr(head.weight, "ds_shape", head.weight.shape)))
+    config = model.config  # type: ignore[attr-defined]
+    # a head tied to the token embedding is no parameter of its own; read from the config, not from the head
+    # module (a LoRA model's wrapped head computes its weight when asked, which a ZeRO-3 partition cannot)
+    if getattr(config, "tie_word_embeddings", False):
+        total += config.vocab_size * config.hidden_size
     return total
 
 

@@ -61,13 +61,29 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, new_token_ids: li
 
     rows = new_token_rows(model, new_token_ids) if settings.train_new_tokens else {}
     try:
-        with warnings.catch_warnings():  # GPT-2's Conv1D layers store weights transposed; peft sees it, and says so
+        with warnings.catch_warnings(), _embeddings_whole(model, bool(rows)):
+            # GPT-2's Conv1D layers store weights transposed; peft sees it, and says so
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
             wrapped = get_peft_model(model, peft_config(settings, rows))
     except ValueError as exc:  # peft names a target that matched nothing
         raise BookgenError(f"model.lora: {str(exc)[:400]}") from exc
     _gather_whole_for_token_layers(wrapped)
     return wrapped
+
+
+def _embeddings_whole(model: PreTrainedModel, needed: bool) -> Any:
+    """ZeRO-3 partitions gathered while peft copies the new tokens' starting rows out of the embeddings (its own
+    ZeRO-3 path gathers on CUDA only); nothing to do otherwise."""
+    import contextlib
+
+    head = model.get_output_embeddings()
+    weights = [model.get_input_embeddings().weight] + ([head.weight] if head is not None else [])
+    partitioned = [w for w in weights if hasattr(w, "ds_id")]
+    if not (needed and partitioned):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
 
 
 def _gather_whole_for_token_layers(model: torch.nn.Module) -> None:

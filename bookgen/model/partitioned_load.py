@@ -52,6 +52,7 @@ class LoadStats:
     bytes_read: int = 0
     largest_read: int = 0
     tensors: int = 0
+    file_rows: int | None = None  # the embeddings' rows in the files, when they were created grown
 
 
 def safetensors_files(folder: Path) -> list[Path] | None:
@@ -84,17 +85,21 @@ def read_entries(files: list[Path]) -> dict[str, Entry]:
     return entries
 
 
-def plan(model: torch.nn.Module, entries: dict[str, Entry]) -> dict[str, Entry] | None:
+def plan(model: torch.nn.Module, entries: dict[str, Entry], grown: frozenset[str] = frozenset()
+         ) -> dict[str, Entry] | None:
     """Each partitioned parameter's source, by the model's parameter name: the file's name as it is, or without
-    the base model's prefix (GPT-2's hub files name ``h.0...``, the model ``transformer.h.0...``). None when any
-    parameter has no source of its shape: transformers' loader, with its conversions, is then the one to use."""
+    the base model's prefix (GPT-2's hub files name ``h.0...``, the model ``transformer.h.0...``). ``grown``:
+    the embeddings created with more rows than the file holds (the run's new tokens). None when any parameter
+    has no source of its shape: transformers' loader, with its conversions, is then the one to use."""
     prefix = getattr(model, "base_model_prefix", "")
     sources: dict[str, Entry] = {}
     for name, param in model.named_parameters():
         shape = tuple(getattr(param, "ds_shape", param.shape))
         bare = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None
         entry = entries.get(name) or (entries.get(bare) if bare else None)
-        if entry is None or entry.shape != shape or not hasattr(param, "ds_tensor"):
+        fits = entry is not None and (entry.shape == shape or (
+            name in grown and entry.shape[1:] == shape[1:] and entry.shape[0] <= shape[0]))
+        if not fits or not hasattr(param, "ds_tensor"):
             return None
         if param.ds_tensor.numel() < int(param.ds_tensor.ds_numel):  # swapped out to NVMe
             return None
@@ -120,30 +125,61 @@ def load_partitions(model: torch.nn.Module, sources: dict[str, Entry]) -> LoadSt
 
 
 def _fill(param: torch.nn.Parameter, entry: Entry, fd: int, stats: LoadStats) -> None:
+    """This rank's partition: the file's elements where it covers them; an embedding's rows past the file's (it
+    was created grown) take the mean of the file's rows, summed over the ranks' partitions."""
     part = param.ds_tensor
     per_rank = int(part.ds_numel)
+    total = int(param.ds_numel)
     rank = torch.distributed.get_rank(group=param.ds_process_group)
-    start = min(rank * per_rank, entry.numel)
-    count = min(per_rank, entry.numel - start)
+    start = min(rank * per_rank, total)
+    count = min(per_rank, total - start)
+    known = max(0, min(count, entry.numel - start))  # of them in the file
     itemsize = torch.empty((), dtype=entry.dtype).element_size()
-    length = count * itemsize
+    length = known * itemsize
     with torch.no_grad():
-        if count > 0:
+        values = torch.empty(0)
+        if known > 0:
             data = os.pread(fd, length, entry.offset + start * itemsize)
             if len(data) != length:
                 raise BookgenError(f"{entry.file}: ends inside a tensor (truncated file?)")
-            values = torch.frombuffer(bytearray(data), dtype=entry.dtype)
-            part.data[:count].copy_(values.to(part.dtype))
+            values = torch.frombuffer(bytearray(data), dtype=entry.dtype).to(part.dtype)
+            part.data[:known].copy_(values)
+        if entry.numel < total:  # a grown embedding: every rank takes part in the mean
+            width = entry.shape[-1]
+            mean = _row_mean(values, start, width, entry.shape[0], param.ds_process_group)
+            if count > known:
+                first = start + known
+                tiled = mean.repeat(-(-(count - known) // width) + 1)
+                part.data[known:count].copy_(tiled[first % width: first % width + count - known])
         part.data[count:].zero_()  # DeepSpeed's padding
     stats.bytes_read += length
     stats.largest_read = max(stats.largest_read, length)
     stats.tensors += 1
 
 
-def load_pretrained_partitioned(name_or_path: str) -> torch.nn.Module | None:
+def _row_mean(values: torch.Tensor, start: int, width: int, rows: int, group: object) -> torch.Tensor:
+    """The mean row of a (rows x width) tensor of which this rank holds the flat elements from ``start`` on:
+    column sums of its part (in float64), added over the group."""
+    sums = torch.zeros(width, dtype=torch.float64)
+    v = values.double()
+    offset = start % width
+    head = min(len(v), (width - offset) % width)
+    sums[offset:offset + head] += v[:head]
+    full = (len(v) - head) // width
+    sums += v[head:head + full * width].view(full, width).sum(0)
+    tail = v[head + full * width:]
+    sums[:len(tail)] += tail
+    torch.distributed.all_reduce(sums, group=group)
+    return (sums / rows).to(values.dtype if len(values) else torch.float32)
+
+
+def load_pretrained_partitioned(name_or_path: str, rows: int | None = None) -> torch.nn.Module | None:
     """A local safetensors folder's model, created partitioned (ZeRO-3 is on: an ``HfDeepSpeedConfig`` is alive)
     without initialisation and filled partition by partition; None where :func:`plan` leaves it to
-    transformers. The model carries what this rank read as ``bookgen_load_stats``."""
+    transformers. ``rows``: the vocabulary the run needs; more than the model's, and the embeddings are
+    created that large, new rows at the mean (what :func:`bookgen.model.build.resize_embeddings` does to a
+    whole model), so they are never whole on any rank. The model carries what this rank read as
+    ``bookgen_load_stats``."""
     folder = Path(name_or_path)
     files = safetensors_files(folder) if folder.is_dir() else None
     if files is None:
@@ -152,12 +188,29 @@ def load_pretrained_partitioned(name_or_path: str) -> torch.nn.Module | None:
     from transformers.initialization import no_init_weights
 
     entries = read_entries(files)
+    config = AutoConfig.from_pretrained(str(folder))
+    grow = rows is not None and rows > config.vocab_size
+    if grow:
+        config.vocab_size = rows
     with no_init_weights():  # every value is read from the files below
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=torch.float32)
-    sources = plan(model, entries)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    grown = frozenset(_embedding_names(model) if grow else ())
+    sources = plan(model, entries, grown)
     if sources is None:
         return None
     model.bookgen_load_stats = load_partitions(model, sources)
+    if grow:
+        model.bookgen_load_stats.file_rows = sources[next(iter(grown))].shape[0]
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     return model
+
+
+def _embedding_names(model: torch.nn.Module) -> list[str]:
+    """The parameter names of the input embeddings and of an output head of its own."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = [names[id(model.get_input_embeddings().weight)]]
+    head = model.get_output_embeddings()
+    if head is not None and id(head.weight) in names and head.weight is not model.get_input_embeddings().weight:
+        found.append(names[id(head.weight)])
+    return found
