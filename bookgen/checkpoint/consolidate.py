@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,13 +35,27 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                            + previous_hint(folder)) from exc
 
 
-def _consolidate(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+def lazy_state_dict(folder: Path) -> dict[str, Any]:
+    """As :func:`consolidated_state_dict`, but under ZeRO 1-3 each value is DeepSpeed's lazy tensor: ``.contiguous()``
+    assembles that one tensor from the ranks' partitions, so a caller that takes them one shard at a time never
+    holds the model twice (export does)."""
+    if not (folder / MARKER).is_file():
+        raise BookgenError(f"{folder}: not a complete bookgen checkpoint (no {MARKER})")
+    marker = check_files(folder)
+    try:
+        return _consolidate(folder, marker["zero_stage"], lazy=True)
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        raise BookgenError(f"{folder}: cannot load this checkpoint ({type(exc).__name__}: {str(exc)[:300]}). "
+                           + previous_hint(folder)) from exc
+
+
+def _consolidate(folder: Path, zero_stage: int, lazy: bool = False) -> dict[str, Any]:
     if zero_stage == 0:
         states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name))
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name, lazy_mode=lazy))
 
 
 def load_checkpoint_model(folder: Path, *, merge_adapters: bool = True

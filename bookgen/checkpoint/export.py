@@ -8,11 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bookgen.checkpoint.consolidate import load_checkpoint_model
+from bookgen.checkpoint.consolidate import lazy_state_dict, load_checkpoint_model
 from bookgen.checkpoint.folder import MARKER
+from bookgen.checkpoint.safetensors_out import model_tensors, write_safetensors
 from bookgen.errors import BookgenError
 from bookgen.fileio import apply_umask, read_json, remove_dead_scratch, scratch_owner, staged_dir, write_json_atomic
-from bookgen.model.lora import check_adapter_export, is_lora
+from bookgen.model.lora import ADAPTER_CONFIG, check_adapter_export, is_lora
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -85,9 +86,9 @@ def export(folder: Path, out: Path, *, force: bool = False, max_shard_size: str 
     shard_bytes = _shard_size(max_shard_size)
     if adapter_only:
         check_adapter_export(folder / "hf")
-    model, tokenizer = load_checkpoint_model(folder, merge_adapters=not adapter_only)
+    source = _source(folder, adapter_only)
     try:
-        _export_into(out, model, tokenizer, folder, shard_bytes)
+        _export_into(out, source, folder, shard_bytes)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile: what was there is untouched
         raise BookgenError(f"--out: cannot write the export into {out}: {exc.strerror or exc}") from exc
     return out
@@ -105,18 +106,58 @@ def _shard_size(text: str) -> int:
     return size
 
 
-def _export_into(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path,
-                 shard_bytes: int) -> None:
+class ModelSource:
+    """What an export writes, from a model in memory: a LoRA run's (merged, or the adapter alone)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    def write(self, scratch: Path, shard_bytes: int) -> dict[str, object]:
+        if is_lora(self.model):  # the adapter alone; the base model it needs is named in adapter_config.json
+            self.model.save_pretrained(str(scratch), safe_serialization=True)
+            return {"vocab_size": int(self.model.get_input_embeddings().weight.shape[0])}  # the base grows to it
+        self.model.save_pretrained(str(scratch), safe_serialization=True, max_shard_size=shard_bytes)
+        return {}
+
+
+class CheckpointSource:
+    """What an export writes, straight from a full fine-tuning checkpoint: the consolidated weights shard by shard
+    (:mod:`bookgen.checkpoint.safetensors_out`), never a second copy of the model in memory."""
+
+    def __init__(self, folder: Path) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.state = lazy_state_dict(folder)  # first: it checks every file, hf/ included
+        self.config = AutoConfig.from_pretrained(str(folder / "hf"))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder / "hf"))
+        self.state = model_tensors(self.state, self.config, str(folder))
+
+    def write(self, scratch: Path, shard_bytes: int) -> dict[str, object]:
+        from transformers import GenerationConfig
+
+        write_safetensors(self.state, scratch, shard_bytes)
+        self.config.save_pretrained(str(scratch))
+        GenerationConfig.from_model_config(self.config).save_pretrained(str(scratch))
+        return {}
+
+
+def _source(folder: Path, adapter_only: bool) -> ModelSource | CheckpointSource:
+    if adapter_only or (folder / "hf" / ADAPTER_CONFIG).is_file():
+        return ModelSource(*load_checkpoint_model(folder, merge_adapters=not adapter_only))
+    return CheckpointSource(folder)
+
+
+def _export_into(out: Path, source: ModelSource | CheckpointSource, folder: Path, shard_bytes: int) -> None:
     if not out.exists():
         with staged_dir(out) as scratch:
-            _write(model, tokenizer, scratch, folder, shard_bytes)
+            _write(source, scratch, folder, shard_bytes)
         return
     previous = read_json(out / EXPORT_MARKER)
     before = set(previous.get("files", [])) if isinstance(previous, dict) else set()
     remove_dead_scratch(out)  # what an export killed outright left
     with tempfile.TemporaryDirectory(dir=out, prefix=f".bookgen-export-{scratch_owner()}-") as tmp:
         scratch = Path(tmp)
-        written = _write(model, tokenizer, scratch, folder, shard_bytes)
+        written = _write(source, scratch, folder, shard_bytes)
         theirs = [name for name in written if (out / name).exists() and name not in before | {EXPORT_MARKER}]
         if theirs:  # --force adds files; it never replaces one an export did not write
             raise BookgenError(f"--out: {out} holds {', '.join(theirs)}, which no bookgen export wrote; the export "
@@ -133,15 +174,10 @@ def _export_into(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokeniz
         os.replace(scratch / EXPORT_MARKER, out / EXPORT_MARKER)
 
 
-def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scratch: Path, source: Path,
-           shard_bytes: int) -> list[str]:
-    record: dict[str, object] = {"checkpoint": str(source.resolve()), "complete": True}
-    if is_lora(model):  # the adapter alone; the base model it needs is named in adapter_config.json
-        model.save_pretrained(str(scratch), safe_serialization=True)
-        record["vocab_size"] = int(model.get_input_embeddings().weight.shape[0])  # the base grows to this first
-    else:
-        model.save_pretrained(str(scratch), safe_serialization=True, max_shard_size=shard_bytes)
-    tokenizer.save_pretrained(str(scratch))
+def _write(source: ModelSource | CheckpointSource, scratch: Path, checkpoint: Path, shard_bytes: int) -> list[str]:
+    record: dict[str, object] = {"checkpoint": str(checkpoint.resolve()), "complete": True}
+    record |= source.write(scratch, shard_bytes)
+    source.tokenizer.save_pretrained(str(scratch))
     files = sorted(p.name for p in scratch.iterdir() if p.is_file())
     for name in files:
         apply_umask(scratch / name, folder=False)

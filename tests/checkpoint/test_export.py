@@ -96,7 +96,7 @@ def test_an_export_killed_while_replacing_another_is_recognised_and_finished_by_
 
     tok = train_bpe(["a small corpus about dragons and kings"] * 20, 300, ["<BOS>", "<EOS>", "<PAD>"])
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=1, n_embd=8, n_positions=16))
-    monkeypatch.setattr(export_mod, "load_checkpoint_model", lambda folder, **_: (model, tok))
+    monkeypatch.setattr(export_mod, "_source", lambda folder, adapter_only: export_mod.ModelSource(model, tok))
     checkpoint, out = tmp_path / "ckpt", tmp_path / "model"
     checkpoint.mkdir()
     export_mod.export(checkpoint, out)
