@@ -157,13 +157,13 @@ def _launch(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-u
     import shlex
     import subprocess
 
-    from bookgen.commands.launch import launch_command, launch_warnings
+    from bookgen.commands.launch import launch_command, launch_warnings, rank_environment
 
     cmd = launch_command(cfg, Path(args.cfg).resolve(), args.overrides)
     for warning in launch_warnings(cfg):
         console.print(f"[yellow]warning: {warning}[/]", highlight=False)
     print(shlex.join(cmd))
-    return 0 if args.dry_run else subprocess.call(cmd)
+    return 0 if args.dry_run else subprocess.call(cmd, env=rank_environment())
 
 
 def _show(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]

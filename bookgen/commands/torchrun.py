@@ -8,6 +8,7 @@ module instead: same arguments as torchrun, exit status of the first rank that f
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from bookgen.commands.launch import rank_environment
+
+    os.environ.update(rank_environment())  # the ranks are this process's children
     try:
         run(parse_args(list(argv) if argv is not None else sys.argv[1:]))
     except ChildFailedError as exc:

@@ -109,3 +109,10 @@ def test_deepspeed_launch_on_several_nodes_needs_a_hostfile(tmp_path, capsys):
     (tmp_path / "hosts").write_text("node1 slots=1\nnode2 slots=1\n")
     assert main(["launch", "--cfg", str(exp), "--dry-run"]) == 0
     assert f"--hostfile {tmp_path / 'hosts'}" in capsys.readouterr().out
+
+
+def test_ranks_start_with_a_fixed_malloc_threshold_unless_the_user_set_one():
+    from bookgen.commands.launch import rank_environment
+
+    assert rank_environment({"PATH": "/bin"}) == {"PATH": "/bin", "MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
+    assert rank_environment({"MALLOC_MMAP_THRESHOLD_": "65536"})["MALLOC_MMAP_THRESHOLD_"] == "65536"
