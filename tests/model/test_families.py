@@ -22,23 +22,30 @@ QWEN2 = LLAMA | {"model_type": "qwen2"}
 
 def _family_run(tmp_path, name: str, mapping: dict, stage: int):
     return write_experiment(tmp_path / name, {
-        "model.config": mapping, "data.packing": "documents", "data.block_size": BLOCK, "train.max_steps": 3,
-        "deepspeed.zero_stage": stage, "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json"),
-        "eval.at_end": False}, rows=120)
+        "model.config": mapping, "data.packing": "documents", "data.block_size": BLOCK, "train.max_steps": 4,
+        "model.dropout": 0.1, "checkpoint.every": 2, "deepspeed.zero_stage": stage,
+        "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json"), "eval.at_end": False}, rows=120)
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("mapping", [LLAMA, QWEN2], ids=["llama", "qwen2"])
-def test_a_family_from_its_config_trains_the_same_on_zero_0_and_3_and_exports(tmp_path, mapping):
+def test_a_family_from_its_config_trains_the_same_on_zero_0_and_3_resumes_and_exports(tmp_path, mapping):
+    """The ZeRO-3 run is killed after step 3 and rerun: it resumes from step 2 (weights, optimizer, data position,
+    dropout's RNG) and its steps 3-4 still match the uninterrupted ZeRO-0 run's (dropout 0.1: a resume that drew
+    other masks would miss by far more than the tolerance)."""
     losses = {}
     for stage in (0, 3):
         exp = _family_run(tmp_path, f"z{stage}", mapping, stage)
-        launch(2, ["--cfg", str(exp)])
+        if stage == 3:
+            died = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "kill:3:1"}, check=False, timeout=180)
+            assert died.returncode != 0
+        proc = launch(2, ["--cfg", str(exp)])
+        assert stage == 0 or "resumed from" in proc.stderr and "at step 2" in proc.stderr
         losses[stage] = step_losses(exp.parent / "run")
     vocab = json.loads((tmp_path / "z0/run/prepared/store/train/manifest.json").read_text())["vocab_size"]
     assert abs(losses[0][1] - math.log(vocab)) < 0.3, "a sane initialisation starts near ln(vocab)"
-    assert sorted(losses[3]) == [1, 2, 3]
-    for step in (1, 2, 3):
+    assert sorted(losses[3]) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
         assert losses[3][step] == pytest.approx(losses[0][step], rel=1e-5), step
 
     out = tmp_path / "export"
