@@ -119,3 +119,17 @@ def test_offload_needs_cpu_adam_or_torch_adam_and_nvme_a_path(monkeypatch):
     shipped["zero_optimization"]["offload_param"] = {"device": "nvme"}
     with pytest.raises(BookgenError, match="offload_param offloads to nvme but names no nvme_path"):
         preflight.check_offload(shipped, "zero3_offload.json")
+
+
+def test_zero3_buffers_are_sized_by_the_model_width_unless_the_json_sets_them(tmp_path):
+    cfg = load_experiment(tmp_path, {"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345}},
+                          **{"deepspeed.zero_stage": 3})
+    zero = build_ds_config(cfg, world_size=2)["zero_optimization"]
+    width = cfg.model.n_embd  # 32 in the tiny experiment
+    assert zero["reduce_bucket_size"] == 12345, "the JSON's own value stays"
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * width * width)
+    assert zero["stage3_param_persistence_threshold"] == 10 * width
+    llama = load_experiment(tmp_path / "llama", {"zero_optimization": {"stage": 3}}, **{
+        "deepspeed.zero_stage": 3, "model.config": {"model_type": "llama", "hidden_size": 48}})
+    assert build_ds_config(llama, world_size=2)["zero_optimization"]["reduce_bucket_size"] == 48 * 48
+    assert "reduce_bucket_size" not in build_ds_config(load_experiment(tmp_path / "z0"), 2).get("zero_optimization", {})
