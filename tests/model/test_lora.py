@@ -1,4 +1,5 @@
-"""model.lora: LoRA through peft on a pretrained folder (GPT-2 with tied embeddings, Llama with its own head):
+"""model.lora: LoRA through peft on a pretrained folder (GPT-2 with tied embeddings; Llama, and Qwen2 with biased
+attention projections, each with an output head of its own):
 only the adapters and the new tokens' rows train, ZeRO-0 and ZeRO-3 agree, a killed run resumes bit-identical,
 the merged export and the adapter export give the trained model's logits, and mistakes are named early."""
 
@@ -30,8 +31,8 @@ def _pretrained(folder: Path, family: str) -> Path:
 
     text = (REPO / "data" / "sample" / "booksummaries.txt").read_text().splitlines()[:100]
     tok = train_bpe([line.split("\t")[6] for line in text], 400, ["<|endoftext|>"])
-    settings = ({"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
-                if family == "gpt2" else LLAMA)
+    settings = {"gpt2": {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128},
+                "llama": LLAMA, "qwen2": LLAMA | {"model_type": "qwen2"}}[family]
     config = AutoConfig.for_model(**settings, vocab_size=len(tok), bos_token_id=0, eos_token_id=0)
     torch.manual_seed(3)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
@@ -49,7 +50,7 @@ def _lora_run(folder: Path, pretrained: Path, stage: int, **extra) -> Path:
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_or_adapter(tmp_path, family):
     pre = _pretrained(tmp_path / "pre", family)
     runs = {}
