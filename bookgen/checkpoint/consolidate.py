@@ -22,28 +22,16 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(folder: Path, *, lazy: bool = False) -> dict[str, Any]:
     """The checkpoint's full fp32 weights, after its files are checked against their recorded sizes and
-    CRC-32s: a damaged file is named with the previous complete checkpoint, never unpickled."""
+    CRC-32s: a damaged file is named with the previous complete checkpoint, never unpickled. ``lazy``: under ZeRO
+    1-3 each value is DeepSpeed's lazy tensor, whose ``.contiguous()`` assembles that one tensor from the ranks'
+    partitions, so a caller that takes them one shard at a time never holds the model twice (export does)."""
     if not (folder / MARKER).is_file():
         raise BookgenError(f"{folder}: not a complete bookgen checkpoint (no {MARKER})")
     marker = check_files(folder)
     try:
-        return _consolidate(folder, marker["zero_stage"])
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
-        raise BookgenError(f"{folder}: cannot load this checkpoint ({type(exc).__name__}: {str(exc)[:300]}). "
-                           + previous_hint(folder)) from exc
-
-
-def lazy_state_dict(folder: Path) -> dict[str, Any]:
-    """As :func:`consolidated_state_dict`, but under ZeRO 1-3 each value is DeepSpeed's lazy tensor: ``.contiguous()``
-    assembles that one tensor from the ranks' partitions, so a caller that takes them one shard at a time never
-    holds the model twice (export does)."""
-    if not (folder / MARKER).is_file():
-        raise BookgenError(f"{folder}: not a complete bookgen checkpoint (no {MARKER})")
-    marker = check_files(folder)
-    try:
-        return _consolidate(folder, marker["zero_stage"], lazy=True)
+        return _consolidate(folder, marker["zero_stage"], lazy=lazy)
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
         raise BookgenError(f"{folder}: cannot load this checkpoint ({type(exc).__name__}: {str(exc)[:300]}). "
                            + previous_hint(folder)) from exc

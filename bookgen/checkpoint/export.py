@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bookgen.checkpoint.consolidate import lazy_state_dict, load_checkpoint_model
+from bookgen.checkpoint.consolidate import consolidated_state_dict, load_checkpoint_model
 from bookgen.checkpoint.folder import MARKER
 from bookgen.checkpoint.safetensors_out import model_tensors, write_safetensors
 from bookgen.errors import BookgenError
@@ -127,7 +127,7 @@ class CheckpointSource:
     def __init__(self, folder: Path) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        self.state = lazy_state_dict(folder)  # first: it checks every file, hf/ included
+        self.state = consolidated_state_dict(folder, lazy=True)  # first: it checks every file, hf/ included
         self.config = AutoConfig.from_pretrained(str(folder / "hf"))
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / "hf"))
         self.state = model_tensors(self.state, self.config, str(folder))

@@ -64,8 +64,8 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
     # under ZeRO-3 only rank 0 drew the initial weights: every rank continues from the same random state
     torch.manual_seed(cfg.seed)
     if m.lora is not None:
-        # outside: peft's ZeRO-3 path gathers on CUDA only; a resized embedding (the only one with new rows to
-        # train) is whole on each rank until the engine partitions it, and the adapters are partitioned then
+        # outside the ZeRO-3 context: peft's own ZeRO-3 path gathers on CUDA only (apply_lora gathers the
+        # embeddings itself); the adapters are partitioned when the engine is built
         from bookgen.model.lora import apply_lora
 
         model = apply_lora(model, m.lora, list(range(old_rows, len(tokenizer))))

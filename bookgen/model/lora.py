@@ -67,7 +67,7 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, new_token_ids: li
             wrapped = get_peft_model(model, peft_config(settings, rows))
     except ValueError as exc:  # peft names a target that matched nothing
         raise BookgenError(f"model.lora: {str(exc)[:400]}") from exc
-    _gather_whole_for_token_layers(wrapped)
+    _register_token_layer_weights(wrapped)
     return wrapped
 
 
@@ -86,7 +86,7 @@ def _embeddings_whole(model: PreTrainedModel, needed: bool) -> Any:
     return deepspeed.zero.GatheredParameters(partitioned)
 
 
-def _gather_whole_for_token_layers(model: torch.nn.Module) -> None:
+def _register_token_layer_weights(model: torch.nn.Module) -> None:
     """peft's trainable-token layers read their base embedding's weight without calling the base module, which
     ZeRO-3 gathers only for the module it runs: registered as an external parameter of the token layer, it is
     gathered for the token layer's forward and backward too (a no-op outside ZeRO-3)."""
@@ -113,14 +113,13 @@ def check_targets(cfg: ExperimentConfig, config: Any) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     names = [name for name, _ in model.named_modules() if name]
-    lora = peft_config(settings)
     if settings.target_modules != [ALL_LINEAR]:
         for target in settings.target_modules:
             one = peft_config(LoraSettings(target_modules=[target]))
             if not any(check_target_module_exists(one, name) for name in names):
                 raise BookgenError(f"model.lora.target_modules: {target!r} matches no layer of this "
                                    f"{config.model_type} model; its linear layers: {', '.join(_linear_names(model))}")
-    for name in lora.modules_to_save or []:
+    for name in settings.modules_to_save:
         if not any(n == name or n.endswith("." + name) for n in names):
             raise BookgenError(f"model.lora.modules_to_save: {name!r} matches no module of this {config.model_type} "
                                "model")
