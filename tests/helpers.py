@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.ranks import rank_env
+from tests.ranks import rank_env, warm
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "booksummaries.txt"
@@ -47,19 +47,25 @@ def write_experiment(folder: Path, overrides: dict | None = None, *, rows: int |
 
 
 def run_cli(args: list[str], cwd: Path | None = None, user: bool = False) -> subprocess.CompletedProcess[str]:
-    """`bookgen ARGS` in a fresh process; ``user``: as an unprivileged user when this runs as root (root
-    writes into read-only folders, so permission mistakes only show as another user)."""
+    """`bookgen ARGS` in a process of its own (forked warm, see tests/warm_ranks.py); ``user``: in a fresh
+    process as an unprivileged user when this runs as root (root writes into read-only folders, so
+    permission mistakes only show as another user)."""
     cmd = [sys.executable, "-m", "bookgen.cli", *args]
     env = rank_env({"PYTHONPATH": str(REPO)})
-    if user and os.geteuid() == 0:
+    as_user = user and os.geteuid() == 0
+    if not as_user and warm():
+        from tests import warm_ranks
+
+        return warm_ranks.cli(args, env=env, cwd=cwd or REPO, timeout=300)
+    if as_user:
         cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
         # a home of its own: DeepSpeed compiles its shared-memory op into ~/.cache on start, and a cache
         # that root wrote into is not writable for this user
-        env["HOME"] = str(_home_of_nobody())
+        env["HOME"] = str(home_of_nobody())
     return subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=300, env=env)
 
 
-def _home_of_nobody() -> Path:
+def home_of_nobody() -> Path:
     home = Path("/tmp/bookgen-test-home-65534")
     if not home.is_dir():
         home.mkdir(mode=0o755, exist_ok=True)  # two test workers may both get here

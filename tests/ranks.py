@@ -20,11 +20,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def rank_command(n: int, args: list[str]) -> list[str]:
+def rank_command(n: int, args: list[str], program: Path = RUN) -> list[str]:
     if n == 1:
-        return [sys.executable, str(RUN), *args]
+        return [sys.executable, str(program), *args]
     return [sys.executable, "-m", "bookgen.commands.torchrun", "--nnodes", "1", "--nproc_per_node", str(n),
-            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(RUN), *args]
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(program), *args]
 
 
 def rank_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -34,11 +34,26 @@ def rank_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env | (extra or {})
 
 
+def warm() -> bool:
+    """Whether tests start bookgen's processes from the warm fork server (``BOOKGEN_TEST_RANKS=fresh``: not)."""
+    return os.environ.get("BOOKGEN_TEST_RANKS", "warm") != "fresh"
+
+
 def launch(n: int, args: list[str], *, timeout: float = 300, env: dict[str, str] | None = None,
-           check: bool = True, command: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``launcher/run.py`` on ``n`` ranks (or ``command``); on unexpected failure show the output's tail."""
-    proc = subprocess.run(command or rank_command(n, args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=rank_env(env))
+           check: bool = True, command: list[str] | None = None, fresh: bool = False, program: Path = RUN
+           ) -> subprocess.CompletedProcess[str]:
+    """Run ``program`` (``launcher/run.py``, or a test's own rank script) on ``n`` ranks (or ``command``); on
+    unexpected failure show the output's tail.
+
+    The ranks are forked from a process that has imported everything already (tests/warm_ranks.py) unless
+    ``fresh`` (or ``BOOKGEN_TEST_RANKS=fresh``) asks for fresh interpreters under torchrun, as users start them."""
+    if command is None and not fresh and warm():
+        from tests import warm_ranks
+
+        proc = warm_ranks.launch(n, args, env=rank_env(env), cwd=REPO, timeout=timeout, program=str(program))
+    else:
+        proc = subprocess.run(command or rank_command(n, args, program), cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout, env=rank_env(env))
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n"
                              f"{proc.stderr[-6000:]}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from bookgen.checkpoint.folder import MARKER
 from bookgen.cli import main
 from tests.helpers import REPO, run_cli, world_readable_tmp, write_experiment
-from tests.ranks import launch, rank_command, rank_env
+from tests.ranks import launch
 from tests.runs import FINISHED_SETTINGS, FINISHED_STEPS, TRAINED_SETTINGS, copy_trained_run
 
 
@@ -205,8 +204,7 @@ def test_export_loads_in_transformers_and_matches_engine_logits(tmp_path, stage)
     launch(1, ["--mode", "export", "--cfg", str(exp), "--out", str(out)])
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     probe = tmp_path / "engine.pt"
-    cmd = rank_command(2, [])[:-1] + [str(REPO / "tests" / "engine_logits.py"), str(exp), str(probe)]
-    subprocess.run(cmd, cwd=REPO, check=True, env=rank_env(), capture_output=True, timeout=300)
+    launch(2, [str(exp), str(probe)], program=REPO / "tests" / "engine_logits.py")
     engine = torch.load(probe, weights_only=True)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)

@@ -151,7 +151,6 @@ def test_zero3_creates_the_model_partitioned_with_the_unsharded_weights(tmp_path
     from bookgen.data.prepare import tokenizer_dir
     from bookgen.data.tokenizer import load_tokenizer, train_bpe
     from bookgen.model.build import build_model
-    from tests.ranks import rank_command
 
     settings = {"deepspeed.zero_stage": 3, "deepspeed.config": str(REPO / "ds_configs/zero3.json")}
     if source == "pretrained":
@@ -164,7 +163,7 @@ def test_zero3_creates_the_model_partitioned_with_the_unsharded_weights(tmp_path
         settings["model.name_or_path"] = "pre"
     exp = write_experiment(tmp_path, settings, rows=120)
     out = tmp_path / "built.pt"
-    launch(2, [], command=rank_command(2, [])[:-1] + [str(REPO / "tests" / "zero3_build.py"), str(exp), str(out)])
+    launch(2, [str(exp), str(out)], program=REPO / "tests" / "zero3_build.py")
     sharded = torch.load(out)
     # the pretrained embeddings are created with the new tokens' rows, partitioned too
     assert sharded["held"]["whole"] == []

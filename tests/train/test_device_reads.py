@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.helpers import REPO, write_experiment
-from tests.ranks import launch, rank_command
+from tests.ranks import launch
 
 # DeepSpeed 0.19.8's ZeRO 1-3 optimizers read their gradient norm on the host: to skip a step with an invalid
 # norm (unless the weights are bf16 with check_grad_overflow off), and in ZeRO-1/2 once per parameter group
@@ -43,8 +43,7 @@ def test_no_device_reads_on_a_step_that_does_not_log(tmp_path, stage, precision,
         "train.max_steps": 6, "run.log_every": 3, "eval.at_end": False, "model.dropout": 0.1,
     }, rows=120)
     out = tmp_path / "reads.json"
-    command = rank_command(2, [])[:-1] + [str(REPO / "tests" / "device_reads.py"), str(out), "--cfg", str(exp)]
-    launch(2, [], command=command)
+    launch(2, [str(out), "--cfg", str(exp)], program=REPO / "tests" / "device_reads.py")
     for rank in (0, 1):
         record = json.loads((tmp_path / f"reads.json.{rank}").read_text())
         assert record["graph_breaks"] == {}, "a compiled model runs whole, no Python between its graphs"
