@@ -24,11 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from deepspeed.checkpoint.constants import (
-    UNIVERSAL_CHECKPOINT_INFO,
-    UNIVERSAL_CHECKPOINT_VERSION_KEY,
-    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-)
 
 from bookgen.checkpoint.compatibility import train_split_digest
 from bookgen.config import ExperimentConfig
@@ -82,9 +77,12 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
             if folder.exists():  # a leftover from an interrupted save of the same step
                 shutil.rmtree(folder)
         barrier()
+        from deepspeed.checkpoint import constants as ds  # here: importing DeepSpeed costs commands seconds
+
         client = {"bookgen_state": asdict(state), "bookgen_fingerprint": model_fingerprint(cfg),
                   # lets DeepSpeed's ds_to_universal convert the checkpoint for another world size
-                  UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+                  ds.UNIVERSAL_CHECKPOINT_INFO: {
+                      ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
         torch.save(_rng_state(), folder / f"rng_rank{dist.rank}.pt")
         faults.inject("save", state.global_step, dist.rank)

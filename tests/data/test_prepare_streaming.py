@@ -178,7 +178,7 @@ def test_a_killed_prepare_leaves_nothing_trusted_and_its_scratch_is_removed_next
     import signal
     import time
 
-    _generated(tmp_path / "corpus.txt", 30)
+    _generated(tmp_path / "corpus.txt", 10)
     exp = tmp_path / "exp.yaml"
     exp.write_text(yaml.safe_dump({"run": {"output_dir": str(tmp_path / "run")},
                                    "data": {"source": str(tmp_path / "corpus.txt"), "block_size": 64},
