@@ -53,7 +53,7 @@ def run_cli(args: list[str], cwd: Path | None = None, user: bool = False) -> sub
     cmd = [sys.executable, "-m", "bookgen.cli", *args]
     env = rank_env({"PYTHONPATH": str(REPO)})
     as_user = user and os.geteuid() == 0
-    if not as_user and warm():
+    if not as_user and warm():  # PYTHONPATH is this checkout, which the fork server imports from
         from tests import warm_ranks
 
         return warm_ranks.cli(args, env=env, cwd=cwd or REPO, timeout=300)

@@ -46,10 +46,11 @@ def launch(n: int, args: list[str], *, timeout: float = 300, env: dict[str, str]
     unexpected failure show the output's tail.
 
     The ranks are forked from a process that has imported everything already (tests/warm_ranks.py) unless
-    ``fresh`` (or ``BOOKGEN_TEST_RANKS=fresh``) asks for fresh interpreters under torchrun, as users start them."""
-    if command is None and not fresh and warm():
-        from tests import warm_ranks
+    ``fresh`` (or ``BOOKGEN_TEST_RANKS=fresh``, or an ``env`` variable read at import) asks for fresh
+    interpreters under torchrun, as users start them."""
+    from tests import warm_ranks
 
+    if command is None and not fresh and warm() and warm_ranks.can_fork(env):
         proc = warm_ranks.launch(n, args, env=rank_env(env), cwd=REPO, timeout=timeout, program=str(program))
     else:
         proc = subprocess.run(command or rank_command(n, args, program), cwd=REPO, capture_output=True, text=True,

@@ -35,6 +35,9 @@ PRELOAD = [
     "transformers.models.qwen2.modeling_qwen2", "bookgen.cli", "bookgen.train.loop",
     "bookgen.commands.eval", "bookgen.commands.generate", "bookgen.checkpoint.export", "tests.warm_ranks",
 ]
+# variables a test may set for a warm rank: read while the rank runs, not when it imports (the fork server
+# imported torch with its own environment: TORCHINDUCTOR_CACHE_DIR, for one, would be ignored)
+READ_AT_RUN_TIME = {"BOOKGEN_FAULT", "WANDB_MODE", "WANDB_SILENT"}
 TERMINATE_GRACE_S = 30.0  # torchrun's wait between SIGTERM and SIGKILL
 
 _context: multiprocessing.context.ForkServerContext | None = None
@@ -89,6 +92,11 @@ def _child(program: str, argv: list[str], env: dict[str, str], cwd: str, stdout:
         runpy.run_path(program, run_name="__main__")  # ends in sys.exit(status)
     finally:
         atexit._run_exitfuncs()  # a fresh interpreter runs them at exit; a forked child would not
+
+
+def can_fork(extra_env: dict[str, str] | None) -> bool:
+    """Whether a warm process sees ``extra_env`` as a fresh one would (else the test starts a fresh one)."""
+    return set(extra_env or {}) <= READ_AT_RUN_TIME
 
 
 def cli(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:

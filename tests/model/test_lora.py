@@ -117,6 +117,38 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_or_adapter
     assert len((tmp_path / "gen.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.multirank
+def test_a_zero3_lora_run_of_another_family_evaluates_and_resumes_at_another_world_size(tmp_path):
+    """Llama (its own output head, trainable new rows in two layers): a 2-rank ZeRO-3 LoRA checkpoint evaluates to
+    the same loss on 1 rank and resumes there through DeepSpeed's universal checkpoint, base still frozen."""
+    pre = _pretrained(tmp_path / "pre", "llama")
+    exp = _lora_run(tmp_path / "run2", pre, 3)
+    died = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "kill:5:1"}, check=False, timeout=180)
+    assert died.returncode != 0
+    run = exp.parent / "run"
+    evals = {}
+    for ranks in (2, 1):
+        proc = launch(ranks, ["--mode", "eval", "--cfg", str(exp), "--split", "valid"])
+        evals[ranks] = float(proc.stderr.split("eval valid @ step 4: loss ")[1].split(",")[0])
+    assert evals[1] == pytest.approx(evals[2], abs=1e-4), "the same checkpoint, the same loss on any world size"
+
+    resumed = launch(1, ["--cfg", str(exp)])
+    assert "was saved by 2 ranks, this run has 1: loaded through a universal checkpoint" in resumed.stderr
+    assert "at step 4" in resumed.stderr
+    losses = step_losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert abs(losses[5] - losses[4]) < 0.3, "adapters and optimizer state carried over"
+    from safetensors.torch import load_file
+
+    final = consolidated_state_dict(run / "checkpoints" / f"step{STEPS:08d}")
+    for key, weight in load_file(pre / "model.safetensors").items():
+        wrapped = next(k for k in final if k.replace("base_layer.", "").replace("token_adapter.", "")
+                       == f"base_model.model.{key}")
+        got = final[wrapped]
+        assert torch.equal(got[: weight.shape[0]], weight), f"{key} is frozen after the world size changed"
+    assert all(final[k].abs().sum() > 0 for k in final if "lora_B" in k)
+
+
 def test_lora_counts_only_adapters_and_new_rows_as_trainable(tmp_path):
     from bookgen.model.build import build_model, count_parameters
     from bookgen.model.lora import trainable_parameters
