@@ -13,7 +13,7 @@ import yaml
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json
 from bookgen.train.metrics import read_metrics
-from bookgen.train.run_files import PREEMPTED_MARKER, RESOLVED_CONFIG, RUN_INFO, SUMMARY
+from bookgen.train.run_files import INTERRUPTED_MARKER, PREEMPTED_MARKER, RESOLVED_CONFIG, RUN_INFO, SUMMARY
 from bookgen.train.run_lock import LOCK_NAME
 
 
@@ -31,7 +31,7 @@ class RunRow:
     last_perplexity: float | None
     stop_rate: float | None
     copied_share: float | None
-    status: str  # running, finished, preempted or failed
+    status: str  # running, finished, preempted, interrupted or failed
     curve: list[tuple[int, float]]  # (step, validation loss)
 
 
@@ -88,13 +88,16 @@ def read_run(folder: Path) -> RunRow:
 
 def run_status(folder: Path, summary: dict[str, Any], steps: int) -> str:
     """running: a run holds the folder's lock now; finished: the summary covers the last step; preempted: it
-    saved and asked to be requeued; failed: it ended any other way (an error, a kill, a Ctrl-C)."""
+    saved and asked to be requeued; interrupted: a Ctrl-C saved and stopped it; failed: it ended any other way
+    (an error, a kill)."""
     if _locked(folder / LOCK_NAME):
         return "running"
     if summary.get("steps") is not None and summary["steps"] >= steps:
         return "finished"
     if (folder / PREEMPTED_MARKER).exists():
         return "preempted"
+    if (folder / INTERRUPTED_MARKER).exists():
+        return "interrupted"
     return "failed"
 
 

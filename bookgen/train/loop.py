@@ -47,7 +47,15 @@ from bookgen.train.metrics import MetricsLog, plot_loss_curves
 from bookgen.train.preflight import check_training
 from bookgen.train.progress import TrainProgress, summary_table
 from bookgen.train.readout import Interval, StepRecord
-from bookgen.train.run_files import END_FILES, PREEMPTED_MARKER, RESOLVED_CONFIG, RUN_INFO, STOP_FILE, SUMMARY
+from bookgen.train.run_files import (
+    END_FILES,
+    INTERRUPTED_MARKER,
+    PREEMPTED_MARKER,
+    RESOLVED_CONFIG,
+    RUN_INFO,
+    STOP_FILE,
+    SUMMARY,
+)
 from bookgen.train.run_lock import hold_run_folder
 from bookgen.train.state import TrainState
 from bookgen.train.step import train_step
@@ -149,6 +157,7 @@ def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation) -> dict[s
             "world_size": dist.world_size, "started": time.time()})
         # a new start clears the previous one's preemption records before anything can fail
         (cfg.run.output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        (cfg.run.output_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)
         (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
     ensure_prepared(cfg, dist, console)
     run = _build(cfg, dist, console, invocation)
@@ -429,8 +438,7 @@ def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, sto
         console.print(f"preempted: saved checkpoint at step {step}; rerun to resume")
     if run.log is not None:
         run.log.close("interrupted" if stop.interrupted else "preempted")
-        if not stop.interrupted:
-            (cfg.run.output_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
+        (cfg.run.output_dir / (INTERRUPTED_MARKER if stop.interrupted else PREEMPTED_MARKER)).write_text(f"{step}\n")
     # no rank exits before the marker is written: srun ends the other tasks when the first one exits, and
     # slurm/train.sh requeues only a job whose marker is there
     distributed.barrier()

@@ -20,17 +20,20 @@ def _row(stdout: str, name: str) -> list[str]:
 @pytest.mark.multirank  # the shared finished run trains once per session
 def test_runs_table_shows_each_status_and_plots_the_curves(finished, tmp_path):
     runs = tmp_path / "runs"
-    for name in ("done", "preempted", "failed", "running"):
+    names = ("done", "preempted", "interrupted", "failed", "running")
+    for name in names:
         shutil.copytree(finished / "run", runs / name)
-    for name in ("preempted", "failed", "running"):  # ended before their summary was written
+    for name in names[1:]:  # ended before their summary was written
         (runs / name / "run_summary.json").unlink()
     (runs / "preempted" / "PREEMPTED").write_text("6\n")
+    (runs / "interrupted" / "INTERRUPTED").write_text("6\n")
     with open(runs / "running" / ".bookgen-run.lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a training run holds it
         proc = run_cli(["runs", str(runs), "--plot", str(tmp_path / "curves.png")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    status = {name: _row(proc.stdout, f"runs/{name}")[-1] for name in ("done", "preempted", "failed", "running")}
-    assert status == {"done": "finished", "preempted": "preempted", "failed": "failed", "running": "running"}
+    status = {name: _row(proc.stdout, f"runs/{name}")[-1] for name in names}
+    assert status == {"done": "finished", "preempted": "preempted", "interrupted": "interrupted", "failed": "failed",
+                      "running": "running"}
     done = _row(proc.stdout, "runs/done")
     assert done[1] == "exp.yaml" and done[3] == "none" and done[5] == "1", "experiment, packing, ranks"
     assert done[6] == str(FINISHED_STEPS)

@@ -50,8 +50,10 @@ def test_ctrl_c_saves_and_says_how_to_resume_and_twice_stops_at_once(tmp_path):
     assert f"resume with: bookgen train --cfg {exp}" in err.replace("\n", "")
     assert (tmp_path / f"once/run/checkpoints/step{step:08d}" / MARKER).is_file()
     assert not (tmp_path / "once/run/PREEMPTED").exists(), "a Ctrl-C is not a preemption: no requeue"
+    assert (tmp_path / "once/run/INTERRUPTED").read_text() == f"{step}\n", "`bookgen runs` shows it interrupted"
     again = launch(1, ["--cfg", str(exp), "--set", f"train.max_steps={step + 2}"])
     assert f"at step {step}" in again.stderr
+    assert not (tmp_path / "once/run/INTERRUPTED").exists(), "the resumed run finished"
 
     exp = write_experiment(tmp_path / "twice", settings, rows=120)
     proc = _start(exp)
