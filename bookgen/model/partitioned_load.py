@@ -3,8 +3,9 @@ bytes of its own partition of each parameter (``os.pread`` at the tensor's offse
 whole parameter or a whole shard file, and no collective runs while loading.
 
 transformers' own ZeRO-3 load has rank 0 read each shard file whole and scatters every parameter through a
-gather; that stays the path for what this module does not cover (see :func:`plan`): a hub id, weights in
-``pytorch_model.bin``, or checkpoint names that need transformers' conversions.
+gather; that stays the path for what this module does not cover (see :func:`plan`): weights in
+``pytorch_model.bin``, or checkpoint names that need transformers' conversions. A hub id is first fetched into
+the Hugging Face cache (:func:`hub_snapshot`, what ``from_pretrained`` would download) and read from there.
 
 DeepSpeed's layout, which this relies on (and the tests check against a gathered model): a partitioned
 parameter's ``ds_tensor`` on rank r of the parameter's group holds elements [r * n, (r + 1) * n) of the
@@ -53,6 +54,27 @@ class LoadStats:
     largest_read: int = 0
     tensors: int = 0
     file_rows: int | None = None  # the embeddings' rows in the files, when they were created grown
+
+
+def hub_snapshot(name: str) -> Path | None:
+    """The local folder of hub model ``name`` with its config and safetensors weights, fetched into the Hugging
+    Face cache as ``from_pretrained`` would (every rank asks; the cache's file locks let one download); None
+    where the hub cannot give them (no such repo, offline and not cached, weights only in ``.bin``): then
+    transformers' own loader is used, and names the problem as users know it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=["config.json", "generation_config.json", INDEX]))
+        if (folder / INDEX).is_file():  # the shards the index names, nothing else the repo holds
+            shards = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+        else:
+            shards = [SINGLE]
+        folder = Path(snapshot_download(name, allow_patterns=["config.json", "generation_config.json", INDEX,
+                                                              *shards]))
+    except (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, OSError):
+        return None
+    return folder if safetensors_files(folder) is not None else None
 
 
 def safetensors_files(folder: Path) -> list[Path] | None:
@@ -174,14 +196,16 @@ def _row_mean(values: torch.Tensor, start: int, width: int, rows: int, group: ob
 
 
 def load_pretrained_partitioned(name_or_path: str, rows: int | None = None) -> torch.nn.Module | None:
-    """A local safetensors folder's model, created partitioned (ZeRO-3 is on: an ``HfDeepSpeedConfig`` is alive)
-    without initialisation and filled partition by partition; None where :func:`plan` leaves it to
-    transformers. ``rows``: the vocabulary the run needs; more than the model's, and the embeddings are
-    created that large, new rows at the mean (what :func:`bookgen.model.build.resize_embeddings` does to a
-    whole model), so they are never whole on any rank. The model carries what this rank read as
-    ``bookgen_load_stats``."""
+    """A local safetensors folder's model (or a hub id's, read from the Hugging Face cache), created partitioned
+    (ZeRO-3 is on: an ``HfDeepSpeedConfig`` is alive) without initialisation and filled partition by partition;
+    None where :func:`plan` leaves it to transformers. ``rows``: the vocabulary the run needs; more than the
+    model's, and the embeddings are created that large, new rows at the mean (what
+    :func:`bookgen.model.build.resize_embeddings` does to a whole model), so they are never whole on any rank.
+    The model carries what this rank read as ``bookgen_load_stats``."""
     folder = Path(name_or_path)
-    files = safetensors_files(folder) if folder.is_dir() else None
+    if not folder.is_dir():
+        folder = hub_snapshot(name_or_path)
+    files = safetensors_files(folder) if folder is not None else None
     if files is None:
         return None
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig

@@ -139,13 +139,14 @@ def test_pretrained_model_with_too_few_positions_is_refused_before_prepare(train
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("source", ["config", "pretrained"])
+@pytest.mark.parametrize("source", ["config", "pretrained", "hub"])
 def test_zero3_creates_the_model_partitioned_with_the_unsharded_weights(tmp_path, source):
     """Under ZeRO-3 each rank holds about half the weights from the moment the model exists, and the gathered
     weights are the ones the unsharded build gives: a model from a config initialised the same, a pretrained
     one (bf16 in several safetensors shards) with its own rows and the new special tokens' rows at their mean
     (resized in partitions). A pretrained folder is read partition by partition: each rank reads about half
-    the files' tensor bytes, and never more at once than one partition."""
+    the files' tensor bytes, and never more at once than one partition. A hub id is read the same way from the
+    Hugging Face cache (offline here: a cache laid out as the hub writes it)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bookgen.data.prepare import tokenizer_dir
@@ -153,26 +154,33 @@ def test_zero3_creates_the_model_partitioned_with_the_unsharded_weights(tmp_path
     from bookgen.model.build import build_model
 
     settings = {"deepspeed.zero_stage": 3, "deepspeed.config": str(REPO / "ds_configs/zero3.json")}
-    if source == "pretrained":
+    env, pre = {}, tmp_path / "pre"
+    if source == "hub":
+        repo = tmp_path / "hub" / "models--bookgen-test--tiny"
+        pre = repo / "snapshots" / ("0" * 40)
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+        env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    if source != "config":
         text = (REPO / "data" / "sample" / "booksummaries.txt").read_text().splitlines()[:100]
         tok = train_bpe([line.split("\t")[6] for line in text], 400, ["<|endoftext|>"])
         GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=64)
-                        ).to(torch.bfloat16).save_pretrained(tmp_path / "pre", max_shard_size="20KB")
-        assert len(list((tmp_path / "pre").glob("model-*.safetensors"))) > 2, "several shards"
-        tok.save_pretrained(tmp_path / "pre")
-        settings["model.name_or_path"] = "pre"
+                        ).to(torch.bfloat16).save_pretrained(pre, max_shard_size="20KB")
+        assert len(list(pre.glob("model-*.safetensors"))) > 2, "several shards"
+        tok.save_pretrained(pre)
+        settings["model.name_or_path"] = "bookgen-test/tiny" if source == "hub" else "pre"
     exp = write_experiment(tmp_path, settings, rows=120)
     out = tmp_path / "built.pt"
-    launch(2, [str(exp), str(out)], program=REPO / "tests" / "zero3_build.py")
+    launch(2, [str(exp), str(out)], program=REPO / "tests" / "zero3_build.py", env=env)
     sharded = torch.load(out)
     # the pretrained embeddings are created with the new tokens' rows, partitioned too
     assert sharded["held"]["whole"] == []
     assert sharded["held"]["local"] <= sharded["held"]["full"] // 2 + 1024, "about half each"
-    if source == "pretrained":
+    if source != "config":
         from safetensors import safe_open
 
         stored = {}
-        for shard in (tmp_path / "pre").glob("model-*.safetensors"):
+        for shard in pre.glob("model-*.safetensors"):
             with safe_open(shard, "pt") as f:
                 stored |= {k: f.get_slice(k).get_shape() for k in f.keys()}
         sizes = [2 * math.prod(shape) for shape in stored.values()]  # bf16
@@ -184,19 +192,20 @@ def test_zero3_creates_the_model_partitioned_with_the_unsharded_weights(tmp_path
 
     cfg = load_config(exp)
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
+    cfg.model.name_or_path = str(pre) if source == "hub" else cfg.model.name_or_path  # the same files
     unsharded = build_model(cfg, tokenizer)
     rng = torch.rand(3)
     expected = dict(unsharded.named_parameters())
     assert sharded["weights"].keys() == expected.keys()
     for name, weight in sharded["weights"].items():
-        if source == "pretrained" and name == "transformer.wte.weight":  # the new rows' mean: summed elsewise
+        if source != "config" and name == "transformer.wte.weight":  # the new rows' mean: summed elsewise
             old_rows = len(tokenizer) - 3
             assert torch.equal(weight[:old_rows], expected[name][:old_rows].detach()), name
             assert torch.allclose(weight[old_rows:], expected[name][old_rows:].detach(), rtol=1e-6, atol=1e-7)
             continue
         assert torch.equal(weight, expected[name].detach()), name
     assert torch.equal(sharded["rng"], rng), "every rank continues from the same random state"
-    if source == "pretrained":
+    if source != "config":
         embedding = sharded["weights"]["transformer.wte.weight"]
         old = len(tokenizer) - 3
         assert torch.allclose(embedding[old:], embedding[:old].mean(0).expand(3, -1))
