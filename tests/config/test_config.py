@@ -33,6 +33,20 @@ def test_llama_lora_experiment_and_optional_sections(tmp_path):
     assert cfg.model.lora is not None and cfg.model.lora.r == 16 and cfg.model.lora.target_modules == ["all-linear"]
     assert cfg.deepspeed.zero_stage == 3 and cfg.tokenizer.eos_token == "<|end_of_text|>"
     assert config_from_dict(config_to_dict(cfg), "resolved").model.lora == cfg.model.lora, "written and read back"
+    # the README shows it short: the same experiment where it sets something
+    import re
+
+    readme = re.search(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "readme.yaml").write_text(readme)
+    short = load_config(tmp_path / "experiments" / "readme.yaml")
+    def named(section: dict) -> dict:  # paths resolve against each file's own folder: compare their names
+        return {k: Path(v).name if isinstance(v, str) and "/" in v else v for k, v in section.items()}
+
+    for section in ("model", "tokenizer", "deepspeed"):
+        assert named(config_to_dict(short)[section]) == named(config_to_dict(cfg)[section]), section
+    assert (short.train.learning_rate, short.train.epochs, short.data.packing, short.deepspeed.zero_stage) == (
+        cfg.train.learning_rate, cfg.train.epochs, cfg.data.packing, cfg.deepspeed.zero_stage)
     off = load_config(REPO / "experiments" / "llama_lora.yaml", ["model.lora=null"])
     assert off.model.lora is None, "null turns an optional section off"
     assert load_config(write_experiment(tmp_path, {"model.lora": {}})).model.lora.r == 8, "{} takes the defaults"
