@@ -2,7 +2,9 @@
 
 FLOPs per token = 6 x the weights that take part in matrix products (forward 2, backward 4) plus the
 attention scores and values, 12 x layers x width x sequence length (PaLM's appendix B; nanoGPT's
-estimate). Position embeddings are a lookup, not a product, and are left out; a tied LM head counts.
+estimate). Position embeddings are a lookup, not a product, and are left out; a tied LM head counts. A weight
+that does not train (a LoRA run's base) still passes the gradient to its input but computes none for itself:
+4 x, not 6 x.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200"
                     "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 
 
-def matmul_params(model: torch.nn.Module) -> int:
-    """Weights used in matrix products: every 2-D weight except embedding lookups, plus the LM head.
-    Under ZeRO-3 a partitioned weight's real shape is ``ds_shape``."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    counted: set[int] = set()
+def matmul_params(model: torch.nn.Module, *, frozen: bool | None = None) -> int:
+    """Weights used in matrix products: every 2-D weight except embedding lookups, plus the LM head; ``frozen``:
+    only those that do not train (True) or only those that do (False). Under ZeRO-3 a partitioned weight's real
+    shape is ``ds_shape``."""
+    embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    counted = {id(w) for w in embeddings}
+    # peft's rows of new tokens (LoRA's train_new_tokens) are deltas to rows of the embedding or the head, which
+    # count already
+    counted |= {id(p) for name, p in model.named_parameters() if ".trainable_tokens_delta." in name}
     total = 0
     for p in model.parameters():
         shape = tuple(getattr(p, "ds_shape", p.shape))
-        if id(p) in counted or len(shape) != 2 or id(p) in embeddings:
+        if id(p) in counted or len(shape) != 2 or (frozen is not None and p.requires_grad == frozen):
             continue
         counted.add(id(p))
         total += math.prod(shape)
@@ -32,14 +38,18 @@ def matmul_params(model: torch.nn.Module) -> int:
     # a head tied to the token embedding is no parameter of its own; read from the config, not from the head
     # module (a LoRA model's wrapped head computes its weight when asked, which a ZeRO-3 partition cannot)
     if getattr(config, "tie_word_embeddings", False):
-        total += config.vocab_size * config.hidden_size
+        tokens = [w for w in embeddings if tuple(getattr(w, "ds_shape", w.shape))[0] == config.vocab_size]
+        head_frozen = not any(w.requires_grad for w in tokens)  # it trains when the token embedding does
+        if frozen is None or frozen == head_frozen:
+            total += config.vocab_size * config.hidden_size
     return total
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token at ``seq_len`` (for line-by-line batches, the block size is an upper bound)."""
     config = model.config  # type: ignore[attr-defined]
-    return 6 * matmul_params(model) + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    weights = 6 * matmul_params(model) - 2 * matmul_params(model, frozen=True)
+    return weights + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 def peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> float | None:

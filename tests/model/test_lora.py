@@ -160,7 +160,14 @@ def test_lora_counts_only_adapters_and_new_rows_as_trainable(tmp_path):
 
     model = build_model(cfg, add_special_tokens(load_tokenizer(pre), cfg))
     # c_attn: 32 -> 96 in each of 2 layers: r x (32 + 96) each; 3 new rows of 32 in the tied embedding
-    assert trainable_parameters(model) == 2 * 4 * (32 + 96) + 3 * 32
+    adapters = 2 * 4 * (32 + 96)
+    assert trainable_parameters(model) == adapters + 3 * 32
+    # MFU's FLOPs: the frozen base passes gradients back (4 x) but computes none for itself; adapters 6 x
+    from bookgen.model.flops import flops_per_token, matmul_params
+
+    base = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + model.config.vocab_size * 32  # blocks, tied head
+    assert matmul_params(model) == base + adapters and matmul_params(model, frozen=True) == base
+    assert flops_per_token(model, 128) == 4 * base + 6 * adapters + 12 * 2 * 32 * 128
     grouped = sum(p.numel() for g in param_groups(model, 0.1) for p in g["params"])
     assert grouped == trainable_parameters(model), "the optimizer sees only what trains"
     assert count_parameters(model) > 10 * trainable_parameters(model)
