@@ -6,8 +6,9 @@ some two hundred of them. Here a multiprocessing fork server imports all that on
 each rank is a fork of it that runs ``launcher/run.py``'s code with the environment torchrun would give it.
 The rank code, DeepSpeed, gloo and the separate rank processes are all real; what is not exercised here
 is torchrun and a fresh interpreter, which tests/commands/test_launch.py, test_slurm.py and the tests that
-pass ``fresh=True`` to :func:`tests.ranks.launch` cover. ``BOOKGEN_TEST_RANKS=fresh`` starts every rank
-the slow way.
+pass ``fresh=True`` to :func:`tests.ranks.launch` cover. A test that sets a variable read at import (anything
+outside :data:`READ_AT_RUN_TIME`) gets fresh ranks too. ``BOOKGEN_TEST_RANKS=fresh`` starts every rank the
+slow way.
 
 Like bookgen's torchrun wrapper (bookgen/commands/torchrun.py), the launch ends with the status of the
 first rank that failed, and the other ranks get SIGTERM, then SIGKILL after torchrun's 30 seconds.
