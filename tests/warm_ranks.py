@@ -108,7 +108,7 @@ def cli(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float) -> s
 def launch(n: int, argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float, program: str = str(RUN)
            ) -> subprocess.CompletedProcess[str]:
     """``launcher/run.py ARGV`` on ``n`` warm ranks; the result as ``subprocess.run`` would give it."""
-    from bookgen.commands.torchrun import exit_status
+    from bookgen.commands.torchrun import exit_status, failure_line
     from tests.ranks import free_port
 
     context = _server()
@@ -131,8 +131,7 @@ def launch(n: int, argv: list[str], *, env: dict[str, str], cwd: Path, timeout: 
         failed = next(((rank, exit_status(code)) for rank, code in status if code != 0), None)
         if failed is not None and n > 1:
             with stderr.open("a") as err:
-                err.write(f"bookgen: rank {failed[0]} exited with status {failed[1]}"
-                          + (" (see its message above)" if failed[1] == 2 else "") + "\n")
+                err.write(failure_line(*failed) + "\n")
         return subprocess.CompletedProcess(argv, failed[1] if failed else 0, stdout.read_text(errors="replace"),
                                            stderr.read_text(errors="replace"))
 

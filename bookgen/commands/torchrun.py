@@ -19,6 +19,11 @@ def exit_status(exitcode: int) -> int:
     return 128 - exitcode if exitcode < 0 else exitcode
 
 
+def failure_line(rank: int, status: int) -> str:
+    """What the launch prints when ``rank`` failed first with ``status``."""
+    return f"bookgen: rank {rank} exited with status {status}" + (" (see its message above)" if status == 2 else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -34,8 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         rank, failure = exc.get_first_failure()
         status = exit_status(failure.exitcode)
-        print(f"bookgen: rank {rank} exited with status {status}"
-              + (" (see its message above)" if status == 2 else ""), file=sys.stderr)
+        print(failure_line(rank, status), file=sys.stderr)
         return status
     return 0
 

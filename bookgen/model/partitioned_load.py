@@ -70,8 +70,7 @@ def hub_snapshot(name: str) -> Path | None:
             shards = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
         else:
             shards = [SINGLE]
-        folder = Path(snapshot_download(name, allow_patterns=["config.json", "generation_config.json", INDEX,
-                                                              *shards]))
+        folder = Path(snapshot_download(name, allow_patterns=shards))  # the same snapshot folder
     except (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, OSError):
         return None
     return folder if safetensors_files(folder) is not None else None

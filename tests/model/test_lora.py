@@ -40,6 +40,20 @@ def _pretrained(folder: Path, family: str) -> Path:
     return folder
 
 
+def _assert_base_frozen(trained: dict[str, torch.Tensor], pretrained: Path) -> int:
+    """Every weight of the pretrained folder is unchanged under its peft name (the file's rows of a grown
+    embedding); returns the file's vocabulary."""
+    from safetensors.torch import load_file
+
+    base = load_file(pretrained / "model.safetensors")
+    for key, weight in base.items():
+        wrapped = [k for k in trained if k.replace("base_layer.", "").replace("token_adapter.", "")
+                   == f"base_model.model.{key}"]
+        assert wrapped, key
+        assert torch.equal(trained[wrapped[0]][: weight.shape[0]], weight), f"{key} is frozen"
+    return next(iter(base[k] for k in base if "wte" in k or "embed_tokens" in k)).shape[0]
+
+
 def _lora_run(folder: Path, pretrained: Path, stage: int, **extra) -> Path:
     return write_experiment(folder, {
         "model.name_or_path": str(pretrained), "model.lora": {"r": 4, "alpha": 8, "dropout": 0.1},
@@ -75,17 +89,8 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_or_adapter
     assert all(torch.equal(final["z3"][k], final["killed"][k]) for k in final["z3"])
 
     # base weights unchanged; adapters and the new tokens' rows trained
-    from safetensors.torch import load_file
-
-    base = load_file(pre / "model.safetensors")
     trained = final["z3"]
-    vocab = next(iter(base[k] for k in base if "wte" in k or "embed_tokens" in k)).shape[0]
-    for key, weight in base.items():
-        wrapped = [k for k in trained if k.replace("base_layer.", "").replace("token_adapter.", "")
-                   == f"base_model.model.{key}"]
-        assert wrapped, key
-        got = trained[wrapped[0]]
-        assert torch.equal(got[:vocab] if got.shape[0] > weight.shape[0] else got, weight), f"{key} is frozen"
+    vocab = _assert_base_frozen(trained, pre)
     deltas = [k for k in trained if "trainable_tokens_delta" in k]
     assert deltas and all(trained[k].shape[0] == 3 for k in deltas), "<BOS>, <EOS>, <PAD> rows train"
     embed_key = next(k for k in trained if k.endswith("token_adapter.base_layer.weight"))
@@ -138,14 +143,8 @@ def test_a_zero3_lora_run_of_another_family_evaluates_and_resumes_at_another_wor
     losses = step_losses(run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert abs(losses[5] - losses[4]) < 0.3, "adapters and optimizer state carried over"
-    from safetensors.torch import load_file
-
     final = consolidated_state_dict(run / "checkpoints" / f"step{STEPS:08d}")
-    for key, weight in load_file(pre / "model.safetensors").items():
-        wrapped = next(k for k in final if k.replace("base_layer.", "").replace("token_adapter.", "")
-                       == f"base_model.model.{key}")
-        got = final[wrapped]
-        assert torch.equal(got[: weight.shape[0]], weight), f"{key} is frozen after the world size changed"
+    _assert_base_frozen(final, pre)  # after the world size changed
     assert all(final[k].abs().sum() > 0 for k in final if "lora_B" in k)
 
 
