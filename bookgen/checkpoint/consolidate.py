@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bookgen.checkpoint.folder import MARKER, check_files, previous_hint
+from bookgen.checkpoint.folder import MARKER, check_files, previous_hint, read_record
 from bookgen.errors import BookgenError
+from bookgen.model.frozen_base import RECORD_KEY, load_base
 from bookgen.model.lora import ADAPTER_CONFIG, wrap_for_loading
 
 if TYPE_CHECKING:
@@ -56,14 +57,18 @@ def load_checkpoint_model(folder: Path, *, merge_adapters: bool = True
     state = consolidated_state_dict(folder)  # first: it checks every file, hf/ included
     hf = folder / "hf"
     config = AutoConfig.from_pretrained(str(hf))
-    model = AutoModelForCausalLM.from_config(config)
+    base = read_record(folder).get(RECORD_KEY)
+    # a LoRA checkpoint of a pretrained model holds only what trained: its base comes from where it came from
+    model = load_base(base, config, folder) if base else AutoModelForCausalLM.from_config(config)
     lora = (hf / ADAPTER_CONFIG).is_file()
     if lora:
         model = wrap_for_loading(model, hf)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")}  # tied to the input embeddings
-    if set(missing) - tied or unexpected:
-        raise BookgenError(f"{folder}: weights do not fit the saved config (missing {sorted(set(missing) - tied)}, "
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad} if base \
+        else set()
+    expected = {k for k in missing if k.endswith("lm_head.weight")} | frozen  # tied to the input embeddings
+    if set(missing) - expected or unexpected:
+        raise BookgenError(f"{folder}: weights do not fit the saved config (missing {sorted(set(missing) - expected)}, "
                            f"unexpected {sorted(unexpected)})")
     if not lora:  # a peft model keeps its tied embeddings through its own wrappers
         model.tie_weights()

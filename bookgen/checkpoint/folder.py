@@ -31,6 +31,7 @@ from bookgen.config_io import RUNTIME_MODEL_KEYS, config_to_dict, model_fingerpr
 from bookgen.distributed import DistEnv, barrier, broadcast_object, gather_errors, gather_objects
 from bookgen.errors import BookgenError
 from bookgen.fileio import crc32_file, read_json, write_json_atomic, write_text_atomic
+from bookgen.model.frozen_base import RECORD_KEY, base_record, leaves_out_base
 from bookgen.train import faults
 from bookgen.train.batch_layout import BatchLayout
 from bookgen.train.state import TrainState
@@ -83,7 +84,9 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
                   # lets DeepSpeed's ds_to_universal convert the checkpoint for another world size
                   ds.UNIVERSAL_CHECKPOINT_INFO: {
                       ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+        # a LoRA run's pretrained base never changes: its checkpoints hold what trains (see model/frozen_base.py)
+        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False,
+                               exclude_frozen_parameters=leaves_out_base(cfg))
         torch.save(_rng_state(), folder / f"rng_rank{dist.rank}.pt")
         faults.inject("save", state.global_step, dist.rank)
         if dist.is_main:
@@ -108,7 +111,7 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
                 "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing,
                          "group_by_length": cfg.data.group_by_length, "train_sha256": train_split_digest(cfg)},
                 "eval_loss": eval_loss,
-            })
+            } | ({RECORD_KEY: base_record(str(cfg.model.name_or_path))} if leaves_out_base(cfg) else {}))
             write_text_atomic(root / POINTER, tag + "\n")
             _prune(root, cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best)
         except OSError as exc:  # the folder stays unmarked: nothing trusts it, the earlier ones stay

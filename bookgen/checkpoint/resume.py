@@ -25,6 +25,7 @@ from bookgen.checkpoint.folder import previous_hint
 from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv, broadcast_object, gather_errors
 from bookgen.errors import BookgenError
+from bookgen.model.frozen_base import RECORD_KEY, check_base
 from bookgen.train.batch_layout import BatchLayout
 from bookgen.train.state import TrainState
 
@@ -45,6 +46,8 @@ def plan_resume(cfg: ExperimentConfig, dist: DistEnv) -> ResumePlan:
         _check_files_on_all_ranks(folder, dist)
         marker = check_compatible(folder, cfg)
         check_vocabulary(folder, cfg)
+        if RECORD_KEY in marker:  # the run rebuilds the frozen base the checkpoint left out
+            check_base(marker[RECORD_KEY], folder)
         for change in check_epoch_order(folder, marker, cfg, BatchLayout.of(cfg.train, dist.world_size).global_batch):
             notes.append(f"{folder} was saved at an epoch's end; {change} differs from then, which takes effect "
                          "from this epoch on")
@@ -190,8 +193,10 @@ def _load(engine: Any, folder: Path, marker: dict[str, Any], cfg: ExperimentConf
     load_dir, tag = reshard.load_dir_and_tag(folder, universal)
     built = OptimizerSettings.of(engine.lr_scheduler)
     try:
+        # a checkpoint without its frozen base lacks those weights, which the model was built with
         path, _client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+                                               load_lr_scheduler_states=True,
+                                               load_module_strict=RECORD_KEY not in marker)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # torch names no file
         raise BookgenError(f"{folder}: cannot load this checkpoint ({type(exc).__name__}: {str(exc)[:300]}). "
                            + previous_hint(folder)) from exc

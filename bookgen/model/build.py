@@ -209,8 +209,8 @@ def resize_embeddings(model: PreTrainedModel, vocab_size: int, pad_to_multiple_o
     with _gathered(weights) as writer:
         if writer:
             with torch.no_grad():
-                for w in weights:
-                    w[old:] = w[:old].mean(dim=0, keepdim=True)
+                for w in weights:  # summed in float64, as the partitioned load sums its ranks' parts: the same rows
+                    w[old:] = w[:old].double().mean(dim=0, keepdim=True).to(w.dtype)
 
 
 def vocabulary_rows(vocab_size: int, pad_to_multiple_of: int | None) -> int:

@@ -2,9 +2,10 @@
 base weights and trains (and partitions, under ZeRO-3) only the adapters, the rows of the tokens the run added
 and ``model.lora.modules_to_save``.
 
-A checkpoint keeps the whole wrapped model's state (what resume needs) and ``hf/adapter_config.json``;
-consolidation rebuilds the wrapper from it (:func:`wrap_for_loading`), and export either merges the adapters into
-the base weights or writes the adapter folder peft loads (:func:`load_adapter_folder` reads it back)."""
+A checkpoint keeps what trains (and, for a base built from a config, the base; see
+:mod:`bookgen.model.frozen_base`) and ``hf/adapter_config.json``; consolidation rebuilds the wrapper from it
+(:func:`wrap_for_loading`), and export either merges the adapters into the base weights or writes the adapter
+folder peft loads (:func:`load_adapter_folder` reads it back)."""
 
 from __future__ import annotations
 

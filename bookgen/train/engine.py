@@ -12,6 +12,7 @@ from bookgen import distributed
 from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
+from bookgen.model.frozen_base import keep_out_of_state_dict, leaves_out_base
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.schedule import lr_multiplier
 
@@ -66,6 +67,8 @@ def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, dist: DistEnv, t
     if cfg.train.precision.startswith("bf16") and not torch.cuda.is_available() and not cpu_has_bf16():
         if dist.is_main:  # the same on every rank: said once
             distributed.warn(dist, f"this CPU has no native bf16; train.precision: {cfg.train.precision} will be slow")
+    if leaves_out_base(cfg):  # its checkpoints hold what trains (bookgen.model.frozen_base)
+        keep_out_of_state_dict(model)
     make_scheduler = partial(_scheduler, warmup=cfg.train.warmup_steps, total=total_steps,
                              kind=cfg.train.lr_schedule)
     engine, _optimizer, _loader, _scheduler_obj = deepspeed.initialize(

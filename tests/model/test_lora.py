@@ -54,6 +54,10 @@ def _assert_base_frozen(trained: dict[str, torch.Tensor], pretrained: Path) -> i
     return next(iter(base[k] for k in base if "wte" in k or "embed_tokens" in k)).shape[0]
 
 
+def _trains(key: str) -> bool:
+    return "lora_" in key or "trainable_tokens_delta" in key
+
+
 def _lora_run(folder: Path, pretrained: Path, stage: int, **extra) -> Path:
     return write_experiment(folder, {
         "model.name_or_path": str(pretrained), "model.lora": {"r": 4, "alpha": 8, "dropout": 0.1},
@@ -87,9 +91,12 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_or_adapter
     assert losses["killed"] == losses["z3"], "a killed LoRA run resumes bit-identical"
     final = {name: consolidated_state_dict(run / "checkpoints" / f"step{STEPS:08d}") for name, run in runs.items()}
     assert all(torch.equal(final["z3"][k], final["killed"][k]) for k in final["z3"])
+    for name in ("z0", "z3"):  # checkpoints hold what trains, not the frozen base
+        assert final[name] and all(_trains(k) for k in final[name]), [k for k in final[name] if not _trains(k)]
 
-    # base weights unchanged; adapters and the new tokens' rows trained
-    trained = final["z3"]
+    # base weights unchanged (rebuilt from the pretrained folder); adapters and the new tokens' rows trained
+    trained = load_checkpoint_model(runs["z3"] / "checkpoints" / f"step{STEPS:08d}", merge_adapters=False)[0]
+    trained = trained.state_dict()
     vocab = _assert_base_frozen(trained, pre)
     deltas = [k for k in trained if "trainable_tokens_delta" in k]
     assert deltas and all(trained[k].shape[0] == 3 for k in deltas), "<BOS>, <EOS>, <PAD> rows train"
@@ -143,9 +150,21 @@ def test_a_zero3_lora_run_of_another_family_evaluates_and_resumes_at_another_wor
     losses = step_losses(run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert abs(losses[5] - losses[4]) < 0.3, "adapters and optimizer state carried over"
-    final = consolidated_state_dict(run / "checkpoints" / f"step{STEPS:08d}")
+    last = run / "checkpoints" / f"step{STEPS:08d}"
+    final = load_checkpoint_model(last, merge_adapters=False)[0].state_dict()
     _assert_base_frozen(final, pre)  # after the world size changed
     assert all(final[k].abs().sum() > 0 for k in final if "lora_B" in k)
+    assert all(_trains(k) for k in consolidated_state_dict(last)), "the universal resume's saves leave the base out"
+
+    # the checkpoints need their base: gone or changed, it is named before anything loads
+    pre.rename(tmp_path / "moved")
+    proc = run_cli(["export", "--cfg", str(exp), "--out", str(tmp_path / "out")])
+    assert proc.returncode != 0 and f"its frozen base {str(pre)!r} cannot be loaded" in proc.stderr, proc.stderr
+    _pretrained(pre, "qwen2")  # other weights, other tensor names
+    for command in (["export", "--cfg", str(exp), "--out", str(tmp_path / "out")], ["train", "--cfg", str(exp)]):
+        proc = run_cli(command)
+        assert proc.returncode != 0 and "its frozen base" in proc.stderr and "has changed" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_lora_counts_only_adapters_and_new_rows_as_trainable(tmp_path):

@@ -1,0 +1,125 @@
+"""A LoRA run's frozen base, left out of its checkpoints and rebuilt from where it came from.
+
+A LoRA run on a pretrained model (``model.name_or_path``) trains adapters of a few megabytes over a base of up to
+hundreds of gigabytes that never changes: its checkpoints save only what trains (DeepSpeed's
+``exclude_frozen_parameters``), and whatever reads one (resume, export, eval, generate) builds the base again
+from ``model.name_or_path`` as training built it (grown embeddings, new rows at the mean). The checkpoint
+records which weight files the base had (:func:`base_record`: each file's size and a SHA-256 of its safetensors
+header, which holds every tensor's name, dtype, shape and offset); a base that no longer matches is refused,
+naming the file, before anything is loaded. Other weights of the same shapes written over the base are not
+detected: keep a LoRA run's base folder as it was.
+
+A base built from ``model.config`` (random weights) is saved whole: nothing else could rebuild it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bookgen.config import ExperimentConfig
+from bookgen.errors import BookgenError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+RECORD_KEY = "frozen_base"  # in a checkpoint's COMPLETE.json, only when its base was left out
+
+
+def leaves_out_base(cfg: ExperimentConfig) -> bool:
+    """Whether this run's checkpoints leave the frozen base out: LoRA on a pretrained model."""
+    return cfg.model.lora is not None and cfg.model.name_or_path is not None
+
+
+def keep_out_of_state_dict(model: torch.nn.Module) -> None:
+    """Leave the frozen base out of ``model.state_dict()``, which DeepSpeed saves as the module states under ZeRO
+    0-2. Its ``exclude_frozen_parameters`` drops each frozen parameter under one name only, so a tied output head
+    (GPT-2's, Llama 3.2's) would still be saved whole under its second name; a hook of the model's drops every
+    name of every frozen parameter."""
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def drop_frozen(_module: torch.nn.Module, state: dict[str, Any], prefix: str, _metadata: Any) -> None:
+        for name in frozen:
+            state.pop(prefix + name, None)
+
+    model.register_state_dict_post_hook(drop_frozen)
+
+
+def base_record(name_or_path: str) -> dict[str, Any]:
+    """What a checkpoint records of its base: where it comes from and its weight files (None where they cannot be
+    found without the network: a hub id not in the local cache)."""
+    folder = _local_folder(name_or_path)
+    return {"name_or_path": name_or_path, "weights": _weight_files(folder) if folder is not None else None}
+
+
+def check_base(record: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse, naming the file, a base whose weight files differ from those the checkpoint was trained on."""
+    saved = record.get("weights")
+    now = base_record(record["name_or_path"])["weights"]
+    if saved is None or now is None:  # nothing to compare (a hub id fetched later by from_pretrained)
+        return
+    where = record["name_or_path"]
+    for name in sorted(set(saved) | set(now)):
+        if saved.get(name) != now.get(name):
+            what = ("is missing" if name not in now else "is new" if name not in saved
+                    else "has other tensors or another size than when the run trained")
+            raise BookgenError(
+                f"{checkpoint}: this LoRA checkpoint holds only the adapters; its frozen base {where} has changed "
+                f"since it was saved ({name} {what}). Put the base back as it was, or point model.name_or_path at "
+                "a copy of it")
+
+
+def load_base(record: dict[str, Any], config: Any, checkpoint: Path) -> PreTrainedModel:
+    """The frozen base as the run built it (fp32, CPU): the pretrained weights, the embeddings grown to the
+    checkpoint's vocabulary with the new rows at the mean, the checkpoint's model settings (``config``: its
+    ``hf/config.json``)."""
+    from transformers import AutoModelForCausalLM
+
+    from bookgen.model.build import resize_embeddings
+
+    check_base(record, checkpoint)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(record["name_or_path"], dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise BookgenError(f"{checkpoint}: this LoRA checkpoint holds only the adapters, and its frozen base "
+                           f"{record['name_or_path']!r} cannot be loaded: {str(exc)[:300]}") from exc
+    resize_embeddings(model, config.vocab_size, None)
+    for key, value in config.to_diff_dict().items():  # special token ids, dropout: what the run set
+        if key not in ("architectures", "transformers_version", "dtype", "torch_dtype"):
+            setattr(model.config, key, value)
+    return model
+
+
+def _local_folder(name_or_path: str) -> Path | None:
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        return folder
+    try:  # a hub id: the snapshot in the local cache, as from_pretrained would use it
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, not a valid id: nothing to record, from_pretrained will say why
+        return None
+
+
+def _weight_files(folder: Path) -> dict[str, dict[str, Any]]:
+    from bookgen.model.partitioned_load import safetensors_files
+
+    files = safetensors_files(folder) or sorted(folder.glob("pytorch_model*.bin"))
+    return {path.name: {"bytes": path.stat().st_size, "header_sha256": _header_digest(path)} for path in files}
+
+
+def _header_digest(path: Path) -> str | None:
+    """SHA-256 of a safetensors file's header (a few kilobytes); None for other formats."""
+    if path.suffix != ".safetensors":
+        return None
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            return None
+        (size,) = struct.unpack("<Q", raw)
+        return hashlib.sha256(f.read(min(size, 100 << 20))).hexdigest()
