@@ -27,7 +27,13 @@ def main() -> None:
 
     ensure_prepared(cfg, dist, Console(quiet=True))
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    gathers = []  # every gathering of partitions while the model is built (whole parameters on every rank)
+    enter = GatheredParameters.__enter__
+    GatheredParameters.__enter__ = lambda self: gathers.append(1) or enter(self)
     model = build_model(cfg, tokenizer, zero3_config=build_ds_config(cfg, dist.world_size))
+    GatheredParameters.__enter__ = enter
     params = list(model.parameters())
     held = {"whole": [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")],
             "local": sum(p.numel() for p in params),
@@ -39,7 +45,8 @@ def main() -> None:
     stats = getattr(model, "bookgen_load_stats", None)  # what this rank read from a pretrained folder
     read = distributed.gather_objects(None if stats is None else (stats.bytes_read, stats.largest_read, stats.tensors))
     if dist.is_main:
-        torch.save({"held": held, "weights": weights, "rng": torch.rand(3), "read": read}, sys.argv[2])
+        torch.save({"held": held, "weights": weights, "rng": torch.rand(3), "read": read, "gathers": len(gathers)},
+                   sys.argv[2])
     distributed.teardown()
 
 

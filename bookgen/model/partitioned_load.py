@@ -19,6 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -207,16 +208,14 @@ def load_pretrained_partitioned(name_or_path: str, rows: int | None = None) -> t
     files = safetensors_files(folder) if folder is not None else None
     if files is None:
         return None
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    from transformers.initialization import no_init_weights
+    from transformers import AutoConfig, GenerationConfig
 
     entries = read_entries(files)
     config = AutoConfig.from_pretrained(str(folder))
     grow = rows is not None and rows > config.vocab_size
     if grow:
         config.vocab_size = rows
-    with no_init_weights():  # every value is read from the files below
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = _created_uninitialised(config)
     grown = frozenset(_embedding_names(model) if grow else ())
     sources = plan(model, entries, grown)
     if sources is None:
@@ -226,6 +225,28 @@ def load_pretrained_partitioned(name_or_path: str, rows: int | None = None) -> t
         model.bookgen_load_stats.file_rows = sources[next(iter(grown))].shape[0]
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return model
+
+
+def _created_uninitialised(config: Any) -> torch.nn.Module:
+    """The model created partitioned as ``from_pretrained`` creates it (its own init contexts: DeepSpeed's
+    ``zero.Init``, no initialisation), every value to be read from the files. ``from_config`` would then also
+    initialise it under ZeRO-3, gathering each module's parameters whole on every rank (a transient of the
+    largest module, and rank 0 drawing random values for the whole model) for values overwritten right after.
+    A transformers whose ``get_init_context`` takes other arguments gets ``from_config``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.utils.generic import ContextManagers
+
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    try:
+        contexts = model_class.get_init_context(torch.float32, False, False, None)
+    except (AttributeError, TypeError):
+        with no_init_weights():
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with ContextManagers(contexts):
+        model = model_class(config)
+    model.tie_weights()
     return model
 
 

@@ -189,6 +189,9 @@ def test_zero3_creates_the_model_partitioned_with_the_unsharded_weights(tmp_path
         assert sum(r[0] for r in read) == sum(sizes), "together the ranks read each byte once"
         assert all(r[0] <= 0.52 * sum(sizes) for r in read), "each about half"
         assert all(r[1] < 0.6 * max(sizes) for r in read), "never a whole tensor at once, a partition at most"
+        assert sharded["gathers"] == 0, "created without initialisation: no parameter gathered whole to draw values"
+    else:
+        assert sharded["gathers"] > 0, "a model from a config is initialised module by module, gathered"
 
     cfg = load_config(exp)
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
