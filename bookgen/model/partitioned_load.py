@@ -97,6 +97,10 @@ def read_entries(files: list[Path]) -> dict[str, Entry]:
                 header = json.loads(f.read(size))
             except (struct.error, ValueError) as exc:
                 raise BookgenError(f"{path}: not a safetensors file ({exc})") from exc
+        ends = [meta["data_offsets"][1] for name, meta in header.items() if name != "__metadata__"]
+        if 8 + size + max(ends, default=0) > path.stat().st_size:  # every rank sees it: all stop, none waits
+            raise BookgenError(f"{path}: truncated ({path.stat().st_size:,} bytes; its header describes "
+                               f"{8 + size + max(ends):,}): copy the file again")
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
@@ -161,14 +165,15 @@ def _fill(param: torch.nn.Parameter, entry: Entry, fd: int, stats: LoadStats) ->
     with torch.no_grad():
         values = torch.empty(0)
         if known > 0:
-            data = os.pread(fd, length, entry.offset + start * itemsize)
-            if len(data) != length:
-                raise BookgenError(f"{entry.file}: ends inside a tensor (truncated file?)")
-            values = torch.frombuffer(bytearray(data), dtype=entry.dtype).to(part.dtype)
-            part.data[:known].copy_(values)
+            # straight into the partition where it is in host memory in the file's dtype: no second copy
+            direct = part.device.type == "cpu" and part.dtype == entry.dtype
+            values = part.data[:known] if direct else torch.empty(known, dtype=entry.dtype)
+            _read_into(fd, values, entry.offset + start * itemsize, entry.file)
+            if not direct:
+                part.data[:known].copy_(values)
         if entry.numel < total:  # a grown embedding: every rank takes part in the mean
             width = entry.shape[-1]
-            mean = _row_mean(values, start, width, entry.shape[0], param.ds_process_group)
+            mean = _row_mean(values, start, width, entry.shape[0], param.ds_process_group).to(part.dtype)
             if count > known:
                 first = start + known
                 tiled = mean.repeat(-(-(count - known) // width) + 1)
@@ -179,9 +184,20 @@ def _fill(param: torch.nn.Parameter, entry: Entry, fd: int, stats: LoadStats) ->
     stats.tensors += 1
 
 
+def _read_into(fd: int, buffer: torch.Tensor, offset: int, path: Path) -> None:
+    """Fill ``buffer`` (contiguous, in host memory) with the file's bytes from ``offset`` on."""
+    view = memoryview(buffer.view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise BookgenError(f"{path}: ends inside a tensor (truncated file?)")
+        done += got
+
+
 def _row_mean(values: torch.Tensor, start: int, width: int, rows: int, group: object) -> torch.Tensor:
     """The mean row of a (rows x width) tensor of which this rank holds the flat elements from ``start`` on:
-    column sums of its part (in float64), added over the group."""
+    column sums of its part, added over the group (in float64: the caller rounds it to the partition's dtype)."""
     sums = torch.zeros(width, dtype=torch.float64)
     v = values.double()
     offset = start % width
@@ -192,7 +208,7 @@ def _row_mean(values: torch.Tensor, start: int, width: int, rows: int, group: ob
     tail = v[head + full * width:]
     sums[:len(tail)] += tail
     torch.distributed.all_reduce(sums, group=group)
-    return (sums / rows).to(values.dtype if len(values) else torch.float32)
+    return sums / rows
 
 
 def load_pretrained_partitioned(name_or_path: str, rows: int | None = None) -> torch.nn.Module | None:

@@ -129,6 +129,16 @@ def test_pretrained_local_model_folder_trains(tmp_path):
     hf = json.loads(next((tmp_path / "run" / "checkpoints").glob("step*/hf/config.json")).read_text())
     assert hf["vocab_size"] == len(tok) + 3 and hf["n_layer"] == 1
 
+    # a base copied half-way: ZeRO-3 reads the files itself, and names the file before any rank reads a byte
+    weights = tmp_path / "pre" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 100)
+    exp = write_experiment(tmp_path / "z3", {"model.name_or_path": str(tmp_path / "pre"), "train.max_steps": 2,
+                                             "deepspeed.zero_stage": 3,
+                                             "deepspeed.config": str(REPO / "ds_configs/zero3.json")}, rows=120)
+    proc = launch(1, ["--cfg", str(exp)], check=False)
+    assert proc.returncode != 0 and f"{weights}: truncated" in proc.stderr, proc.stderr[-2000:]
+
 
 @pytest.mark.multirank
 def test_pretrained_model_with_too_few_positions_is_refused_before_prepare(trained, tmp_path):
