@@ -271,13 +271,23 @@ class ModelConfig:
                      "needs model_type (gpt2, llama, qwen2, mistral, gpt_neox, opt, ...)")
             for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
                 _require(key not in self.config, "config", f"{key} comes from the tokenizer; remove it")
-        for key in ("n_layer", "n_head", "n_embd", "n_positions"):
+        for key in GPT2_KEYS:
             _require(getattr(self, key) >= 1, key, "must be >= 1")
         _require(self.n_embd % self.n_head == 0, "n_embd", "must be divisible by model.n_head")
         if self.dropout is not None:
             _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         if self.pad_to_multiple_of is not None:
             _require(self.pad_to_multiple_of >= 1, "pad_to_multiple_of", "must be >= 1")
+
+    def ignored_gpt2_keys(self) -> list[str]:
+        """The built-in GPT-2's keys set to other than their defaults where a pretrained model or model.config
+        decides the shape instead (an experiment for the tiny GPT-2 pointed at a model with --set, say)."""
+        if self.name_or_path is None and self.config is None:
+            return []
+        return [key for key in GPT2_KEYS if getattr(self, key) != ModelConfig.__dataclass_fields__[key].default]
+
+
+GPT2_KEYS = ("n_layer", "n_head", "n_embd", "n_positions")  # the built-in GPT-2's shape
 
 
 @dataclass(kw_only=True, slots=True)

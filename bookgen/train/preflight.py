@@ -33,6 +33,11 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
     if cfg.checkpoint.resume != "auto":
         check_no_other_run(cfg, None if cfg.checkpoint.resume == "never" else Path(cfg.checkpoint.resume))
     check_model(cfg)
+    ignored = cfg.model.ignored_gpt2_keys()
+    if ignored and dist.is_main:
+        source = f"model.name_or_path ({cfg.model.name_or_path})" if cfg.model.name_or_path else "model.config"
+        distributed.warn(dist, f"{', '.join('model.' + k for k in ignored)} shape the built-in GPT-2 only and are "
+                               f"ignored: {source} decides the model's shape")
     check_tracker_packages(cfg)
     if cfg.model.attention == "flash_attention_2":
         import importlib.util

@@ -230,3 +230,12 @@ def test_trackers_default_to_tensorboard_and_the_old_switch_still_works(tmp_path
     assert cfg.run.trackers == trackers
     again = config_from_dict(config_to_dict(cfg), "resolved")
     assert again.run.trackers == trackers and again.run.tensorboard is None, "the resolved config says it once"
+
+
+def test_gpt2_keys_beside_a_pretrained_model_or_a_family_config_are_named_as_ignored():
+    from bookgen.config import ModelConfig
+
+    assert ModelConfig(n_layer=4, n_embd=128).ignored_gpt2_keys() == [], "they build the built-in GPT-2"
+    assert ModelConfig(name_or_path="gpt2", n_layer=4, n_embd=128).ignored_gpt2_keys() == ["n_layer", "n_embd"]
+    assert ModelConfig(config={"model_type": "llama"}, n_positions=64).ignored_gpt2_keys() == ["n_positions"]
+    assert ModelConfig(name_or_path="gpt2").ignored_gpt2_keys() == [], "defaults are not the user's settings"

@@ -123,7 +123,9 @@ def test_pretrained_local_model_folder_trains(tmp_path):
         tmp_path / "pre")
     tok.save_pretrained(tmp_path / "pre")
     exp = write_experiment(tmp_path, {"model.name_or_path": "pre", "train.max_steps": 2}, rows=120)
-    launch(1, ["--cfg", str(exp)])
+    proc = launch(1, ["--cfg", str(exp)])
+    # the tests' experiment sets the tiny GPT-2's width and positions, which a pretrained model does not take
+    assert "model.n_embd, model.n_positions shape the built-in GPT-2 only and are ignored" in proc.stderr
     saved = yaml.safe_load((tmp_path / "run" / "resolved_config.yaml").read_text())
     assert saved["model"]["name_or_path"] == str(tmp_path / "pre")
     hf = json.loads(next((tmp_path / "run" / "checkpoints").glob("step*/hf/config.json")).read_text())
