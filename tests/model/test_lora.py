@@ -130,11 +130,12 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_merged_or_adapter
 
 
 @pytest.mark.multirank
-def test_a_zero3_lora_run_of_another_family_evaluates_and_resumes_at_another_world_size(tmp_path):
-    """Llama (its own output head, trainable new rows in two layers): a 2-rank ZeRO-3 LoRA checkpoint evaluates to
-    the same loss on 1 rank and resumes there through DeepSpeed's universal checkpoint, base still frozen."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_lora_run_of_another_family_evaluates_and_resumes_at_another_world_size(tmp_path, stage):
+    """Llama (its own output head, trainable new rows in two layers): a 2-rank ZeRO-2/3 LoRA checkpoint evaluates
+    to the same loss on 1 rank and resumes there through DeepSpeed's universal checkpoint, base still frozen."""
     pre = _pretrained(tmp_path / "pre", "llama")
-    exp = _lora_run(tmp_path / "run2", pre, 3)
+    exp = _lora_run(tmp_path / "run2", pre, stage)
     died = launch(2, ["--cfg", str(exp)], env={"BOOKGEN_FAULT": "kill:5:1"}, check=False, timeout=180)
     assert died.returncode != 0
     run = exp.parent / "run"
