@@ -62,15 +62,19 @@ def check_base(record: dict[str, Any], checkpoint: Path) -> None:
     now = base_record(record["name_or_path"])["weights"]
     if saved is None or now is None:  # nothing to compare (a hub id fetched later by from_pretrained)
         return
-    where = record["name_or_path"]
-    for name in sorted(set(saved) | set(now)):
-        if saved.get(name) != now.get(name):
-            what = ("is missing" if name not in now else "is new" if name not in saved
-                    else "has other tensors or another size than when the run trained")
-            raise BookgenError(
-                f"{checkpoint}: this LoRA checkpoint holds only the adapters; its frozen base {where} has changed "
-                f"since it was saved ({name} {what}). Put the base back as it was, or point model.name_or_path at "
-                "a copy of it")
+    changed = sorted(name for name in set(saved) & set(now) if saved[name] != now[name])
+    missing, new = sorted(set(saved) - set(now)), sorted(set(now) - set(saved))
+    found = [f"{_names(names)} {what}" for names, what in (
+        (changed, "other tensors or another size than when the run trained"), (missing, "missing"), (new, "new"))
+        if names]
+    if found:
+        raise BookgenError(
+            f"{checkpoint}: this LoRA checkpoint holds only the adapters; its frozen base {record['name_or_path']} "
+            f"has changed since it was saved ({'; '.join(found)}). Put the base back there as it was")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "") + ":"
 
 
 def load_base(record: dict[str, Any], config: Any, checkpoint: Path) -> PreTrainedModel:
@@ -86,7 +90,8 @@ def load_base(record: dict[str, Any], config: Any, checkpoint: Path) -> PreTrain
         model = AutoModelForCausalLM.from_pretrained(record["name_or_path"], dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise BookgenError(f"{checkpoint}: this LoRA checkpoint holds only the adapters, and its frozen base "
-                           f"{record['name_or_path']!r} cannot be loaded: {str(exc)[:300]}") from exc
+                           f"{record['name_or_path']!r} cannot be loaded (put it back where the run trained from "
+                           f"it): {str(exc)[:300]}") from exc
     resize_embeddings(model, config.vocab_size, None)
     for key, value in config.to_diff_dict().items():  # special token ids, dropout: what the run set
         if key not in ("architectures", "transformers_version", "dtype", "torch_dtype"):

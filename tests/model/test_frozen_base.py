@@ -1,0 +1,42 @@
+"""What a LoRA checkpoint records of the frozen base it leaves out, and the refusal of a base that changed since."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bookgen.errors import BookgenError
+from bookgen.model.frozen_base import base_record, check_base
+
+
+def _save(folder, layers: int, shard: str | None = None) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_layer=layers, n_head=2, n_embd=16, n_positions=32))
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+
+
+def test_a_base_with_other_tensors_or_files_is_refused_naming_the_file(tmp_path):
+    base = tmp_path / "base"
+    _save(base, 1)
+    record = base_record(str(base))
+    assert list(record["weights"]) == ["model.safetensors"]
+    check_base(record, tmp_path / "step8")  # unchanged: nothing to say
+
+    _save(base, 2)  # another model written over it: other tensors in the header
+    with pytest.raises(BookgenError, match=r"step8: .*frozen base .*base has changed since it was saved "
+                                           r"\(model.safetensors: other tensors"):
+        check_base(record, tmp_path / "step8")
+
+    for old in base.glob("*.safetensors"):
+        old.unlink()
+    _save(base, 1, shard="5KB")  # the same weights, sharded: other files
+    with pytest.raises(BookgenError, match=r"model.safetensors: missing; model-00001-of-0000\d.safetensors, .*: new"):
+        check_base(record, tmp_path / "step8")
+
+
+def test_a_hub_id_outside_the_local_cache_records_no_files_and_is_not_checked(tmp_path):
+    record = base_record("bookgen-test/not-in-any-cache")
+    assert record == {"name_or_path": "bookgen-test/not-in-any-cache", "weights": None}
+    check_base(record, tmp_path / "step8")
