@@ -3,6 +3,7 @@ not after the corpus is tokenized or the first steps are trained."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -101,15 +102,45 @@ def check_offload(ds: dict[str, Any], where: str) -> None:
     zero = ds.get("zero_optimization", {})
     for key in ("offload_param", "offload_optimizer"):
         target = zero.get(key) or {}
-        if target.get("device") == "nvme" and not target.get("nvme_path"):
+        if target.get("device") != "nvme":
+            continue
+        if not target.get("nvme_path"):
             raise BookgenError(f"{where}: zero_optimization.{key} offloads to nvme but names no nvme_path (a folder "
                                "on a local NVMe drive)")
+        _check_swap_folder(Path(target["nvme_path"]), f"{where}: zero_optimization.{key}.nvme_path")
+        if not aio_available():
+            raise BookgenError(f"{where}: zero_optimization.{key} offloads to nvme through DeepSpeed's async I/O op, "
+                               "which this DeepSpeed neither has built nor can build here (it needs libaio: apt "
+                               "install libaio-dev, a C++ compiler and ninja; or DS_BUILD_AIO=1 pip install deepspeed)")
     offloaded = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
     if offloaded and not ds.get("optimizer", {}).get("params", {}).get("torch_adam") and not cpu_adam_available():
         raise BookgenError(f"{where}: zero_optimization.offload_optimizer runs DeepSpeed's CPU Adam, which this "
                            "DeepSpeed neither has built nor can build here (it needs a C++ compiler and ninja): "
                            "install DeepSpeed with DS_BUILD_CPU_ADAM=1 pip install deepspeed, or set "
                            '"optimizer": {"params": {"torch_adam": true}} (torch\'s AdamW on the CPU, slower)')
+
+
+def _check_swap_folder(folder: Path, key: str) -> None:
+    """DeepSpeed creates its swap files under the folder: it must be one this rank can write (or create)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == folder and not folder.is_dir():
+        raise BookgenError(f"{key}: {folder} is a file; name a folder on a local NVMe drive")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BookgenError(f"{key}: cannot write into {existing} (read-only or not yours)")
+
+
+def aio_available() -> bool:
+    """DeepSpeed's async I/O op (NVMe offload): built into the installed DeepSpeed, or buildable at first use."""
+    import shutil
+
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if installed_ops.get("async_io"):
+        return True
+    return bool(AsyncIOBuilder().is_compatible(verbose=False) and shutil.which("ninja") and shutil.which("c++"))
 
 
 def cpu_adam_available() -> bool:

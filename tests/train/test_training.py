@@ -21,17 +21,23 @@ from tests.ranks import launch, step_losses
 def test_first_steps_agree_across_zero_stages(tmp_path):
     """Also ZeRO-3 with activation checkpointing: recomputing the blocks under ZeRO-3's parameter
     gathering must give the same training; and ZeRO-3 with parameters and optimizer offloaded to the CPU, as
-    shipped (DeepSpeed's CPU Adam, compiled at first use, what a GPU user's offload runs) and with torch's AdamW.
+    shipped (DeepSpeed's CPU Adam, compiled at first use, what a GPU user's offload runs) and with torch's AdamW,
+    and offloaded to NVMe (DeepSpeed's async I/O through libaio, into a folder).
     Strong weight decay: every stage must decay the same tensors (ZeRO-3 creates the model partitioned, its
     parameters flat)."""
     losses, norms = {}, {}
     offload = json.loads((REPO / "ds_configs/zero3_offload.json").read_text())
     offload["optimizer"]["params"]["torch_adam"] = True
     (tmp_path / "offload.json").write_text(json.dumps(offload))
-    configs = {"z3-offload": tmp_path / "offload.json", "z3-offload-cpu-adam": REPO / "ds_configs/zero3_offload.json"}
+    nvme = json.loads((REPO / "ds_configs/zero3_offload.json").read_text())
+    for key in ("offload_param", "offload_optimizer"):  # a folder standing in for a local NVMe drive
+        nvme["zero_optimization"][key] = {"device": "nvme", "nvme_path": str(tmp_path / "swap"), "pin_memory": False}
+    (tmp_path / "nvme.json").write_text(json.dumps(nvme))
+    configs = {"z3-offload": tmp_path / "offload.json", "z3-offload-cpu-adam": REPO / "ds_configs/zero3_offload.json",
+               "z3-nvme": tmp_path / "nvme.json"}
     for variant, stage, checkpointing in (("z0", 0, False), ("z1", 1, False), ("z2", 2, False), ("z3", 3, False),
                                           ("z3-recompute", 3, True), ("z3-offload", 3, False),
-                                          ("z3-offload-cpu-adam", 3, False)):
+                                          ("z3-offload-cpu-adam", 3, False), ("z3-nvme", 3, False)):
         config = configs.get(variant, REPO / f"ds_configs/zero{stage}.json")
         exp = write_experiment(tmp_path / variant, {
             "deepspeed.zero_stage": stage, "deepspeed.config": str(config),
@@ -47,7 +53,9 @@ def test_first_steps_agree_across_zero_stages(tmp_path):
     vocab = json.loads((tmp_path / "z0" / "run" / "prepared" / "store" / "train" / "manifest.json").read_text())[
         "vocab_size"]
     assert abs(losses["z0"][1] - math.log(vocab)) < 0.3, "a sane initialisation starts near ln(vocab)"
-    for variant in ("z1", "z2", "z3", "z3-recompute", "z3-offload", "z3-offload-cpu-adam"):
+    swapped = tmp_path / "swap" / "zero_stage_3"  # DeepSpeed's swap folders (it removes the files at the end)
+    assert {p.name for p in swapped.iterdir()} == {"float32params", "optimizer"}, "weights and Adam went through NVMe"
+    for variant in ("z1", "z2", "z3", "z3-recompute", "z3-offload", "z3-offload-cpu-adam", "z3-nvme"):
         assert sorted(losses[variant]) == [1, 2, 3]
         for step in (1, 2, 3):
             # fp32 on CPU; stages differ only in the order of reductions

@@ -102,9 +102,9 @@ def test_batch_layout_is_computed_once_without_a_process_group(tmp_path):
     assert plan_steps(100, cfg.train, 2).global_batch == layout.global_batch
 
 
-def test_offload_needs_cpu_adam_or_torch_adam_and_nvme_a_path(monkeypatch):
+def test_offload_needs_cpu_adam_or_torch_adam_and_nvme_a_path_and_libaio(monkeypatch, tmp_path):
     """The shipped offload config passes where DeepSpeed's CPU Adam can be built (a compiler and ninja, as
-    here); where it cannot, the check names the way out; NVMe needs a folder."""
+    here); where it cannot, the check names the way out; NVMe needs a folder it can write and libaio."""
     import json as json_module
 
     from bookgen.train import preflight
@@ -118,6 +118,14 @@ def test_offload_needs_cpu_adam_or_torch_adam_and_nvme_a_path(monkeypatch):
     preflight.check_offload(shipped, "zero3_offload.json")  # torch's AdamW needs nothing compiled
     shipped["zero_optimization"]["offload_param"] = {"device": "nvme"}
     with pytest.raises(BookgenError, match="offload_param offloads to nvme but names no nvme_path"):
+        preflight.check_offload(shipped, "zero3_offload.json")
+    shipped["zero_optimization"]["offload_param"]["nvme_path"] = str(REPO / "pyproject.toml")
+    with pytest.raises(BookgenError, match=r"offload_param.nvme_path: .*pyproject.toml is a file"):
+        preflight.check_offload(shipped, "zero3_offload.json")
+    shipped["zero_optimization"]["offload_param"]["nvme_path"] = str(tmp_path / "swap")  # created by DeepSpeed
+    preflight.check_offload(shipped, "zero3_offload.json")
+    monkeypatch.setattr(preflight, "aio_available", lambda: False)
+    with pytest.raises(BookgenError, match=r"offload_param offloads to nvme through DeepSpeed's async I/O op.*libaio"):
         preflight.check_offload(shipped, "zero3_offload.json")
 
 
