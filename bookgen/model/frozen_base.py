@@ -116,7 +116,8 @@ def _weight_files(folder: Path) -> dict[str, dict[str, Any]]:
     from bookgen.model.partitioned_load import safetensors_files
 
     files = safetensors_files(folder) or sorted(folder.glob("pytorch_model*.bin"))
-    return {path.name: {"bytes": path.stat().st_size, "header_sha256": _header_digest(path)} for path in files}
+    return {path.name: {"bytes": path.stat().st_size, "header_sha256": _header_digest(path)}
+            for path in files if path.is_file()}  # a shard the index names but the folder lacks: missing
 
 
 def _header_digest(path: Path) -> str | None:

@@ -35,6 +35,12 @@ def test_a_base_with_other_tensors_or_files_is_refused_naming_the_file(tmp_path)
     with pytest.raises(BookgenError, match=r"model.safetensors: missing; model-00001-of-0000\d.safetensors, .*: new"):
         check_base(record, tmp_path / "step8")
 
+    sharded = base_record(str(base))
+    shard = sorted(base.glob("model-*.safetensors"))[-1]
+    shard.unlink()  # the index still names it
+    with pytest.raises(BookgenError, match=rf"{shard.name}: missing"):
+        check_base(sharded, tmp_path / "step8")
+
 
 def test_a_hub_id_outside_the_local_cache_records_no_files_and_is_not_checked(tmp_path):
     record = base_record("bookgen-test/not-in-any-cache")
