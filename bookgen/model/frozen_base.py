@@ -91,7 +91,7 @@ def load_base(record: dict[str, Any], config: Any, checkpoint: Path) -> PreTrain
     except (OSError, ValueError) as exc:
         raise BookgenError(f"{checkpoint}: this LoRA checkpoint holds only the adapters, and its frozen base "
                            f"{record['name_or_path']!r} cannot be loaded (put it back where the run trained from "
-                           f"it): {str(exc)[:300]}") from exc
+                           f"it; a symbolic link there to a copy works): {str(exc)[:300]}") from exc
     check_base(record, checkpoint)  # again: a hub id that was not in the cache is now, as from_pretrained fetched it
     resize_embeddings(model, config.vocab_size, None)
     for key, value in config.to_diff_dict().items():  # special token ids, dropout: what the run set

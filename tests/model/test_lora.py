@@ -161,6 +161,10 @@ def test_a_lora_run_of_another_family_evaluates_and_resumes_at_another_world_siz
     pre.rename(tmp_path / "moved")
     proc = run_cli(["export", "--cfg", str(exp), "--out", str(tmp_path / "out")])
     assert proc.returncode != 0 and f"its frozen base {str(pre)!r} cannot be loaded" in proc.stderr, proc.stderr
+    pre.symlink_to(tmp_path / "moved")  # the way back the message names: a link to the copy
+    proc = run_cli(["export", "--cfg", str(exp), "--out", str(tmp_path / "linked")])
+    assert proc.returncode == 0 and (tmp_path / "linked" / "config.json").is_file(), proc.stderr[-2000:]
+    pre.unlink()
     _pretrained(pre, "qwen2")  # other weights, other tensor names
     for command in (["export", "--cfg", str(exp), "--out", str(tmp_path / "out")], ["train", "--cfg", str(exp)]):
         proc = run_cli(command)
