@@ -46,6 +46,13 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists: where a folder not made yet would be created."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def current_umask() -> int:
     """The process umask (reading it means setting it; set straight back)."""
     mask = os.umask(0o022)

@@ -64,9 +64,11 @@ def load_checkpoint_model(folder: Path, *, merge_adapters: bool = True
     if lora:
         model = wrap_for_loading(model, hf)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}  # tied to the input embeddings
+    # a checkpoint without its base lacks every name of every frozen weight (a tied head's second name too)
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad} if base \
         else set()
-    expected = {k for k in missing if k.endswith("lm_head.weight")} | frozen  # tied to the input embeddings
+    expected = tied | frozen
     if set(missing) - expected or unexpected:
         raise BookgenError(f"{folder}: weights do not fit the saved config (missing {sorted(set(missing) - expected)}, "
                            f"unexpected {sorted(unexpected)})")

@@ -12,7 +12,15 @@ from bookgen.checkpoint.consolidate import consolidated_state_dict, load_checkpo
 from bookgen.checkpoint.folder import MARKER
 from bookgen.checkpoint.safetensors_out import model_tensors, write_safetensors
 from bookgen.errors import BookgenError
-from bookgen.fileio import apply_umask, read_json, remove_dead_scratch, scratch_owner, staged_dir, write_json_atomic
+from bookgen.fileio import (
+    apply_umask,
+    nearest_existing,
+    read_json,
+    remove_dead_scratch,
+    scratch_owner,
+    staged_dir,
+    write_json_atomic,
+)
 from bookgen.model.lora import ADAPTER_CONFIG, check_adapter_export, is_lora
 
 if TYPE_CHECKING:
@@ -44,12 +52,6 @@ def _inside_a_run(out: Path, checkpoint: Path) -> Path | None:
     return None
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_export_target(out: Path, *, force: bool, checkpoint: Path) -> None:
     """Refuse a target whose contents an export would overwrite without being asked to: a file, anything in
     a run folder or checkpoint (however the path is spelled, ``--force`` or not), a folder this user cannot
@@ -62,7 +64,7 @@ def check_export_target(out: Path, *, force: bool, checkpoint: Path) -> None:
     if inside is not None:
         raise BookgenError(f"--out: {out} is {'' if inside == out else 'inside '}a run folder or checkpoint "
                            f"({inside}); an export never writes there, even with --force: name another folder")
-    writable = _nearest_existing(out)
+    writable = nearest_existing(out)
     if not os.access(writable, os.W_OK | os.X_OK):
         raise BookgenError(f"--out: cannot write into {writable} (read-only or not yours); name another folder")
     if not out.exists():

@@ -56,12 +56,13 @@ def base_record(name_or_path: str) -> dict[str, Any]:
     return {"name_or_path": name_or_path, "weights": _weight_files(folder) if folder is not None else None}
 
 
-def check_base(record: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse, naming the file, a base whose weight files differ from those the checkpoint was trained on."""
+def check_base(record: dict[str, Any], checkpoint: Path) -> bool:
+    """Refuse, naming the file, a base whose weight files differ from those the checkpoint was trained on; False
+    when there was nothing to compare (a hub id not in the cache, before from_pretrained fetches it)."""
     saved = record.get("weights")
     now = base_record(record["name_or_path"])["weights"]
-    if saved is None or now is None:  # nothing to compare (a hub id fetched later by from_pretrained)
-        return
+    if saved is None or now is None:
+        return False
     changed = sorted(name for name in set(saved) & set(now) if saved[name] != now[name])
     missing, new = sorted(set(saved) - set(now)), sorted(set(now) - set(saved))
     found = [f"{_names(names)} {what}" for names, what in (
@@ -71,6 +72,7 @@ def check_base(record: dict[str, Any], checkpoint: Path) -> None:
         raise BookgenError(
             f"{checkpoint}: this LoRA checkpoint holds only the adapters; its frozen base {record['name_or_path']} "
             f"has changed since it was saved ({'; '.join(found)}). Put the base back there as it was")
+    return True
 
 
 def _names(names: list[str]) -> str:
@@ -85,14 +87,15 @@ def load_base(record: dict[str, Any], config: Any, checkpoint: Path) -> PreTrain
 
     from bookgen.model.build import resize_embeddings
 
-    check_base(record, checkpoint)
+    checked = check_base(record, checkpoint)  # before reading any weight
     try:
         model = AutoModelForCausalLM.from_pretrained(record["name_or_path"], dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise BookgenError(f"{checkpoint}: this LoRA checkpoint holds only the adapters, and its frozen base "
                            f"{record['name_or_path']!r} cannot be loaded (put it back where the run trained from "
                            f"it; a symbolic link there to a copy works): {str(exc)[:300]}") from exc
-    check_base(record, checkpoint)  # again: a hub id that was not in the cache is now, as from_pretrained fetched it
+    if not checked:  # a hub id that was not in the cache is now: from_pretrained fetched it
+        check_base(record, checkpoint)
     resize_embeddings(model, config.vocab_size, None)
     for key, value in config.to_diff_dict().items():  # special token ids, dropout: what the run set
         if key not in ("architectures", "transformers_version", "dtype", "torch_dtype"):

@@ -15,6 +15,7 @@ from bookgen.checkpoint.folder import check_no_other_run, check_resume_folder, c
 from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
+from bookgen.fileio import nearest_existing
 from bookgen.model.build import family_config, position_count
 from bookgen.model.lora import check_targets
 from bookgen.tracking import check_tracker_packages
@@ -122,9 +123,7 @@ def check_offload(ds: dict[str, Any], where: str) -> None:
 
 def _check_swap_folder(folder: Path, key: str) -> None:
     """DeepSpeed creates its swap files under the folder: it must be one this rank can write (or create)."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if existing == folder and not folder.is_dir():
         raise BookgenError(f"{key}: {folder} is a file; name a folder on a local NVMe drive")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -133,23 +132,23 @@ def _check_swap_folder(folder: Path, key: str) -> None:
 
 def aio_available() -> bool:
     """DeepSpeed's async I/O op (NVMe offload): built into the installed DeepSpeed, or buildable at first use."""
-    import shutil
-
-    from deepspeed.git_version_info import installed_ops
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    if installed_ops.get("async_io"):
-        return True
-    return bool(AsyncIOBuilder().is_compatible(verbose=False) and shutil.which("ninja") and shutil.which("c++"))
+    return _op_available("async_io", "AsyncIOBuilder")
 
 
 def cpu_adam_available() -> bool:
     """DeepSpeed's CPU Adam op: built into the installed DeepSpeed, or buildable at first use."""
+    return _op_available("cpu_adam", "CPUAdamBuilder")
+
+
+def _op_available(op: str, builder: str) -> bool:
+    """A DeepSpeed op built at install (DS_BUILD_...=1), or one its builder can compile here (a compiler, ninja
+    and what the op itself needs)."""
     import shutil
 
     from deepspeed.git_version_info import installed_ops
-    from deepspeed.ops.op_builder import CPUAdamBuilder
+    from deepspeed.ops import op_builder
 
-    if installed_ops.get("cpu_adam"):
+    if installed_ops.get(op):
         return True
-    return bool(CPUAdamBuilder().is_compatible(verbose=False) and shutil.which("ninja") and shutil.which("c++"))
+    return bool(getattr(op_builder, builder)().is_compatible(verbose=False) and shutil.which("ninja")
+                and shutil.which("c++"))
