@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -34,6 +36,28 @@ def crc32_file(path: Path, chunk: int = 1 << 24) -> str:
     return f"{crc:08x}"
 
 
+def open_regular(path: Path, mode: str) -> IO[str]:
+    """Open ``path`` for appending (``"a"``) or locking (``"a+"``) without following a symbolic link, and refuse
+    what is not a regular file. A lock or log of a fixed name sits in folders other people may write (a shared
+    prepared or run folder): a link planted there would otherwise make bookgen write into any file its user can
+    write. Raises OSError (ELOOP for a link), as ``open`` would."""
+    flags = os.O_WRONLY | os.O_APPEND if mode == "a" else os.O_RDWR | os.O_APPEND
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "a symbolic link, which bookgen does not follow for its own files; remove it",
+                          str(path)) from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, mode, encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
@@ -44,6 +68,21 @@ def read_json(path: Path) -> Any | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def read_jsonl_torn(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The JSON lines of ``path``, and the last line when a kill or a full disk cut it short (it is left out).
+    A damaged line anywhere else is no torn write: it raises ValueError naming its line."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                return records, line
+            raise ValueError(f"line {number}: {exc}") from exc
+    return records, None
 
 
 def nearest_existing(path: Path) -> Path:
@@ -77,6 +116,21 @@ def write_text_atomic(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def written_aside(path: Path) -> Iterator[Path]:
+    """A fresh file beside ``path`` for a writer that takes a name (matplotlib), renamed over ``path`` when the
+    block ends without error: a link planted at ``path`` is replaced, never written through."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        apply_umask(tmp, folder=False)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,8 +11,7 @@ from typing import Any
 import yaml
 
 from bookgen.errors import BookgenError
-from bookgen.fileio import read_json
-from bookgen.train.metrics import read_metrics
+from bookgen.fileio import read_json, read_jsonl_torn, written_aside
 from bookgen.train.run_files import INTERRUPTED_MARKER, PREEMPTED_MARKER, RESOLVED_CONFIG, RUN_INFO, SUMMARY
 from bookgen.train.run_lock import LOCK_NAME
 
@@ -57,10 +56,12 @@ def read_run(folder: Path) -> RunRow:
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise BookgenError(f"{folder / RESOLVED_CONFIG}: cannot read it ({exc})") from exc
     metrics_path = folder / "metrics.jsonl"
+    records, damage = [], ""
     try:
-        records = read_metrics(metrics_path) if metrics_path.is_file() else []
-    except ValueError as exc:
-        raise BookgenError(f"{metrics_path}: not JSON lines ({exc})") from exc
+        records, torn = read_jsonl_torn(metrics_path) if metrics_path.is_file() else ([], None)
+        damage = ", last line torn" if torn is not None else ""
+    except (OSError, ValueError) as exc:  # one damaged run is marked; the others are still listed
+        damage = f", metrics.jsonl unreadable ({exc})"
     summary, info = _mapping(read_json(folder / SUMMARY)), _mapping(read_json(folder / RUN_INFO))
     steps = max((r["step"] for r in records if "loss" in r), default=0)
     evals = [r for r in records if "perplexity" in r]
@@ -81,7 +82,7 @@ def read_run(folder: Path) -> RunRow:
         last_perplexity=evals[-1]["perplexity"] if evals else None,
         stop_rate=samples[-1]["samples_stop_rate"] if samples else None,
         copied_share=samples[-1].get("samples_copied_8gram_share") if samples else None,
-        status=run_status(folder, summary, steps),
+        status=run_status(folder, summary, steps) + damage,
         curve=[(r["step"], r["eval_loss"]) for r in evals if "eval_loss" in r],
     )
 
@@ -169,14 +170,37 @@ def plot_curves(rows: list[RunRow], out_png: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    try:
+        with written_aside(out_png) as tmp:
+            fig.savefig(tmp, dpi=100)
+    except OSError as exc:
+        raise BookgenError(f"--plot {out_png}: cannot write it ({exc.strerror or exc})") from exc
+    finally:
+        plt.close(fig)
+
+
+def plot_target(path: Path) -> Path:
+    """Where ``--plot PATH`` writes, checked before anything is read: an image file in a folder that exists
+    (matplotlib would add ``.png`` to a name without a suffix and write somewhere else than it was told)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.is_dir():
+        raise BookgenError(f"--plot {path}: a folder; name the image to write, e.g. {path / 'curves.png'}")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    if path.suffix[1:].lower() not in formats:
+        raise BookgenError(f"--plot {path}: matplotlib cannot write {path.suffix!r} images; end the name in one of "
+                           + ", ".join(f".{f}" for f in formats))
+    if not path.parent.is_dir():
+        raise BookgenError(f"--plot {path}: the folder {path.parent} does not exist")
+    return path
 
 
 def runs_command(paths: list[Path], plot: Path | None, console: Any) -> int:
     from rich.console import Console
 
+    plot = None if plot is None else plot_target(plot)
     rows = [read_run(folder) for folder in find_run_folders(paths or [Path("runs")])]
     out = Console()  # the table goes to stdout, whole when piped (rich would cut it at 80 columns)
     if not out.is_terminal:
@@ -184,5 +208,5 @@ def runs_command(paths: list[Path], plot: Path | None, console: Any) -> int:
     out.print(runs_table(rows))
     if plot is not None:
         plot_curves(rows, plot)
-        console.print(f"validation curves: {plot}", highlight=False)
+        console.print(f"validation curves: {plot}", highlight=False, markup=False)
     return 0

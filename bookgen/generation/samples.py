@@ -23,6 +23,7 @@ import torch
 from bookgen.config import ExperimentConfig, GenerateConfig
 from bookgen.data.prepare import open_store
 from bookgen.distributed import DistEnv
+from bookgen.fileio import open_regular, read_jsonl_torn, write_text_atomic
 from bookgen.generation.quality import NgramIndex, Quality, measure
 from bookgen.generation.sampling import Sample, generate
 
@@ -102,12 +103,11 @@ class SamplesLog:
     def __init__(self, run_dir: Path, resume_step: int = 0) -> None:
         self.path = run_dir / "samples.jsonl"
         if self.path.exists():
-            keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
+            write_text_atomic(self.path, "".join(f"{json.dumps(r)}\n" for r in read_jsonl_torn(self.path)[0]
+                                                 if r["step"] <= resume_step))
 
     def write(self, round_: SampleRound) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
+        with open_regular(self.path, "a") as fh:
             fh.write("".join(json.dumps(r) + "\n" for r in round_.records()))
 
 

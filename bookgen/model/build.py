@@ -22,6 +22,7 @@ import torch
 
 from bookgen.config import ExperimentConfig
 from bookgen.errors import BookgenError
+from bookgen.model.config_checks import suggestion, unknown_family_keys
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -138,15 +139,27 @@ def family_config(mapping: dict[str, Any], **extra: Any) -> Any:
     causal language model; errors name the key."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    model_type = mapping["model_type"]
     settings = {k: v for k, v in mapping.items() if k != "model_type"} | extra
     try:
-        config = AutoConfig.for_model(mapping["model_type"], **settings)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BookgenError(f"model.config: model_type {mapping['model_type']!r}: {str(exc)[:300]}") from exc
+        unknown = unknown_family_keys(model_type, settings)
+        config = AutoConfig.for_model(model_type, **settings)
+    except Exception as exc:  # unknown family, or the family's own validation (heads against width, ...)
+        raise BookgenError(f"model.config: model_type {model_type!r}: {_first_reason(exc)}") from exc
+    if unknown:
+        raise BookgenError("model.config: " + "; ".join(
+            f"{key} is not a {model_type} setting{suggestion(key, model_type)}" for key in unknown))
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise BookgenError(f"model.config: model_type {mapping['model_type']!r} is not a causal language model "
                            "(AutoModelForCausalLM has no class for it)")
     return config
+
+
+def _first_reason(exc: Exception) -> str:
+    """The line of a transformers error that says what is wrong (a validation error wraps it in a header)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if "Error:" in line] or lines or [type(exc).__name__]
+    return reasons[-1].split("Error: ", 1)[-1][:300]
 
 
 def _dropout_settings(mapping: dict[str, Any], dropout: float | None) -> dict[str, float]:

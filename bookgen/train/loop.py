@@ -33,7 +33,7 @@ from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
 from bookgen.evaluation.perplexity import EvalResult
 from bookgen.evaluation.report import eval_line, run_eval
-from bookgen.fileio import read_json, write_json_atomic
+from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
 from bookgen.generation.samples import TrainingSampler
 from bookgen.model.build import build_model, count_parameters
 from bookgen.model.flops import flops_per_token, mfu, peak_flops
@@ -243,7 +243,7 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: I
     if resume_plan.folder is not None and _is_finished(cfg, dist, state, plan):
         return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, None, None, progress,
                    None, None, invocation, finished=True)
-    log = _open_log(cfg, dist, state.global_step, ds_config)
+    log = _open_log(cfg, dist, state.global_step, ds_config, console)
     console.print(f"model: {_parameter_line(engine.module)}; {len(train_examples)} training examples; "
                   f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
                   f"{plan.total_steps} steps in all")
@@ -262,12 +262,13 @@ def _parameter_line(model: torch.nn.Module) -> str:
     return f"{total:,} parameters, {trainable:,} of them trained (LoRA: {100 * trainable / total:.2f}%)"
 
 
-def _open_log(cfg: ExperimentConfig, dist: DistEnv, resume_step: int, ds_config: dict[str, Any]
-              ) -> MetricsLog | None:
+def _open_log(cfg: ExperimentConfig, dist: DistEnv, resume_step: int, ds_config: dict[str, Any],
+              console: Console) -> MetricsLog | None:
     """Rank 0's metrics log and trackers; a tracker that cannot start stops every rank here."""
     log, error = None, None
     if dist.is_main:
-        log = MetricsLog(cfg.run.output_dir, resume_step=resume_step)
+        log = MetricsLog(cfg.run.output_dir, resume_step=resume_step,
+                         notify=lambda line: console.print(line, markup=False, highlight=False))
     if dist.is_main and cfg.run.trackers:  # the run's params (a git call among them) only for a tracker
         params = run_params(config_to_dict(cfg), ds_config, dist.world_size)
         try:
@@ -438,7 +439,8 @@ def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, sto
         console.print(f"preempted: saved checkpoint at step {step}; rerun to resume")
     if run.log is not None:
         run.log.close("interrupted" if stop.interrupted else "preempted")
-        (cfg.run.output_dir / (INTERRUPTED_MARKER if stop.interrupted else PREEMPTED_MARKER)).write_text(f"{step}\n")
+        write_text_atomic(cfg.run.output_dir / (INTERRUPTED_MARKER if stop.interrupted else PREEMPTED_MARKER),
+                          f"{step}\n")
     # no rank exits before the marker is written: srun ends the other tasks when the first one exits, and
     # slurm/train.sh requeues only a job whose marker is there
     distributed.barrier()

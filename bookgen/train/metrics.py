@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bookgen.fileio import open_regular, read_jsonl_torn, write_text_atomic, written_aside
 from bookgen.tracking.fanout import Status, Trackers
 
 
@@ -14,24 +16,28 @@ class MetricsLog:
     """Appends one JSON object per line and hands each record to the run's trackers; on resume, lines past
     the resumed step are dropped first, and what they held is not sent to the trackers again."""
 
-    def __init__(self, run_dir: Path, *, resume_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, *, resume_step: int = 0, notify: Callable[[str], None] = print) -> None:
         self.path = run_dir / "metrics.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.sent_before = self._truncate_after(resume_step)
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self.sent_before = self._truncate_after(resume_step, notify)
+        self._fh = open_regular(self.path, "a")
         self.trackers = Trackers([])
 
-    def _truncate_after(self, step: int) -> dict[str, int]:
-        """Drop the records past ``step``; returns each key's last step in the file as it was."""
+    def _truncate_after(self, step: int, notify: Callable[[str], None]) -> dict[str, int]:
+        """Drop the records past ``step``; returns each key's last step in the file as it was. The shorter file
+        is written aside and renamed: a kill during the rewrite leaves the old file, never an empty one."""
         if not self.path.exists():
             return {}
-        records = read_metrics(self.path)
+        records, torn = read_jsonl_torn(self.path)
+        if torn is not None:
+            notify(f"{self.path}: dropped its last line, cut short by the run that wrote it ({torn[:60]!r})")
         last: dict[str, int] = {}
         for record in records:
             for key in record:
                 last[key] = max(last.get(key, -1), record.get("step", 0))
         keep = [r for r in records if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+        if torn is not None or len(keep) < len(records):
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         return last
 
     def write(self, *records: dict[str, Any]) -> None:
@@ -76,5 +82,6 @@ def plot_loss_curves(metrics_path: Path, out_png: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    with written_aside(out_png) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -17,6 +17,7 @@ from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
 from bookgen.fileio import nearest_existing
 from bookgen.model.build import family_config, position_count
+from bookgen.model.config_checks import check_causal_decoder, check_model_folder, check_weights_fit
 from bookgen.model.lora import check_targets
 from bookgen.tracking import check_tracker_packages
 from bookgen.train.ds_config import build_ds_config
@@ -34,7 +35,7 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
         check_resume_folder(Path(cfg.checkpoint.resume))
     if cfg.checkpoint.resume != "auto":
         check_no_other_run(cfg, None if cfg.checkpoint.resume == "never" else Path(cfg.checkpoint.resume))
-    check_model(cfg)
+    check_model(cfg, dist)
     ignored = cfg.model.ignored_gpt2_keys()
     if ignored and dist.is_main:
         source = f"model.name_or_path ({cfg.model.name_or_path})" if cfg.model.name_or_path else "model.config"
@@ -54,33 +55,39 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
         raise BookgenError("; ".join(errors))
 
 
-def check_model(cfg: ExperimentConfig) -> None:
-    """A pretrained model's or a model.config family's position count is read from its config (the GPT-2 keys
-    are checked when the experiment is loaded); a model.config that transformers cannot build is named, and
-    so is a LoRA target that matches no layer."""
-    if cfg.model.config is not None:
-        config, what = family_config(cfg.model.config), f"model.config ({cfg.model.config['model_type']})"
-    elif cfg.model.name_or_path is not None:
+def check_model(cfg: ExperimentConfig, dist: DistEnv | None = None) -> None:
+    """A pretrained model's or a model.config family's config is read (a local folder checked for its config
+    and weights first): it must be a decoder-only causal LM whose fp32 weights fit a rank's memory, with
+    positions for a block; a model.config that transformers cannot build is named, and so is a LoRA target
+    that matches no layer."""
+    m = cfg.model
+    if m.config is not None:
+        config, what = family_config(m.config), f"model.config ({m.config['model_type']})"
+    elif m.name_or_path is not None:
         from transformers import AutoConfig
 
+        check_model_folder(m.name_or_path, "model.name_or_path")
         try:
-            config = AutoConfig.from_pretrained(cfg.model.name_or_path)
-        except (OSError, ValueError) as exc:
-            raise BookgenError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r}: {exc}") from exc
-        what = cfg.model.name_or_path
+            config = AutoConfig.from_pretrained(m.name_or_path)
+        except Exception as exc:  # OSError, ValueError, and the families' own validation errors
+            raise BookgenError(f"model.name_or_path: cannot load {m.name_or_path!r}: {exc}") from exc
+        what = f"model.name_or_path ({m.name_or_path})"
     else:
         from transformers import GPT2Config
 
-        m = cfg.model
         config, what = GPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, n_positions=m.n_positions,
                                   vocab_size=8), None
     check_targets(cfg, config)
     if what is None:
         return
+    check_causal_decoder(config, what)
+    if dist is not None:
+        check_weights_fit(config, what, partitions=dist.world_size if cfg.deepspeed.zero_stage == 3 else 1,
+                          local_ranks=dist.local_world_size)
     positions = position_count(config)
     if positions is not None and cfg.data.block_size > positions:
         raise BookgenError(f"data.block_size: {cfg.data.block_size} is more than the {positions} positions of "
-                           f"{what}; set data.block_size to at most {positions}")
+                           f"{m.name_or_path or what}; set data.block_size to at most {positions}")
 
 
 def _unwritable(cfg: ExperimentConfig, dist: DistEnv) -> str | None:

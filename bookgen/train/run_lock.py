@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from bookgen.errors import BookgenError
+from bookgen.fileio import open_regular
 
 if TYPE_CHECKING:  # distributed imports torch, which `bookgen prepare` does not need
     from bookgen.distributed import DistEnv
@@ -55,12 +56,13 @@ def hold_run_folder(output_dir: Path, dist: DistEnv) -> Iterator[None]:
 def hold_prepared_folder(folder: Path, notify: Callable[[str], None]) -> Iterator[None]:
     """Hold ``folder``'s prepare lock, waiting (and saying so through ``notify``) while another holds it."""
     try:
-        handle = open(folder / PREPARE_LOCK_NAME, "a+", encoding="utf-8")
+        handle = open_regular(folder / PREPARE_LOCK_NAME, "a+")
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # read-only: used as it is, or refused
             yield                                                 # by the first stage that must write
             return
-        raise
+        raise BookgenError(f"data.prepared_dir: cannot open {folder / PREPARE_LOCK_NAME} "
+                           f"({exc.strerror or exc})") from exc
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,7 +86,7 @@ def _write_holder(handle: IO[str]) -> None:
 def _acquire(output_dir: Path) -> tuple[IO[str] | None, str | None]:
     path = output_dir / LOCK_NAME
     try:
-        handle = open(path, "a+", encoding="utf-8")  # held open: the lock lasts as long as the run
+        handle = open_regular(path, "a+")  # held open: the lock lasts as long as the run
     except OSError as exc:
         return None, f"run.output_dir: cannot open {path} ({exc.strerror or exc})"
     try:

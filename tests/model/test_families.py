@@ -109,3 +109,75 @@ def test_a_pretrained_model_keeps_its_own_bos_and_eos_when_the_experiment_names_
 
     first = TokenStore.open(tmp_path / "run" / "prepared" / "store" / "train")[0]
     assert first[0] == tok.bos_token_id and first[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize(("mapping", "message"), [
+    (LLAMA | {"hidden_sizee": 64}, r"model.config: hidden_sizee is not a llama setting \(did you mean hidden_size\?\)"),
+    (LLAMA | {"num_attention_heads": 5}, r"model.config: model_type 'llama': The hidden size \(32\) is not a multiple"
+                                         r" of the number of attention heads \(5\)"),
+])
+def test_a_typo_or_an_invalid_shape_in_model_config_is_named_before_anything_is_built(tmp_path, mapping, message):
+    """A misspelt key used to pass silently, and the family's defaults built a 7B Llama that the kernel killed."""
+    from bookgen.errors import BookgenError
+    from bookgen.train.preflight import check_model
+
+    with pytest.raises(BookgenError, match=message):
+        check_model(load_config(write_experiment(tmp_path, {"model.config": mapping})))
+
+
+def test_a_model_whose_weights_exceed_a_ranks_memory_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    """The size comes from the meta device (nothing allocated); under ZeRO-3 the ranks share the weights."""
+    from bookgen.distributed import DistEnv
+    from bookgen.errors import BookgenError
+    from bookgen.model import config_checks
+    from bookgen.train.preflight import check_model
+
+    big = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "max_position_embeddings": BLOCK}
+    monkeypatch.setattr(config_checks, "_host_available", lambda: 8 * 2**30)  # an 8 GiB host
+    dist = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1", master_port=1)
+    with pytest.raises(BookgenError, match=r"model.config \(llama\): 6.\d\dB parameters take 2\d.\d GiB per rank "
+                                           r"in fp32, more than this host's available memory \(8.0 GiB\)"):
+        check_model(load_config(write_experiment(tmp_path, {"model.config": big})), dist)
+    four = DistEnv(rank=0, world_size=4, local_rank=0, local_world_size=1, master_addr="127.0.0.1", master_port=1)
+    check_model(load_config(write_experiment(tmp_path, {"model.config": big, "deepspeed.zero_stage": 3})), four)
+
+
+def test_an_encoder_such_as_bert_is_refused_as_a_causal_lm(tmp_path):
+    """transformers maps BertForMaskedLM folders to BertLMHeadModel, which attends both ways unless is_decoder."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from bookgen.errors import BookgenError
+    from bookgen.train.preflight import check_model
+
+    BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=100)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(BookgenError, match=r"the 'bert' family is an encoder \(it attends both ways"):
+        check_model(load_config(write_experiment(tmp_path, {"model.name_or_path": "bert"})))
+    with pytest.raises(BookgenError, match=r"the 'bert' family is an encoder"):
+        check_model(load_config(write_experiment(tmp_path, {"model.config": {"model_type": "bert"}})))
+
+
+def test_a_broken_model_folder_is_named(tmp_path):
+    """A missing folder, a config without weights, a truncated safetensors file: each named, no traceback."""
+    from bookgen.errors import BookgenError
+    from bookgen.model.build import family_config
+    from bookgen.train.preflight import check_model
+
+    def check(name: str) -> None:
+        check_model(load_config(write_experiment(tmp_path, {"model.name_or_path": name})))
+
+    with pytest.raises(BookgenError, match=r"model.name_or_path: the folder ../models/llama does not exist"):
+        check("../models/llama")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(family_config(LLAMA, vocab_size=100)).save_pretrained(tmp_path / "pre")
+    check("pre")
+    weights = tmp_path / "pre" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BookgenError, match=r"model.safetensors: truncated"):
+        check("pre")
+    weights.unlink()
+    with pytest.raises(BookgenError, match=r"pre has a config but no weights"):
+        check("pre")
