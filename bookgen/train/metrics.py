@@ -26,8 +26,7 @@ class MetricsLog:
     def _truncate_after(self, step: int, notify: Callable[[str], None]) -> dict[str, int]:
         """Drop the records past ``step``; returns each key's last step in the file as it was. The shorter file
         is written aside and renamed: a kill during the rewrite leaves the old file, never an empty one."""
-        if not self.path.exists():
-            return {}
+        open_regular(self.path, "a").close()  # refuses a planted link before anything is read or replaced
         records, torn = read_jsonl_torn(self.path)
         if torn is not None:
             notify(f"{self.path}: dropped its last line, cut short by the run that wrote it ({torn[:60]!r})")

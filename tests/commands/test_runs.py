@@ -46,3 +46,38 @@ def test_runs_names_a_folder_that_holds_no_runs(tmp_path, capsys):
     assert f"{tmp_path}: neither a run folder" in capsys.readouterr().err.replace("\n", "")
     assert main(["runs", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def _bare_run(folder, metrics: str):
+    folder.mkdir(parents=True)
+    (folder / "resolved_config.yaml").write_text("data: {packing: none}\n")
+    (folder / "metrics.jsonl").write_text(metrics)
+
+
+def test_a_torn_or_damaged_metrics_file_marks_its_run_and_the_others_are_listed(tmp_path):
+    good = '{"step": 1, "loss": 6.0}\n{"step": 2, "eval_loss": 5.5, "perplexity": 244.7}\n'
+    _bare_run(tmp_path / "runs" / "good", good)
+    _bare_run(tmp_path / "runs" / "torn", good + '{"step": 3, "loss": 5.9')
+    _bare_run(tmp_path / "runs" / "damaged", '{"step": 1\n' + good)
+    proc = run_cli(["runs", str(tmp_path / "runs")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert _row(proc.stdout, "runs/good")[-1] == "failed"
+    assert _row(proc.stdout, "runs/torn")[-1] == "failed, last line torn"
+    assert _row(proc.stdout, "runs/torn")[6] == "1", "the torn step is not counted"
+    assert "metrics.jsonl unreadable (line 1" in _row(proc.stdout, "runs/damaged")[-1]
+
+
+def test_plot_targets_are_checked_before_anything_is_read(tmp_path, capsys):
+    good = '{"step": 1, "loss": 6.0}\n{"step": 2, "eval_loss": 5.5, "perplexity": 244.7}\n'
+    _bare_run(tmp_path / "runs" / "good", good)
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text("run: {}\n")
+    for target, message in ((tmp_path / "runs", "a folder; name the image to write"),
+                            (experiment, "matplotlib cannot write '.yaml' images"),
+                            (tmp_path / "missing" / "c.png", "the folder " + str(tmp_path / "missing"))):
+        assert main(["runs", str(tmp_path / "runs"), "--plot", str(target)]) == 2
+        assert message in capsys.readouterr().err.replace("\n", ""), target
+    assert experiment.read_text() == "run: {}\n"
+    assert main(["runs", str(tmp_path / "runs"), "--plot", str(tmp_path / "curves")]) == 0
+    assert f"validation curves: {tmp_path / 'curves.png'}" in capsys.readouterr().err.replace("\n", "")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

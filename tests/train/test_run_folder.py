@@ -121,3 +121,70 @@ def test_two_runs_of_the_same_command_do_not_share_a_folder(tmp_path):
     assert first.returncode == 75, err[-2000:]
     saved = [p.name for p in (run / "checkpoints").glob("step*") if (p / MARKER).is_file()]
     assert len(saved) == 1, f"one run saved one checkpoint: {saved}"
+
+
+def test_lock_and_log_files_never_write_through_a_planted_symbolic_link(tmp_path):
+    """Anyone who can write into a shared prepared or run folder could plant a link at a fixed name; bookgen
+    would have written `pid ... since ...` into the file it points at."""
+    import os
+
+    from bookgen.errors import BookgenError
+    from bookgen.fileio import open_regular
+    from bookgen.train.metrics import MetricsLog
+    from bookgen.train.run_lock import PREPARE_LOCK_NAME, hold_prepared_folder
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / PREPARE_LOCK_NAME).symlink_to(notes)
+    with pytest.raises(BookgenError, match=r"data.prepared_dir: cannot open .*\.prepare\.lock \(a symbolic link"):
+        with hold_prepared_folder(prepared, print):
+            pass
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(notes)
+    with pytest.raises(OSError, match="a symbolic link"):
+        MetricsLog(run)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(OSError, match="not a regular file"):
+        open_regular(tmp_path / "fifo", "a+")  # read-write: opening a FIFO does not wait for a reader
+    assert notes.read_text() == "my notes\n"
+
+    exp = write_experiment(tmp_path / "exp", {"train.max_steps": 1, "eval.at_end": False}, rows=60)
+    (tmp_path / "exp" / "run").mkdir()
+    (tmp_path / "exp" / "run" / ".bookgen-run.lock").symlink_to(notes)
+    proc = run_cli(["train", "--cfg", str(exp)])
+    assert proc.returncode == 2 and "a symbolic link, which bookgen does not follow" in proc.stderr, proc.stderr
+    assert notes.read_text() == "my notes\n"
+
+
+def test_resume_rewrites_metrics_aside_and_drops_a_torn_last_line(tmp_path, monkeypatch):
+    """A kill during the rewrite left an empty metrics.jsonl; a kill mid-write leaves a partial last line,
+    which made the resume raise JSONDecodeError."""
+    import json
+    import os
+
+    from bookgen.train.metrics import MetricsLog
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"step": s, "loss": 6.0 - s}) for s in range(1, 11)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 11, "loss": 5.9')
+    said = []
+
+    def killed(*args):
+        raise KeyboardInterrupt  # as a kill between writing the shorter file and renaming it
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLog(run, resume_step=8, notify=said.append)
+    assert (run / "metrics.jsonl").read_text().startswith(lines[0]), "the old file is whole"
+    monkeypatch.undo()
+    log = MetricsLog(run, resume_step=8, notify=said.append)
+    log.write({"step": 9, "loss": 1.0})
+    log.close()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert said and "dropped its last line, cut short" in said[0]
+    assert not [p for p in run.iterdir() if p.name.startswith(".metrics")], "no scratch file left"
