@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    required=False)
     gen.add_argument("--model", type=Path, default=None, help="exported Hugging Face folder")
     gen.add_argument("--checkpoint", **which)
-    gen.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable); default <BOS>")
+    gen.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable); default the begin token")
     gen.add_argument("--prompts", type=Path, default=None, help="prompt file: text (one per line) or .jsonl")
     gen.add_argument("--out", type=Path, default=None,
                      help="JSONL output (a .txt and a .quality.json are written beside it)")
@@ -207,8 +207,8 @@ def _generate(args: argparse.Namespace, console) -> int:  # type: ignore[no-unty
                                            "num_return_sequences", "seed", "batch_size")}
     settings = settings_from(base, flags)
     prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or [base.prompt])
-    if any(not p.strip() for p in prompts):
-        raise BookgenError("an empty prompt was given; use <BOS> to start a summary from nothing")
+    if any(p is not None and not p.strip() for p in prompts):
+        raise BookgenError("an empty prompt was given; leave --prompt out to start a summary from nothing")
     seed = settings.seed if settings.seed is not None else (cfg.seed if cfg else 0)
     out = args.out or ((cfg.run.output_dir if cfg else Path(".")) / "generated.jsonl")
     check_output_paths(out, inputs=[p for p in (args.prompts, args.model) if p is not None], force=args.force)

@@ -411,7 +411,9 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True, slots=True)
 class GenerateConfig:
-    prompt: str = field(default="<BOS>", metadata=_doc("Default prompt."))
+    prompt: str | None = field(default=None, metadata=_doc(
+        "Default prompt; unset: the tokenizer's begin token (<BOS> for bookgen's own tokenizer, the model's own, "
+        "e.g. <|begin_of_text|>, where tokenizer.bos_token names it)."))
     top_k: int = field(default=50, metadata=_doc("Sample among the k most likely tokens."))
     top_p: float = field(default=1.0, metadata=_doc("Nucleus sampling mass, in (0, 1]."))
     temperature: float = field(default=1.0, metadata=_doc("Softmax temperature, > 0."))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bookgen.config import GenerateConfig
+from bookgen.errors import BookgenError
 from bookgen.fileio import write_text_atomic
 from bookgen.model.attention import generation_attention
 from bookgen.model.build import position_count
@@ -177,13 +178,32 @@ def generate_rows(
     return [(p, j, generated[r], results[r]) for r, (p, j) in enumerate(rows)]
 
 
+REFERENCE_BOS = "<BOS>"
+
+
+def prompt_texts(prompts: list[str | None], tokenizer: Any) -> list[str]:
+    """Each prompt as text: an unset one is the tokenizer's begin token, whatever the model calls it. A prompt
+    that spells the reference's ``<BOS>`` to a tokenizer whose begin token is another (Llama's
+    ``<|begin_of_text|>``) would be read as five characters: it is named."""
+    begin = tokenizer.bos_token
+    texts = [begin if p is None else p for p in prompts]
+    if begin != REFERENCE_BOS and REFERENCE_BOS not in tokenizer.get_vocab():
+        for text in texts:
+            if REFERENCE_BOS in text:
+                raise BookgenError(f"prompt {text[:60]!r} spells {REFERENCE_BOS}, which this model's tokenizer "
+                                   f"reads as plain characters; its begin token is {begin}: write that, or leave "
+                                   "generate.prompt unset")
+    return texts
+
+
 def generate(
-    model: Any, tokenizer: Any, prompts: list[str], s: GenerateConfig, *, seed: int,
+    model: Any, tokenizer: Any, prompts: list[str | None], s: GenerateConfig, *, seed: int,
     prompt_indices: list[int] | None = None, on_prompts_done: Callable[[int], None] | None = None,
     observer: StepObserver | None = None, agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[Sample]:
     """Sample for every prompt; batches hold about ``s.batch_size`` rows of prompts of similar length."""
     indices = prompt_indices if prompt_indices is not None else list(range(len(prompts)))
+    prompts = prompt_texts(prompts, tokenizer)
     encoded = {i: tokenizer(p, add_special_tokens=False)["input_ids"] for i, p in zip(indices, prompts, strict=True)}
     limit = context_length(model)
     for i, ids in encoded.items():
@@ -280,8 +300,6 @@ def check_output_paths(out_jsonl: Path, *, inputs: list[Path], force: bool = Fal
     """Refuse an --out whose JSONL, readable copy or quality file would overwrite an input, each other, or a
     file generate did not write (unless ``force``), or that cannot be written: checked before the model
     loads, so no sampling time is lost to a bad path."""
-    from bookgen.errors import BookgenError
-
     readable = readable_path(out_jsonl)
     if out_jsonl.suffix in (".txt", ".json"):
         raise BookgenError(f"--out: {out_jsonl} would be overwritten by the readable copy (.txt) or the quality "
@@ -315,8 +333,6 @@ def write_outputs(samples: list[Sample], out_jsonl: Path) -> Path:
 
 
 def read_prompts(path: Path) -> list[str]:
-    from bookgen.errors import BookgenError
-
     if path.is_dir():
         raise BookgenError(f"--prompts: {path} is a folder; give a text file (one prompt a line) or a .jsonl file")
     if not path.is_file():

@@ -153,3 +153,23 @@ def test_the_default_batch_follows_a_memory_budget(loaded):
     assert [x.text for x in generate(model, tok, PROMPTS, sampled, seed=3)] == \
         [x.text for x in generate(model, tok, PROMPTS, GenerateConfig(top_k=20, max_new_tokens=20,
                                                                       num_return_sequences=3, batch_size=2), seed=3)]
+
+
+def test_the_default_prompt_is_the_tokenizers_own_begin_token(loaded):
+    """A Llama tokenizer's begin token is <|begin_of_text|>: the unset prompt is that token, and a prompt that
+    spells the reference's <BOS> (five characters to that tokenizer) is named."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bookgen.errors import BookgenError
+    from bookgen.generation.sampling import prompt_texts
+
+    _, own = loaded
+    assert prompt_texts([None, "<BOS> The king"], own) == ["<BOS>", "<BOS> The king"]
+    base = Tokenizer(models.WordLevel({"<|begin_of_text|>": 0, "a": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    base.pre_tokenizer = pre_tokenizers.Whitespace()
+    llama = PreTrainedTokenizerFast(tokenizer_object=base, bos_token="<|begin_of_text|>")
+    assert prompt_texts([None, "a"], llama) == ["<|begin_of_text|>", "a"]
+    with pytest.raises(BookgenError, match=r"spells <BOS>, which this model's tokenizer reads as plain characters; "
+                                           r"its begin token is <\|begin_of_text\|>"):
+        prompt_texts(["<BOS> a"], llama)
