@@ -165,7 +165,7 @@ def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation) -> dict[s
         run.progress.close()
         console.print(f"{cfg.run.output_dir} is a finished run (step {run.state.global_step} of "
                       f"{run.plan.total_steps}{', stopped early' if _stopped_early(run.state, cfg) else ''}): nothing "
-                      "was changed. Raise train.max_steps or train.epochs to train on", highlight=False)
+                      "was changed. Raise train.max_steps or train.epochs to train on", highlight=False, markup=False)
         return read_json(cfg.run.output_dir / SUMMARY) or {}
     start = time.perf_counter()
     try:
@@ -196,7 +196,7 @@ def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation) -> dict[s
         run.log.close("finished", files=[folder / name for name in END_FILES])
         console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" for k, v in summary.items()
                                      if v is not None}))
-        console.print(_where_things_are(cfg, invocation), highlight=False)
+        console.print(_where_things_are(cfg, invocation), highlight=False, markup=False)  # pasteable: [x] kept
     return summary
 
 
@@ -434,7 +434,7 @@ def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, sto
     step = run.state.global_step
     if stop.interrupted:
         console.print(f"interrupted: saved checkpoint at step {step}; resume with: {run.invocation.command('train')}",
-                      highlight=False)
+                      highlight=False, markup=False)
     else:
         console.print(f"preempted: saved checkpoint at step {step}; rerun to resume")
     if run.log is not None:

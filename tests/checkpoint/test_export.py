@@ -182,11 +182,13 @@ def test_the_printed_export_command_runs_as_printed(finished, tmp_path):
 
     shutil.copytree(finished / "run", tmp_path / "run")
     exp = write_experiment(tmp_path, FINISHED_SETTINGS | {"train.max_steps": FINISHED_STEPS + 1}, rows=120)
-    proc = run_cli(["train", "--cfg", str(exp), "--set", "eval.samples=0"])
+    # a list value: rich's markup used to swallow "[tensorboard]" from the printed line
+    proc = run_cli(["train", "--cfg", str(exp), "--set", "eval.samples=0", "--set", "run.trackers=[tensorboard]"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stderr.splitlines() if x.startswith("export it: "))
     command = shlex.split(line.removeprefix("export it: "))
     assert command[:4] == ["bookgen", "export", "--cfg", str(exp)] and "--set=eval.samples=0" in command
+    assert "--set=run.trackers=[tensorboard]" in command
     out = run_cli(command[1:])
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "run-hf" / "config.json").is_file()
