@@ -33,7 +33,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not path.is_file():
         raise ConfigError(f"{path}: experiment file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the experiment file ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
@@ -48,6 +50,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     given = {_apply_override(raw, item, path): item for item in overrides or []}
     return _build(ExperimentConfig, raw, prefix="", source=str(path), base_dir=path.resolve().parent,
                   overrides=given)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently:
+    an experiment that sets train.learning_rate twice trains with whichever comes later)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"line {line}: {key!r} is set twice in one section (first on line {seen[key]}); "
+                                    "remove one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_generate_overrides(overrides: list[str]) -> GenerateConfig:

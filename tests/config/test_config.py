@@ -109,6 +109,16 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_a_key_given_twice_is_named_with_its_lines(tmp_path):
+    """Plain YAML keeps the last value silently."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("run: {output_dir: run}\ndata: {source: x.txt}\ntrain:\n  learning_rate: 1.0e-3\n"
+                     "  epochs: 2\n  learning_rate: 5.0e-5\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: line 6: 'learning_rate' is set twice in one section "
+                                          r"\(first on line 4\)"):
+        load_config(twice)
+
+
 def test_set_overrides_are_typed_and_validated(tmp_path):
     path = write_experiment(tmp_path)
     cfg = load_config(path, ["train.max_steps=10", "train.learning_rate=3e-4", "data.packing=documents"])

@@ -200,6 +200,11 @@ def test_lora_counts_only_adapters_and_new_rows_as_trainable(tmp_path):
     ({"target_modules": ["q_proj"]}, r"model.lora.target_modules: 'q_proj' matches no layer of this gpt2 model; "
                                      r"its linear layers: c_attn, c_fc, c_proj"),
     ({"modules_to_save": ["score"]}, r"model.lora.modules_to_save: 'score' matches no module"),
+    ({"r": 100000}, r"model.lora.r: 100000 is not below the width of the layers it adapts \(transformer.h.0.attn."
+                    r"c_attn: 32\)"),
+    ({"r": 32, "target_modules": ["c_fc"]}, r"model.lora.r: 32 is not below the width"),
+    ({"target_modules": ["wte"]}, r"model.lora.target_modules: 'wte' is the input embedding, whose new tokens' "
+                                  r"rows model.lora.train_new_tokens trains already"),
 ])
 def test_a_lora_setting_that_matches_nothing_is_named_by_preflight(tmp_path, lora, message):
     """Preflight (train/preflight.check_training, before any data is touched) names it."""
