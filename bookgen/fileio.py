@@ -106,13 +106,25 @@ def apply_umask(path: Path | str, *, folder: bool) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
 
 
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Give an OSError raised by a write on an open file (a full disk: ``No space left on device``) the name of
+    the file it concerns, which Python leaves out, so the message says which file could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write beside ``path``, then rename over it: readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         apply_umask(tmp, folder=False)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with naming(path), os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -130,7 +142,8 @@ def written_aside(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         apply_umask(tmp, folder=False)
-        yield Path(tmp)
+        with naming(path):
+            yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -35,7 +35,15 @@ from bookgen.data.split import reference_split_indices, seeded_split_indices
 from bookgen.data.store import MANIFEST, TokenStore, encode_lines, write_store
 from bookgen.data.tokenizer import tokenizer_fingerprint, tokenizer_source
 from bookgen.errors import ConfigError, StoreError
-from bookgen.fileio import read_json, remove_dead_scratch, scratch_owner, sha256_json, staged_dir, write_json_atomic
+from bookgen.fileio import (
+    naming,
+    read_json,
+    remove_dead_scratch,
+    scratch_owner,
+    sha256_json,
+    staged_dir,
+    write_json_atomic,
+)
 from bookgen.train.run_lock import hold_prepared_folder
 
 SPLITS = sources.SPLITS
@@ -249,7 +257,7 @@ def _split_rows(rows: Iterator[str], cfg: ExperimentConfig, scratch: Path, writt
 def _write_split(path: Path, docs: Iterable[str], cfg: ExperimentConfig, split: str) -> tuple[int, int, str]:
     """Write the non-empty documents as ``<BOS> doc <EOS>`` lines: (rows seen, lines written, SHA-256)."""
     digest, rows, lines = hashlib.sha256(), 0, 0
-    with open(path, "wb", buffering=1 << 20) as fh:
+    with naming(path), open(path, "wb", buffering=1 << 20) as fh:
         for doc in docs:
             rows += 1
             if doc:

@@ -23,7 +23,7 @@ import torch
 from bookgen.config import ExperimentConfig, GenerateConfig
 from bookgen.data.prepare import open_store
 from bookgen.distributed import DistEnv
-from bookgen.fileio import open_regular, read_jsonl_torn, write_text_atomic
+from bookgen.fileio import naming, open_regular, read_jsonl_torn, write_text_atomic
 from bookgen.generation.quality import NgramIndex, Quality, measure
 from bookgen.generation.sampling import Sample, generate
 
@@ -107,7 +107,7 @@ class SamplesLog:
                                                  if r["step"] <= resume_step))
 
     def write(self, round_: SampleRound) -> None:
-        with open_regular(self.path, "a") as fh:
+        with naming(self.path), open_regular(self.path, "a") as fh:
             fh.write("".join(json.dumps(r) + "\n" for r in round_.records()))
 
 

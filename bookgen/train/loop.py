@@ -389,9 +389,11 @@ def _stop_non_finite(run: Run, cfg: ExperimentConfig, bad: StepRecord) -> None:
     if run.log is not None:
         run.log.close("failed")
     last = ckpt.newest_complete(cfg)
+    fp32 = "" if cfg.train.precision == "fp32" else " or use train.precision: fp32"
     raise BookgenError(f"step {bad.step}: the training loss is {bad.loss}; stopped without saving. "
                        f"The last good checkpoint is {last or 'none (nothing was saved)'}. Lower "
-                       "train.learning_rate, raise train.warmup_steps or use train.precision: fp32")
+                       f"train.learning_rate, raise train.warmup_steps{fp32}; if the weights it started from hold "
+                       "NaN or inf values, the model files are damaged")
 
 
 def _step_record(run: Run, r: StepRecord, *, tokens_per_second: float | None) -> dict[str, Any]:

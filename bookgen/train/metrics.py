@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bookgen.fileio import open_regular, read_jsonl_torn, write_text_atomic, written_aside
+from bookgen.fileio import naming, open_regular, read_jsonl_torn, write_text_atomic, written_aside
 from bookgen.tracking.fanout import Status, Trackers
 
 
@@ -42,8 +42,9 @@ class MetricsLog:
     def write(self, *records: dict[str, Any]) -> None:
         now = time.time()
         stamped = [{"time": now, **record} for record in records]
-        self._fh.write("".join(json.dumps(record) + "\n" for record in stamped))
-        self._fh.flush()
+        with naming(self.path):
+            self._fh.write("".join(json.dumps(record) + "\n" for record in stamped))
+            self._fh.flush()
         self.trackers.metrics(stamped)
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
@@ -53,7 +54,8 @@ class MetricsLog:
     def close(self, status: Status = "finished", files: list[Path] | None = None) -> None:
         """Close the log and end the trackers' runs with ``status``, sending ``files`` first."""
         if not self._fh.closed:
-            self._fh.close()
+            with naming(self.path):
+                self._fh.close()
         self.trackers.files(files or [])
         self.trackers.close(status)
 

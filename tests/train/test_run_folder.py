@@ -188,3 +188,24 @@ def test_resume_rewrites_metrics_aside_and_drops_a_torn_last_line(tmp_path, monk
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert said and "dropped its last line, cut short" in said[0]
     assert not [p for p in run.iterdir() if p.name.startswith(".metrics")], "no scratch file left"
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    """Python leaves the file's name out of an error raised by a write on an open file."""
+    import errno
+    import os
+
+    from bookgen.fileio import write_text_atomic
+    from bookgen.train.metrics import MetricsLog
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*summary.json'"):
+        write_text_atomic(tmp_path / "summary.json", "{}")
+    log = MetricsLog(tmp_path / "run")
+    monkeypatch.setattr(log, "_fh", type("Full", (), {"write": lambda self, text: full(0), "closed": True})())
+    with pytest.raises(OSError, match=r"No space left on device: '.*metrics.jsonl'"):
+        log.write({"step": 1, "loss": 1.0})
+    assert not list(tmp_path.glob(".summary.json*")), "no scratch file left"

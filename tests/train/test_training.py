@@ -306,6 +306,7 @@ def test_non_finite_loss_stops_the_run_before_it_saves(tmp_path):
     proc = launch(1, ["--cfg", str(exp)], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "the training loss is" in proc.stderr and "stopped without saving" in proc.stderr
+    assert "use train.precision: fp32" not in proc.stderr.replace("\n", ""), "the run is fp32 already"
     losses = [r["loss"] for r in read_metrics(tmp_path / "run/metrics.jsonl") if "loss" in r]
     bad_step = next(i for i, loss in enumerate(losses, start=1) if loss != loss or abs(loss) == float("inf"))
     saved = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step*"))
