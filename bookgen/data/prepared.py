@@ -3,6 +3,10 @@ opens the prepared splits as examples. Nobody tokenizes on their own."""
 
 from __future__ import annotations
 
+import secrets
+import time
+from pathlib import Path
+
 from rich.console import Console
 
 from bookgen import distributed
@@ -11,19 +15,51 @@ from bookgen.data.batches import Examples
 from bookgen.data.prepare import open_store, prepare
 from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
+from bookgen.fileio import write_text_atomic
 
 
 def ensure_prepared(cfg: ExperimentConfig, dist: DistEnv, console: Console) -> None:
-    """Rank 0 prepares (a no-op when up to date) while the others wait; nobody tokenizes on their own."""
-    failure: str | None = None
-    if dist.is_main:
-        try:
-            prepare(cfg, quiet=not console.is_terminal)
-        except Exception as exc:  # every rank must hear about it, or the others wait forever
-            failure = f"{type(exc).__name__}: {exc}"
-    failure = distributed.broadcast_object(failure)  # type: ignore[assignment]
+    """Rank 0 prepares (a no-op when up to date) while the others wait; nobody tokenizes on their own.
+
+    The others do not wait in a collective: a first prepare of a multi-GB corpus takes longer than the process
+    group's timeout (deepspeed.comm_timeout_s), and gloo or NCCL would end the job. Rank 0 writes the outcome
+    to a file in the run folder named for this attempt, and the others poll for it as long as preparing takes;
+    a failure on rank 0 is in that file too, so every rank stops at once with its message."""
+    if dist.world_size == 1:
+        failure = _prepare(cfg, console)
+    else:
+        attempt = distributed.broadcast_object(secrets.token_hex(8) if dist.is_main else None)
+        outcome = cfg.run.output_dir / f".prepared-{attempt}"
+        if dist.is_main:
+            failure = _prepare(cfg, console)
+            write_text_atomic(outcome, failure or "ok")
+        else:
+            text = _wait_for(outcome)
+            failure = None if text == "ok" else text
+        distributed.barrier()  # every rank has read it
+        if dist.is_main:
+            outcome.unlink(missing_ok=True)
     if failure:
         raise BookgenError(f"preparing the data failed on rank 0: {failure}")
+
+
+def _prepare(cfg: ExperimentConfig, console: Console) -> str | None:
+    """Rank 0's prepare; what went wrong, as text, or None."""
+    try:
+        prepare(cfg, quiet=not console.is_terminal)
+    except Exception as exc:  # every rank must hear about it, or the others wait forever
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _wait_for(path: Path, poll_s: float = 0.2) -> str:
+    """The text rank 0 writes to ``path`` when its prepare ends, however long that takes (if rank 0 dies, the
+    launcher ends this rank)."""
+    while True:
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            time.sleep(poll_s)
 
 
 def prepared_examples(cfg: ExperimentConfig, split: str) -> Examples:

@@ -430,3 +430,20 @@ def test_archive_member_must_be_exact_and_truncated_archives_are_named(tmp_path)
     with pytest.raises(CorpusError, match="truncated.tar.gz: not a readable"):
         extract_archive(truncated, tmp_path / "z")
     assert gzip  # the archive is gzip-compressed, as the real one
+
+
+@pytest.mark.multirank
+def test_ranks_wait_for_a_prepare_longer_than_the_collective_timeout(tmp_path):
+    """A first run on a large corpus under torchrun: rank 0 prepares for longer than deepspeed.comm_timeout_s
+    while the others wait; they used to wait in a collective and die with gloo's timeout."""
+    from tests.data.test_prepare_streaming import _generated
+    from tests.ranks import launch
+
+    _generated(tmp_path / "corpus.txt", 10)  # about 4 s to prepare here, twice the timeout
+    exp = write_experiment(tmp_path, {"data.source": str(tmp_path / "corpus.txt"), "deepspeed.comm_timeout_s": 2,
+                                      "train.max_steps": 1, "eval.at_end": False, "eval.samples": 0,
+                                      "model.n_embd": 8, "model.n_head": 1, "model.n_layer": 1})
+    proc = launch(2, ["--cfg", str(exp)], timeout=300)
+    assert "Timed out" not in proc.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert not list((tmp_path / "run").glob(".prepared-*")), "the attempt's file is removed"
