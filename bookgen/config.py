@@ -457,6 +457,10 @@ class LaunchConfig:
     account: str | None = field(default=None, metadata=_doc("Slurm account."))
     gpus_per_node: int = field(default=0, metadata=_doc("Slurm GPUs per node (0: CPU job)."))
     sbatch_extra: list[str] = field(default_factory=list, metadata=_doc("Extra sbatch options, e.g. --qos=high."))
+    max_restarts: int = field(default=3, metadata=_doc(
+        "torchrun (bookgen launch, slurm/train.sh) restarts every rank this many times when one crashes or is "
+        "killed; the run resumes from its newest complete checkpoint. A user error, a preemption or a Ctrl-C "
+        "is never restarted."))
 
     def __post_init__(self) -> None:
         _require(self.nodes >= 1, "nodes", "must be >= 1")
@@ -464,6 +468,7 @@ class LaunchConfig:
         _require(0 <= self.node_rank < self.nodes, "node_rank", "must be in [0, launch.nodes)")
         _require(1 <= self.master_port <= 65535, "master_port", "must be a TCP port")
         _require(self.gpus_per_node >= 0, "gpus_per_node", "must be >= 0")
+        _require(self.max_restarts >= 0, "max_restarts", "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)

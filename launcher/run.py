@@ -10,10 +10,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bookgen import restart_guard  # noqa: E402
+
+restart_guard.exit_if_repeated(os.environ)  # before the heavy imports: a restart that would only repeat a stop
 
 from bookgen.cli import main  # noqa: E402
 
@@ -35,5 +40,15 @@ def run(argv: list[str]) -> int:
     return main([mode, *argv])
 
 
+def run_recorded(argv: list[str]) -> int:
+    """:func:`run`, leaving a deliberate exit's status for torchrun's restarts (see bookgen.restart_guard)."""
+    try:
+        status = run(argv)
+    except SystemExit as exc:
+        status = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+    restart_guard.record(status, os.environ)
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+    sys.exit(run_recorded(sys.argv[1:]))

@@ -8,7 +8,8 @@
 # experiment file reach every rank. Slurm sends USR1 two minutes before the time limit: the ranks
 # train on to their next log step, save a checkpoint there and stop, and the job requeues itself; the
 # requeued job resumes from the newest complete checkpoint with no user action (so does one requeued by
-# hand).
+# hand). A rank that crashes or is killed restarts every rank of the job (launch.max_restarts times) and the
+# run resumes from its newest complete checkpoint within the same job.
 #SBATCH --job-name=bookgen
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -20,13 +21,22 @@ set -uo pipefail
 
 EXP=${1:?usage: sbatch slurm/train.sh EXPERIMENT.yaml [--set key=value ...]}
 shift
+if [ -z "${SLURM_JOB_ID:-}" ] || [ -z "${SLURM_JOB_NODELIST:-}" ]; then
+    echo "slurm/train.sh: not inside a Slurm job; submit it: sbatch slurm/train.sh $EXP" \
+         "(outside Slurm: bookgen train --cfg $EXP, or bookgen launch --cfg $EXP)" >&2
+    exit 2
+fi
 REPO=${BOOKGEN_REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 PYTHON=${BOOKGEN_PYTHON:-python3}
 [ -x "$REPO/.venv/bin/python" ] && [ -z "${BOOKGEN_PYTHON:-}" ] && PYTHON="$REPO/.venv/bin/python"
 cd "$REPO"
 
 RUN_DIR=$("$PYTHON" -m bookgen.cli show --cfg "$EXP" "$@" --key run.output_dir) || exit 2
+MAX_RESTARTS=$("$PYTHON" -m bookgen.cli show --cfg "$EXP" "$@" --key launch.max_restarts) || exit 2
 mkdir -p "$RUN_DIR"
+# prepared once here, before any rank starts (a no-op when the prepared data is up to date): the ranks then
+# open it at once, and a first prepare of a large corpus takes no rank's time
+"$PYTHON" -m bookgen.cli prepare --cfg "$EXP" "$@" || exit $?
 FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 # the first node's address; node names need not resolve (several slurmd on one host, say)
 MASTER_ADDR=$(scontrol show node "$FIRST_NODE" | grep -oP 'NodeAddr=\K\S+')
@@ -48,7 +58,7 @@ trap 'echo "bookgen: stop requested by Slurm"; touch "$RUN_DIR/STOP_REQUESTED"' 
 
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
     "$PYTHON" -m bookgen.commands.torchrun \
-        --nnodes "$SLURM_NNODES" --nproc_per_node "$NPROC" \
+        --nnodes "$SLURM_NNODES" --nproc_per_node "$NPROC" --max-restarts "$MAX_RESTARTS" \
         --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
         "$REPO/launcher/run.py" --cfg "$EXP" "$@" &
 SRUN=$!

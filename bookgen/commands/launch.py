@@ -54,7 +54,7 @@ def launch_command(cfg: ExperimentConfig, cfg_path: Path, overrides: list[str]) 
         else:
             cmd += ["--node_rank", str(la.node_rank), "--rdzv_backend", "c10d",
                     "--rdzv_endpoint", f"{la.master_addr}:{la.master_port}", "--rdzv_id", "bookgen"]
-        return [*cmd, str(RUN), *args]
+        return [*cmd, "--max-restarts", str(la.max_restarts), str(RUN), *args]
     if la.backend == "deepspeed":
         if la.nodes > 1 and la.hostfile is None:
             raise ConfigError(f"launch.hostfile: the deepspeed launcher needs a hostfile to start {la.nodes} nodes "

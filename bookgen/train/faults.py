@@ -1,6 +1,7 @@
 """Fault injection for the failure tests: BOOKGEN_FAULT=<what>:<step>[:<rank>].
 
-what: ``kill`` (SIGKILL this rank after the step), ``kill_in_save`` (SIGKILL during the checkpoint save
+what: ``kill`` (SIGKILL this rank after the step; not again in ranks torchrun restarted: a transient failure),
+``kill_in_save`` (SIGKILL during the checkpoint save
 of that step, after DeepSpeed wrote its files and before the checkpoint is marked complete),
 ``sigterm`` / ``sigusr1`` (send the preemption signal to this rank), ``enospc`` (the save fails with
 "no space left"), ``tracker`` (every tracker's call with that step's metrics raises, as a tracker whose
@@ -12,6 +13,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+
+from bookgen.restart_guard import restarted
 
 
 def _parse() -> tuple[str, int, int | None] | None:
@@ -29,7 +32,7 @@ def inject(point: str, step: int, rank: int) -> None:
     what, at_step, only_rank = fault
     if step != at_step or (only_rank is not None and only_rank != rank):
         return
-    if point == "step" and what == "kill":
+    if point == "step" and what == "kill" and not restarted(os.environ):
         os.kill(os.getpid(), signal.SIGKILL)
     if point == "step" and what in ("sigterm", "sigusr1"):
         os.kill(os.getpid(), signal.SIGTERM if what == "sigterm" else signal.SIGUSR1)

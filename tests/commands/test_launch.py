@@ -15,6 +15,7 @@ import yaml
 from bookgen.cli import main
 from bookgen.commands.launch import launch_command
 from bookgen.config_io import load_config
+from bookgen.train.metrics import read_metrics
 from tests.helpers import REPO, write_experiment
 from tests.ranks import free_port, rank_env, step_losses
 from tests.runs import LAUNCH_SETTINGS
@@ -116,3 +117,32 @@ def test_ranks_start_with_a_fixed_malloc_threshold_unless_the_user_set_one():
 
     assert rank_environment({"PATH": "/bin"}) == {"PATH": "/bin", "MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
     assert rank_environment({"MALLOC_MMAP_THRESHOLD_": "65536"})["MALLOC_MMAP_THRESHOLD_"] == "65536"
+
+
+@pytest.mark.multirank
+def test_a_killed_rank_is_restarted_and_the_run_completes_from_its_checkpoint(tmp_path, one_node):
+    """`bookgen launch` passes launch.max_restarts to torchrun (c10d rendezvous): rank 1 killed after step 4
+    restarts both ranks, the run resumes from step 3 and ends as the uninterrupted run does; no step is logged
+    twice and the tracker keeps one run. A user error is not restarted: it is printed once."""
+    from tests.tracking.test_trackers import mlflow_run
+
+    exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {
+        "launch.procs_per_node": 2, "launch.max_restarts": 1, "checkpoint.every": 3, "run.trackers": ["mlflow"],
+        "run.mlflow.uri": str(tmp_path / "store")}, rows=120)
+    proc = subprocess.run([sys.executable, "-m", "bookgen.cli", "launch", "--cfg", str(exp)], cwd=REPO,
+                          capture_output=True, text=True, env=rank_env({"BOOKGEN_FAULT": "kill:4:1"}), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5], "nothing logged twice"
+    assert step_losses(tmp_path / "run") == pytest.approx(one_node, rel=1e-6)
+    client, tracked = mlflow_run(tmp_path / "store")
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "loss")] == [1, 2, 3, 4, 5]
+
+    bad = write_experiment(tmp_path / "bad", {"checkpoint.resume": "nowhere/step00000004",
+                                              "launch.procs_per_node": 2, "launch.max_restarts": 2})
+    proc = subprocess.run([sys.executable, "-m", "bookgen.cli", "launch", "--cfg", str(bad)], cwd=REPO,
+                          capture_output=True, text=True, env=rank_env(), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("does not exist") == 2, "one error line per rank, from the first attempt only"
+    assert "not restarted: the previous attempt stopped on an error" in proc.stderr
