@@ -20,14 +20,16 @@ PARAM_VALUE_CHARS = 6000  # MLflow's limit for one value
 END_STATUS = {"finished": "FINISHED", "failed": "FAILED", "preempted": "KILLED", "interrupted": "KILLED"}
 
 
-def tracking_uri(settings: MlflowConfig) -> tuple[str, str | None]:
+def tracking_uri(settings: MlflowConfig, *, create: bool = True) -> tuple[str, str | None]:
     """(tracking URI, artifact folder for a new experiment): a URL or database URI as given; a folder (the
-    default ``./mlruns`` included) becomes an SQLite store inside it, with the artifacts beside."""
+    default ``./mlruns`` included) becomes an SQLite store inside it, with the artifacts beside (the folder is
+    made unless ``create`` is false)."""
     given = settings.uri or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"
     if "://" in given or given.startswith(("databricks", "sqlite:")):
         return given, None
     folder = Path(given.removeprefix("file:")).expanduser().resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
 
 

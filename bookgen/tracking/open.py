@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,29 @@ def check_tracker_packages(cfg: ExperimentConfig) -> None:
         if importlib.util.find_spec(module) is None:
             raise BookgenError(f"run.trackers: {name} needs the {module} package, which is not installed: "
                                f"pip install '{extra}', or remove {name} from run.trackers")
+
+
+def check_tracker_servers(cfg: ExperimentConfig, timeout_s: float = 5.0) -> None:
+    """Preflight: an MLflow server the run will log to answers within ``timeout_s``. MLflow's own client retries
+    an unreachable server for minutes, silently, after the data has been prepared and the model built."""
+    if "mlflow" not in cfg.run.trackers:
+        return
+    from bookgen.tracking.mlflow import tracking_uri
+
+    previous = _read_state(cfg.run.output_dir / STATE_FILE).get("mlflow") or {}
+    uri = previous.get("tracking_uri") or tracking_uri(cfg.run.mlflow, create=False)[0]
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered: a server behind a proxy may not serve /health
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise BookgenError(f"run.mlflow.uri: the MLflow server at {uri} does not answer ({reason}; waited at most "
+                           f"{timeout_s:.0f} s); start it, correct run.mlflow.uri (or MLFLOW_TRACKING_URI), or "
+                           "remove mlflow from run.trackers") from exc
 
 
 def open_trackers(cfg: ExperimentConfig, *, params: Mapping[str, Any], resume_step: int,

@@ -19,7 +19,7 @@ from bookgen.fileio import nearest_existing
 from bookgen.model.build import family_config, position_count
 from bookgen.model.config_checks import check_causal_decoder, check_model_folder, check_weights_fit
 from bookgen.model.lora import check_targets
-from bookgen.tracking import check_tracker_packages
+from bookgen.tracking import check_tracker_packages, check_tracker_servers
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.engine import check_precision
 
@@ -50,7 +50,7 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
                                "sdpa")
         if cfg.train.precision == "fp32":
             raise BookgenError("model.attention: flash_attention_2 runs in bf16 or fp16; set train.precision")
-    errors = distributed.gather_errors(_unwritable(cfg, dist))
+    errors = distributed.gather_errors(_unwritable(cfg, dist) or (_tracker_server(cfg) if dist.is_main else None))
     if errors:
         raise BookgenError("; ".join(errors))
 
@@ -88,6 +88,15 @@ def check_model(cfg: ExperimentConfig, dist: DistEnv | None = None) -> None:
     if positions is not None and cfg.data.block_size > positions:
         raise BookgenError(f"data.block_size: {cfg.data.block_size} is more than the {positions} positions of "
                            f"{m.name_or_path or what}; set data.block_size to at most {positions}")
+
+
+def _tracker_server(cfg: ExperimentConfig) -> str | None:
+    """Rank 0 (which alone talks to the trackers): a tracking server that does not answer, or None."""
+    try:
+        check_tracker_servers(cfg)
+    except BookgenError as exc:
+        return str(exc)
+    return None
 
 
 def _unwritable(cfg: ExperimentConfig, dist: DistEnv) -> str | None:

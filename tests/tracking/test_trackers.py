@@ -139,3 +139,32 @@ def test_a_tracker_that_cannot_start_stops_the_run_before_training(tmp_path):
     assert "run.trackers: mlflow could not start" in proc.stderr and "a-file" in proc.stderr
     assert not list((tmp_path / "run").glob("checkpoints/step*")), "nothing trained, nothing saved"
     assert not (tmp_path / "run" / "trackers.json").exists()
+
+
+@pytest.mark.multirank
+def test_an_mlflow_server_that_does_not_answer_is_named_before_any_data_is_touched(tmp_path):
+    """MLflow's client retried an unreachable server silently for 253 s, after the data was prepared. Here: a
+    port that refuses (on 2 ranks: rank 0 checks, every rank stops), and a server that accepts but never answers."""
+    import socket
+    import time
+
+    from bookgen.config_io import load_config
+    from bookgen.errors import BookgenError
+    from bookgen.tracking import check_tracker_servers
+    from tests.ranks import free_port
+
+    exp = write_experiment(tmp_path, {"run.trackers": ["mlflow"],
+                                      "run.mlflow.uri": f"http://127.0.0.1:{free_port()}"}, rows=120)
+    proc = launch(2, ["--cfg", str(exp)], check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "run.mlflow.uri: the MLflow server at http://127.0.0.1:" in proc.stderr
+    assert "does not answer" in proc.stderr
+    assert not (tmp_path / "run" / "prepared").exists(), "nothing prepared"
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        cfg = load_config(exp, [f"run.mlflow.uri=http://127.0.0.1:{silent.getsockname()[1]}"])
+        start = time.perf_counter()
+        with pytest.raises(BookgenError, match=r"does not answer \(timed out; waited at most 1 s\)"):
+            check_tracker_servers(cfg, timeout_s=1.0)
+        assert time.perf_counter() - start < 10
