@@ -23,6 +23,8 @@ from bookgen.tracking import check_tracker_packages, check_tracker_servers
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.engine import check_precision
 
+OFFLOAD_DEVICES = ("none", "cpu", "nvme", None)  # what DeepSpeed's offload sections accept
+
 
 def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
     """Every rank: the DeepSpeed config agrees with the experiment, the precision runs here, the resume
@@ -119,6 +121,9 @@ def check_offload(ds: dict[str, Any], where: str) -> None:
     zero = ds.get("zero_optimization", {})
     for key in ("offload_param", "offload_optimizer"):
         target = zero.get(key) or {}
+        if target.get("device", "none") not in OFFLOAD_DEVICES:
+            raise BookgenError(f"{where}: zero_optimization.{key}.device is {target['device']!r}; DeepSpeed offloads "
+                               "to \"cpu\" or \"nvme\" (\"none\": kept on the GPU)")
         if target.get("device") != "nvme":
             continue
         if not target.get("nvme_path"):

@@ -103,12 +103,15 @@ def test_batch_layout_is_computed_once_without_a_process_group(tmp_path):
 
 
 def test_offload_needs_cpu_adam_or_torch_adam_and_nvme_a_path_and_libaio(monkeypatch, tmp_path):
-    """The shipped offload config passes where DeepSpeed's CPU Adam can be built (a compiler and ninja, as
-    here); where it cannot, the check names the way out; NVMe needs a folder it can write and libaio."""
+    """The shipped offload config passes where DeepSpeed's CPU Adam can be built (a compiler and ninja); where
+    it cannot, the check names the way out; NVMe needs a folder it can write and libaio. Whether this machine
+    has them is not the question here: the ops' presence is set, so the test runs the same everywhere."""
     import json as json_module
 
     from bookgen.train import preflight
 
+    monkeypatch.setattr(preflight, "cpu_adam_available", lambda: True)
+    monkeypatch.setattr(preflight, "aio_available", lambda: True)
     shipped = json_module.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
     preflight.check_offload(shipped, "zero3_offload.json")
     monkeypatch.setattr(preflight, "cpu_adam_available", lambda: False)
@@ -126,6 +129,10 @@ def test_offload_needs_cpu_adam_or_torch_adam_and_nvme_a_path_and_libaio(monkeyp
     preflight.check_offload(shipped, "zero3_offload.json")
     monkeypatch.setattr(preflight, "aio_available", lambda: False)
     with pytest.raises(BookgenError, match=r"offload_param offloads to nvme through DeepSpeed's async I/O op.*libaio"):
+        preflight.check_offload(shipped, "zero3_offload.json")
+    shipped["zero_optimization"]["offload_param"] = {"device": "gpu"}  # DeepSpeed's pydantic error before
+    with pytest.raises(BookgenError, match=r"zero3_offload.json: zero_optimization.offload_param.device is 'gpu'; "
+                                           r"DeepSpeed offloads to \"cpu\" or \"nvme\""):
         preflight.check_offload(shipped, "zero3_offload.json")
 
 
