@@ -124,7 +124,9 @@ def test_blocked_attention_backward_is_the_derivative_of_its_forward(kind: str, 
         torch.manual_seed(0)
         return attention.blocked_causal_attention(q, k, v, scaling=0.3, dropout=dropout, mask=mask, block=8)
 
-    assert torch.autograd.gradcheck(attend, (q, k, v))
+    # fast mode: the Jacobian against finite differences along random directions (torch's own recommended
+    # check for larger inputs; a wrong derivative shows in any direction but with probability zero)
+    assert torch.autograd.gradcheck(attend, (q, k, v), fast_mode=True)
 
 
 @pytest.mark.parametrize("kind", ["causal", "padded", "packed"])
