@@ -7,8 +7,10 @@ never reads SLURM_* and, with nothing set, tries MPI discovery, so the environme
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
+import io
 import os
 import shutil
 import socket
@@ -82,6 +84,8 @@ def device_for(dist: DistEnv) -> torch.device:
 
 def setup(timeout_s: int) -> DistEnv:
     """Discover the layout, size CPU threads, and start the process group through DeepSpeed."""
+    if not torch.cuda.is_available():  # said, not guessed: DeepSpeed warns at every start when it has to guess
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     dist = discover(os.environ)
@@ -100,8 +104,16 @@ def setup(timeout_s: int) -> DistEnv:
     renamed = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
     warnings.filterwarnings("ignore", message=renamed, category=FutureWarning)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                               verbose=False)
+    # DeepSpeed prints "... built successfully" when it loads its shared-memory collectives: kept off the
+    # console, shown only if starting fails
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                       verbose=False)
+    except BaseException:
+        sys.stderr.write(said.getvalue())
+        raise
     return dist
 
 

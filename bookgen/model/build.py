@@ -14,6 +14,7 @@ else transformers reads them (rank 0 reads each shard file whole).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
                 zero3_config: dict[str, Any] | None = None) -> PreTrainedModel:
     """``zero3_config``: the run's DeepSpeed config when it is ZeRO-3, to create the model partitioned."""
     m = cfg.model
+    logging.getLogger("transformers.modeling_utils").addFilter(_NO_PADDING_MASK_ADVICE)
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     with _partitioned_while_built(zero3_config):
         model = _create(cfg, tokenizer)
@@ -72,6 +74,18 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
         model = apply_lora(model, m.lora, list(range(old_rows, len(tokenizer))))
         torch.manual_seed(cfg.seed)
     return model
+
+
+class _NoPaddingMaskAdvice(logging.Filter):
+    """transformers advises an attention mask whenever a batch's first or last token is <PAD>. bookgen trains
+    without one on purpose: padding is never a target, and packed rows restart their positions (see
+    model/attention.py); the advice would only alarm a newcomer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "passing in an `attention_mask`" not in record.getMessage()
+
+
+_NO_PADDING_MASK_ADVICE = _NoPaddingMaskAdvice()  # one instance: adding it again is a no-op
 
 
 def _create(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

@@ -77,8 +77,9 @@ def check_model(cfg: ExperimentConfig, dist: DistEnv | None = None) -> None:
     else:
         from transformers import GPT2Config
 
+        # a placeholder vocabulary: the real one comes from the tokenizer; no special ids outside it
         config, what = GPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, n_positions=m.n_positions,
-                                  vocab_size=8), None
+                                  vocab_size=8, bos_token_id=None, eos_token_id=None), None
     check_targets(cfg, config)
     if what is None:
         return

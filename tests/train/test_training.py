@@ -338,3 +338,25 @@ def test_non_finite_loss_stops_the_run_before_it_saves(tmp_path):
     bad_step = next(i for i, loss in enumerate(losses, start=1) if loss != loss or abs(loss) == float("inf"))
     saved = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step*"))
     assert saved and all(int(name[4:]) < bad_step for name in saved), (saved, bad_step)
+
+
+@pytest.mark.multirank
+def test_a_clean_run_prints_only_what_concerns_the_user(tmp_path):
+    """A fresh process, as a newcomer starts it: no DeepSpeed accelerator guess or op-build line, no
+    transformers advice about special ids outside a placeholder vocabulary or about attention masks."""
+    import subprocess
+    import sys
+
+    from tests.ranks import rank_env
+
+    exp = write_experiment(tmp_path, {"train.max_steps": 2, "eval.samples": 1, "generate.max_new_tokens": 4,
+                                      "data.packing": "documents"}, rows=60)
+    env = rank_env({"PYTHONPATH": str(REPO)})
+    env.pop("DS_ACCELERATOR", None)
+    proc = subprocess.run([sys.executable, "-m", "bookgen.cli", "train", "--cfg", str(exp)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    for noise in ("Setting accelerator", "built successfully", "[transformers]", "attention_mask", "Warning"):
+        assert noise not in said, f"{noise!r} in the output:\n{said[-3000:]}"
+    assert "eval valid @ step 2:" in said.replace("\n", " ") or "perplexity" in said
