@@ -1,4 +1,5 @@
-"""SHA-256 of the files `bookgen prepare` depends on, remembered with each file's size, inode and timestamps,
+"""Digests of files, remembered (SHA-256 of the files `bookgen prepare` depends on; CRC-32 of a LoRA run's
+frozen base), each remembered with each file's size, inode and timestamps,
 so an unchanged file is not read again (what make and git do): a cache hit on a gigabyte corpus then costs a
 few ``stat`` calls, not a few seconds of hashing.
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bookgen.fileio import read_json, sha256_file, write_json_atomic
 
@@ -21,20 +24,26 @@ RACY_NS = 2_000_000_000
 
 
 class Digests:
-    def __init__(self, memo: Path, *, verify: bool = False) -> None:
+    def __init__(self, memo: Path, *, verify: bool = False, hasher: Callable[[Path], str] = sha256_file,
+                 name: str = "sha256") -> None:
         self._memo = memo
         loaded = None if verify else read_json(memo)
-        self._entries: dict[str, dict[str, object]] = loaded if isinstance(loaded, dict) else {}
+        self._entries: dict[str, dict[str, Any]] = loaded if isinstance(loaded, dict) else {}
         self._changed = verify
+        self._hasher, self._name = hasher, name
 
     def sha256(self, path: Path) -> str:
+        return self.of(path)
+
+    def of(self, path: Path) -> str:
+        """``path``'s digest: remembered when the file is unchanged, else computed (and remembered)."""
         key = str(path.resolve())
         st = path.stat()
         entry = self._entries.get(key)
         if isinstance(entry, dict) and entry.get("stat") == _stat(st) and entry.get("stable"):
-            return str(entry["sha256"])
+            return str(entry[self._name])
         started = time.time_ns()
-        digest = sha256_file(path)
+        digest = self._hasher(path)
         # the stat from before hashing: a file changed while it was read no longer matches it next time
         self._remember(key, st, digest, stable=st.st_mtime_ns < started - RACY_NS)
         return digest
@@ -44,8 +53,18 @@ class Digests:
         self._remember(str(path.resolve()), path.stat(), digest, stable=True)
 
     def _remember(self, key: str, st: os.stat_result, digest: str, *, stable: bool) -> None:
-        self._entries[key] = {"sha256": digest, "stat": _stat(st), "stable": stable}
+        self._entries[key] = {self._name: digest, "stat": _stat(st), "stable": stable}
         self._changed = True
+
+    def entries(self, paths: list[Path]) -> dict[str, dict[str, Any]]:
+        """What is remembered of ``paths`` (to hand to another process's memory)."""
+        keys = {str(p.resolve()) for p in paths}
+        return {k: v for k, v in self._entries.items() if k in keys}
+
+    def adopt(self, entries: dict[str, dict[str, Any]]) -> None:
+        """Remember what another process computed."""
+        self._entries.update(entries)
+        self._changed = self._changed or bool(entries)
 
     def save(self) -> None:
         """Write the memory, keeping only files that still exist."""

@@ -37,6 +37,7 @@ from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
 from bookgen.generation.samples import TrainingSampler
 from bookgen.model.build import build_model, count_parameters
 from bookgen.model.flops import flops_per_token, mfu, peak_flops
+from bookgen.model.frozen_base import leaves_out_base, remember_base_contents
 from bookgen.model.lora import is_lora, save_adapter_config, trainable_parameters
 from bookgen.tracking import open_trackers, run_params
 from bookgen.train import faults
@@ -232,6 +233,8 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: I
     model_flops = flops_per_token(model, cfg.data.block_size)
     train_examples, valid_examples = prepared_examples(cfg, "train"), prepared_examples(cfg, "valid")
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
+    if leaves_out_base(cfg):  # its checkpoints record the base's content: read once, striped over the ranks
+        remember_base_contents(str(cfg.model.name_or_path), dist)
     resume_plan = plan_resume(cfg, dist)
     engine = build_engine(cfg, model, dist, plan.total_steps, load_universal=resume_plan.universal)
     if engine.device.type == "cpu" and not cfg.train.compile and cfg.model.attention == "sdpa":

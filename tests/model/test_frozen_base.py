@@ -46,3 +46,34 @@ def test_a_hub_id_outside_the_local_cache_records_no_files_and_is_not_checked(tm
     record = base_record("bookgen-test/not-in-any-cache")
     assert record == {"name_or_path": "bookgen-test/not-in-any-cache", "weights": None}
     check_base(record, tmp_path / "step8")
+
+
+def test_other_values_of_the_same_shapes_are_refused_and_digests_are_remembered(tmp_path, monkeypatch):
+    """Random tensors of the same shapes written over the base let eval, generate and resume run on (the
+    record held sizes and header hashes only). The content's CRC-32 is remembered by size, inode and times:
+    a second look reads no weight file."""
+    import os
+    import time
+
+    from safetensors.torch import load_file, save_file
+
+    from bookgen.model import frozen_base
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    _save(base, 1)
+    weights = base / "model.safetensors"
+    past = time.time() - 60  # a file hashed within seconds of its last change is hashed again (racily clean)
+    os.utime(weights, (past, past))
+    record = base_record(str(base))
+    assert (tmp_path / "cache" / "bookgen" / "base-digests.json").is_file()
+    with monkeypatch.context() as patched:
+        read = []
+        patched.setattr(frozen_base, "crc32_file", lambda path: read.append(path) or "00000000")
+        check_base(record, tmp_path / "step8")
+        assert read == [], "remembered: no weight file read again"
+
+    tensors = {k: torch.randn_like(v) for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(BookgenError, match=r"\(model.safetensors: other tensors, another size or other values"):
+        check_base(record, tmp_path / "step8")
