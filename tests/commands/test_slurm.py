@@ -3,6 +3,7 @@ resume, a stale marker never requeues."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -140,3 +141,13 @@ def test_a_stale_preemption_marker_never_requeues_a_failing_job(tmp_path):
     assert "requeueing" not in log and "(restart 1)" not in log
     out = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True).stdout
     assert "Restarts=0" in out and _job_state(job) == "FAILED"
+
+
+def test_train_sh_outside_slurm_says_so(tmp_path):
+    """Run by hand instead of through sbatch: a sentence, not `SLURM_JOB_NODELIST: unbound variable`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "train.sh"), "exp.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "slurm/train.sh: not inside a Slurm job; submit it: sbatch slurm/train.sh exp.yaml" in proc.stderr
+    assert "unbound variable" not in proc.stderr
