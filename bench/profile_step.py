@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bookgen import distributed  # noqa: E402
+from bookgen.data.batch_layout import BatchLayout  # noqa: E402
 from bookgen.data.batches import Examples, epoch_order, micro_batch_indices  # noqa: E402
 from bookgen.data.store import TokenStore  # noqa: E402
-from bookgen.train.batch_layout import BatchLayout  # noqa: E402
 
 WARMUP = 5
 

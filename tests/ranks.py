@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bookgen.train.metrics import read_metrics
+from bookgen.tracking.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "launcher" / "run.py"

@@ -26,15 +26,15 @@ import numpy as np
 import torch
 
 from bookgen.checkpoint.compatibility import train_split_digest
+from bookgen.checkpoint.state import TrainState
 from bookgen.config import ExperimentConfig
 from bookgen.config_io import RUNTIME_MODEL_KEYS, config_to_dict, model_fingerprint
+from bookgen.data.batch_layout import BatchLayout
 from bookgen.distributed import DistEnv, barrier, broadcast_object, gather_errors, gather_objects
 from bookgen.errors import BookgenError
+from bookgen.faults import Fault
 from bookgen.fileio import crc32_file, read_json, write_json_atomic, write_text_atomic
 from bookgen.model.frozen_base import RECORD_KEY, base_record, leaves_out_base
-from bookgen.train import faults
-from bookgen.train.batch_layout import BatchLayout
-from bookgen.train.state import TrainState
 
 POINTER = "latest_complete"
 BEST_POINTER = "best_complete"
@@ -61,9 +61,9 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, hf_files: Any,
-         eval_loss: float | None = None) -> Path:
+         eval_loss: float | None = None, fault: Fault | None = None) -> Path:
     """All ranks call this with the same state; ``eval_loss`` is the validation loss at this step, if
-    one was just computed. Returns the checkpoint folder."""
+    one was just computed; ``fault``: the failure tests' (bookgen.faults). Returns the checkpoint folder."""
     root = checkpoint_root(cfg)
     tag = tag_for(state.global_step)
     folder = root / tag
@@ -88,7 +88,8 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
         engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False,
                                exclude_frozen_parameters=leaves_out_base(cfg))
         torch.save(_rng_state(), folder / f"rng_rank{dist.rank}.pt")
-        faults.inject("save", state.global_step, dist.rank)
+        if fault is not None:
+            fault.inject("save", state.global_step, dist.rank)
         if dist.is_main:
             hf_files(folder / "hf")
     except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as a RuntimeError

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from bookgen.checkpoint.folder import MARKER
+from bookgen.checkpoint.state import TrainState
 from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv, broadcast_object
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, staged_dir, write_json_atomic
-from bookgen.train.state import TrainState
 
 UNIVERSAL_DIR = "universal"
 DONE = "bookgen_universal.json"

@@ -22,12 +22,12 @@ from bookgen.checkpoint import folder as ckpt
 from bookgen.checkpoint import reshard
 from bookgen.checkpoint.compatibility import check_epoch_order, check_vocabulary
 from bookgen.checkpoint.folder import previous_hint
+from bookgen.checkpoint.state import TrainState
 from bookgen.config import ExperimentConfig
+from bookgen.data.batch_layout import BatchLayout
 from bookgen.distributed import DistEnv, broadcast_object, gather_errors
 from bookgen.errors import BookgenError
 from bookgen.model.frozen_base import RECORD_KEY, check_base
-from bookgen.train.batch_layout import BatchLayout
-from bookgen.train.state import TrainState
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,8 @@ import yaml
 
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, read_jsonl_torn, written_aside
-from bookgen.train.run_files import INTERRUPTED_MARKER, PREEMPTED_MARKER, RESOLVED_CONFIG, RUN_INFO, SUMMARY
-from bookgen.train.run_lock import LOCK_NAME
+from bookgen.locks import LOCK_NAME
+from bookgen.run_files import INTERRUPTED_MARKER, PREEMPTED_MARKER, RESOLVED_CONFIG, RUN_INFO, SUMMARY
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from bookgen.data.batch_layout import BatchLayout
 from bookgen.data.store import TokenStore
-from bookgen.train.batch_layout import BatchLayout
 
 BOUNDS_BUCKET = 64  # cu_seq_lens_q comes in lengths that are multiples of this
 IGNORE_INDEX = -100  # positions the loss skips (padding, a document's first token when packed)

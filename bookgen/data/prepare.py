@@ -44,7 +44,7 @@ from bookgen.fileio import (
     staged_dir,
     write_json_atomic,
 )
-from bookgen.train.run_lock import hold_prepared_folder
+from bookgen.locks import hold_prepared_folder
 
 SPLITS = sources.SPLITS
 STAGE_VERSION = 2  # 2: lines end at \n only (no longer at U+2028 and the like)

@@ -11,7 +11,7 @@ from bookgen.data.batches import Examples
 from bookgen.distributed import DistEnv
 from bookgen.evaluation.perplexity import EvalResult, perplexity
 from bookgen.fileio import write_json_atomic
-from bookgen.train.metrics import MetricsLog
+from bookgen.tracking.metrics_log import MetricsLog
 
 
 def run_eval(engine: Any, examples: Examples, split: str, cfg: ExperimentConfig, dist: DistEnv, pad_id: int,

@@ -24,6 +24,8 @@ import torch
 from bookgen.config import ExperimentConfig
 from bookgen.errors import BookgenError
 from bookgen.model.config_checks import suggestion, unknown_family_keys
+from bookgen.model.embeddings import resize_embeddings, rows_of, set_special_token_ids, vocabulary_rows
+from bookgen.model.lora import apply_lora
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -58,7 +60,7 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
         if m.activation_checkpointing:
             enable_activation_checkpointing(model)
         stats = getattr(model, "bookgen_load_stats", None)  # created with the new rows already (ZeRO-3)
-        old_rows = stats.file_rows if stats is not None and stats.file_rows else _rows(
+        old_rows = stats.file_rows if stats is not None and stats.file_rows else rows_of(
             model.get_input_embeddings().weight)
         resize_embeddings(model, len(tokenizer), m.pad_to_multiple_of)
         set_special_token_ids(model, tokenizer)
@@ -69,8 +71,6 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
     if m.lora is not None:
         # outside the ZeRO-3 context: peft's own ZeRO-3 path gathers on CUDA only (apply_lora gathers the
         # embeddings itself); the adapters are partitioned when the engine is built
-        from bookgen.model.lora import apply_lora
-
         model = apply_lora(model, m.lora, list(range(old_rows, len(tokenizer))))
         torch.manual_seed(cfg.seed)
     return model
@@ -218,60 +218,6 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def resize_embeddings(model: PreTrainedModel, vocab_size: int, pad_to_multiple_of: int | None) -> None:
-    """Grow the (tied) embeddings to hold the new tokens; new rows start at the mean of the old ones. Under
-    ZeRO-3 the rows are written by rank 0 on the gathered tensors and partitioned again."""
-    old = _rows(model.get_input_embeddings().weight)
-    target = vocabulary_rows(vocab_size, pad_to_multiple_of)
-    if target == old:
-        return
-    model.resize_token_embeddings(target, mean_resizing=False)
-    if target <= old:
-        return
-    weight = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    weights = [weight] + ([head.weight] if head is not None and head.weight is not weight else [])
-    with _gathered(weights) as writer:
-        if writer:
-            with torch.no_grad():
-                for w in weights:  # summed in float64, as the partitioned load sums its ranks' parts: the same rows
-                    w[old:] = w[:old].double().mean(dim=0, keepdim=True).to(w.dtype)
-
-
-def vocabulary_rows(vocab_size: int, pad_to_multiple_of: int | None) -> int:
-    """Embedding rows for a vocabulary: its size, rounded up to ``pad_to_multiple_of``."""
-    if not pad_to_multiple_of:
-        return vocab_size
-    return -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
-
-
-def _rows(weight: torch.Tensor) -> int:
-    return int(getattr(weight, "ds_shape", weight.shape)[0])
-
-
-@contextmanager
-def _gathered(params: list[torch.Tensor]) -> Iterator[bool]:
-    """Full tensors to write: as they are, or ZeRO-3 partitions gathered, written by rank 0 (yields whether
-    this rank writes) and partitioned again on exit."""
-    if not any(hasattr(p, "ds_id") for p in params):
-        yield True
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-        yield torch.distributed.get_rank() == 0
-
-
-def set_special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Point the model and generation configs at <BOS>/<EOS>/<PAD>, so generation stops at <EOS>."""
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    for key, value in ids.items():
-        setattr(model.config, key, value)
-        if getattr(model, "generation_config", None) is not None:
-            setattr(model.generation_config, key, value)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

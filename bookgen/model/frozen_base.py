@@ -31,6 +31,7 @@ from bookgen.data.digests import Digests
 from bookgen.distributed import DistEnv, gather_objects
 from bookgen.errors import BookgenError
 from bookgen.fileio import crc32_file
+from bookgen.model.embeddings import resize_embeddings
 from bookgen.model.partitioned_load import safetensors_files
 
 if TYPE_CHECKING:
@@ -122,8 +123,6 @@ def load_base(record: dict[str, Any], config: Any, checkpoint: Path) -> PreTrain
     checkpoint's vocabulary with the new rows at the mean, the checkpoint's model settings (``config``: its
     ``hf/config.json``)."""
     from transformers import AutoModelForCausalLM
-
-    from bookgen.model.build import resize_embeddings
 
     checked = check_base(record, checkpoint)  # before reading any weight
     try:

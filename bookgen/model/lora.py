@@ -17,6 +17,7 @@ import torch
 
 from bookgen.config import ExperimentConfig, LoraSettings
 from bookgen.errors import BookgenError
+from bookgen.model.embeddings import resize_embeddings, set_special_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -233,8 +234,6 @@ def load_adapter_folder(folder: Path) -> tuple[Any, Any]:
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from bookgen.model.build import resize_embeddings, set_special_token_ids
 
     base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     try:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from bookgen.train import faults
+from bookgen.faults import Fault
 
 Status = Literal["finished", "preempted", "interrupted", "failed"]
 
@@ -32,8 +32,10 @@ class Trackers:
     """The run's trackers. ``logged`` maps a metric to the last step a previous attempt of this run sent
     (read from metrics.jsonl before a resume trims it): those steps are not sent twice."""
 
-    def __init__(self, trackers: list[Tracker], logged: Mapping[str, int] | None = None) -> None:
+    def __init__(self, trackers: list[Tracker], logged: Mapping[str, int] | None = None,
+                 fault: Fault | None = None) -> None:
         self._live = list(trackers)
+        self._injected = fault  # the failure tests' (bookgen.faults); None in a run
         self._logged = dict(logged or {})
         # a samples table goes with that round's measures (samples_* in metrics.jsonl)
         self._logged_samples = max((v for k, v in self._logged.items() if k.startswith("samples_")), default=-1)
@@ -52,7 +54,8 @@ class Trackers:
             self._each("log_metrics", rows)
 
     def _fault(self, method: str, args: tuple[Any, ...]) -> None:
-        if method == "log_metrics" and any(faults.tracker_fails(step) for step, _ in args[0]):
+        if (self._injected is not None and method == "log_metrics"
+                and any(self._injected.tracker_fails(step) for step, _ in args[0])):
             raise OSError("injected tracker failure")
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:

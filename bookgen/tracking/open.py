@@ -12,6 +12,7 @@ from typing import Any
 
 from bookgen.config import ExperimentConfig
 from bookgen.errors import BookgenError
+from bookgen.faults import Fault
 from bookgen.fileio import write_json_atomic
 from bookgen.tracking.fanout import Tracker, Trackers
 
@@ -53,7 +54,7 @@ def check_tracker_servers(cfg: ExperimentConfig, timeout_s: float = 5.0) -> None
 
 
 def open_trackers(cfg: ExperimentConfig, *, params: Mapping[str, Any], resume_step: int,
-                  logged: Mapping[str, int]) -> Trackers:
+                  logged: Mapping[str, int], fault: Fault | None = None) -> Trackers:
     """Rank 0: the experiment's trackers, reopened from ``trackers.json`` when resuming (``resume_step`` > 0).
     A tracker that cannot start stops the run here, before training, with its name and reason."""
     run_dir = cfg.run.output_dir
@@ -76,7 +77,7 @@ def open_trackers(cfg: ExperimentConfig, *, params: Mapping[str, Any], resume_st
                            ) from exc
     if state or state_path.exists():
         write_json_atomic(state_path, state)
-    return Trackers(trackers, logged if resume_step > 0 else {})
+    return Trackers(trackers, logged if resume_step > 0 else {}, fault)
 
 
 def _start(name: str, cfg: ExperimentConfig, params: Mapping[str, Any], previous: dict[str, Any] | None) -> Any:

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from bookgen.config import ExperimentConfig
+from bookgen.data.batch_layout import BatchLayout
 from bookgen.errors import BookgenError
-from bookgen.train.batch_layout import BatchLayout
 
 
 def load_ds_json(path: Path | None) -> dict[str, Any]:

@@ -19,8 +19,10 @@ from rich.console import Console
 from bookgen import distributed
 from bookgen.checkpoint import folder as ckpt
 from bookgen.checkpoint.resume import plan_resume, restore
+from bookgen.checkpoint.state import TrainState
 from bookgen.config import ExperimentConfig, TrainConfig
 from bookgen.config_io import config_to_dict, write_resolved
+from bookgen.data.batch_layout import BatchLayout
 from bookgen.data.batches import (
     Examples,
     epoch_order,
@@ -33,22 +35,14 @@ from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
 from bookgen.evaluation.perplexity import EvalResult
 from bookgen.evaluation.report import eval_line, run_eval
+from bookgen.faults import Fault, from_environment
 from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
 from bookgen.generation.samples import TrainingSampler
 from bookgen.model.build import build_model, count_parameters
 from bookgen.model.flops import flops_per_token, mfu, peak_flops
 from bookgen.model.frozen_base import leaves_out_base, remember_base_contents
 from bookgen.model.lora import is_lora, save_adapter_config, trainable_parameters
-from bookgen.tracking import open_trackers, run_params
-from bookgen.train import faults
-from bookgen.train.batch_layout import BatchLayout
-from bookgen.train.ds_config import build_ds_config
-from bookgen.train.engine import build_engine
-from bookgen.train.metrics import MetricsLog, plot_loss_curves
-from bookgen.train.preflight import check_training
-from bookgen.train.progress import TrainProgress, summary_table
-from bookgen.train.readout import Interval, StepRecord
-from bookgen.train.run_files import (
+from bookgen.run_files import (
     END_FILES,
     INTERRUPTED_MARKER,
     PREEMPTED_MARKER,
@@ -57,8 +51,14 @@ from bookgen.train.run_files import (
     STOP_FILE,
     SUMMARY,
 )
+from bookgen.tracking import open_trackers, run_params
+from bookgen.tracking.metrics_log import MetricsLog, plot_loss_curves
+from bookgen.train.ds_config import build_ds_config
+from bookgen.train.engine import build_engine
+from bookgen.train.preflight import check_training
+from bookgen.train.progress import TrainProgress, summary_table
+from bookgen.train.readout import Interval, StepRecord
 from bookgen.train.run_lock import hold_run_folder
-from bookgen.train.state import TrainState
 from bookgen.train.step import train_step
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues the job on it
@@ -126,7 +126,7 @@ def train(cfg: ExperimentConfig, invocation: Invocation | None = None) -> dict[s
     with distributed.process_group(cfg.deepspeed.comm_timeout_s) as dist:
         check_training(cfg, dist)
         with hold_run_folder(cfg.run.output_dir, dist):
-            return _run(cfg, dist, invocation or Invocation())
+            return _run(cfg, dist, invocation or Invocation(), from_environment(os.environ))
 
 
 @dataclass(slots=True)
@@ -145,10 +145,11 @@ class Run:
     mfu_of: Callable[[float], float] | None  # tokens/s over all ranks -> MFU; None where the peak is unknown
     sampler: TrainingSampler | None  # eval.samples > 0
     invocation: Invocation  # to print the commands that resume and export this run
+    fault: Fault | None = None  # the failure tests' injected fault (bookgen.faults); None in a real run
     finished: bool = False  # a rerun of a finished run: nothing to do, nothing to write
 
 
-def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation) -> dict[str, Any]:
+def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation, fault: Fault | None) -> dict[str, Any]:
     console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
     stop = StopFlag()
     if dist.is_main:
@@ -161,7 +162,7 @@ def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation) -> dict[s
         (cfg.run.output_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)
         (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
     ensure_prepared(cfg, dist, console)
-    run = _build(cfg, dist, console, invocation)
+    run = _build(cfg, dist, console, invocation, fault)
     if run.finished:
         run.progress.close()
         console.print(f"{cfg.run.output_dir} is a finished run (step {run.state.global_step} of "
@@ -224,7 +225,8 @@ def _where_things_are(cfg: ExperimentConfig, invocation: Invocation) -> str:
     return "\n".join(lines)
 
 
-def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: Invocation) -> Run:
+def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: Invocation,
+           fault: Fault | None) -> Run:
     """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
     ds_config = build_ds_config(cfg, dist.world_size)
@@ -244,17 +246,20 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: I
     state = restore(engine, resume_plan, cfg, dist, console, steps_per_epoch=plan.steps_per_epoch)
     progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step)
     if resume_plan.folder is not None and _is_finished(cfg, dist, state, plan):
-        return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, None, None, progress,
-                   None, None, invocation, finished=True)
-    log = _open_log(cfg, dist, state.global_step, ds_config, console)
+        return Run(engine=engine, pad_id=tokenizer.pad_token_id, train_examples=train_examples,
+                   valid_examples=valid_examples, plan=plan, state=state, log=None, save_hf=None, progress=progress,
+                   mfu_of=None, sampler=None, invocation=invocation, finished=True)
+    log = _open_log(cfg, dist, state.global_step, ds_config, console, fault)
     console.print(f"model: {_parameter_line(engine.module)}; {len(train_examples)} training examples; "
                   f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
                   f"{plan.total_steps} steps in all")
     peak = peak_flops(engine.device, cfg.train.precision, cfg.run.peak_tflops)
     mfu_of = None if peak is None else partial(mfu, flops_per_token=model_flops, devices=dist.world_size, peak=peak)
     sampler = TrainingSampler(cfg, dist, tokenizer, resume_step=state.global_step) if cfg.eval.samples else None
-    return Run(engine, tokenizer.pad_token_id, train_examples, valid_examples, plan, state, log,
-               _hf_files_writer(engine, tokenizer, cfg.model.name_or_path), progress, mfu_of, sampler, invocation)
+    return Run(engine=engine, pad_id=tokenizer.pad_token_id, train_examples=train_examples,
+               valid_examples=valid_examples, plan=plan, state=state, log=log,
+               save_hf=_hf_files_writer(engine, tokenizer, cfg.model.name_or_path), progress=progress, mfu_of=mfu_of,
+               sampler=sampler, invocation=invocation, fault=fault)
 
 
 def _parameter_line(model: torch.nn.Module) -> str:
@@ -266,7 +271,7 @@ def _parameter_line(model: torch.nn.Module) -> str:
 
 
 def _open_log(cfg: ExperimentConfig, dist: DistEnv, resume_step: int, ds_config: dict[str, Any],
-              console: Console) -> MetricsLog | None:
+              console: Console, fault: Fault | None) -> MetricsLog | None:
     """Rank 0's metrics log and trackers; a tracker that cannot start stops every rank here."""
     log, error = None, None
     if dist.is_main:
@@ -275,7 +280,8 @@ def _open_log(cfg: ExperimentConfig, dist: DistEnv, resume_step: int, ds_config:
     if dist.is_main and cfg.run.trackers:  # the run's params (a git call among them) only for a tracker
         params = run_params(config_to_dict(cfg), ds_config, dist.world_size)
         try:
-            log.trackers = open_trackers(cfg, params=params, resume_step=resume_step, logged=log.sent_before)
+            log.trackers = open_trackers(cfg, params=params, resume_step=resume_step, logged=log.sent_before,
+                                         fault=fault)
         except BookgenError as exc:
             log.close("failed")
             error = str(exc)
@@ -297,7 +303,7 @@ def _finish(run: Run, cfg: ExperimentConfig, dist: DistEnv, done: LoopTotals) ->
         run.state.note_eval(final_loss, cfg.eval.early_stopping_min_delta)
         _sample(run, step)
     if done.saved_at != step:
-        ckpt.save(run.engine, cfg, dist, run.state, run.save_hf, eval_loss=final_loss)
+        ckpt.save(run.engine, cfg, dist, run.state, run.save_hf, eval_loss=final_loss, fault=run.fault)
     return evals
 
 
@@ -331,7 +337,8 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
                                  run.pad_id)
             state.global_step += 1
             state.step_in_epoch += 1
-            faults.inject("step", state.global_step, dist.rank)
+            if run.fault is not None:
+                run.fault.inject("step", state.global_step, dist.rank)
             interval.add(state.global_step, state.epoch, numbers)
             totals.tokens += numbers.tokens
             state.tokens_trained += numbers.tokens
@@ -426,7 +433,7 @@ def _evaluate_and_save_on_schedule(run: Run, cfg: ExperimentConfig, dist: DistEn
                               f"{state.evals_since_best} evaluations (best {state.best_eval_loss:.4f} at step "
                               f"{state.best_eval_step})")
     if _due(cfg.checkpoint.every, state.global_step):
-        ckpt.save(run.engine, cfg, dist, state, run.save_hf, eval_loss=eval_loss)
+        ckpt.save(run.engine, cfg, dist, state, run.save_hf, eval_loss=eval_loss, fault=run.fault)
         totals.saved_at = state.global_step
 
 
@@ -434,7 +441,7 @@ def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, sto
                              console: Console) -> None:
     """Save at this step and exit: 75 for a preemption (slurm/train.sh requeues on it and the marker), 130
     for a Ctrl-C on this rank (no requeue: the user stopped it)."""
-    ckpt.save(run.engine, cfg, dist, run.state, run.save_hf)
+    ckpt.save(run.engine, cfg, dist, run.state, run.save_hf, fault=run.fault)
     run.progress.close()
     step = run.state.global_step
     if stop.interrupted:

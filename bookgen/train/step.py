@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from bookgen.config import TrainConfig
+from bookgen.data.batch_layout import BatchLayout
 from bookgen.data.batches import (
     Examples,
     micro_batch_indices,
@@ -20,7 +21,6 @@ from bookgen.data.batches import (
 )
 from bookgen.distributed import DistEnv
 from bookgen.model.attention import uses_causal_attention
-from bookgen.train.batch_layout import BatchLayout
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ import pytest
 from bookgen.checkpoint.folder import MARKER
 from bookgen.config_io import load_config
 from bookgen.errors import BookgenError
-from bookgen.train.metrics import read_metrics
+from bookgen.tracking.metrics_log import read_metrics
 from tests.helpers import run_cli, write_experiment
 from tests.ranks import launch
 from tests.runs import TRAINED_SETTINGS
@@ -110,7 +110,7 @@ def test_resuming_mid_epoch_with_another_packing_is_refused_and_at_an_epoch_end_
 
 def test_position_at_another_world_size_is_mapped_by_samples():
     from bookgen.checkpoint.reshard import remap_position
-    from bookgen.train.state import TrainState
+    from bookgen.checkpoint.state import TrainState
 
     state = TrainState(global_step=30, epoch=1, step_in_epoch=9)
     assert remap_position(state, 8, 4, 100) == TrainState(30, 1, 18)

@@ -11,7 +11,7 @@ import pytest
 
 from bookgen.checkpoint.folder import MARKER
 from bookgen.fileio import read_json
-from bookgen.train.metrics import read_metrics
+from bookgen.tracking.metrics_log import read_metrics
 from tests.helpers import write_experiment
 from tests.ranks import launch
 from tests.runs import FINISHED_SETTINGS, FINISHED_STEPS, copy_trained_run

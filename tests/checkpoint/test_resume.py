@@ -12,7 +12,7 @@ import torch
 
 from bookgen.checkpoint.consolidate import consolidated_state_dict
 from bookgen.checkpoint.folder import MARKER, POINTER
-from bookgen.train.metrics import read_metrics
+from bookgen.tracking.metrics_log import read_metrics
 from tests.helpers import REPO, write_experiment
 from tests.ranks import launch, step_losses
 

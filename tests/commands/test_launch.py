@@ -15,7 +15,7 @@ import yaml
 from bookgen.cli import main
 from bookgen.commands.launch import launch_command
 from bookgen.config_io import load_config
-from bookgen.train.metrics import read_metrics
+from bookgen.tracking.metrics_log import read_metrics
 from tests.helpers import REPO, write_experiment
 from tests.ranks import free_port, rank_env, step_losses
 from tests.runs import LAUNCH_SETTINGS

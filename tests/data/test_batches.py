@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bookgen.data.batch_layout import BatchLayout
 from bookgen.data.batches import IGNORE_INDEX, collate, epoch_order, micro_batch_indices, model_inputs
-from bookgen.train.batch_layout import BatchLayout
 
 
 def test_epoch_order_covers_each_example_once_and_ranks_are_disjoint():

@@ -139,8 +139,8 @@ def test_packed_summaries_have_the_loss_and_gradients_they_have_alone(attn, chec
 def test_step_token_counts_on_the_host_are_the_batches_own(tmp_path, packing):
     """The logged token counts come from the shared order on the host, for every rank, without a collective;
     they must be what the ranks' batches hold."""
+    from bookgen.data.batch_layout import BatchLayout
     from bookgen.data.batches import epoch_order, micro_batch_indices, step_token_counts
-    from bookgen.train.batch_layout import BatchLayout
 
     rng = np.random.default_rng(3)
     store = _store(tmp_path, [rng.integers(3, 100, size=int(n)).tolist() for n in rng.integers(2, 40, size=80)])

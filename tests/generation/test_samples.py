@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bookgen.cli import main
-from bookgen.train.metrics import read_metrics
+from bookgen.tracking.metrics_log import read_metrics
 from tests.helpers import REPO, write_experiment
 from tests.ranks import launch
 

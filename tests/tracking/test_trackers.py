@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bookgen.train.metrics import read_metrics
+from bookgen.tracking.metrics_log import read_metrics
 from tests.helpers import REPO, write_experiment
 from tests.ranks import launch, rank_env
 from tests.tracking import wandb_records

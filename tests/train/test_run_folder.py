@@ -78,7 +78,7 @@ def test_a_second_run_into_a_busy_run_folder_is_refused(tmp_path):
     run that holds the folder; once that run ends (here: its lock is let go) the folder is free again."""
     import fcntl
 
-    from bookgen.train.run_lock import LOCK_NAME
+    from bookgen.locks import LOCK_NAME
 
     exp = write_experiment(tmp_path, {"train.max_steps": 1, "eval.at_end": False}, rows=60)
     run = tmp_path / "run"
@@ -130,8 +130,8 @@ def test_lock_and_log_files_never_write_through_a_planted_symbolic_link(tmp_path
 
     from bookgen.errors import BookgenError
     from bookgen.fileio import open_regular
-    from bookgen.train.metrics import MetricsLog
-    from bookgen.train.run_lock import PREPARE_LOCK_NAME, hold_prepared_folder
+    from bookgen.locks import PREPARE_LOCK_NAME, hold_prepared_folder
+    from bookgen.tracking.metrics_log import MetricsLog
 
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
@@ -165,7 +165,7 @@ def test_resume_rewrites_metrics_aside_and_drops_a_torn_last_line(tmp_path, monk
     import json
     import os
 
-    from bookgen.train.metrics import MetricsLog
+    from bookgen.tracking.metrics_log import MetricsLog
 
     run = tmp_path / "run"
     run.mkdir()
@@ -196,7 +196,7 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
     import os
 
     from bookgen.fileio import write_text_atomic
-    from bookgen.train.metrics import MetricsLog
+    from bookgen.tracking.metrics_log import MetricsLog
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")

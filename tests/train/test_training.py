@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
+from bookgen.tracking.metrics_log import read_metrics
 from bookgen.train.engine import cpu_has_bf16
-from bookgen.train.metrics import read_metrics
 from tests.helpers import REPO, write_experiment
 from tests.ranks import launch, step_losses
 

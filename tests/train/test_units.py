@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bookgen.config_io import load_config
+from bookgen.data.batch_layout import BatchLayout
 from bookgen.errors import BookgenError
-from bookgen.train.batch_layout import BatchLayout
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.loop import plan_steps
 from bookgen.train.schedule import lr_multiplier
@@ -68,7 +68,7 @@ def test_linear_schedule_matches_transformers():
 
 
 def test_early_stopping_counts_evaluations_without_a_new_best():
-    from bookgen.train.state import TrainState
+    from bookgen.checkpoint.state import TrainState
 
     state = TrainState()
     counts = []
