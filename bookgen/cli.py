@@ -7,10 +7,23 @@ the deepspeed launcher or srun (see launcher/run.py, which calls :func:`main` to
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib
+import os
+import shlex
+import subprocess
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from bookgen.commands.launch import launch_command, launch_warnings, rank_environment
+from bookgen.commands.runs import runs_command
+from bookgen.config import ExperimentConfig
+from bookgen.config_io import config_to_dict, describe_fields, load_config
+from bookgen.errors import BookgenError, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,13 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Each heavy command's runner, imported when that command runs: `bookgen show` (which slurm/train.sh calls),
+# `bookgen runs` and `bookgen launch` answer without importing torch, DeepSpeed and transformers (3 s).
+RUNNERS = {
+    "prepare": "bookgen.commands.prepare:prepare_command",
+    "train": "bookgen.commands.train:train_command",
+    "eval": "bookgen.commands.eval:eval_command",
+    "export": "bookgen.commands.export:export_command",
+    "generate": "bookgen.commands.generate:generate_command",
+    "samples": "bookgen.commands.samples:samples_command",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rich.console import Console
-
     console = Console(stderr=True, soft_wrap=True)
-    from bookgen.errors import BookgenError
-
     try:
         return _dispatch(args, console)
     except BookgenError as exc:
@@ -88,8 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print("interrupted", highlight=False)
         return 130
     except OSError as exc:
-        import errno
-
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         # a disk that filled up (or was remounted read-only) while running: say where, not a traceback
@@ -97,12 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "untouched: free space and rerun the same command")
 
 
-def _report(console, message: str) -> int:  # type: ignore[no-untyped-def]
-    import os
-
-    from rich.markup import escape
-
-    from bookgen.distributed import discover
+def _report(console: Console, message: str) -> int:
+    from bookgen.distributed import discover  # the error path alone pays for torch here
 
     dist = discover(os.environ)
     who = f" (rank {dist.rank} of {dist.world_size})" if dist.world_size > 1 else ""
@@ -111,54 +126,26 @@ def _report(console, message: str) -> int:  # type: ignore[no-untyped-def]
     return 2
 
 
-def _dispatch(args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "config-help":
-        from bookgen.config_io import describe_fields
-
         for key, default, text in describe_fields():
             print(f"{key:32s} {default:24s} {text}")
         return 0
     if args.command == "runs":
-        from bookgen.commands.runs import runs_command
-
         return runs_command(args.folders, args.plot, console)
-    from bookgen.config_io import load_config
-
-    if args.command == "generate":
-        return _generate(args, console)
+    if args.command in RUNNERS:
+        module, name = RUNNERS[args.command].split(":")
+        runner: Callable[[argparse.Namespace, Console], int] = getattr(importlib.import_module(module), name)
+        return runner(args, console)
     cfg = load_config(args.cfg, args.overrides)
-    if args.command == "prepare":
-        return _prepare(cfg, args, console)
-    if args.command == "train":
-        from bookgen.train.loop import Invocation, train
-
-        train(cfg, Invocation(Path(args.cfg).resolve(), tuple(args.overrides)))
-        return 0
-    if args.command == "samples":
-        from bookgen.commands.samples import samples_command
-
-        samples_command(cfg, console)
-        return 0
-    if args.command == "eval":
-        from bookgen.commands.eval import evaluate_only
-
-        evaluate_only(cfg, args.split, args.checkpoint)
-        return 0
     if args.command == "launch":
         return _launch(cfg, args, console)
     if args.command == "show":
         return _show(cfg, args)
-    if args.command == "export":
-        return _export(cfg, args, console)
     raise AssertionError(args.command)
 
 
-def _launch(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
-    import shlex
-    import subprocess
-
-    from bookgen.commands.launch import launch_command, launch_warnings, rank_environment
-
+def _launch(cfg: ExperimentConfig, args: argparse.Namespace, console: Console) -> int:
     cmd = launch_command(cfg, Path(args.cfg).resolve(), args.overrides)
     for warning in launch_warnings(cfg):
         console.print(f"[yellow]warning: {warning}[/]", highlight=False)
@@ -166,80 +153,13 @@ def _launch(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-u
     return 0 if args.dry_run else subprocess.call(cmd, env=rank_environment())
 
 
-def _show(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    from bookgen.config_io import config_to_dict
-    from bookgen.errors import ConfigError
-
+def _show(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     value: object = config_to_dict(cfg)
     for part in args.key.split("."):
         if not isinstance(value, dict) or part not in value:
             raise ConfigError(f"{args.cfg}: {args.key}: no such key")
         value = value[part]
     print(value)
-    return 0
-
-
-def _export(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
-    from bookgen.checkpoint.export import export
-    from bookgen.checkpoint.folder import checkpoint_root, resolve
-    from bookgen.errors import BookgenError
-
-    folder = resolve(cfg, args.checkpoint)
-    if folder is None:
-        raise BookgenError(f"no complete checkpoint under {checkpoint_root(cfg)}; train first or pass --checkpoint")
-    out = export(folder, args.out, force=args.force, max_shard_size=args.max_shard_size,
-                 adapter_only=args.adapter_only)
-    console.print(f"exported {folder}{' (the LoRA adapter)' if args.adapter_only else ''} to {out}")
-    return 0
-
-
-def _generate(args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
-    from bookgen.commands.generate import run_generation, settings_from
-    from bookgen.config_io import load_config, load_generate_overrides
-    from bookgen.errors import BookgenError
-    from bookgen.generation.sampling import check_output_paths, read_prompts
-
-    if args.cfg is None and args.model is None:
-        raise BookgenError("generate needs --model DIR (an exported folder) or --cfg EXP.yaml")
-    cfg = load_config(args.cfg, args.overrides) if args.cfg else None
-    base = cfg.generate if cfg else load_generate_overrides(args.overrides)
-    flags = {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "repetition_penalty", "max_new_tokens",
-                                           "num_return_sequences", "seed", "batch_size")}
-    settings = settings_from(base, flags)
-    prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or [base.prompt])
-    if any(p is not None and not p.strip() for p in prompts):
-        raise BookgenError("an empty prompt was given; leave --prompt out to start a summary from nothing")
-    seed = settings.seed if settings.seed is not None else (cfg.seed if cfg else 0)
-    out = args.out or ((cfg.run.output_dir if cfg else Path(".")) / "generated.jsonl")
-    check_output_paths(out, inputs=[p for p in (args.prompts, args.model) if p is not None], force=args.force)
-    run_generation(cfg=cfg, model_dir=args.model, checkpoint=args.checkpoint, prompts=prompts, settings=settings,
-                   seed=seed, out=out)
-    return 0
-
-
-def _prepare(cfg, args: argparse.Namespace, console) -> int:  # type: ignore[no-untyped-def]
-    from bookgen.data.prepare import prepare
-    from bookgen.data.sources import download
-
-    if args.download:
-        target = cfg.data.source if cfg.data.source.name.endswith(".tar.gz") else (
-            cfg.data.source.parent / "booksummaries.tar.gz")
-        download(cfg.data.download_url, target, cfg.data.download_sha256)
-        cfg.data.source = target
-    start = time.perf_counter()
-    report = prepare(cfg, verify=args.verify)
-    took = time.perf_counter() - start
-    what = ", ".join(report.rebuilt) if report.rebuilt else "nothing (inputs unchanged)"
-    console.print(f"prepared {cfg.prepared_dir} in {took:.2f}s; rebuilt: {what}")
-    console.print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report.seconds.items() if k != "total"))
-    console.print(f"rows read: {report.rows_read:,}")
-    console.print("documents: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
-    console.print("tokens: " + ", ".join(f"{k}={v:,}" for k, v in report.tokens.items()) + "; shards: "
-                  + ", ".join(f"{k}={v}" for k, v in report.shards.items()))
-    if report.skipped_empty or report.skipped_malformed or report.bad_genres:
-        console.print(f"skipped: {report.skipped_empty} empty summaries, {report.skipped_malformed} malformed "
-                      f"rows; {report.bad_genres} rows with unreadable genres (kept)")
-    console.print(f"numbers recorded in {cfg.prepared_dir / 'report.json'}", highlight=False)
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from bookgen.config import ExperimentConfig
 from bookgen.data.prepare import store_dir, tokenizer_dir
 from bookgen.data.store import MANIFEST
+from bookgen.data.tokenizer import load_tokenizer
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json
 
@@ -28,8 +29,6 @@ def vocabulary_digest(tokenizer: Any) -> str:
 
 
 def saved_vocabulary_digest(folder: Path) -> str:
-    from bookgen.data.tokenizer import load_tokenizer
-
     return vocabulary_digest(load_tokenizer(folder))
 
 

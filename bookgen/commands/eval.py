@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+
 from rich.console import Console
 
 from bookgen import distributed
 from bookgen.checkpoint import folder as ckpt
 from bookgen.checkpoint.compatibility import check_vocabulary
+from bookgen.checkpoint.consolidate import load_checkpoint_model
 from bookgen.config import ExperimentConfig
+from bookgen.config_io import load_config
 from bookgen.data.prepare import tokenizer_dir
 from bookgen.data.prepared import ensure_prepared, prepared_examples
 from bookgen.data.tokenizer import load_tokenizer
@@ -30,8 +34,6 @@ def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = No
             model = build_model(cfg, tokenizer)
         else:
             # consolidated weights load at any world size and ZeRO stage, unlike the engine's own state
-            from bookgen.checkpoint.consolidate import load_checkpoint_model
-
             step = ckpt.read_marker(folder, cfg)["state"]["global_step"]
             check_vocabulary(folder, cfg)  # the split's token ids must mean what the model learned
             model, _ = load_checkpoint_model(folder)
@@ -41,3 +43,8 @@ def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = No
         result = run_eval(engine, examples, split, cfg, dist, tokenizer.pad_token_id, step, None)
         console.print(eval_line(result, step))
         return result
+
+
+def eval_command(args: argparse.Namespace, console: Console) -> int:
+    evaluate_only(load_config(args.cfg, args.overrides), args.split, args.checkpoint)
+    return 0

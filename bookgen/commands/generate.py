@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import time
@@ -13,13 +14,23 @@ import torch
 from rich.console import Console
 
 from bookgen import distributed
+from bookgen.checkpoint import folder as ckpt
 from bookgen.checkpoint.compatibility import same_vocabulary_as_prepared
+from bookgen.checkpoint.consolidate import load_checkpoint_model
 from bookgen.config import ExperimentConfig, FieldError, GenerateConfig
+from bookgen.config_io import load_config, load_generate_overrides
 from bookgen.errors import BookgenError
 from bookgen.fileio import write_json_atomic
 from bookgen.generation.quality import measure
 from bookgen.generation.samples import quality_references
-from bookgen.generation.sampling import Sample, generate, quality_path, write_outputs
+from bookgen.generation.sampling import (
+    Sample,
+    check_output_paths,
+    generate,
+    quality_path,
+    read_prompts,
+    write_outputs,
+)
 from bookgen.model.lora import ADAPTER_CONFIG, load_adapter_folder
 
 
@@ -49,9 +60,6 @@ def load_model(model_dir: Path | None, cfg: ExperimentConfig | None, checkpoint:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
         return model.eval(), AutoTokenizer.from_pretrained(str(model_dir)), str(model_dir)
     assert cfg is not None
-    from bookgen.checkpoint import folder as ckpt
-    from bookgen.checkpoint.consolidate import load_checkpoint_model
-
     folder = ckpt.resolve(cfg, checkpoint)
     if folder is None:
         raise BookgenError(f"no complete checkpoint under {ckpt.checkpoint_root(cfg)}; train first or pass --model")
@@ -127,3 +135,23 @@ def _generate_with_progress(model: Any, tokenizer: Any, prompts: list[str], mine
         task = bar.add_task("generate", total=len(mine))
         return generate(model, tokenizer, [prompts[i] for i in mine], settings, seed=seed, prompt_indices=mine,
                         on_prompts_done=lambda n: bar.advance(task, n))
+
+
+def generate_command(args: argparse.Namespace, console: Console) -> int:
+    """`bookgen generate`: the flags and files checked before the model loads, then :func:`run_generation`."""
+    if args.cfg is None and args.model is None:
+        raise BookgenError("generate needs --model DIR (an exported folder) or --cfg EXP.yaml")
+    cfg = load_config(args.cfg, args.overrides) if args.cfg else None
+    base = cfg.generate if cfg else load_generate_overrides(args.overrides)
+    flags = {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "repetition_penalty", "max_new_tokens",
+                                           "num_return_sequences", "seed", "batch_size")}
+    settings = settings_from(base, flags)
+    prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or [base.prompt])
+    if any(p is not None and not p.strip() for p in prompts):
+        raise BookgenError("an empty prompt was given; leave --prompt out to start a summary from nothing")
+    seed = settings.seed if settings.seed is not None else (cfg.seed if cfg else 0)
+    out = args.out or ((cfg.run.output_dir if cfg else Path(".")) / "generated.jsonl")
+    check_output_paths(out, inputs=[p for p in (args.prompts, args.model) if p is not None], force=args.force)
+    run_generation(cfg=cfg, model_dir=args.model, checkpoint=args.checkpoint, prompts=prompts, settings=settings,
+                   seed=seed, out=out)
+    return 0

@@ -3,6 +3,8 @@ rotated ones on disk), so a user can pick the checkpoint that writes best, not o
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -12,6 +14,7 @@ from bookgen.checkpoint import folder as ckpt
 from bookgen.checkpoint.compatibility import check_vocabulary
 from bookgen.checkpoint.consolidate import load_checkpoint_model
 from bookgen.config import ExperimentConfig
+from bookgen.config_io import load_config
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, write_json_atomic
 from bookgen.generation.samples import SampleRound, quality_references, sample_round
@@ -20,7 +23,12 @@ COLUMNS = ("step", "eval loss", "stop rate", "length (valid)", "distinct-2", "re
            "longest copy")
 
 
-def samples_command(cfg: ExperimentConfig, console: Console) -> list[SampleRound]:
+def samples_command(args: argparse.Namespace, console: Console) -> int:
+    sample_checkpoints(load_config(args.cfg, args.overrides), console)
+    return 0
+
+
+def sample_checkpoints(cfg: ExperimentConfig, console: Console) -> list[SampleRound]:
     """Sample ``eval.samples`` rows (at least 1) from each complete checkpoint; print and save the measures."""
     folders = ckpt.complete_checkpoints(ckpt.checkpoint_root(cfg))
     if not folders:

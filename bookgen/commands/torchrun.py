@@ -21,6 +21,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from bookgen.commands.launch import rank_environment
 from bookgen.restart_guard import GUARD_VARIABLE
 
 
@@ -37,8 +38,6 @@ def failure_line(rank: int, status: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
-
-    from bookgen.commands.launch import rank_environment
 
     os.environ.update(rank_environment())  # the ranks are this process's children
     guard = tempfile.mkdtemp(prefix="bookgen-restart-guard-")

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import torch
 
+from bookgen.cpu.attention import register
+from bookgen.cpu.dropout import CpuDropout
+
 
 def speed_up_training(model: torch.nn.Module) -> int:
     """Train with bookgen's blocked attention (:mod:`bookgen.cpu.attention`: queries in blocks against only the
     keys they may see, instead of SDPA's whole masked square with dropout on the math path) and dropout masks
     drawn by NumPy (:mod:`bookgen.cpu.dropout`). Dropout holds no weights, so checkpoints and exports are
     unchanged. Returns how many dropout modules were swapped."""
-    from bookgen.cpu.attention import register
-    from bookgen.cpu.dropout import CpuDropout
-
     model.set_attn_implementation(register())  # type: ignore[operator]
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is torch.nn.Dropout]

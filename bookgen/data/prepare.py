@@ -33,7 +33,7 @@ from bookgen.data.digests import Digests
 from bookgen.data.spill import DocumentSpill
 from bookgen.data.split import reference_split_indices, seeded_split_indices
 from bookgen.data.store import MANIFEST, TokenStore, encode_lines, write_store
-from bookgen.data.tokenizer import tokenizer_fingerprint, tokenizer_source
+from bookgen.data.tokenizer import build_tokenizer, load_tokenizer, tokenizer_fingerprint, tokenizer_source
 from bookgen.errors import ConfigError, StoreError
 from bookgen.fileio import (
     naming,
@@ -295,8 +295,6 @@ def _stage_tokenizer(
         if record.get("fingerprint") == fingerprint:
             return final, fingerprint
 
-    from bookgen.data.tokenizer import build_tokenizer
-
     texts = map(sources.strip_markers, sources.iter_lines(train_file))  # read only when a BPE is trained
     tokenizer = build_tokenizer(cfg, texts)
     with staged_dir(final) as scratch:
@@ -326,8 +324,6 @@ def _stage_store(
             return
         except StoreError:
             pass  # corrupted: rebuild below
-
-    from bookgen.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tok_dir)
     with staged_dir(final) as scratch, _progress(quiet) as bar:

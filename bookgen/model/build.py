@@ -23,9 +23,11 @@ import torch
 
 from bookgen.config import ExperimentConfig
 from bookgen.errors import BookgenError
+from bookgen.model.attention import register
 from bookgen.model.config_checks import suggestion, unknown_family_keys
 from bookgen.model.embeddings import resize_embeddings, rows_of, set_special_token_ids, vocabulary_rows
 from bookgen.model.lora import apply_lora
+from bookgen.model.partitioned_load import load_pretrained_partitioned
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -96,8 +98,6 @@ def _create(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> PreTra
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         if is_deepspeed_zero3_enabled():  # each rank reads only its partitions, where the folder allows
-            from bookgen.model.partitioned_load import load_pretrained_partitioned
-
             model = load_pretrained_partitioned(m.name_or_path, rows=vocabulary_rows(len(tokenizer),
                                                                                      m.pad_to_multiple_of))
             if model is not None:
@@ -194,8 +194,6 @@ def training_attention(choice: str, config: Any) -> str:
     one with sliding windows or logit soft-capping keeps transformers' SDPA, which knows them. ``eager`` and
     ``flash_attention_2`` are transformers' own."""
     if choice == "sdpa" and plainly_causal(config):
-        from bookgen.model.attention import register
-
         return register()
     return choice
 

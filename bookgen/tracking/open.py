@@ -15,6 +15,9 @@ from bookgen.errors import BookgenError
 from bookgen.faults import Fault
 from bookgen.fileio import write_json_atomic
 from bookgen.tracking.fanout import Tracker, Trackers
+from bookgen.tracking.mlflow import MlflowTracker, tracking_uri
+from bookgen.tracking.tensorboard import TensorBoardTracker
+from bookgen.tracking.wandb import WandbTracker
 
 STATE_FILE = "trackers.json"  # each tracker's run id, for a resumed run to append to
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "bookgen[wandb]"),
@@ -35,8 +38,6 @@ def check_tracker_servers(cfg: ExperimentConfig, timeout_s: float = 5.0) -> None
     an unreachable server for minutes, silently, after the data has been prepared and the model built."""
     if "mlflow" not in cfg.run.trackers:
         return
-    from bookgen.tracking.mlflow import tracking_uri
-
     previous = _read_state(cfg.run.output_dir / STATE_FILE).get("mlflow") or {}
     uri = previous.get("tracking_uri") or tracking_uri(cfg.run.mlflow, create=False)[0]
     if not uri.startswith(("http://", "https://")):
@@ -82,15 +83,9 @@ def open_trackers(cfg: ExperimentConfig, *, params: Mapping[str, Any], resume_st
 
 def _start(name: str, cfg: ExperimentConfig, params: Mapping[str, Any], previous: dict[str, Any] | None) -> Any:
     if name == "tensorboard":
-        from bookgen.tracking.tensorboard import TensorBoardTracker
-
         return TensorBoardTracker(cfg.run.output_dir / "tensorboard", params, previous)
     if name == "wandb":
-        from bookgen.tracking.wandb import WandbTracker
-
         return WandbTracker(cfg.run.wandb, cfg.run.output_dir, params, previous)
-    from bookgen.tracking.mlflow import MlflowTracker
-
     return MlflowTracker(cfg.run.mlflow, cfg.run.output_dir, params, previous)
 
 

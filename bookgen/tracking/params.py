@@ -7,12 +7,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bookgen import __version__
+
 
 def run_params(cfg_dict: Mapping[str, Any], ds_config: Mapping[str, Any], world_size: int) -> dict[str, Any]:
     """What every tracker records about the run: the resolved experiment, the DeepSpeed configuration, the
     world size, bookgen's version and the git commit of its source, when it is a checkout."""
-    from bookgen import __version__
-
     return {"experiment": dict(cfg_dict), "deepspeed": dict(ds_config), "world_size": world_size,
             "bookgen_version": __version__, "git_commit": source_commit()}
 
