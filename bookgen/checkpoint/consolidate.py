@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bookgen.checkpoint.folder import MARKER, check_files, previous_hint, read_record
+from bookgen.checkpoint.folder import MARKER, check_files, previous_hint, read_mode, read_record
 from bookgen.errors import BookgenError
 from bookgen.model.frozen_base import RECORD_KEY, load_base
-from bookgen.model.lora import ADAPTER_CONFIG, wrap_for_loading
+from bookgen.model.lora import wrap_for_loading
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,10 +57,11 @@ def load_checkpoint_model(folder: Path, *, merge_adapters: bool = True
     state = consolidated_state_dict(folder)  # first: it checks every file, hf/ included
     hf = folder / "hf"
     config = AutoConfig.from_pretrained(str(hf))
-    base = read_record(folder).get(RECORD_KEY)
+    mode = read_mode(folder)
+    base = read_record(folder).get(RECORD_KEY) if mode.base else None
     # a LoRA checkpoint of a pretrained model holds only what trained: its base comes from where it came from
     model = load_base(base, config, folder) if base else AutoModelForCausalLM.from_config(config)
-    lora = (hf / ADAPTER_CONFIG).is_file()
+    lora = mode.lora
     if lora:
         model = wrap_for_loading(model, hf)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bookgen.checkpoint.consolidate import consolidated_state_dict, load_checkpoint_model
-from bookgen.checkpoint.folder import MARKER
+from bookgen.checkpoint.folder import MARKER, read_mode
 from bookgen.checkpoint.safetensors_out import model_tensors, write_safetensors
 from bookgen.errors import BookgenError
 from bookgen.fileio import (
@@ -21,7 +21,7 @@ from bookgen.fileio import (
     staged_dir,
     write_json_atomic,
 )
-from bookgen.model.lora import ADAPTER_CONFIG, check_adapter_export, is_lora
+from bookgen.model.lora import check_adapter_export, is_lora
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -144,7 +144,7 @@ class CheckpointSource:
 
 
 def _source(folder: Path, adapter_only: bool) -> ModelSource | CheckpointSource:
-    if adapter_only or (folder / "hf" / ADAPTER_CONFIG).is_file():
+    if adapter_only or read_mode(folder).lora:
         return ModelSource(*load_checkpoint_model(folder, merge_adapters=not adapter_only))
     return CheckpointSource(folder)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,12 @@ from bookgen.errors import BookgenError
 from bookgen.faults import Fault
 from bookgen.fileio import crc32_file, read_json, write_json_atomic, write_text_atomic
 from bookgen.model.frozen_base import RECORD_KEY, base_record, leaves_out_base
+from bookgen.model.lora import ADAPTER_CONFIG
 
 POINTER = "latest_complete"
 BEST_POINTER = "best_complete"
 MARKER = "COMPLETE.json"
+MODE_KEY = "mode"  # in COMPLETE.json: full fine-tuning or LoRA, and whether the base was left out
 
 
 def checkpoint_root(cfg: ExperimentConfig) -> Path:
@@ -112,6 +114,7 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
                 "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing,
                          "group_by_length": cfg.data.group_by_length, "train_sha256": train_split_digest(cfg)},
                 "eval_loss": eval_loss,
+                MODE_KEY: {"lora": cfg.model.lora is not None, "base_left_out": leaves_out_base(cfg)},
             } | ({RECORD_KEY: base_record(str(cfg.model.name_or_path))} if leaves_out_base(cfg) else {}))
             write_text_atomic(root / POINTER, tag + "\n")
             _prune(root, cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best)
@@ -169,6 +172,26 @@ def read_record(folder: Path, *required: str) -> dict[str, Any]:
         raise BookgenError(f"{folder / MARKER}: not a bookgen checkpoint record (unreadable, or without "
                            f"{', '.join(missing)}): checkpoint {folder.name} is damaged. {previous_hint(folder)}")
     return marker  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointMode:
+    """What a checkpoint is: full fine-tuning or LoRA, and whether its pretrained base was left out (then
+    ``base`` names it, as the run trained from it)."""
+
+    lora: bool
+    base: str | None
+
+
+def read_mode(folder: Path) -> CheckpointMode:
+    """The mode the checkpoint records; one saved before the record is read as it was then: LoRA where its
+    hf/ folder holds an adapter config, its base left out where it records one."""
+    marker = read_record(folder)
+    base = (marker.get(RECORD_KEY) or {}).get("name_or_path")
+    mode = marker.get(MODE_KEY)
+    if isinstance(mode, dict):
+        return CheckpointMode(lora=bool(mode.get("lora")), base=base if mode.get("base_left_out") else None)
+    return CheckpointMode(lora=(folder / "hf" / ADAPTER_CONFIG).is_file(), base=base)
 
 
 def check_files(folder: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:

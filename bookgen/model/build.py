@@ -14,6 +14,7 @@ else transformers reads them (rank 0 reads each shard file whole).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from bookgen.model.config_checks import suggestion, unknown_family_keys
 from bookgen.model.embeddings import resize_embeddings, rows_of, set_special_token_ids, vocabulary_rows
 from bookgen.model.lora import apply_lora
 from bookgen.model.partitioned_load import load_pretrained_partitioned
+from bookgen.model.source import ModelSource
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -40,13 +42,14 @@ def position_count(config: Any) -> int | None:
 
 
 def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
-                zero3_config: dict[str, Any] | None = None) -> PreTrainedModel:
-    """``zero3_config``: the run's DeepSpeed config when it is ZeRO-3, to create the model partitioned."""
+                zero3_config: dict[str, Any] | None = None, source: ModelSource | None = None) -> PreTrainedModel:
+    """``zero3_config``: the run's DeepSpeed config when it is ZeRO-3, to create the model partitioned;
+    ``source``: where the model comes from, with its config loaded once (preflight); else read here."""
     m = cfg.model
     logging.getLogger("transformers.modeling_utils").addFilter(_NO_PADDING_MASK_ADVICE)
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     with _partitioned_while_built(zero3_config):
-        model = _create(cfg, tokenizer)
+        model = _create(cfg, tokenizer, source)
         # a model built from a config names no loss type; transformers then warns on every call, which also
         # breaks a compiled graph in two
         if getattr(model, "loss_type", None) is None:
@@ -90,19 +93,23 @@ class _NoPaddingMaskAdvice(logging.Filter):
 _NO_PADDING_MASK_ADVICE = _NoPaddingMaskAdvice()  # one instance: adding it again is a no-op
 
 
-def _create(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def _create(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, source: ModelSource | None
+            ) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM, GPT2Config
 
     m = cfg.model
     if m.name_or_path is not None:
         from transformers.integrations import is_deepspeed_zero3_enabled
 
+        loaded = source.hf_config if source is not None else None  # read once, in preflight
         if is_deepspeed_zero3_enabled():  # each rank reads only its partitions, where the folder allows
             model = load_pretrained_partitioned(m.name_or_path, rows=vocabulary_rows(len(tokenizer),
-                                                                                     m.pad_to_multiple_of))
+                                                                                     m.pad_to_multiple_of),
+                                                config=loaded)
             if model is not None:
                 return model
-        return AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=torch.float32)
+        given = {"config": copy.deepcopy(loaded)} if loaded is not None else {}
+        return AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=torch.float32, **given)
     special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if m.config is not None:

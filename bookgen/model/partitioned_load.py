@@ -14,6 +14,7 @@ flattened full tensor, n = ``ds_tensor.ds_numel``, the tail past the tensor's en
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
@@ -211,13 +212,15 @@ def _row_mean(values: torch.Tensor, start: int, width: int, rows: int, group: ob
     return sums / rows
 
 
-def load_pretrained_partitioned(name_or_path: str, rows: int | None = None) -> torch.nn.Module | None:
+def load_pretrained_partitioned(name_or_path: str, rows: int | None = None, config: Any = None
+                                ) -> torch.nn.Module | None:
     """A local safetensors folder's model (or a hub id's, read from the Hugging Face cache), created partitioned
     (ZeRO-3 is on: an ``HfDeepSpeedConfig`` is alive) without initialisation and filled partition by partition;
     None where :func:`plan` leaves it to transformers. ``rows``: the vocabulary the run needs; more than the
     model's, and the embeddings are created that large, new rows at the mean (what
     :func:`bookgen.model.build.resize_embeddings` does to a whole model), so they are never whole on any rank.
-    The model carries what this rank read as ``bookgen_load_stats``."""
+    The model carries what this rank read as ``bookgen_load_stats``. ``config``: the model's, loaded already
+    (the run's model source; a copy is changed here), else read from the folder."""
     folder = Path(name_or_path)
     if not folder.is_dir():
         folder = hub_snapshot(name_or_path)
@@ -227,7 +230,7 @@ def load_pretrained_partitioned(name_or_path: str, rows: int | None = None) -> t
     from transformers import AutoConfig, GenerationConfig
 
     entries = read_entries(files)
-    config = AutoConfig.from_pretrained(str(folder))
+    config = copy.deepcopy(config) if config is not None else AutoConfig.from_pretrained(str(folder))
     grow = rows is not None and rows > config.vocab_size
     if grow:
         config.vocab_size = rows

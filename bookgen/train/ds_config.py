@@ -60,7 +60,9 @@ def owned_values(cfg: ExperimentConfig, world_size: int) -> dict[str, tuple[Any,
     }
 
 
-def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+def build_ds_config(cfg: ExperimentConfig, world_size: int, *, width: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config: the JSON's own settings with the experiment's values filled in (a disagreement
+    raises). ``width``: the model's hidden size, from the run's model source (else what the experiment says)."""
     source = cfg.deepspeed.config
     where = str(source) if source else "the built-in DeepSpeed config"
     ds = copy.deepcopy(load_ds_json(source))
@@ -88,23 +90,17 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
         ds["torch_autocast"].setdefault("dtype", "bfloat16")
     use_fused_adamw(ds["optimizer"])
     if cfg.deepspeed.zero_stage == 3:
-        size_zero3_buckets(ds["zero_optimization"], model_width(cfg))
+        size_zero3_buckets(ds["zero_optimization"], width or _experiment_width(cfg))
     return ds
 
 
-def model_width(cfg: ExperimentConfig) -> int | None:
-    """The model's hidden size, from the experiment or the pretrained model's config (None if unknown)."""
+def _experiment_width(cfg: ExperimentConfig) -> int | None:
+    """The hidden size the experiment itself names (model.config or the built-in GPT-2's); a pretrained
+    model's is in its config, which the model source holds."""
     m = cfg.model
     if m.config is not None:
         return m.config.get("hidden_size") or m.config.get("n_embd")
-    if m.name_or_path is None:
-        return m.n_embd
-    from transformers import AutoConfig
-
-    try:
-        return getattr(AutoConfig.from_pretrained(m.name_or_path), "hidden_size", None)
-    except (OSError, ValueError):
-        return None  # preflight names the folder
+    return m.n_embd if m.name_or_path is None else None
 
 
 def size_zero3_buckets(zero: dict[str, Any], width: int | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -56,14 +57,18 @@ def check_precision(cfg: ExperimentConfig) -> None:
 
 
 def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, dist: DistEnv, total_steps: int,
-                 *, load_universal: bool = False) -> Any:
+                 *, load_universal: bool = False, ds_config: dict[str, Any] | None = None) -> Any:
+    """The DeepSpeed engine around ``model``; ``ds_config``: the run's, built and checked once (preflight),
+    else built here (eval and tests), with its precision checked."""
     import deepspeed
 
     torch.set_float32_matmul_precision(float32_matmul_precision(cfg.train.tf32, torch.cuda.is_available()))
-    ds_config = build_ds_config(cfg, dist.world_size)
+    if ds_config is None:
+        ds_config = build_ds_config(cfg, dist.world_size)
+        check_precision(cfg)
+    ds_config = copy.deepcopy(ds_config)  # DeepSpeed may write into it; the plan's stays as resolved
     if load_universal:  # resuming a checkpoint saved at another world size (bookgen.checkpoint.reshard)
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    check_precision(cfg)
     if cfg.train.precision.startswith("bf16") and not torch.cuda.is_available() and not cpu_has_bf16():
         if dist.is_main:  # the same on every rank: said once
             distributed.warn(dist, f"this CPU has no native bf16; train.precision: {cfg.train.precision} will be slow")

@@ -38,10 +38,11 @@ from bookgen.evaluation.report import eval_line, run_eval
 from bookgen.faults import Fault, from_environment
 from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
 from bookgen.generation.samples import TrainingSampler
+from bookgen.model.attention import uses_causal_attention
 from bookgen.model.build import build_model, count_parameters
 from bookgen.model.flops import flops_per_token, mfu, peak_flops
-from bookgen.model.frozen_base import leaves_out_base, remember_base_contents
-from bookgen.model.lora import is_lora, save_adapter_config, trainable_parameters
+from bookgen.model.frozen_base import remember_base_contents
+from bookgen.model.lora import save_adapter_config, trainable_parameters
 from bookgen.run_files import (
     END_FILES,
     INTERRUPTED_MARKER,
@@ -53,12 +54,11 @@ from bookgen.run_files import (
 )
 from bookgen.tracking import open_trackers, run_params
 from bookgen.tracking.metrics_log import MetricsLog, plot_loss_curves
-from bookgen.train.ds_config import build_ds_config
 from bookgen.train.engine import build_engine
-from bookgen.train.preflight import check_training
 from bookgen.train.progress import TrainProgress, summary_table
 from bookgen.train.readout import Interval, StepRecord
 from bookgen.train.run_lock import hold_run_folder
+from bookgen.train.run_plan import RunPlan, resolve_run
 from bookgen.train.step import train_step
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues the job on it
@@ -124,12 +124,12 @@ class Invocation:
 
 def train(cfg: ExperimentConfig, invocation: Invocation | None = None) -> dict[str, Any]:
     with distributed.process_group(cfg.deepspeed.comm_timeout_s) as dist:
-        check_training(cfg, dist)
+        resolved = resolve_run(cfg, dist)  # every check that needs no data, and the run's decisions
         with hold_run_folder(cfg.run.output_dir, dist):
-            return _run(cfg, dist, invocation or Invocation(), from_environment(os.environ))
+            return _run(cfg, resolved, dist, invocation or Invocation(), from_environment(os.environ))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Run:
     """Everything the loop works with, built in order by :func:`_build`."""
 
@@ -145,11 +145,14 @@ class Run:
     mfu_of: Callable[[float], float] | None  # tokens/s over all ranks -> MFU; None where the peak is unknown
     sampler: TrainingSampler | None  # eval.samples > 0
     invocation: Invocation  # to print the commands that resume and export this run
+    layout: BatchLayout  # micro-batch x accumulation x ranks, decided once (RunPlan)
     fault: Fault | None = None  # the failure tests' injected fault (bookgen.faults); None in a real run
+    causal_attention: bool = False  # training runs bookgen's causal attention (decided when the model was built)
     finished: bool = False  # a rerun of a finished run: nothing to do, nothing to write
 
 
-def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation, fault: Fault | None) -> dict[str, Any]:
+def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: Invocation, fault: Fault | None
+         ) -> dict[str, Any]:
     console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
     stop = StopFlag()
     if dist.is_main:
@@ -162,7 +165,7 @@ def _run(cfg: ExperimentConfig, dist: DistEnv, invocation: Invocation, fault: Fa
         (cfg.run.output_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)
         (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
     ensure_prepared(cfg, dist, console)
-    run = _build(cfg, dist, console, invocation, fault)
+    run = _build(cfg, resolved, dist, console, invocation, fault)
     if run.finished:
         run.progress.close()
         console.print(f"{cfg.run.output_dir} is a finished run (step {run.state.global_step} of "
@@ -225,20 +228,22 @@ def _where_things_are(cfg: ExperimentConfig, invocation: Invocation) -> str:
     return "\n".join(lines)
 
 
-def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: Invocation,
+def _build(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Console, invocation: Invocation,
            fault: Fault | None) -> Run:
     """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
-    ds_config = build_ds_config(cfg, dist.world_size)
-    zero3 = ds_config if cfg.deepspeed.zero_stage == 3 else None
-    model = build_model(cfg, tokenizer, zero3_config=zero3)  # under ZeRO-3: partitioned as it is created
+    ds_config = resolved.ds_config
+    zero3 = ds_config if resolved.zero3 else None
+    # under ZeRO-3: partitioned as it is created
+    model = build_model(cfg, tokenizer, zero3_config=zero3, source=resolved.model)
     model_flops = flops_per_token(model, cfg.data.block_size)
     train_examples, valid_examples = prepared_examples(cfg, "train"), prepared_examples(cfg, "valid")
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
-    if leaves_out_base(cfg):  # its checkpoints record the base's content: read once, striped over the ranks
+    if resolved.base_left_out:  # its checkpoints record the base's content: read once, striped over the ranks
         remember_base_contents(str(cfg.model.name_or_path), dist)
     resume_plan = plan_resume(cfg, dist)
-    engine = build_engine(cfg, model, dist, plan.total_steps, load_universal=resume_plan.universal)
+    engine = build_engine(cfg, model, dist, plan.total_steps, load_universal=resume_plan.universal,
+                          ds_config=ds_config)
     if engine.device.type == "cpu" and not cfg.train.compile and cfg.model.attention == "sdpa":
         from bookgen.cpu import speed_up_training  # the one seam for CPU-only speed (tests, the demo)
 
@@ -248,9 +253,10 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: I
     if resume_plan.folder is not None and _is_finished(cfg, dist, state, plan):
         return Run(engine=engine, pad_id=tokenizer.pad_token_id, train_examples=train_examples,
                    valid_examples=valid_examples, plan=plan, state=state, log=None, save_hf=None, progress=progress,
-                   mfu_of=None, sampler=None, invocation=invocation, finished=True)
+                   mfu_of=None, sampler=None, invocation=invocation, layout=resolved.layout, finished=True)
     log = _open_log(cfg, dist, state.global_step, ds_config, console, fault)
-    console.print(f"model: {_parameter_line(engine.module)}; {len(train_examples)} training examples; "
+    lora = resolved.lora is not None
+    console.print(f"model: {_parameter_line(engine.module, lora=lora)}; {len(train_examples)} training examples; "
                   f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
                   f"{plan.total_steps} steps in all")
     peak = peak_flops(engine.device, cfg.train.precision, cfg.run.peak_tflops)
@@ -258,13 +264,15 @@ def _build(cfg: ExperimentConfig, dist: DistEnv, console: Console, invocation: I
     sampler = TrainingSampler(cfg, dist, tokenizer, resume_step=state.global_step) if cfg.eval.samples else None
     return Run(engine=engine, pad_id=tokenizer.pad_token_id, train_examples=train_examples,
                valid_examples=valid_examples, plan=plan, state=state, log=log,
-               save_hf=_hf_files_writer(engine, tokenizer, cfg.model.name_or_path), progress=progress, mfu_of=mfu_of,
-               sampler=sampler, invocation=invocation, fault=fault)
+               save_hf=_hf_files_writer(engine, tokenizer, cfg.model.name_or_path, lora=lora), progress=progress,
+               mfu_of=mfu_of,
+               sampler=sampler, invocation=invocation, fault=fault, layout=resolved.layout,
+               causal_attention=uses_causal_attention(engine))
 
 
-def _parameter_line(model: torch.nn.Module) -> str:
+def _parameter_line(model: torch.nn.Module, *, lora: bool) -> str:
     total = count_parameters(model)
-    if not is_lora(model):
+    if not lora:
         return f"{total:,} parameters"
     trainable = trainable_parameters(model)
     return f"{total:,} parameters, {trainable:,} of them trained (LoRA: {100 * trainable / total:.2f}%)"
@@ -334,7 +342,7 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
         while (state.step_in_epoch < plan.steps_per_epoch and state.global_step < plan.total_steps
                and not _stopped_early(state, cfg)):
             numbers = train_step(run.engine, run.train_examples, order, state.step_in_epoch, cfg.train, dist,
-                                 run.pad_id)
+                                 run.pad_id, layout=run.layout, causal=run.causal_attention)
             state.global_step += 1
             state.step_in_epoch += 1
             if run.fault is not None:
@@ -371,7 +379,7 @@ def _read_and_log(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag
     loss, and save and exit when any rank was asked to stop."""
     state = run.state
     stop_now = stop.requested or (dist.is_main and (cfg.run.output_dir / STOP_FILE).exists())
-    records, stop_any = interval.read(micro_batches=BatchLayout.of(cfg.train, dist.world_size).micro_batches,
+    records, stop_any = interval.read(micro_batches=run.layout.micro_batches,
                                       is_main=dist.is_main, stop_requested=stop_now)
     totals.seconds = time.perf_counter() - clock.start  # measured after the read: the device's time included
     state.train_seconds = clock.seconds_before + totals.seconds
@@ -483,13 +491,13 @@ def announce(cfg: ExperimentConfig, console: Console, dist: DistEnv) -> None:
     console.print(f"world size {dist.world_size}; output {cfg.run.output_dir}")
 
 
-def _hf_files_writer(engine: Any, tokenizer: Any, base: str | None) -> Any:
+def _hf_files_writer(engine: Any, tokenizer: Any, base: str | None, *, lora: bool) -> Any:
     """``base``: where a LoRA run's base model comes from, recorded in its adapter config."""
     def write(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         engine.module.config.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
-        if is_lora(engine.module):
+        if lora:
             save_adapter_config(engine.module, folder, base)
 
     return write

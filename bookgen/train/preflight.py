@@ -3,12 +3,15 @@ not after the corpus is tokenized or the first steps are trained."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, GPT2Config
 
 from bookgen import distributed
 from bookgen.checkpoint.folder import check_no_other_run, check_resume_folder, checkpoint_root
@@ -19,6 +22,7 @@ from bookgen.fileio import nearest_existing
 from bookgen.model.build import family_config, position_count
 from bookgen.model.config_checks import check_causal_decoder, check_model_folder, check_weights_fit
 from bookgen.model.lora import check_targets
+from bookgen.model.source import ModelSource
 from bookgen.tracking import check_tracker_packages, check_tracker_servers
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.engine import check_precision
@@ -26,27 +30,26 @@ from bookgen.train.engine import check_precision
 OFFLOAD_DEVICES = ("none", "cpu", "nvme", None)  # what DeepSpeed's offload sections accept
 
 
-def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
-    """Every rank: the DeepSpeed config agrees with the experiment, the precision runs here, the resume
-    folder exists, a new start meets no other run's checkpoints, the model has positions for a block, and
-    the run folder can be written."""
-    ds = build_ds_config(cfg, dist.world_size)  # raises on a ZeRO stage or batch clash with the JSON
+def check_training(cfg: ExperimentConfig, dist: DistEnv) -> tuple[ModelSource, dict[str, Any]]:
+    """Every rank: the model's source and its config (loaded here, once), the DeepSpeed config (built here,
+    once) agreeing with the experiment, the precision runs here, the resume folder exists, a new start meets
+    no other run's checkpoints, the model has positions for a block, and the run folder can be written."""
+    source = model_source(cfg)
+    ds = build_ds_config(cfg, dist.world_size, width=source.width)  # raises on a stage or batch clash
     check_offload(ds, str(cfg.deepspeed.config or "the built-in DeepSpeed config"))
     check_precision(cfg)
     if cfg.checkpoint.resume not in ("auto", "never"):
         check_resume_folder(Path(cfg.checkpoint.resume))
     if cfg.checkpoint.resume != "auto":
         check_no_other_run(cfg, None if cfg.checkpoint.resume == "never" else Path(cfg.checkpoint.resume))
-    check_model(cfg, dist)
+    check_model(cfg, dist, source)
     ignored = cfg.model.ignored_gpt2_keys()
     if ignored and dist.is_main:
-        source = f"model.name_or_path ({cfg.model.name_or_path})" if cfg.model.name_or_path else "model.config"
+        named = f"model.name_or_path ({cfg.model.name_or_path})" if cfg.model.name_or_path else "model.config"
         distributed.warn(dist, f"{', '.join('model.' + k for k in ignored)} shape the built-in GPT-2 only and are "
-                               f"ignored: {source} decides the model's shape")
+                               f"ignored: {named} decides the model's shape")
     check_tracker_packages(cfg)
     if cfg.model.attention == "flash_attention_2":
-        import importlib.util
-
         if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
             raise BookgenError("model.attention: flash_attention_2 needs a GPU and the flash_attn package; use "
                                "sdpa")
@@ -55,42 +58,48 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> None:
     errors = distributed.gather_errors(_unwritable(cfg, dist) or (_tracker_server(cfg) if dist.is_main else None))
     if errors:
         raise BookgenError("; ".join(errors))
+    return source, ds
 
 
-def check_model(cfg: ExperimentConfig, dist: DistEnv | None = None) -> None:
-    """A pretrained model's or a model.config family's config is read (a local folder checked for its config
-    and weights first): it must be a decoder-only causal LM whose fp32 weights fit a rank's memory, with
-    positions for a block; a model.config that transformers cannot build is named, and so is a LoRA target
-    that matches no layer."""
+def model_source(cfg: ExperimentConfig) -> ModelSource:
+    """Where the model comes from, with its Hugging Face config: loaded from a pretrained model's folder or
+    hub id (a local folder checked for its config and weights first), built from model.config's family, or the
+    built-in GPT-2's (a placeholder vocabulary: the real one comes from the tokenizer). Errors name the key."""
     m = cfg.model
     if m.config is not None:
-        config, what = family_config(m.config), f"model.config ({m.config['model_type']})"
-    elif m.name_or_path is not None:
-        from transformers import AutoConfig
-
+        return ModelSource(kind="family", name_or_path=None, hf_config=family_config(m.config))
+    if m.name_or_path is not None:
         check_model_folder(m.name_or_path, "model.name_or_path")
         try:
             config = AutoConfig.from_pretrained(m.name_or_path)
         except Exception as exc:  # OSError, ValueError, and the families' own validation errors
             raise BookgenError(f"model.name_or_path: cannot load {m.name_or_path!r}: {exc}") from exc
-        what = f"model.name_or_path ({m.name_or_path})"
-    else:
-        from transformers import GPT2Config
+        return ModelSource(kind="pretrained", name_or_path=m.name_or_path, hf_config=config)
+    # no special ids: the placeholder vocabulary has none of GPT-2's (transformers would warn)
+    config = GPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, n_positions=m.n_positions,
+                        vocab_size=8, bos_token_id=None, eos_token_id=None)
+    return ModelSource(kind="builtin", name_or_path=None, hf_config=config)
 
-        # a placeholder vocabulary: the real one comes from the tokenizer; no special ids outside it
-        config, what = GPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, n_positions=m.n_positions,
-                                  vocab_size=8, bos_token_id=None, eos_token_id=None), None
+
+def check_model(cfg: ExperimentConfig, dist: DistEnv | None = None, source: ModelSource | None = None) -> None:
+    """The model must be a decoder-only causal LM whose fp32 weights fit a rank's memory (``dist`` given), with
+    positions for a block; a LoRA target that matches no layer is named."""
+    source = source or model_source(cfg)
+    config = source.hf_config
     check_targets(cfg, config)
-    if what is None:
+    if source.kind == "builtin":  # its keys were checked when the experiment was loaded
         return
+    what = (f"model.config ({config.model_type})" if source.kind == "family"
+            else f"model.name_or_path ({source.name_or_path})")
     check_causal_decoder(config, what)
     if dist is not None:
         check_weights_fit(config, what, partitions=dist.world_size if cfg.deepspeed.zero_stage == 3 else 1,
                           local_ranks=dist.local_world_size)
     positions = position_count(config)
     if positions is not None and cfg.data.block_size > positions:
+        named = source.name_or_path or f"model.config ({config.model_type})"
         raise BookgenError(f"data.block_size: {cfg.data.block_size} is more than the {positions} positions of "
-                           f"{m.name_or_path or what}; set data.block_size to at most {positions}")
+                           f"{named}; set data.block_size to at most {positions}")
 
 
 def _tracker_server(cfg: ExperimentConfig) -> str | None:
@@ -165,8 +174,6 @@ def cpu_adam_available() -> bool:
 def _op_available(op: str, builder: str) -> bool:
     """A DeepSpeed op built at install (DS_BUILD_...=1), or one its builder can compile here (a compiler, ninja
     and what the op itself needs)."""
-    import shutil
-
     from deepspeed.git_version_info import installed_ops
     from deepspeed.ops import op_builder
 

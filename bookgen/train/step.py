@@ -35,10 +35,12 @@ class StepNumbers:
 
 
 def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, t: TrainConfig,
-               dist: DistEnv, pad_id: int) -> StepNumbers:
-    """One optimizer step: ``grad_accum_steps`` micro-batches on each rank, then the engine's update."""
+               dist: DistEnv, pad_id: int, *, layout: BatchLayout | None = None, causal: bool | None = None
+               ) -> StepNumbers:
+    """One optimizer step: ``grad_accum_steps`` micro-batches on each rank, then the engine's update.
+    ``layout`` and ``causal`` (bookgen's causal attention is in use): decided once by the run, else here."""
     lr = float(engine.get_lr()[0])  # the scheduler's host number
-    layout = BatchLayout.of(t, dist.world_size)
+    layout = layout or BatchLayout.of(t, dist.world_size)
     loss_kwargs: dict[str, torch.Tensor] = {}  # micro_batches: the model's own per-micro-batch mean
     if t.loss_average == "tokens":
         total = predicted_tokens(examples.targets, order, step=step_in_epoch, global_batch=layout.global_batch)
@@ -49,7 +51,7 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
                                                       engine.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     grad_norm: torch.Tensor | None = None
-    causal = uses_causal_attention(engine)
+    causal = uses_causal_attention(engine) if causal is None else causal
     for micro in range(t.grad_accum_steps):
         picked = micro_batch_indices(order, step=step_in_epoch, micro=micro, rank=dist.rank, layout=layout)
         loss = engine(**model_inputs(examples.batch(picked, pad_id), engine.device, bookgen_attention=causal),

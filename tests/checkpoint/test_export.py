@@ -242,3 +242,32 @@ def test_export_in_shards_loads_the_same_and_a_reexport_in_one_file_removes_them
     proc = run_cli(["export", "--cfg", str(exp), "--out", str(tmp_path / "x"), "--max-shard-size", "5 gigs"])
     assert proc.returncode == 2 and "--max-shard-size: '5 gigs' is not a size" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.multirank
+def test_a_checkpoint_saved_before_the_mode_record_still_resumes_exports_and_generates(trained, tmp_path):
+    """Checkpoints from before COMPLETE.json recorded the run's mode (full fine-tuning or LoRA) are read as
+    they were: LoRA where hf/ holds an adapter config."""
+    from bookgen.checkpoint.folder import read_mode
+
+    exp = copy_trained_run(trained, tmp_path)
+    for marker in (tmp_path / "run" / "checkpoints").glob(f"step*/{MARKER}"):
+        record = json.loads(marker.read_text())
+        assert record.pop("mode", None) in (None, {"lora": False, "base_left_out": False})
+        marker.write_text(json.dumps(record))
+    newest = sorted((tmp_path / "run" / "checkpoints").glob("step*"))[-1]
+    assert not read_mode(newest).lora and read_mode(newest).base is None
+    assert main(["export", "--cfg", str(exp), "--out", str(tmp_path / "hf")]) == 0
+    proc = run_cli(["generate", "--cfg", str(exp), "--max-new-tokens", "4", "--num-return-sequences", "1",
+                    "--out", str(tmp_path / "gen.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    longer = f"train.max_steps={TRAINED_SETTINGS['train.max_steps'] + 1}"
+    resumed = run_cli(["train", "--cfg", str(exp), "--set", longer])
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
+
+    lora = tmp_path / "lora" / "step00000002"  # an old LoRA checkpoint's files, as far as the mode goes
+    (lora / "hf").mkdir(parents=True)
+    (lora / "hf" / "adapter_config.json").write_text("{}")
+    (lora / MARKER).write_text(json.dumps({k: record[k] for k in ("state", "zero_stage", "fingerprint", "model",
+                                                                   "tokenizer")}))
+    assert read_mode(lora).lora

@@ -1,0 +1,45 @@
+"""What a training run is, decided once per process before any data is touched, and handed on.
+
+The experiment config is the user's input; :func:`resolve_run` reads it once, runs every preflight check
+(bookgen.train.preflight: the refusals that need no data) and returns a frozen :class:`RunPlan`. The loop, the
+model build, the engine and the checkpoints take the parts they use from it instead of deciding again: the
+model's source and its Hugging Face config (loaded once), full fine-tuning or LoRA, the DeepSpeed config (built
+once), the batch layout, and how attention runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bookgen.config import ExperimentConfig, LoraSettings
+from bookgen.data.batch_layout import BatchLayout
+from bookgen.distributed import DistEnv
+from bookgen.model.frozen_base import leaves_out_base
+from bookgen.model.source import ModelSource
+from bookgen.train.preflight import check_training
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunPlan:
+    model: ModelSource
+    lora: LoraSettings | None  # None: full fine-tuning
+    base_left_out: bool  # LoRA on a pretrained model: checkpoints hold the adapters, the base is rebuilt
+    ds_config: dict[str, Any] = field(repr=False)  # DeepSpeed's, checked against the experiment
+    layout: BatchLayout
+    precision: str
+    compiled: bool
+    packing: str
+    trackers: tuple[str, ...]
+
+    @property
+    def zero3(self) -> bool:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def resolve_run(cfg: ExperimentConfig, dist: DistEnv) -> RunPlan:
+    """Every rank, before any data is touched: the checks, then the decisions (all ranks reach the same)."""
+    source, ds_config = check_training(cfg, dist)
+    return RunPlan(model=source, lora=cfg.model.lora, base_left_out=leaves_out_base(cfg), ds_config=ds_config,
+                   layout=BatchLayout.of(cfg.train, dist.world_size), precision=cfg.train.precision,
+                   compiled=cfg.train.compile, packing=cfg.data.packing, trackers=tuple(cfg.run.trackers))
