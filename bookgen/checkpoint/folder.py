@@ -104,18 +104,7 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
     error = None
     if dist.is_main:
         try:
-            write_json_atomic(folder / MARKER, {
-                "state": asdict(state), "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
-                "precision": cfg.train.precision, "seed": cfg.seed,
-                "global_batch": BatchLayout.of(cfg.train, dist.world_size).global_batch,
-                "files": _file_sizes(folder), "crc32": crc32,
-                "fingerprint": model_fingerprint(cfg),
-                "model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer),
-                "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing,
-                         "group_by_length": cfg.data.group_by_length, "train_sha256": train_split_digest(cfg)},
-                "eval_loss": eval_loss,
-                MODE_KEY: {"lora": cfg.model.lora is not None, "base_left_out": leaves_out_base(cfg)},
-            } | ({RECORD_KEY: base_record(str(cfg.model.name_or_path))} if leaves_out_base(cfg) else {}))
+            write_json_atomic(folder / MARKER, _record(cfg, dist, state, folder, crc32, eval_loss))
             write_text_atomic(root / POINTER, tag + "\n")
             _prune(root, cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best)
         except OSError as exc:  # the folder stays unmarked: nothing trusts it, the earlier ones stay
@@ -124,6 +113,23 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
     if errors:
         raise BookgenError("; ".join(errors) + ". Earlier checkpoints are untouched.")
     return folder
+
+
+def _record(cfg: ExperimentConfig, dist: DistEnv, state: TrainState, folder: Path, crc32: dict[str, str],
+            eval_loss: float | None) -> dict[str, Any]:
+    """COMPLETE.json: what the checkpoint is, what it was trained with, and each file's size and CRC-32."""
+    return {
+        "state": asdict(state), "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
+        "precision": cfg.train.precision, "seed": cfg.seed,
+        "global_batch": BatchLayout.of(cfg.train, dist.world_size).global_batch,
+        "files": _file_sizes(folder), "crc32": crc32,
+        "fingerprint": model_fingerprint(cfg),
+        "model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer),
+        "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing,
+                 "group_by_length": cfg.data.group_by_length, "train_sha256": train_split_digest(cfg)},
+        "eval_loss": eval_loss,
+        MODE_KEY: {"lora": cfg.model.lora is not None, "base_left_out": leaves_out_base(cfg)},
+    } | ({RECORD_KEY: base_record(str(cfg.model.name_or_path))} if leaves_out_base(cfg) else {})
 
 
 def _full_disk_note(folder: Path) -> str:
