@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bookgen.restart_guard import restarted
+
 
 @dataclass(frozen=True, slots=True)
 class DistEnv:
@@ -106,6 +108,8 @@ def setup(timeout_s: int) -> DistEnv:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # DeepSpeed prints "... built successfully" when it loads its shared-memory collectives: kept off the
     # console, shown only if starting fails
+    if restarted(os.environ) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _init_restarted_group(backend, dist, datetime.timedelta(seconds=timeout_s))
     said = io.StringIO()
     try:
         with contextlib.redirect_stdout(said):
@@ -115,6 +119,20 @@ def setup(timeout_s: int) -> DistEnv:
         sys.stderr.write(said.getvalue())
         raise
     return dist
+
+
+def _init_restarted_group(backend: str, dist: DistEnv, timeout: datetime.timedelta) -> None:
+    """The process group of ranks torchrun restarted, its keys kept apart from the failed attempt's.
+
+    torchrun's store (its agent's) outlives a restart with the failed attempt's keys still in it: a restarted
+    rank can read a dead peer's address before that peer has published its new one, and gloo gives up on the
+    refused connection (seen under load). DeepSpeed takes the initialised group as it is."""
+    store = torch.distributed.TCPStore(dist.master_addr, dist.master_port, dist.world_size, is_master=False,
+                                       timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    torch.distributed.init_process_group(backend, store=torch.distributed.PrefixStore(f"bookgen/attempt_{attempt}",
+                                                                                      store),
+                                         rank=dist.rank, world_size=dist.world_size, timeout=timeout)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ RACY_NS = 2_000_000_000
 
 
 class Digests:
-    def __init__(self, memo: Path, *, verify: bool = False, hasher: Callable[[Path], str] = sha256_file,
+    def __init__(self, memo: Path, *, verify: bool = False, hasher: Callable[[Path], str] | None = None,
                  name: str = "sha256") -> None:
         self._memo = memo
         loaded = None if verify else read_json(memo)
@@ -43,7 +43,7 @@ class Digests:
         if isinstance(entry, dict) and entry.get("stat") == _stat(st) and entry.get("stable"):
             return str(entry[self._name])
         started = time.time_ns()
-        digest = self._hasher(path)
+        digest = (self._hasher or sha256_file)(path)  # looked up at call time: the tests count the hashing
         # the stat from before hashing: a file changed while it was read no longer matches it next time
         self._remember(key, st, digest, stable=st.st_mtime_ns < started - RACY_NS)
         return digest
