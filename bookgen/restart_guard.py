@@ -53,7 +53,9 @@ def record(status: int, env: Mapping[str, str]) -> None:
 
 def exit_if_repeated(env: Mapping[str, str]) -> None:
     status = repeated_status(env)
-    if status is not None:
+    if status is None:
+        return
+    if env.get("LOCAL_RANK", "0") == "0" and env.get("TORCHELASTIC_RESTART_COUNT") == "1":  # said once
         print(f"bookgen: not restarted: the previous attempt stopped on {DELIBERATE.get(status, 'purpose')} "
               f"(status {status}; see above)", file=sys.stderr)
-        sys.exit(status)
+    sys.exit(status)

@@ -146,3 +146,18 @@ def test_a_killed_rank_is_restarted_and_the_run_completes_from_its_checkpoint(tm
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count("does not exist") == 2, "one error line per rank, from the first attempt only"
     assert "not restarted: the previous attempt stopped on an error" in proc.stderr
+
+
+def test_a_restart_repeats_no_deliberate_stop_but_heals_a_crash(tmp_path):
+    """What bookgen's torchrun wrapper leaves for restarted ranks: an error, a preemption or a Ctrl-C is kept
+    (the restarted ranks end with it at once), a crash or a kill is not (they resume)."""
+    from bookgen.restart_guard import GUARD_VARIABLE, record, repeated_status
+
+    first = {GUARD_VARIABLE: str(tmp_path), "TORCHELASTIC_RESTART_COUNT": "0"}
+    again = first | {"TORCHELASTIC_RESTART_COUNT": "1"}
+    record(1, first)  # an uncaught exception
+    record(137, first)  # SIGKILL
+    assert repeated_status(again) is None, "a crash heals by restarting"
+    record(75, first)
+    assert repeated_status(again) == 75 and repeated_status(first) is None, "only restarted ranks repeat it"
+    assert repeated_status({"TORCHELASTIC_RESTART_COUNT": "1"}) is None, "plain torchrun: no guard"
