@@ -58,10 +58,10 @@ def parameter_count(config: Any) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in seen and not seen.add(id(p)))
 
 
-def memory_per_rank(local_ranks: int) -> tuple[int, str]:
-    """The bytes one rank may hold: its GPU's memory, or on a CPU the host's available memory shared by the
-    ranks of this node."""
-    if torch.cuda.is_available():
+def memory_per_rank(local_ranks: int, *, on_host: bool = False) -> tuple[int, str]:
+    """The bytes one rank may hold: its GPU's memory, or on a CPU (or with the weights offloaded to it,
+    ``on_host``) the host's available memory shared by the ranks of this node."""
+    if torch.cuda.is_available() and not on_host:
         return torch.cuda.mem_get_info()[1], f"the {torch.cuda.get_device_name()}'s memory"
     available = _host_available()
     share = f", shared by {local_ranks} ranks" if local_ranks > 1 else ""
@@ -79,12 +79,16 @@ def _host_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def check_weights_fit(config: Any, what: str, *, partitions: int, local_ranks: int) -> None:
+def check_weights_fit(config: Any, what: str, *, partitions: int, local_ranks: int,
+                      offload: str | None = None) -> None:
     """Refuse to build a model whose fp32 weights alone (over ``partitions`` ZeRO-3 ranks) exceed the memory a
-    rank has: the kernel would kill the run, and perhaps other users' processes, while it allocates."""
+    rank has: the kernel would kill the run, and perhaps other users' processes, while it allocates.
+    ``offload``: where ZeRO-3 offloads the weights ("cpu": host memory counts; "nvme": not checked)."""
+    if offload == "nvme":
+        return
     params = parameter_count(config)
     need = 4 * params // max(partitions, 1)
-    have, where = memory_per_rank(local_ranks)
+    have, where = memory_per_rank(local_ranks, on_host=offload == "cpu")
     if need > have:
         split = f" split over {partitions} ZeRO-3 ranks" if partitions > 1 else ""
         raise BookgenError(f"{what}: {params / 1e9:.2f}B parameters take {need / 2**30:.1f} GiB per rank in fp32"

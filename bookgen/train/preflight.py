@@ -42,7 +42,8 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> tuple[ModelSource, d
         check_resume_folder(Path(cfg.checkpoint.resume))
     if cfg.checkpoint.resume != "auto":
         check_no_other_run(cfg, None if cfg.checkpoint.resume == "never" else Path(cfg.checkpoint.resume))
-    check_model(cfg, dist, source)
+    offloaded = (ds.get("zero_optimization", {}).get("offload_param") or {}).get("device")
+    check_model(cfg, dist, source, params_offload=offloaded)
     ignored = cfg.model.ignored_gpt2_keys()
     if ignored and dist.is_main:
         named = f"model.name_or_path ({cfg.model.name_or_path})" if cfg.model.name_or_path else "model.config"
@@ -81,9 +82,11 @@ def model_source(cfg: ExperimentConfig) -> ModelSource:
     return ModelSource(kind="builtin", name_or_path=None, hf_config=config)
 
 
-def check_model(cfg: ExperimentConfig, dist: DistEnv | None = None, source: ModelSource | None = None) -> None:
-    """The model must be a decoder-only causal LM whose fp32 weights fit a rank's memory (``dist`` given), with
-    positions for a block; a LoRA target that matches no layer is named."""
+def check_model(cfg: ExperimentConfig, dist: DistEnv | None = None, source: ModelSource | None = None,
+                params_offload: str | None = None) -> None:
+    """The model must be a decoder-only causal LM whose fp32 weights fit a rank's memory (``dist`` given; the
+    host's where ZeRO-3 offloads them, ``params_offload``), with positions for a block; a LoRA target that
+    matches no layer is named."""
     source = source or model_source(cfg)
     config = source.hf_config
     check_targets(cfg, config)
@@ -94,7 +97,7 @@ def check_model(cfg: ExperimentConfig, dist: DistEnv | None = None, source: Mode
     check_causal_decoder(config, what)
     if dist is not None:
         check_weights_fit(config, what, partitions=dist.world_size if cfg.deepspeed.zero_stage == 3 else 1,
-                          local_ranks=dist.local_world_size)
+                          local_ranks=dist.local_world_size, offload=params_offload)
     positions = position_count(config)
     if positions is not None and cfg.data.block_size > positions:
         named = source.name_or_path or f"model.config ({config.model_type})"

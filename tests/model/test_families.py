@@ -141,6 +141,10 @@ def test_a_model_whose_weights_exceed_a_ranks_memory_is_refused_before_it_is_bui
         check_model(load_config(write_experiment(tmp_path, {"model.config": big})), dist)
     four = DistEnv(rank=0, world_size=4, local_rank=0, local_world_size=1, master_addr="127.0.0.1", master_port=1)
     check_model(load_config(write_experiment(tmp_path, {"model.config": big, "deepspeed.zero_stage": 3})), four)
+    big_cfg = load_config(write_experiment(tmp_path, {"model.config": big}))
+    check_model(big_cfg, dist, params_offload="nvme")  # the weights live on the drive: not the host's to hold
+    with pytest.raises(BookgenError, match=r"more than this host's available memory"):
+        check_model(big_cfg, dist, params_offload="cpu")  # offloaded to the host: its memory counts
 
 
 def test_an_encoder_such_as_bert_is_refused_as_a_causal_lm(tmp_path):
