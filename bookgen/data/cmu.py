@@ -25,6 +25,12 @@ class Book:
     author: str
     genres: tuple[str, ...]
     summary: str  # normalized; "" when the corpus has none
+    date: str = ""  # publication date as the corpus gives it ("1945-08-17", "1962", or "")
+
+    def fields(self) -> dict[str, str]:
+        """The columns a prompt template may use (data.prompt): genres as names, comma-separated."""
+        return {"title": self.title, "author": self.author, "date": self.date, "genres": ", ".join(self.genres),
+                "wikipedia_id": self.wikipedia_id, "summary": self.summary}
 
 
 @dataclass(slots=True)
@@ -83,4 +89,5 @@ def iter_rows(lines: Iterable[str], *, source: Path, skip_malformed: bool, stats
         if genres is None:
             stats.bad_genres += 1
             genres = ()
-        yield Book(cols[0], cols[2], cols[3], genres, normalize_summary(cols[6]))
+        yield Book(cols[0], normalize_summary(cols[2]), normalize_summary(cols[3]), genres, normalize_summary(cols[6]),
+                   date=cols[4].strip())
