@@ -9,6 +9,9 @@ An *example* is one row of a micro-batch, by ``data.packing``:
   and a document's first token is no target: every document's loss and gradient are those it gets alone;
 - ``concat``: one block of the concatenated documents (continued pre-training; not comparable).
 
+A store of prompt-completion rows records each document's prompt length (<BOS> and the rendered prompt):
+those tokens are never targets, in any packing mode, so the loss is the completion's alone (and <EOS>).
+
 The order of an epoch depends only on the seed and the epoch, so a resumed run can skip straight to its
 position.
 """
@@ -64,6 +67,9 @@ class Examples:
     def __init__(self, store: TokenStore, block_size: int) -> None:
         self.store, self.block_size = store, block_size
         self.doc_lengths = np.minimum(store.lengths, block_size).astype(np.int64)  # each truncated alone
+        # each document's first target: after <BOS> and its prompt (a truncated document may have none)
+        self.doc_first = np.minimum(np.maximum(store.prompt_lengths, 1), self.doc_lengths).astype(np.int64)
+        self.doc_targets = self.doc_lengths - self.doc_first
 
     @staticmethod
     def build(store: TokenStore, block_size: int, packing: Packing) -> Examples:
@@ -81,7 +87,12 @@ class Examples:
 
     def batch(self, indices: list[int] | np.ndarray, pad_id: int) -> Batch:
         """The host tensors for these examples: right-padded rows."""
-        return collate([self.tokens_of(int(i)) for i in indices], pad_id)
+        return collate([self.tokens_of(int(i)) for i in indices], pad_id,
+                       [self.not_targets(int(i)) for i in indices])
+
+    def not_targets(self, index: int) -> np.ndarray | None:
+        """Positions of example ``index`` that are no target although they are tokens (prompts); None: all are."""
+        return None
 
 
 class LineByLine(Examples):
@@ -89,7 +100,11 @@ class LineByLine(Examples):
 
     def __init__(self, store: TokenStore, block_size: int) -> None:
         super().__init__(store, block_size)
-        self.lengths, self.targets = self.doc_lengths, np.maximum(self.doc_lengths - 1, 0)
+        self.lengths, self.targets = self.doc_lengths, self.doc_targets
+
+    def not_targets(self, index: int) -> np.ndarray | None:
+        first = int(self.doc_first[index])
+        return np.arange(first) if first > 1 else None
 
     def tokens_of(self, index: int) -> np.ndarray:
         return self.store[index][: self.block_size]
@@ -103,7 +118,7 @@ class PackedDocuments(Examples):
         super().__init__(store, block_size)
         self.rows = pack_documents(self.doc_lengths, block_size)  # each row's document indices
         self.lengths = np.array([self.doc_lengths[r].sum() for r in self.rows], np.int64)
-        self.targets = np.array([np.maximum(self.doc_lengths[r] - 1, 0).sum() for r in self.rows], np.int64)
+        self.targets = np.array([self.doc_targets[r].sum() for r in self.rows], np.int64)
 
     def segments_of(self, index: int) -> list[int]:
         return self.doc_lengths[self.rows[index]].tolist()
@@ -114,7 +129,8 @@ class PackedDocuments(Examples):
     def batch(self, indices: list[int] | np.ndarray, pad_id: int) -> Batch:
         """Packed rows with positions restarting at every document."""
         return collate_documents([self.tokens_of(int(i)) for i in indices],
-                                 [self.segments_of(int(i)) for i in indices], pad_id)
+                                 [self.segments_of(int(i)) for i in indices], pad_id,
+                                 [self.doc_first[self.rows[int(i)]].tolist() for i in indices])
 
 
 class ConcatBlocks(Examples):
@@ -124,7 +140,29 @@ class ConcatBlocks(Examples):
         super().__init__(store, block_size)
         self.doc_starts = np.concatenate([[0], np.cumsum(store.lengths)]).astype(np.int64)
         self.lengths = np.full(int(self.doc_starts[-1]) // block_size, block_size, np.int64)
-        self.targets = self.lengths - 1
+        self.prompts = np.minimum(store.prompt_lengths, store.lengths).astype(np.int64)
+        # a block's first token is no target; nor is any prompt token after it
+        lo = np.arange(len(self.lengths), dtype=np.int64) * block_size
+        self.targets = self.lengths - 1 - (self._prompt_tokens_before(lo + block_size)
+                                           - self._prompt_tokens_before(lo + 1))
+
+    def _prompt_tokens_before(self, positions: np.ndarray) -> np.ndarray:
+        """Prompt tokens in the concatenated stream before each position."""
+        if not self.prompts.any():
+            return np.zeros(len(positions), np.int64)
+        starts = self.doc_starts[:-1]
+        doc = np.searchsorted(starts, positions, side="right") - 1
+        before = np.concatenate([[0], np.cumsum(self.prompts)])[doc]
+        return before + np.minimum(positions - starts[doc], self.prompts[doc])
+
+    def not_targets(self, index: int) -> np.ndarray | None:
+        if not self.prompts.any():
+            return None
+        lo, hi = index * self.block_size, (index + 1) * self.block_size
+        first, last = (int(np.searchsorted(self.doc_starts[:-1], x, side="right")) - 1 for x in (lo, hi - 1))
+        spans = [np.arange(max(self.doc_starts[d], lo), min(self.doc_starts[d] + self.prompts[d], hi)) - lo
+                 for d in range(first, last + 1)]
+        return np.concatenate(spans)
 
     def tokens_of(self, index: int) -> np.ndarray:
         lo, hi = index * self.block_size, (index + 1) * self.block_size
@@ -182,8 +220,10 @@ def eval_shard(lengths: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     return shard[np.argsort(-lengths[shard], kind="stable")]
 
 
-def collate(token_lists: list[np.ndarray], pad_id: int) -> Batch:
-    """Right-pad to the longest example; padding gets attention 0 and label IGNORE_INDEX."""
+def collate(token_lists: list[np.ndarray], pad_id: int, not_targets: list[np.ndarray | None] | None = None
+            ) -> Batch:
+    """Right-pad to the longest example; padding gets attention 0 and label IGNORE_INDEX, and so do the
+    positions ``not_targets`` names in each row (prompts)."""
     width = max(len(t) for t in token_lists)
     input_ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(token_lists), width), dtype=torch.long)
@@ -191,13 +231,17 @@ def collate(token_lists: list[np.ndarray], pad_id: int) -> Batch:
         input_ids[row, : len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
         attention[row, : len(tokens)] = 1
     labels = input_ids.masked_fill(attention == 0, IGNORE_INDEX)
+    for row, positions in enumerate(not_targets or []):
+        if positions is not None and len(positions):
+            labels[row, torch.from_numpy(positions)] = IGNORE_INDEX
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def collate_documents(token_rows: list[np.ndarray], segments: list[list[int]], pad_id: int
-                      ) -> Batch:
+def collate_documents(token_rows: list[np.ndarray], segments: list[list[int]], pad_id: int,
+                      firsts: list[list[int]] | None = None) -> Batch:
     """Packed rows: position ids restart at 0 at every document (and at the padding that fills a short row, its
-    own segment), and each document's first token is not a target. ``cu_seq_lens_q`` holds every segment's
+    own segment), and each document's first token is not a target, nor are its first ``firsts`` tokens (<BOS>
+    and a prompt). ``cu_seq_lens_q`` holds every segment's
     start over the flattened batch (padded with empty segments to a multiple of :data:`BOUNDS_BUCKET` entries, so
     a compiled model sees few shapes), ``max_length_q`` the block size: bookgen's attention attends within each
     segment (:mod:`bookgen.model.attention`). transformers' own attentions get the position ids alone and find
@@ -209,6 +253,7 @@ def collate_documents(token_rows: list[np.ndarray], segments: list[list[int]], p
     attention = torch.zeros((len(token_rows), width), dtype=torch.long)
     bounds = [0]
     for row, (tokens, lengths) in enumerate(zip(token_rows, segments, strict=True)):
+        skips = iter(firsts[row] if firsts is not None else [])
         ids = torch.from_numpy(tokens.astype(np.int64))
         input_ids[row, : len(ids)] = ids
         labels[row, : len(ids)] = ids
@@ -218,8 +263,8 @@ def collate_documents(token_rows: list[np.ndarray], segments: list[list[int]], p
             if n == 0:
                 continue
             positions[row, start : start + n] = torch.arange(n)
-            if start < len(ids):
-                labels[row, start] = IGNORE_INDEX  # the previous document does not predict this one
+            if start < len(ids):  # the previous document does not predict this one; nor is a prompt a target
+                labels[row, start : start + max(next(skips, 1), 1)] = IGNORE_INDEX
             start += n
             bounds.append(row * width + start)
     bounds += [bounds[-1]] * (-len(bounds) % BOUNDS_BUCKET)

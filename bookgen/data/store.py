@@ -5,6 +5,8 @@ Layout of one split's folder::
     manifest.json        counts, dtype, tokenizer fingerprint, source checksum, block size, shard checksums
     tokens_00000.bin     token ids, raw, in the manifest's dtype
     offsets_00000.npy    int64 document start offsets inside that shard (n_docs + 1 values)
+    prompts_00000.npy    int32 prompt length of each document (<BOS> and the rendered prompt: tokens that are
+                         never targets), only in a store of prompt-completion rows
 """
 
 from __future__ import annotations
@@ -39,16 +41,20 @@ def write_store(
     vocab_size: int,
     shard_tokens: int,
     meta: dict[str, object],
+    prompt_lengths: Iterable[int] | None = None,
 ) -> dict[str, object]:
-    """Write documents (lists of token ids) into shards in ``folder`` (which must be fresh)."""
+    """Write documents (lists of token ids) into shards in ``folder`` (which must be fresh); ``prompt_lengths``:
+    each document's prompt length, in the same order, for prompt-completion rows."""
     dtype = token_dtype(vocab_size)
     folder.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, object]] = []
     pending: list[np.ndarray] = []
+    pending_prompts: list[int] = []
     pending_tokens = 0
+    prompts = iter(prompt_lengths) if prompt_lengths is not None else None
 
     def flush() -> None:
-        nonlocal pending, pending_tokens
+        nonlocal pending, pending_prompts, pending_tokens
         index = len(shards)
         tokens_file, offsets_file = f"tokens_{index:05d}.bin", f"offsets_{index:05d}.npy"
         offsets = np.zeros(len(pending) + 1, dtype=np.int64)
@@ -56,17 +62,24 @@ def write_store(
         flat = np.concatenate(pending) if pending else np.zeros(0, dtype=dtype)
         flat.tofile(folder / tokens_file)
         np.save(folder / offsets_file, offsets)
-        shards.append({
+        shard = {
             "tokens": tokens_file, "offsets": offsets_file, "docs": len(pending), "num_tokens": int(offsets[-1]),
             "tokens_sha256": sha256_file(folder / tokens_file), "offsets_sha256": sha256_file(folder / offsets_file),
-        })
-        pending, pending_tokens = [], 0
+        }
+        if prompts is not None:
+            prompts_file = f"prompts_{index:05d}.npy"
+            np.save(folder / prompts_file, np.asarray(pending_prompts, dtype=np.int32))
+            shard |= {"prompts": prompts_file, "prompts_sha256": sha256_file(folder / prompts_file)}
+        shards.append(shard)
+        pending, pending_prompts, pending_tokens = [], [], 0
 
     for doc in docs:
         arr = np.asarray(doc, dtype=dtype)  # the store's dtype at once: a pending shard is 2 bytes a token
         if pending and pending_tokens + len(arr) > shard_tokens:
             flush()
         pending.append(arr)
+        if prompts is not None:
+            pending_prompts.append(int(next(prompts)))
         pending_tokens += len(arr)
     if pending or not shards:
         flush()
@@ -91,6 +104,7 @@ class TokenStore:
     _doc_shard: np.ndarray  # shard index of each global document
     _doc_local: np.ndarray  # index inside that shard
     lengths: np.ndarray  # tokens per document
+    prompt_lengths: np.ndarray  # tokens of each document that are never targets beyond <BOS> (0: no prompt)
 
     @classmethod
     def open(cls, folder: Path, *, verify: bool = True, sha256: Callable[[Path], str] = sha256_file) -> TokenStore:
@@ -98,10 +112,13 @@ class TokenStore:
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{folder}: no complete token store here; run `bookgen prepare --cfg ...`")
         dtype = np.dtype(str(manifest["dtype"]))
-        tokens, offsets, shard_ids, local_ids = [], [], [], []
+        tokens, offsets, shard_ids, local_ids, prompts = [], [], [], [], []
         for i, shard in enumerate(manifest["shards"]):  # type: ignore[attr-defined]
             tok_path, off_path = folder / shard["tokens"], folder / shard["offsets"]
-            for path, key in ((tok_path, "tokens_sha256"), (off_path, "offsets_sha256")):
+            checked = [(tok_path, "tokens_sha256"), (off_path, "offsets_sha256")]
+            if "prompts" in shard:
+                checked.append((folder / shard["prompts"], "prompts_sha256"))
+            for path, key in checked:
                 if not path.is_file():
                     raise StoreError(f"{path}: shard file missing; rerun `bookgen prepare`")
                 if verify and sha256(path) != shard[key]:
@@ -116,9 +133,15 @@ class TokenStore:
             tokens.append(np.memmap(tok_path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype))
             offsets.append(off)
             shard_ids.append(np.full(len(off) - 1, i, dtype=np.int32))
+            prompts.append(np.load(folder / shard["prompts"]).astype(np.int64) if "prompts" in shard
+                           else np.zeros(len(off) - 1, np.int64))
             local_ids.append(np.arange(len(off) - 1, dtype=np.int64))
         lengths = np.concatenate([np.diff(o) for o in offsets]) if offsets else np.zeros(0, np.int64)
-        return cls(folder, manifest, tokens, offsets, np.concatenate(shard_ids), np.concatenate(local_ids), lengths)
+        prompt_lengths = np.concatenate(prompts) if prompts else np.zeros(0, np.int64)
+        if len(prompt_lengths) != len(lengths):
+            raise StoreError(f"{folder}: the prompt lengths do not match the documents; corrupted")
+        return cls(folder, manifest, tokens, offsets, np.concatenate(shard_ids), np.concatenate(local_ids), lengths,
+                   prompt_lengths)
 
     def __len__(self) -> int:
         return len(self.lengths)
