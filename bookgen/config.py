@@ -121,6 +121,13 @@ class DataConfig:
     text_field: str = field(
         default="text", metadata=_doc("The text column of a JSON, CSV, Parquet or save_to_disk dataset.")
     )
+    prompt: str | None = field(
+        default=None,
+        metadata=_doc("Prompt-completion rows: a template over each row's fields, e.g. \"Title: {title}\\nAuthor: "
+                      "{author}\\nSummary:\" (CMU rows: title, author, date, genres; JSON lines: any key). A row is "
+                      "<BOS>, the prompt, its text (data.text_field; CMU: the summary), <EOS>, and only the text "
+                      "and <EOS> are targets. Unset: the summaries alone (the reference's recipe)."),
+    )
     split_names: list[str] = field(
         default_factory=lambda: ["train", "validation", "test"],
         metadata=_doc("A DatasetDict's train, validation and test split names, in that order (used as given)."),

@@ -27,6 +27,8 @@ class Book:
     summary: str  # normalized; "" when the corpus has none
     date: str = ""  # publication date as the corpus gives it ("1945-08-17", "1962", or "")
 
+    FIELDS = ("title", "author", "date", "genres", "wikipedia_id", "summary")  # what fields() gives
+
     def fields(self) -> dict[str, str]:
         """The columns a prompt template may use (data.prompt): genres as names, comma-separated."""
         return {"title": self.title, "author": self.author, "date": self.date, "genres": ", ".join(self.genres),

@@ -46,7 +46,7 @@ def open_dataset(source: Path, fmt: str, *, text_field: str, split_names: list[s
     """(documents, None) for one table, or (None, {train, valid, test: documents}) for a DatasetDict whose
     splits ``split_names`` names. Documents come lazily; empty or missing texts come as "" (prepare skips and
     counts them). The column is checked here, before anything is read."""
-    first = _first_json_line(source) if fmt == "json" else None
+    first = first_json_row(source) if fmt == "json" else None
     if first is not None:
         return _json_lines(source, first, text_field), None
     data = _load(source, fmt)
@@ -121,7 +121,7 @@ def _open_text(source: Path) -> IO[str]:
     return opener(source, "rt", encoding="utf-8")  # type: ignore[operator,no-any-return]
 
 
-def _first_json_line(source: Path) -> dict[str, Any] | None:
+def first_json_row(source: Path) -> dict[str, Any] | None:
     """The JSON object on the first non-empty line, when the file is JSON lines (a ``.jsonl``, or a ``.json``
     written as lines); None otherwise (a JSON document, left to `datasets`)."""
     try:
@@ -134,12 +134,17 @@ def _first_json_line(source: Path) -> dict[str, Any] | None:
 
 def _json_lines(source: Path, first: dict[str, Any], text_field: str) -> Iterator[str]:
     """The text of every row; the column is checked on the first row now, every value as it is read."""
+    return (text for _row, text in json_line_rows(source, first, text_field))
+
+
+def json_line_rows(source: Path, first: dict[str, Any], text_field: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """(row, its text) of every row; the column is checked on the first row now, every value as it is read."""
     if text_field not in first:
         raise CorpusError(f"{source}: no column {text_field!r} (data.text_field); its columns are {list(first)}")
-    return _json_line_texts(source, text_field)
+    return _json_line_rows(source, text_field)
 
 
-def _json_line_texts(source: Path, text_field: str) -> Iterator[str]:
+def _json_line_rows(source: Path, text_field: str) -> Iterator[tuple[dict[str, Any], str]]:
     line_no = 0
     try:
         with _open_text(source) as fh:
@@ -156,7 +161,7 @@ def _json_line_texts(source: Path, text_field: str) -> Iterator[str]:
                 if text is not None and not isinstance(text, str):
                     raise CorpusError(f"{source}:{line_no}: {text_field!r} (data.text_field) holds "
                                       f"{type(text).__name__} {json.dumps(text)[:60]}, not text")
-                yield normalize_summary(text) if text else ""
+                yield row, normalize_summary(text) if text else ""
     except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError) as exc:  # a truncated or damaged file
         raise CorpusError(f"{source}:{line_no + 1}: cannot read it ({type(exc).__name__}: {exc})") from exc
     if line_no == 0:

@@ -30,9 +30,10 @@ import numpy as np
 from bookgen.config import ExperimentConfig
 from bookgen.data import sources
 from bookgen.data.digests import Digests
+from bookgen.data.prompt_template import LINE_BREAK, PROMPT_END, PromptTemplate
 from bookgen.data.spill import DocumentSpill
 from bookgen.data.split import reference_split_indices, seeded_split_indices
-from bookgen.data.store import MANIFEST, TokenStore, encode_lines, write_store
+from bookgen.data.store import MANIFEST, TokenStore, encode_lines, encode_prompt_lines, write_store
 from bookgen.data.tokenizer import build_tokenizer, load_tokenizer, tokenizer_fingerprint, tokenizer_source
 from bookgen.errors import ConfigError, StoreError
 from bookgen.fileio import (
@@ -184,7 +185,7 @@ def _stage_splits(
         "split": d.split, "seed": cfg.seed, "skip_malformed": d.skip_malformed,
         "text_field": d.text_field, "split_names": d.split_names,
         "markers": [cfg.tokenizer.bos_token, cfg.tokenizer.eos_token],
-    })
+    } | ({"prompt": d.prompt} if d.prompt else {}))  # a changed template is a changed preparation
     files = {s: prepared / f"{s}.txt" for s in SPLITS}
     record = read_json(prepared / "splits.json")
     if _splits_valid(record, key, files, digests):
@@ -199,7 +200,8 @@ def _stage_splits(
     with (tempfile.TemporaryDirectory(dir=prepared, prefix=f".extract-{scratch_owner()}-") as scratch,
           _progress(quiet) as bar):
         corpus = sources.open_corpus(d.source, fmt, skip_malformed=d.skip_malformed, scratch=Path(scratch),
-                                     text_field=d.text_field, split_names=d.split_names)
+                                     text_field=d.text_field, split_names=d.split_names,
+                                     prompt=PromptTemplate.parse(d.prompt) if d.prompt else None)
         task = bar.add_task(f"read {d.source.name} (rows)", total=None)
         written = {s: Path(scratch) / f"{s}.txt" for s in SPLITS}
         if corpus.presplit is not None:
@@ -212,6 +214,8 @@ def _stage_splits(
             _split_rows(_counted(corpus.rows, bar, task), cfg, Path(scratch), written, checksums, report)
             if corpus.kind == "cmu":  # its malformed rows were read too, though never documents
                 report.rows_read = corpus.stats.rows
+        if corpus.prompts is not None:  # before anything is tokenized
+            corpus.prompts.check_mostly_empty()
         for split in SPLITS:  # all three or none: a failed split leaves the previous files
             os.replace(written[split], files[split])
             digests.wrote(files[split], checksums[split])
@@ -313,7 +317,7 @@ def _stage_store(
         "split": split, "tokenizer_fingerprint": fingerprint, "source_sha256": text_sha256,
         "corpus_sha256": report.corpus_sha256,
         "block_size": cfg.data.block_size, "shard_tokens": cfg.data.shard_tokens,
-    }
+    } | ({"prompt": cfg.data.prompt} if cfg.data.prompt else {})
     final = store_dir(cfg.prepared_dir, split)
     manifest = read_json(final / MANIFEST)
     if isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in meta.items()):
@@ -328,8 +332,12 @@ def _stage_store(
     tokenizer = load_tokenizer(tok_dir)
     with staged_dir(final) as scratch, _progress(quiet) as bar:
         task = bar.add_task(f"tokenize {split}", total=report.counts.get(split))
-        docs = encode_lines(sources.iter_lines(text_file), tokenizer, lambda n: bar.advance(task, n))
-        written = write_store(scratch, docs, vocab_size=len(tokenizer), shard_tokens=cfg.data.shard_tokens, meta=meta)
+        lines, advance = sources.iter_lines(text_file), (lambda n: bar.advance(task, n))
+        prompts = cfg.data.prompt is not None
+        docs = (encode_prompt_lines(lines, tokenizer, advance, separator=PROMPT_END, line_break=LINE_BREAK)
+                if prompts else encode_lines(lines, tokenizer, advance))
+        written = write_store(scratch, docs, vocab_size=len(tokenizer), shard_tokens=cfg.data.shard_tokens, meta=meta,
+                              prompts=prompts)
     for shard in written["shards"]:  # type: ignore[attr-defined]
         for name in ("tokens", "offsets"):
             digests.wrote(final / shard[name], shard[f"{name}_sha256"])

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from bookgen.data.cmu import normalize_summary
 from bookgen.errors import ConfigError
 
+PROMPT_END = "\x1f"  # between a row's prompt and its completion, in the split files' one-line rows
+LINE_BREAK = "\x1e"  # a prompt's line breaks, in those rows
+MOSTLY_EMPTY = 0.5  # a field empty in more rows than this share is refused: the prompt would say nothing
+
 
 @dataclass(frozen=True, slots=True)
 class PromptTemplate:
@@ -56,6 +60,34 @@ class PromptTemplate:
     def render(self, row: Mapping[str, object]) -> str:
         """The prompt for one row (its fields checked already)."""
         return self.text.format(**{name: _text(row.get(name)) for name in self.fields})
+
+
+class PromptRows:
+    """Rows rendered as one-line prompt-completion documents (``prompt PROMPT_END completion``), counting
+    each field's empty values so that a field empty in most rows is named once the rows are read."""
+
+    def __init__(self, template: PromptTemplate, completion_field: str, where: str) -> None:
+        if completion_field in template.fields:
+            raise ConfigError(f"data.prompt: {{{completion_field}}} is the completion itself (data.text_field); a "
+                              "prompt cannot hold the answer")
+        self.template, self.where = template, where
+        self.rows, self.empty = 0, dict.fromkeys(template.fields, 0)
+
+    def document(self, row: Mapping[str, object], completion: str) -> str:
+        """The document of one row; "" when it has no completion (skipped and counted as an empty row)."""
+        if not completion:
+            return ""
+        self.rows += 1
+        for name in self.template.fields:
+            self.empty[name] += not _text(row.get(name))
+        return self.template.render(row).replace("\n", LINE_BREAK) + PROMPT_END + completion
+
+    def check_mostly_empty(self) -> None:
+        empty = [name for name, n in self.empty.items() if self.rows and n > MOSTLY_EMPTY * self.rows]
+        if empty:
+            shares = ", ".join(f"{name} in {self.empty[name]:,} of {self.rows:,} rows" for name in empty)
+            raise ConfigError(f"data.prompt: {self.where}: empty {shares}; a prompt from it would say nothing "
+                              "about most books: choose fields the rows fill")
 
 
 def _text(value: object) -> str:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bookgen.data import hf_sources
-from bookgen.data.cmu import ParseStats, iter_rows, normalize_summary
-from bookgen.errors import CorpusError
+from bookgen.data.cmu import Book, ParseStats, iter_rows, normalize_summary
+from bookgen.data.prompt_template import LINE_BREAK, PROMPT_END, PromptRows, PromptTemplate
+from bookgen.errors import ConfigError, CorpusError
 from bookgen.fileio import sha256_file
 
 SPLITS = ("train", "valid", "test")
@@ -38,6 +39,7 @@ class CorpusStream:
     rows: Iterator[str] | None = None
     presplit: dict[str, Iterator[str]] | None = None
     stats: ParseStats = field(default_factory=ParseStats)
+    prompts: PromptRows | None = None  # prompt-completion rows: their fields' empty counts
 
 
 def require_source(source: Path) -> None:
@@ -130,7 +132,7 @@ def member_name(name: str) -> str:
 
 
 def strip_markers(line: str) -> str:
-    text = line.strip()
+    text = line.strip().replace(PROMPT_END, " ").replace(LINE_BREAK, " ")
     for marker in BOS_EOS_MARKERS:
         text = text.replace(marker, " ")
     return normalize_summary(text)
@@ -151,9 +153,13 @@ def iter_lines(path: Path) -> Iterator[str]:
 
 
 def open_corpus(source: Path, fmt: str, *, skip_malformed: bool, scratch: Path, text_field: str = "text",
-                split_names: list[str] | None = None) -> CorpusStream:
-    """The corpus as a stream. Errors a file shows at once (a missing column, an unreadable archive) are
-    raised here; the rest while the rows are read."""
+                split_names: list[str] | None = None, prompt: PromptTemplate | None = None) -> CorpusStream:
+    """The corpus as a stream. Errors a file shows at once (a missing column, an unreadable archive, a prompt
+    field the rows lack) are raised here; the rest while the rows are read. With ``prompt``, each row is a
+    prompt-completion document (:class:`PromptRows`)."""
+    if prompt is not None:
+        return _prompt_corpus(source, fmt, skip_malformed=skip_malformed, scratch=scratch, text_field=text_field,
+                              template=prompt)
     if fmt in hf_sources.DATASETS_FORMATS:
         rows, presplit = hf_sources.open_dataset(source, fmt, text_field=text_field,
                                                  split_names=split_names or ["train", "validation", "test"])
@@ -171,6 +177,29 @@ def open_corpus(source: Path, fmt: str, *, skip_malformed: bool, scratch: Path, 
         books = iter_rows(iter_lines(source), source=source, skip_malformed=skip_malformed, stats=stats)
         return CorpusStream("cmu", rows=(book.summary for book in books), stats=stats)
     return CorpusStream("text", rows=map(normalize_summary, iter_lines(source)))
+
+
+def _prompt_corpus(source: Path, fmt: str, *, skip_malformed: bool, scratch: Path, text_field: str,
+                   template: PromptTemplate) -> CorpusStream:
+    """Prompt-completion rows: the CMU corpus (title, author, date, genres; the summary is the completion) or
+    JSON lines (any key; data.text_field is the completion)."""
+    if fmt == "archive":
+        source, fmt = extract_archive(source, scratch), "cmu"
+    if fmt == "cmu":
+        stats = ParseStats()
+        rows = PromptRows(template, "summary", str(source))
+        template.check_fields(list(Book.FIELDS), str(source))
+        books = iter_rows(iter_lines(source), source=source, skip_malformed=skip_malformed, stats=stats)
+        return CorpusStream("cmu", rows=(rows.document(b.fields(), b.summary) for b in books), stats=stats,
+                            prompts=rows)
+    first = hf_sources.first_json_row(source) if fmt == "json" else None
+    if first is None:
+        raise ConfigError(f"data.prompt: {source} ({fmt}) gives bookgen no fields to render yet; prompts are read "
+                          "from the CMU corpus and from JSON lines (one object a line)")
+    rows = PromptRows(template, text_field, str(source))
+    template.check_fields(list(first), str(source))
+    completions = hf_sources.json_line_rows(source, first, text_field)
+    return CorpusStream("text", rows=(rows.document(row, text) for row, text in completions), prompts=rows)
 
 
 def download(url: str, dest: Path, expected_sha256: str | None, timeout_s: float = 20.0) -> Path:

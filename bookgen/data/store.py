@@ -36,22 +36,21 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def write_store(
     folder: Path,
-    docs: Iterable[Sequence[int]],
+    docs: Iterable[Sequence[int]] | Iterable[tuple[Sequence[int], int]],
     *,
     vocab_size: int,
     shard_tokens: int,
     meta: dict[str, object],
-    prompt_lengths: Iterable[int] | None = None,
+    prompts: bool = False,
 ) -> dict[str, object]:
-    """Write documents (lists of token ids) into shards in ``folder`` (which must be fresh); ``prompt_lengths``:
-    each document's prompt length, in the same order, for prompt-completion rows."""
+    """Write documents (lists of token ids) into shards in ``folder`` (which must be fresh); with ``prompts``,
+    each document comes as (token ids, prompt length): prompt-completion rows."""
     dtype = token_dtype(vocab_size)
     folder.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, object]] = []
     pending: list[np.ndarray] = []
     pending_prompts: list[int] = []
     pending_tokens = 0
-    prompts = iter(prompt_lengths) if prompt_lengths is not None else None
 
     def flush() -> None:
         nonlocal pending, pending_prompts, pending_tokens
@@ -66,20 +65,20 @@ def write_store(
             "tokens": tokens_file, "offsets": offsets_file, "docs": len(pending), "num_tokens": int(offsets[-1]),
             "tokens_sha256": sha256_file(folder / tokens_file), "offsets_sha256": sha256_file(folder / offsets_file),
         }
-        if prompts is not None:
+        if prompts:
             prompts_file = f"prompts_{index:05d}.npy"
             np.save(folder / prompts_file, np.asarray(pending_prompts, dtype=np.int32))
             shard |= {"prompts": prompts_file, "prompts_sha256": sha256_file(folder / prompts_file)}
         shards.append(shard)
         pending, pending_prompts, pending_tokens = [], [], 0
 
-    for doc in docs:
+    for item in docs:
+        doc, prompt_length = item if prompts else (item, 0)
         arr = np.asarray(doc, dtype=dtype)  # the store's dtype at once: a pending shard is 2 bytes a token
         if pending and pending_tokens + len(arr) > shard_tokens:
             flush()
         pending.append(arr)
-        if prompts is not None:
-            pending_prompts.append(int(next(prompts)))
+        pending_prompts.append(int(prompt_length))
         pending_tokens += len(arr)
     if pending or not shards:
         flush()
@@ -167,6 +166,21 @@ def encode_lines(lines: Iterable[str], tokenizer: Any, on_batch: Callable[[int],
     encode = batch_encoder(tokenizer)
     for batch in _batches(lines):
         yield from encode(batch)
+        on_batch(len(batch))
+
+
+def encode_prompt_lines(lines: Iterable[str], tokenizer: Any, on_batch: Callable[[int], None], *, separator: str,
+                        line_break: str) -> Iterator[tuple[list[int], int]]:
+    """(token ids, prompt length) of prompt-completion lines (``<BOS> prompt{separator}completion <EOS>``, the
+    prompt's line breaks written as ``line_break``): the prompt and the completion are encoded apart, the
+    completion after a space, so the completion's first token is the one the prompt is followed by when a
+    summary is generated from it, and the prompt's length is exact."""
+    encode = batch_encoder(tokenizer)
+    for batch in _batches(lines):
+        heads, tails = zip(*(line.split(separator, 1) for line in batch), strict=True)
+        for head, tail in zip(encode([h.replace(line_break, "\n") for h in heads]),
+                              encode([f" {t}" for t in tails]), strict=True):
+            yield [*head, *tail], len(head)
         on_batch(len(batch))
 
 

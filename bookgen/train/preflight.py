@@ -16,6 +16,7 @@ from transformers import AutoConfig, GPT2Config
 from bookgen import distributed
 from bookgen.checkpoint.folder import check_no_other_run, check_resume_folder, checkpoint_root
 from bookgen.config import ExperimentConfig
+from bookgen.data.prompt_template import PromptTemplate
 from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
 from bookgen.fileio import nearest_existing
@@ -34,6 +35,8 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> tuple[ModelSource, d
     """Every rank: the model's source and its config (loaded here, once), the DeepSpeed config (built here,
     once) agreeing with the experiment, the precision runs here, the resume folder exists, a new start meets
     no other run's checkpoints, the model has positions for a block, and the run folder can be written."""
+    if cfg.data.prompt is not None:  # its fields are checked against the rows when they are read
+        PromptTemplate.parse(cfg.data.prompt)
     source = model_source(cfg)
     ds = build_ds_config(cfg, dist.world_size, width=source.width)  # raises on a stage or batch clash
     check_offload(ds, str(cfg.deepspeed.config or "the built-in DeepSpeed config"))

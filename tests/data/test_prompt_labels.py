@@ -22,8 +22,8 @@ def _store(tmp_path, rows: int = 12, seed: int = 0, prompts: bool = True):
         completion = rng.integers(COMPLETION.start, COMPLETION.stop, int(rng.integers(3, 20))).tolist()
         docs.append([BOS, *prompt, *completion, EOS])
         prompt_lengths.append(1 + len(prompt) if prompts else 0)
-    write_store(tmp_path / "store", docs, vocab_size=300, shard_tokens=40, meta={},
-                prompt_lengths=prompt_lengths if prompts else None)
+    write_store(tmp_path / "store", zip(docs, prompt_lengths, strict=True) if prompts else docs, vocab_size=300,
+                shard_tokens=40, meta={}, prompts=prompts)
     return TokenStore.open(tmp_path / "store"), docs, prompt_lengths
 
 

@@ -57,3 +57,72 @@ def test_a_field_the_rows_lack_is_named_with_the_ones_they_have():
     assert PromptTemplate.parse("{{literal}} {title}").render({"title": "Emma"}) == "{literal} Emma"
     assert PromptTemplate.parse("{genres}").render({"genres": ["Satire", "Fiction"]}) == "Satire, Fiction"
     assert PromptTemplate.parse("{title}").render({"title": None}) == ""
+
+
+def _prepared(tmp_path, overrides: dict, rows: int | None = 60):
+    from bookgen.config_io import load_config
+    from bookgen.data.prepare import prepare
+    from tests.helpers import write_experiment
+
+    cfg = load_config(write_experiment(tmp_path, overrides, rows=rows))
+    return cfg, prepare(cfg, quiet=True)
+
+
+def test_cmu_rows_prepare_as_prompt_completion_documents(tmp_path):
+    """The store records where each row's completion starts; the prompt is the rendered template, the
+    completion the summary; a changed template is a changed preparation."""
+    from bookgen.data.batches import IGNORE_INDEX, Examples
+    from bookgen.data.prepare import open_store
+    from bookgen.data.tokenizer import load_tokenizer
+
+    cfg, report = _prepared(tmp_path, {"data.prompt": METADATA})
+    store = open_store(cfg, "train")
+    tokenizer = load_tokenizer(cfg.prepared_dir / "tokenizer")
+    assert (store.prompt_lengths > 1).all()
+    doc, prompt = store[0].tolist(), int(store.prompt_lengths[0])
+    head = tokenizer.decode(doc[:prompt])
+    assert head.startswith("<BOS>") and "Title: " in head and "\nAuthor: " in head and head.endswith("Summary:")
+    assert tokenizer.decode(doc[prompt:]).endswith("<EOS>") and doc[-1] == tokenizer.eos_token_id
+    labels = Examples.build(store, cfg.data.block_size, "none").batch([0], 0)["labels"][0]
+    assert (labels[:prompt] == IGNORE_INDEX).all() and int(labels[prompt]) == doc[prompt]
+    again = _prepared(tmp_path, {"data.prompt": "Book: {title}\nSummary:"})[1]
+    assert "splits" in again.rebuilt and "store:train" in again.rebuilt
+
+
+def test_json_lines_rows_render_their_own_fields(tmp_path):
+    import json
+
+    rows = [{"chapter": f"Chapter {i}: the hero meets person {i}.", "summary": f"The hero meets {i} friends."}
+            for i in range(40)]
+    corpus = tmp_path / "books.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg, report = _prepared(tmp_path, {"data.source": str(corpus), "data.text_field": "summary",
+                                       "data.prompt": "{chapter}\n\nSummary:"}, rows=None)
+    assert sum(report.counts.values()) == 40
+    from bookgen.data.prepare import open_store
+
+    assert (open_store(cfg, "train").prompt_lengths > 3).all()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"data.prompt": "{titel}: Summary:"}, r"has no field titel \(did you mean title\?\); its fields: author, "),
+    ({"data.prompt": "{title} {summary}"}, r"\{summary\} is the completion itself"),
+])
+def test_a_template_the_rows_cannot_fill_is_refused_before_anything_is_tokenized(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _prepared(tmp_path, overrides)
+    assert not (tmp_path / "run" / "prepared" / "store").exists()
+
+
+def test_plain_text_and_mostly_empty_fields_are_refused(tmp_path):
+    text = tmp_path / "summaries.txt"
+    text.write_text("".join(f"Summary number {i} of a book.\n" for i in range(30)))
+    with pytest.raises(ConfigError, match=r"data.prompt: .*summaries.txt \(text\) gives bookgen no fields"):
+        _prepared(tmp_path / "a", {"data.source": str(text), "data.prompt": "{title}"}, rows=None)
+    import json
+
+    corpus = tmp_path / "sparse.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Summary {i} of a book.", "author": "Ann" if i < 5 else ""})
+                              + "\n" for i in range(40)))
+    with pytest.raises(ConfigError, match=r"data.prompt: .*sparse.jsonl: empty author in 35 of 40 rows"):
+        _prepared(tmp_path / "b", {"data.source": str(corpus), "data.prompt": "By {author}:"}, rows=None)
