@@ -135,6 +135,44 @@ def test_packed_summaries_have_the_loss_and_gradients_they_have_alone(attn, chec
         torch.testing.assert_close(grad, grads_alone[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
+@pytest.mark.parametrize("attn,family", [("causal", "gpt2"), ("sdpa", "gpt2"), ("causal", "llama")])
+def test_packed_prompt_completion_rows_have_the_loss_and_gradients_they_have_alone(attn, family):
+    """With prompts (never targets) as with plain summaries: a packed row's documents get the loss and the
+    gradients each gets alone, line by line with its prompt masked."""
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(3, 101, size=n) for n in (20, 7, 31, 12, 40, 9)]
+    prompts = [5, 3, 30, 1, 12, 8]  # <BOS> and the prompt; 30 of 31: one target left
+    rows = [[0, 1, 2], [3, 4], [5]]
+
+    model = _tiny_gpt2(attn, family=family)
+    alone = []
+    for doc, prompt in zip(docs, prompts, strict=True):
+        nll = _summed_nll(model, collate([doc], pad_id=0, not_targets=[np.arange(prompt)])).sum()
+        alone.append(nll.detach())
+        nll.backward()
+    grads_alone = _grads(model)
+
+    model.zero_grad()
+    batch = collate_documents([np.concatenate([docs[d] for d in row]) for row in rows],
+                              [[len(docs[d]) for d in row] for row in rows], pad_id=0,
+                              firsts=[[prompts[d] for d in row] for row in rows])
+    per_token = _summed_nll(model, batch)
+    per_token.sum().backward()
+    packed = []
+    for r, row in enumerate(rows):
+        start = 0
+        for d in row:
+            packed.append(per_token[r, start : start + len(docs[d]) - 1].sum().detach())
+            start += len(docs[d])
+    torch.testing.assert_close(torch.stack(packed), torch.stack([alone[d] for row in rows for d in row]),
+                               rtol=1e-5, atol=1e-5)
+    assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == sum(len(d) - p for d, p in zip(docs, prompts,
+                                                                                                 strict=True))
+    for name, grad in _grads(model).items():
+        scale = float(grads_alone[name].abs().max())
+        torch.testing.assert_close(grad, grads_alone[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
 @pytest.mark.parametrize("packing", ["none", "documents", "concat"])
 def test_step_token_counts_on_the_host_are_the_batches_own(tmp_path, packing):
     """The logged token counts come from the shared order on the host, for every rank, without a collective;

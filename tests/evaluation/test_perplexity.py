@@ -58,3 +58,53 @@ def test_eval_shard_counts_every_example_once_longest_first():
         return sum(len(b) * b.max() - b.sum() for b in batches)
 
     assert padding(eval_shard(lengths, 0, 1)) < padding(np.arange(400)) / 5
+
+
+@pytest.mark.multirank
+def test_prompt_completion_runs_agree_across_zero_stages_and_score_completions_only(tmp_path):
+    """CMU rows with the metadata prompt: ZeRO-0 and ZeRO-3 train alike on 2 ranks (documents packing), and
+    the perplexity counts each test row's completion and <EOS> only, the same on 1 and 2 ranks and as plain
+    transformers scores each row alone with its prompt masked."""
+    from transformers import AutoModelForCausalLM
+
+    from bookgen.config_io import load_config
+    from bookgen.data.prepare import open_store
+    from tests.helpers import REPO
+    from tests.ranks import step_losses
+
+    prompt = "Title: {title}\nAuthor: {author}\nGenres: {genres}\nSummary:"
+    losses, exps = {}, {}
+    for stage in (0, 3):
+        exps[stage] = write_experiment(tmp_path / f"z{stage}", {
+            "data.prompt": prompt, "data.packing": "documents", "data.block_size": 128, "model.n_positions": 128,
+            "deepspeed.zero_stage": stage, "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json"),
+            "train.max_steps": 3, "eval.at_end": False, "eval.samples": 0}, rows=130)
+        launch(2, ["--cfg", str(exps[stage])])
+        losses[stage] = step_losses(exps[stage].parent / "run")
+    for step in (1, 2, 3):
+        assert losses[3][step] == pytest.approx(losses[0][step], rel=1e-5), step
+
+    exp = exps[0]
+    results = {}
+    for world in (1, 2):
+        launch(world, ["--mode", "eval", "--cfg", str(exp), "--split", "test"])
+        results[world] = json.loads((exp.parent / "run" / "eval_results.json").read_text())
+    assert results[2]["tokens"] == results[1]["tokens"]
+    assert results[2]["perplexity"] == pytest.approx(results[1]["perplexity"], rel=1e-5)
+
+    launch(1, ["--mode", "export", "--cfg", str(exp), "--out", str(tmp_path / "hf")])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    store = open_store(load_config(exp), "test")
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(store)):
+            ids = torch.tensor([store[i][:128].astype(np.int64)])
+            labels = ids.clone()
+            labels[0, : int(store.prompt_lengths[i])] = -100  # the prompt is no target
+            n = int((labels[0, 1:] != -100).sum())
+            if n:
+                nll += float(model(input_ids=ids, labels=labels).loss) * n
+                count += n
+    assert count == results[1]["tokens"], "completion tokens and <EOS> only"
+    assert count < int(sum(min(n, 128) - 1 for n in store.lengths)), "the prompts are left out"
+    assert results[1]["perplexity"] == pytest.approx(float(np.exp(nll / count)), rel=1e-5)
