@@ -362,6 +362,13 @@ class EvalConfig:
         metadata=_doc("Summaries sampled from generate.prompt at every evaluation (generate settings, a fixed "
                       "seed), written to samples.jsonl with their quality measures; 0 turns it off."),
     )
+    scored: int = field(
+        default=16,
+        metadata=_doc("With data.prompt: at every evaluation, this many fixed validation rows (the first ones) get a "
+                      "completion from their prompt (greedy, generate.max_new_tokens at most) scored against the real "
+                      "one: ROUGE-1, ROUGE-2 and ROUGE-L F1 (rouge-score) in metrics.jsonl and the trackers; 0 turns "
+                      "it off."),
+    )
     early_stopping_patience: int | None = field(
         default=None,
         metadata=_doc("Stop training after this many evaluations in a row without a new lowest validation loss."),
@@ -375,6 +382,7 @@ class EvalConfig:
             _require(self.every >= 1, "every", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.samples >= 0, "samples", "must be >= 0")
+        _require(self.scored >= 0, "scored", "must be >= 0")
         if self.early_stopping_patience is not None:
             _require(self.early_stopping_patience >= 1, "early_stopping_patience", "must be >= 1")
             _require(self.every is not None, "early_stopping_patience", "needs eval.every: it counts evaluations")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from rich.console import Console
 
@@ -12,11 +13,14 @@ from bookgen.checkpoint.compatibility import check_vocabulary
 from bookgen.checkpoint.consolidate import load_checkpoint_model
 from bookgen.config import ExperimentConfig
 from bookgen.config_io import load_config
-from bookgen.data.prepare import tokenizer_dir
+from bookgen.data.prepare import open_store, tokenizer_dir
 from bookgen.data.prepared import ensure_prepared, prepared_examples
 from bookgen.data.tokenizer import load_tokenizer
 from bookgen.evaluation.perplexity import EvalResult
 from bookgen.evaluation.report import eval_line, run_eval
+from bookgen.fileio import read_json, write_json_atomic
+from bookgen.generation.samples import sample_seed
+from bookgen.generation.scoring import score_rows, scored_rows
 from bookgen.model.build import build_model
 from bookgen.train.engine import build_engine
 
@@ -42,7 +46,22 @@ def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = No
         engine = build_engine(cfg, model, dist, total_steps=1)
         result = run_eval(engine, examples, split, cfg, dist, tokenizer.pad_token_id, step, None)
         console.print(eval_line(result, step))
+        if cfg.data.prompt and cfg.eval.scored:  # completions of the split's first rows, scored
+            _score(engine, tokenizer, cfg, dist, split, console)
         return result
+
+
+def _score(engine: Any, tokenizer: Any, cfg: ExperimentConfig, dist: distributed.DistEnv, split: str,
+           console: Console) -> None:
+    store = open_store(cfg, split, verify=False)
+    scores = score_rows(engine.module, tokenizer, store, scored_rows(store, cfg.eval.scored), cfg.generate, dist,
+                        zero3=cfg.deepspeed.zero_stage == 3, seed=sample_seed(cfg))
+    if scores is None:
+        return
+    path = cfg.run.output_dir / "eval_results.json"
+    write_json_atomic(path, {**(read_json(path) or {}), **scores.metrics()})
+    console.print(f"scored {scores.rows} {split} rows: ROUGE-1 {scores.rouge1:.3f}, ROUGE-2 {scores.rouge2:.3f}, "
+                  f"ROUGE-L {scores.rougeL:.3f}")
 
 
 def eval_command(args: argparse.Namespace, console: Console) -> int:

@@ -77,7 +77,7 @@ def sample_round(model: Any, tokenizer: Any, cfg: ExperimentConfig, dist: DistEn
     if not (dist.is_main or zero3):
         return None
     settings = sample_settings(cfg)
-    agree = _broadcast_from_rank0 if zero3 and dist.world_size > 1 else None
+    agree = broadcast_from_rank0 if zero3 and dist.world_size > 1 else None
     start = time.perf_counter()
     was_training = getattr(model, "training", False)
     model.eval()
@@ -92,7 +92,7 @@ def sample_round(model: Any, tokenizer: Any, cfg: ExperimentConfig, dist: DistEn
     return SampleRound(step, samples, quality, seconds)
 
 
-def _broadcast_from_rank0(chosen: torch.Tensor) -> torch.Tensor:
+def broadcast_from_rank0(chosen: torch.Tensor) -> torch.Tensor:
     torch.distributed.broadcast(chosen, src=0)
     return chosen
 

@@ -38,6 +38,7 @@ from bookgen.evaluation.report import eval_line, run_eval
 from bookgen.faults import Fault, from_environment
 from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
 from bookgen.generation.samples import TrainingSampler
+from bookgen.generation.scoring import CompletionScorer
 from bookgen.model.attention import uses_causal_attention
 from bookgen.model.build import build_model, count_parameters
 from bookgen.model.flops import flops_per_token, mfu, peak_flops
@@ -144,6 +145,7 @@ class Run:
     progress: TrainProgress
     mfu_of: Callable[[float], float] | None  # tokens/s over all ranks -> MFU; None where the peak is unknown
     sampler: TrainingSampler | None  # eval.samples > 0
+    scorer: CompletionScorer | None = None  # data.prompt and eval.scored > 0
     invocation: Invocation  # to print the commands that resume and export this run
     layout: BatchLayout  # micro-batch x accumulation x ranks, decided once (RunPlan)
     fault: Fault | None = None  # the failure tests' injected fault (bookgen.faults); None in a real run
@@ -193,6 +195,8 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
         summary |= {"eval_loss": evals[-1].loss, "perplexity": evals[-1].perplexity}
     if run.sampler is not None and run.sampler.last is not None:
         summary |= run.sampler.last.metrics()
+    if run.scorer is not None and run.scorer.last is not None:
+        summary |= run.scorer.last.metrics()
     summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), run.engine.device)
     if run.log is not None:
         folder = cfg.run.output_dir
@@ -262,11 +266,12 @@ def _build(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Con
     peak = peak_flops(engine.device, cfg.train.precision, cfg.run.peak_tflops)
     mfu_of = None if peak is None else partial(mfu, flops_per_token=model_flops, devices=dist.world_size, peak=peak)
     sampler = TrainingSampler(cfg, dist, tokenizer, resume_step=state.global_step) if cfg.eval.samples else None
+    scorer = CompletionScorer(cfg, dist, tokenizer) if cfg.data.prompt and cfg.eval.scored else None
     return Run(engine=engine, pad_id=tokenizer.pad_token_id, train_examples=train_examples,
                valid_examples=valid_examples, plan=plan, state=state, log=log,
                save_hf=_hf_files_writer(engine, tokenizer, cfg.model.name_or_path, lora=lora), progress=progress,
                mfu_of=mfu_of,
-               sampler=sampler, invocation=invocation, fault=fault, layout=resolved.layout,
+               sampler=sampler, scorer=scorer, invocation=invocation, fault=fault, layout=resolved.layout,
                causal_attention=uses_causal_attention(engine))
 
 
@@ -399,6 +404,8 @@ def _read_and_log(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag
 def _sample(run: Run, step: int) -> None:
     if run.sampler is not None:  # sample_round puts the model in eval mode and back
         run.sampler.after_eval(run.engine, step, run.log, run.progress.note)
+    if run.scorer is not None:  # greedy completions of fixed validation rows, scored against their own
+        run.scorer.after_eval(run.engine, step, run.log, run.progress.note)
 
 
 def _stop_non_finite(run: Run, cfg: ExperimentConfig, bad: StepRecord) -> None:

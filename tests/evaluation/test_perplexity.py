@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bookgen.data.batches import eval_shard
+from bookgen.tracking.metrics_log import read_metrics
 from tests.helpers import write_experiment
 from tests.ranks import launch
 
@@ -116,7 +117,9 @@ def test_a_model_learns_from_the_prompt_what_the_completion_alone_cannot_tell(tm
     row, which only its prompt holds. Trained with the same budget, the model given the prompt reaches a far
     lower completion perplexity on held-out rows than the model trained on the completions alone (measured
     here after 300 steps: 1.10 against 2.82; 1.01 against 3.16 after 500. The test asks for less than half:
-    copying from the prompt is learned or it is not)."""
+    copying from the prompt is learned or it is not), and its greedy completions of the held-out rows score a
+    far higher ROUGE-L (measured: 0.99 against 0.52 for the other model's summary from <BOS>; the test asks
+    for 0.2 more)."""
     import json
 
     from tests.helpers import write_experiment
@@ -143,3 +146,28 @@ def test_a_model_learns_from_the_prompt_what_the_completion_alone_cannot_tell(tm
         launch(1, ["--cfg", str(exp)], timeout=600)
         ppl[variant] = json.loads((tmp_path / variant / "run" / "eval_results.json").read_text())["perplexity"]
     assert ppl["prompt"] < 0.5 * ppl["alone"], ppl
+    scored = [r for r in read_metrics(tmp_path / "prompt" / "run" / "metrics.jsonl") if "rougeL" in r]
+    assert scored and scored[-1]["scored_rows"] == 16
+    alone = _rouge_from_the_begin_token(tmp_path / "alone", tmp_path / "prompt")
+    assert scored[-1]["rougeL"] > alone["rougeL"] + 0.2, (scored[-1], alone)
+
+
+def _rouge_from_the_begin_token(alone_run, prompt_run) -> dict[str, float]:
+    """The completions-only model has no prompt to read: its greedy summary from <BOS> scored against the
+    references of the rows the prompt run scored."""
+    from bookgen.checkpoint.consolidate import load_checkpoint_model
+    from bookgen.config import GenerateConfig
+    from bookgen.config_io import load_config
+    from bookgen.data.prepare import open_store
+    from bookgen.generation.sampling import generate
+    from bookgen.generation.scoring import rouge, scored_rows
+
+    cfg = load_config(prompt_run / "exp.yaml")
+    store = open_store(cfg, "valid", verify=False)
+    _, tokenizer = load_checkpoint_model(next((prompt_run / "run" / "checkpoints").glob("step*")))
+    references = [tokenizer.decode(store[i][int(store.prompt_lengths[i]) : -1].tolist()).strip()
+                  for i in scored_rows(store, 16)]
+    model, alone_tokenizer = load_checkpoint_model(next((alone_run / "run" / "checkpoints").glob("step*")))
+    text = generate(model, alone_tokenizer, [None], GenerateConfig(top_k=1, num_return_sequences=1,
+                                                                  max_new_tokens=40), seed=0)[0].text
+    return rouge([text] * len(references), references)

@@ -1,0 +1,98 @@
+"""Completions of held-out rows generated from their prompts and scored against the real ones (ROUGE-1,
+ROUGE-2, ROUGE-L F1 through Google's ``rouge-score``, the package papers report with): what a user who
+fine-tunes for summaries of a given book cares about, beside the loss.
+
+The rows are fixed (the split's first ``eval.scored`` rows with a prompt), decoding is greedy (top-k 1), so two
+evaluations of the same weights give the same scores. Under ZeRO-3 every rank generates (the forwards gather
+parameters collectively) and rank 0's tokens are broadcast; else rank 0 generates alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from rouge_score import rouge_scorer
+
+from bookgen.config import ExperimentConfig, GenerateConfig
+from bookgen.data.prepare import open_store
+from bookgen.data.store import TokenStore
+from bookgen.distributed import DistEnv
+from bookgen.generation.samples import Uncompiled, broadcast_from_rank0, sample_seed
+from bookgen.generation.sampling import generate
+
+MEASURES = ("rouge1", "rouge2", "rougeL")
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    rows: int
+    rouge1: float
+    rouge2: float
+    rougeL: float  # noqa: N815 - ROUGE-L, as rouge-score and every paper name it
+    seconds: float
+
+    def metrics(self) -> dict[str, float | int]:
+        return {"rouge1": self.rouge1, "rouge2": self.rouge2, "rougeL": self.rougeL, "scored_rows": self.rows,
+                "scoring_seconds": self.seconds}
+
+
+def scored_rows(store: TokenStore, count: int) -> list[int]:
+    """The fixed rows that are scored: the first ``count`` with a prompt and a completion."""
+    has = np.flatnonzero((store.prompt_lengths > 1) & (store.lengths > store.prompt_lengths + 1))
+    return has[:count].tolist()
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 over the pairs (stemmed, as usually reported)."""
+    scorer = rouge_scorer.RougeScorer(list(MEASURES), use_stemmer=True)
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
+    return {m: float(np.mean([s[m].fmeasure for s in scores])) if scores else 0.0 for m in MEASURES}
+
+
+def score_rows(model: Any, tokenizer: Any, store: TokenStore, rows: list[int], settings: GenerateConfig,
+               dist: DistEnv, *, zero3: bool, seed: int) -> Scores | None:
+    """Greedy completions of ``rows`` from their prompts, scored against their completions; None off rank 0."""
+    if not (dist.is_main or zero3) or not rows:
+        return None
+    start = time.perf_counter()
+    prompts = [tokenizer.decode(store[i][: int(store.prompt_lengths[i])].tolist()) for i in rows]
+    references = [tokenizer.decode(store[i][int(store.prompt_lengths[i]) : -1].tolist()).strip() for i in rows]
+    greedy = dataclasses.replace(settings, top_k=1, top_p=1.0, temperature=1.0, num_return_sequences=1)
+    agree = broadcast_from_rank0 if zero3 and dist.world_size > 1 else None
+    was_training = getattr(model, "training", False)
+    model.eval()
+    samples = generate(model, tokenizer, prompts, greedy, seed=seed, agree=agree)
+    if was_training:
+        model.train()
+    if not dist.is_main:
+        return None
+    scores = rouge([s.text for s in samples], references)
+    return Scores(len(rows), scores["rouge1"], scores["rouge2"], scores["rougeL"], time.perf_counter() - start)
+
+
+class CompletionScorer:
+    """The scores of a training run: after each evaluation, ``eval.scored`` fixed validation rows, written (rank
+    0) to metrics.jsonl (``rouge1``, ``rouge2``, ``rougeL``), the trackers and the console."""
+
+    def __init__(self, cfg: ExperimentConfig, dist: DistEnv, tokenizer: Any) -> None:
+        self.cfg, self.dist, self.tokenizer = cfg, dist, tokenizer
+        self.store = open_store(cfg, "valid", verify=False)
+        self.rows = scored_rows(self.store, cfg.eval.scored)
+        self.last: Scores | None = None
+
+    def after_eval(self, engine: Any, step: int, metrics: Any, note: Callable[[str], None]) -> None:
+        model = Uncompiled(engine.module) if self.cfg.train.compile else engine.module
+        scores = score_rows(model, self.tokenizer, self.store, self.rows, self.cfg.generate, self.dist,
+                            zero3=self.cfg.deepspeed.zero_stage == 3, seed=sample_seed(self.cfg))
+        if scores is None:
+            return
+        self.last = scores
+        if metrics is not None:
+            metrics.write({"step": step, **scores.metrics()})
+        note(f"scored {scores.rows} validation rows @ step {step} ({scores.seconds:.1f} s): ROUGE-1 "
+             f"{scores.rouge1:.3f}, ROUGE-2 {scores.rouge2:.3f}, ROUGE-L {scores.rougeL:.3f}")
