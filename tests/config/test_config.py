@@ -28,6 +28,13 @@ def test_reference_experiment_matches_the_reference_run():
     assert cfg.train.micro_batch_size == 2 and cfg.data.split == "reference" and cfg.data.packing == "none"
 
 
+def test_the_conditional_experiments_share_their_prompt():
+    gpu, cpu = (load_config(REPO / "experiments" / f"{name}.yaml") for name in ("gpt2_conditional",
+                                                                                  "tiny_conditional_cpu"))
+    assert gpu.data.prompt == cpu.data.prompt == "Title: {title}\nAuthor: {author}\nGenres: {genres}\nSummary:"
+    assert gpu.model.name_or_path == "gpt2" and gpu.eval.scored == 16 and cpu.eval.scored == 8
+
+
 def test_llama_lora_experiment_and_optional_sections(tmp_path):
     cfg = load_config(REPO / "experiments" / "llama_lora.yaml")
     assert cfg.model.lora is not None and cfg.model.lora.r == 16 and cfg.model.lora.target_modules == ["all-linear"]
