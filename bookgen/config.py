@@ -414,8 +414,13 @@ class CheckpointConfig:
     )
     keep_best: bool = field(
         default=False,
-        metadata=_doc("Also keep the checkpoint with the lowest validation loss (`best_complete` names it); "
+        metadata=_doc("Also keep the best checkpoint by checkpoint.best_by (`best_complete` names it); "
                       "checkpoint.every must be a multiple of eval.every."),
+    )
+    best_by: Literal["eval_loss", "rouge1", "rouge2", "rougeL"] = field(
+        default="eval_loss",
+        metadata=_doc("What makes a checkpoint the best: the lowest validation loss, or (data.prompt runs) the "
+                      "highest ROUGE of the scored validation rows (eval.scored)."),
     )
 
     def __post_init__(self) -> None:
@@ -517,6 +522,10 @@ class ExperimentConfig:
             _require(every is not None and eval_every is not None and every % eval_every == 0,
                      "checkpoint.keep_best", f"needs checkpoint.every ({every}) to be a multiple of eval.every "
                      f"({eval_every}), so that every checkpoint has a validation loss")
+        if self.checkpoint.best_by != "eval_loss":
+            _require(self.data.prompt is not None and self.eval.scored > 0, "checkpoint.best_by",
+                     f"{self.checkpoint.best_by} is measured on prompt-completion rows: set data.prompt and "
+                     "eval.scored > 0, or keep the best by eval_loss")
 
     @property
     def prepared_dir(self) -> Path:

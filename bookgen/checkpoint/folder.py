@@ -7,7 +7,7 @@ Layout under ``<output_dir>/checkpoints``::
         hf/                  model config and tokenizer, so export needs nothing else
         COMPLETE.json        written by rank 0 after every rank finished: train state, config fingerprint
     latest_complete          name of the newest complete checkpoint, replaced atomically
-    best_complete            with checkpoint.keep_best: the complete one with the lowest validation loss
+    best_complete            with checkpoint.keep_best: the best complete one by checkpoint.best_by
 
 DeepSpeed's own ``latest`` file is not used: rank 0 writes it before the other ranks have finished,
 so a kill during a save could leave it naming an incomplete checkpoint.
@@ -63,9 +63,11 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, hf_files: Any,
-         eval_loss: float | None = None, fault: Fault | None = None) -> Path:
+         eval_loss: float | None = None, fault: Fault | None = None, scores: dict[str, float] | None = None
+         ) -> Path:
     """All ranks call this with the same state; ``eval_loss`` is the validation loss at this step, if
-    one was just computed; ``fault``: the failure tests' (bookgen.faults). Returns the checkpoint folder."""
+    one was just computed, ``scores`` its ROUGE scores (prompt runs); ``fault``: the failure tests'
+    (bookgen.faults). Returns the checkpoint folder."""
     root = checkpoint_root(cfg)
     tag = tag_for(state.global_step)
     folder = root / tag
@@ -104,9 +106,10 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
     error = None
     if dist.is_main:
         try:
-            write_json_atomic(folder / MARKER, _record(cfg, dist, state, folder, crc32, eval_loss))
+            write_json_atomic(folder / MARKER, _record(cfg, dist, state, folder, crc32, eval_loss) | (
+                {"scores": scores} if scores else {}))
             write_text_atomic(root / POINTER, tag + "\n")
-            _prune(root, cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best)
+            _prune(root, cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best, best_by=cfg.checkpoint.best_by)
         except OSError as exc:  # the folder stays unmarked: nothing trusts it, the earlier ones stay
             error = f"cannot mark checkpoint {folder} complete: {_short(exc)}"
     errors = gather_errors(error)  # the other ranks must not wait at a barrier rank 0 never reaches
@@ -240,19 +243,26 @@ def newest_complete(cfg: ExperimentConfig) -> Path | None:
     return done[-1] if done else None
 
 
-def best_complete(root: Path) -> Path | None:
-    """The complete checkpoint with the lowest recorded validation loss (the earlier one on a tie)."""
-    return _lowest_eval_loss(complete_checkpoints(root))
+def best_complete(root: Path, by: str = "eval_loss") -> Path | None:
+    """The complete checkpoint with the lowest recorded validation loss, or the highest recorded score ``by``
+    (``rougeL``, ...), the earlier one on a tie."""
+    return _best(complete_checkpoints(root), by)
 
 
-def _lowest_eval_loss(folders: list[Path]) -> Path | None:
-    scored = [(loss, p) for p in folders if isinstance(loss := read_json(p / MARKER).get("eval_loss"), int | float)]
-    return min(scored, key=lambda item: (item[0], item[1].name))[1] if scored else None
+def _best(folders: list[Path], by: str) -> Path | None:
+    sign = 1 if by == "eval_loss" else -1  # a loss is best low, a score high
+    measured = [(sign * value, p) for p in folders if isinstance(value := _measure(p, by), int | float)]
+    return min(measured, key=lambda item: (item[0], item[1].name))[1] if measured else None
 
 
-def _prune(root: Path, keep: int, *, keep_best: bool) -> None:
+def _measure(folder: Path, by: str) -> object:
+    record = read_json(folder / MARKER) or {}
+    return record.get("eval_loss") if by == "eval_loss" else (record.get("scores") or {}).get(by)
+
+
+def _prune(root: Path, keep: int, *, keep_best: bool, best_by: str = "eval_loss") -> None:
     done = complete_checkpoints(root)
-    best = _lowest_eval_loss(done) if keep_best else None
+    best = _best(done, best_by) if keep_best else None
     for old in done[:-keep]:
         if old != best:
             shutil.rmtree(old, ignore_errors=True)
@@ -328,7 +338,7 @@ def resolve(cfg: ExperimentConfig, choice: str | None) -> Path | None:
     if choice in (None, "latest"):
         return newest_complete(cfg)
     if choice == "best":
-        best = best_complete(root)
+        best = best_complete(root, cfg.checkpoint.best_by)
         if best is None:  # asked for by name: never fall back to another model
             raise BookgenError(f"--checkpoint best: no checkpoint under {root} has a validation loss; train with "
                                "checkpoint.keep_best: true (or pass a folder)")

@@ -30,6 +30,7 @@ MEASURES = ("rouge1", "rouge2", "rougeL")
 
 @dataclass(frozen=True, slots=True)
 class Scores:
+    step: int
     rows: int
     rouge1: float
     rouge2: float
@@ -55,7 +56,7 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 
 def score_rows(model: Any, tokenizer: Any, store: TokenStore, rows: list[int], settings: GenerateConfig,
-               dist: DistEnv, *, zero3: bool, seed: int) -> Scores | None:
+               dist: DistEnv, *, zero3: bool, seed: int, step: int = 0) -> Scores | None:
     """Greedy completions of ``rows`` from their prompts, scored against their completions; None off rank 0."""
     if not (dist.is_main or zero3) or not rows:
         return None
@@ -72,7 +73,7 @@ def score_rows(model: Any, tokenizer: Any, store: TokenStore, rows: list[int], s
     if not dist.is_main:
         return None
     scores = rouge([s.text for s in samples], references)
-    return Scores(len(rows), scores["rouge1"], scores["rouge2"], scores["rougeL"], time.perf_counter() - start)
+    return Scores(step, len(rows), scores["rouge1"], scores["rouge2"], scores["rougeL"], time.perf_counter() - start)
 
 
 class CompletionScorer:
@@ -88,7 +89,7 @@ class CompletionScorer:
     def after_eval(self, engine: Any, step: int, metrics: Any, note: Callable[[str], None]) -> None:
         model = Uncompiled(engine.module) if self.cfg.train.compile else engine.module
         scores = score_rows(model, self.tokenizer, self.store, self.rows, self.cfg.generate, self.dist,
-                            zero3=self.cfg.deepspeed.zero_stage == 3, seed=sample_seed(self.cfg))
+                            zero3=self.cfg.deepspeed.zero_stage == 3, seed=sample_seed(self.cfg), step=step)
         if scores is None:
             return
         self.last = scores

@@ -38,7 +38,7 @@ from bookgen.evaluation.report import eval_line, run_eval
 from bookgen.faults import Fault, from_environment
 from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
 from bookgen.generation.samples import TrainingSampler
-from bookgen.generation.scoring import CompletionScorer
+from bookgen.generation.scoring import MEASURES, CompletionScorer
 from bookgen.model.attention import uses_causal_attention
 from bookgen.model.build import build_model, count_parameters
 from bookgen.model.flops import flops_per_token, mfu, peak_flops
@@ -221,13 +221,14 @@ def _is_finished(cfg: ExperimentConfig, dist: DistEnv, state: TrainState, plan: 
 
 def _where_things_are(cfg: ExperimentConfig, invocation: Invocation) -> str:
     root = ckpt.checkpoint_root(cfg)
-    newest, best = ckpt.newest_complete(cfg), ckpt.best_complete(root) if cfg.checkpoint.keep_best else None
+    newest = ckpt.newest_complete(cfg)
+    best = ckpt.best_complete(root, cfg.checkpoint.best_by) if cfg.checkpoint.keep_best else None
     samples = ", samples.jsonl" if cfg.eval.samples else ""
     export = invocation.command("export", *(["--checkpoint", "best"] if best else []), "--out",
                                 str(cfg.run.output_dir.parent / f"{cfg.run.output_dir.name}-hf"))
     lines = [f"run folder {cfg.run.output_dir}: metrics.jsonl, loss_curves.png, eval_results.json, run_summary.json"
              f"{samples}",
-             f"checkpoint {newest}" + (f"; best by validation loss {best}" if best is not None else ""),
+             f"checkpoint {newest}" + (f"; best by {cfg.checkpoint.best_by} {best}" if best is not None else ""),
              f"export it: {export}"]
     return "\n".join(lines)
 
@@ -316,7 +317,8 @@ def _finish(run: Run, cfg: ExperimentConfig, dist: DistEnv, done: LoopTotals) ->
         run.state.note_eval(final_loss, cfg.eval.early_stopping_min_delta)
         _sample(run, step)
     if done.saved_at != step:
-        ckpt.save(run.engine, cfg, dist, run.state, run.save_hf, eval_loss=final_loss, fault=run.fault)
+        ckpt.save(run.engine, cfg, dist, run.state, run.save_hf, eval_loss=final_loss, fault=run.fault,
+                  scores=_scores_at(run, step))
     return evals
 
 
@@ -401,6 +403,12 @@ def _read_and_log(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag
         _save_and_exit_preempted(run, cfg, dist, stop, console)
 
 
+def _scores_at(run: Run, step: int) -> dict[str, float] | None:
+    """The ROUGE scores measured at ``step`` (rank 0; prompt runs), recorded with the checkpoint of that step."""
+    last = run.scorer.last if run.scorer is not None else None
+    return {m: getattr(last, m) for m in MEASURES} if last is not None and last.step == step else None
+
+
 def _sample(run: Run, step: int) -> None:
     if run.sampler is not None:  # sample_round puts the model in eval mode and back
         run.sampler.after_eval(run.engine, step, run.log, run.progress.note)
@@ -448,7 +456,8 @@ def _evaluate_and_save_on_schedule(run: Run, cfg: ExperimentConfig, dist: DistEn
                               f"{state.evals_since_best} evaluations (best {state.best_eval_loss:.4f} at step "
                               f"{state.best_eval_step})")
     if _due(cfg.checkpoint.every, state.global_step):
-        ckpt.save(run.engine, cfg, dist, state, run.save_hf, eval_loss=eval_loss, fault=run.fault)
+        ckpt.save(run.engine, cfg, dist, state, run.save_hf, eval_loss=eval_loss, fault=run.fault,
+                  scores=_scores_at(run, state.global_step))
         totals.saved_at = state.global_step
 
 

@@ -256,3 +256,12 @@ def test_gpt2_keys_beside_a_pretrained_model_or_a_family_config_are_named_as_ign
     assert ModelConfig(name_or_path="gpt2", n_layer=4, n_embd=128).ignored_gpt2_keys() == ["n_layer", "n_embd"]
     assert ModelConfig(config={"model_type": "llama"}, n_positions=64).ignored_gpt2_keys() == ["n_positions"]
     assert ModelConfig(name_or_path="gpt2").ignored_gpt2_keys() == [], "defaults are not the user's settings"
+
+
+def test_the_best_by_rouge_needs_prompt_completion_rows(tmp_path):
+    from tests.helpers import write_experiment
+
+    with pytest.raises(ConfigError, match=r"checkpoint.best_by: rougeL is measured on prompt-completion rows"):
+        load_config(write_experiment(tmp_path, {"checkpoint.best_by": "rougeL"}))
+    assert load_config(write_experiment(tmp_path, {"checkpoint.best_by": "rougeL", "data.prompt": "{title}"})
+                       ).checkpoint.best_by == "rougeL"

@@ -171,3 +171,42 @@ def _rouge_from_the_begin_token(alone_run, prompt_run) -> dict[str, float]:
     text = generate(model, alone_tokenizer, [None], GenerateConfig(top_k=1, num_return_sequences=1,
                                                                   max_new_tokens=40), seed=0)[0].text
     return rouge([text] * len(references), references)
+
+
+@pytest.mark.multirank
+def test_a_prompt_run_resumes_keeps_its_best_checkpoint_by_rouge_and_exports(tmp_path):
+    """The CPU twin of the conditional experiment, killed after step 5 and rerun: it resumes from step 4; each
+    checkpoint records the ROUGE of its evaluation, checkpoint.best_by: rougeL keeps the highest through
+    rotation, and the export loads in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from bookgen.checkpoint.folder import MARKER, best_complete, complete_checkpoints
+    from bookgen.config_io import load_config
+    from tests.helpers import REPO
+
+    exp = tmp_path / "exp.yaml"
+    text = (REPO / "experiments" / "tiny_conditional_cpu.yaml").read_text()
+    for relative, absolute in (("../data/sample/", f"{REPO}/data/sample/"), ("../ds_configs/", f"{REPO}/ds_configs/"),
+                               ("../runs/tiny_conditional_cpu", str(tmp_path / "run"))):
+        text = text.replace(relative, absolute)
+    exp.write_text(text)
+    settings = ["--set", "train.max_steps=8", "--set", "eval.every=2", "--set", "checkpoint.every=2",
+                "--set", "checkpoint.keep=1", "--set", "checkpoint.keep_best=true",
+                "--set", "checkpoint.best_by=rougeL", "--set", "generate.max_new_tokens=24"]
+    died = launch(1, ["--cfg", str(exp), *settings], env={"BOOKGEN_FAULT": "kill:5:0"}, check=False)
+    assert died.returncode != 0
+    proc = launch(1, ["--cfg", str(exp), *settings])
+    assert "resumed from" in proc.stderr and "at step 4" in proc.stderr
+    root = tmp_path / "run" / "checkpoints"
+    kept = complete_checkpoints(root)
+    scores = {p.name: json.loads((p / MARKER).read_text())["scores"]["rougeL"] for p in kept}
+    best = best_complete(root, "rougeL")
+    assert best is not None and scores[best.name] == max(scores.values()) and len(kept) <= 2
+    history = {r["step"]: r["rougeL"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "rougeL" in r}
+    assert sorted(history) == [2, 4, 6, 8], "scored at every evaluation, once each"
+    assert scores[best.name] == max(history.values()), "the best of all evaluations survives rotation"
+    cfg = load_config(exp, [s for s in settings if s != "--set"])
+    assert cfg.checkpoint.best_by == "rougeL"
+    launch(1, ["--mode", "export", "--cfg", str(exp), "--checkpoint", "best", "--out", str(tmp_path / "hf"),
+               *settings])
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.vocab_size > 0
