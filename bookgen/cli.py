@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", type=Path, default=None, help="exported Hugging Face folder")
     gen.add_argument("--checkpoint", **which)
     gen.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable); default the begin token")
-    gen.add_argument("--prompts", type=Path, default=None, help="prompt file: text (one per line) or .jsonl")
+    gen.add_argument("--prompts", type=Path, default=None,
+                     help="prompt file: text (one per line) or .jsonl (rows with the template's fields, or prompts)")
+    gen.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
+                     help="render .jsonl rows with this template (default: the run's data.prompt)")
     gen.add_argument("--out", type=Path, default=None,
                      help="JSONL output (a .txt and a .quality.json are written beside it)")
     gen.add_argument("--force", action="store_true",

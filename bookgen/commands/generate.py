@@ -19,6 +19,7 @@ from bookgen.checkpoint.compatibility import same_vocabulary_as_prepared
 from bookgen.checkpoint.consolidate import load_checkpoint_model
 from bookgen.config import ExperimentConfig, FieldError, GenerateConfig
 from bookgen.config_io import load_config, load_generate_overrides
+from bookgen.data.prompt_template import PromptTemplate
 from bookgen.errors import BookgenError
 from bookgen.fileio import write_json_atomic
 from bookgen.generation.quality import measure
@@ -28,9 +29,11 @@ from bookgen.generation.sampling import (
     check_output_paths,
     generate,
     quality_path,
+    read_prompt_rows,
     read_prompts,
     write_outputs,
 )
+from bookgen.generation.scoring import rouge
 from bookgen.model.lora import ADAPTER_CONFIG, load_adapter_folder
 
 
@@ -70,16 +73,19 @@ def load_model(model_dir: Path | None, cfg: ExperimentConfig | None, checkpoint:
 
 def run_generation(
     *, cfg: ExperimentConfig | None, model_dir: Path | None, prompts: list[str], settings: GenerateConfig,
-    seed: int, out: Path, checkpoint: str | None = None,
+    seed: int, out: Path, checkpoint: str | None = None, rows: list[dict[str, Any]] | None = None,
 ) -> list[Sample]:
+    """``rows``: the fields each prompt was rendered from (written beside its samples; a row that holds the
+    completion field gets its first sample scored against it)."""
     if distributed.discover(os.environ).world_size > 1:
         with distributed.process_group(120) as dist:
-            return _run(dist, cfg, model_dir, checkpoint, prompts, settings, seed, out)
-    return _run(distributed.discover({}), cfg, model_dir, checkpoint, prompts, settings, seed, out)
+            return _run(dist, cfg, model_dir, checkpoint, prompts, settings, seed, out, rows)
+    return _run(distributed.discover({}), cfg, model_dir, checkpoint, prompts, settings, seed, out, rows)
 
 
 def _run(dist: distributed.DistEnv, cfg: ExperimentConfig | None, model_dir: Path | None, checkpoint: str | None,
-         prompts: list[str], settings: GenerateConfig, seed: int, out: Path) -> list[Sample]:
+         prompts: list[str], settings: GenerateConfig, seed: int, out: Path, rows: list[dict[str, Any]] | None
+         ) -> list[Sample]:
     console = Console(stderr=True, soft_wrap=True, quiet=not dist.is_main)
     multi = dist.world_size > 1
     model, tokenizer, source = load_model(model_dir, cfg, checkpoint)
@@ -99,16 +105,28 @@ def _run(dist: distributed.DistEnv, cfg: ExperimentConfig | None, model_dir: Pat
                          key=lambda x: (x.prompt_index, x.sample_index))
     took = time.perf_counter() - start
     if dist.is_main:
-        readable = write_outputs(samples, out)
+        readable = write_outputs(samples, out, rows)
         new_tokens = sum(x.tokens for x in samples)
         console.print(f"{len(samples)} sequences from {source}: {new_tokens:,} new tokens in {took:.1f}s "
                       f"({new_tokens / max(took, 1e-9):,.0f} tokens/s) -> {out}, {readable}")
-        _report_quality(samples, tokenizer, cfg, quality_path(out), console)
+        _report_quality(samples, tokenizer, cfg, quality_path(out), console, _scores(samples, rows, cfg))
     return samples
 
 
+def _scores(samples: list[Sample], rows: list[dict[str, Any]] | None, cfg: ExperimentConfig | None
+            ) -> dict[str, float | int]:
+    """ROUGE of each row's first sample against the row's own completion, where the rows hold one (the run's
+    data.text_field, or "summary")."""
+    field = "summary" if rows and any("summary" in r for r in rows) else (cfg.data.text_field if cfg else "text")
+    pairs = [(x.text, str(rows[x.prompt_index][field])) for x in samples
+             if rows and x.sample_index == 0 and rows[x.prompt_index].get(field)]
+    if not pairs:
+        return {}
+    return {**rouge([p for p, _ in pairs], [r for _, r in pairs]), "scored_rows": len(pairs)}
+
+
 def _report_quality(samples: list[Sample], tokenizer: Any, cfg: ExperimentConfig | None, path: Path,
-                    console: Console) -> None:
+                    console: Console, scores: dict[str, float | int]) -> None:
     """The quality measures, printed and written beside the output; novelty and the reference length need
     the experiment's prepared splits (--cfg), so a bare --model run leaves them out."""
     index, reference = None, None
@@ -119,12 +137,15 @@ def _report_quality(samples: list[Sample], tokenizer: Any, cfg: ExperimentConfig
             console.print(f"[yellow]the model's vocabulary is not that of {cfg.prepared_dir}: novelty and the "
                           "reference lengths are left out[/]")
     q = measure([x.ids for x in samples], [x.stopped == "eos" for x in samples], index, reference)
-    write_json_atomic(path, q.to_dict())
+    write_json_atomic(path, q.to_dict() | scores)
     novelty = (f", copied 8-grams {q.copied_8gram_share:.1%}, longest copy {q.longest_copied_span} tokens"
                if index is not None else "")
     console.print(f"quality: stop rate {q.stop_rate:.0%}, length median {q.length_median:.0f} (quartiles "
                   f"{q.length_q1:.0f}-{q.length_q3:.0f}), distinct-2 {q.distinct_2:.3f}, repeated 4-grams "
                   f"{q.repeated_4gram_share:.1%}{novelty} -> {path}")
+    if scores:
+        console.print(f"scored {scores['scored_rows']} rows against their own summaries: ROUGE-1 "
+                      f"{scores['rouge1']:.3f}, ROUGE-2 {scores['rouge2']:.3f}, ROUGE-L {scores['rougeL']:.3f}")
 
 
 def _generate_with_progress(model: Any, tokenizer: Any, prompts: list[str], mine: list[int],
@@ -146,12 +167,18 @@ def generate_command(args: argparse.Namespace, console: Console) -> int:
     flags = {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "repetition_penalty", "max_new_tokens",
                                            "num_return_sequences", "seed", "batch_size")}
     settings = settings_from(base, flags)
-    prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or [base.prompt])
+    template = args.prompt_template or (cfg.data.prompt if cfg else None)
+    rows = None
+    if args.prompts and args.prompts.suffix == ".jsonl" and template:  # a book's fields, rendered as trained
+        prompts, rows = read_prompt_rows(args.prompts, PromptTemplate.parse(template, "--prompt-template"),
+                                         cfg.tokenizer.bos_token if cfg else "<BOS>")
+    else:
+        prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or [base.prompt])
     if any(p is not None and not p.strip() for p in prompts):
         raise BookgenError("an empty prompt was given; leave --prompt out to start a summary from nothing")
     seed = settings.seed if settings.seed is not None else (cfg.seed if cfg else 0)
     out = args.out or ((cfg.run.output_dir if cfg else Path(".")) / "generated.jsonl")
     check_output_paths(out, inputs=[p for p in (args.prompts, args.model) if p is not None], force=args.force)
     run_generation(cfg=cfg, model_dir=args.model, checkpoint=args.checkpoint, prompts=prompts, settings=settings,
-                   seed=seed, out=out)
+                   seed=seed, out=out, rows=rows)
     return 0

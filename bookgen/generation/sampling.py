@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bookgen.config import GenerateConfig
+from bookgen.data.prompt_template import PromptTemplate
 from bookgen.errors import BookgenError
 from bookgen.fileio import write_text_atomic
 from bookgen.model.attention import generation_attention
@@ -323,16 +324,43 @@ def check_output_paths(out_jsonl: Path, *, inputs: list[Path], force: bool = Fal
         raise BookgenError(f"--out: cannot write into {existing} (not a writable folder)")
 
 
-def write_outputs(samples: list[Sample], out_jsonl: Path) -> Path:
-    """JSONL, one sample a line, and the reference's readable form beside it (``.txt``)."""
-    write_text_atomic(out_jsonl, "".join(json.dumps(x.to_dict()) + "\n" for x in samples))
+def write_outputs(samples: list[Sample], out_jsonl: Path, rows: list[dict[str, Any]] | None = None) -> Path:
+    """JSONL, one sample a line (with its prompt row's fields under ``row`` when the prompts came from rows),
+    and the reference's readable form beside it (``.txt``)."""
+    write_text_atomic(out_jsonl, "".join(
+        json.dumps(x.to_dict() | ({"row": rows[x.prompt_index]} if rows else {})) + "\n" for x in samples))
     readable = readable_path(out_jsonl)
     blocks = [f"{readable_header(n)}\n{x.prompt} {x.text}\n" for n, x in enumerate(samples, start=1)]
     write_text_atomic(readable, "\n".join(blocks))
     return readable
 
 
-def read_prompts(path: Path) -> list[str]:
+def read_prompt_rows(path: Path, template: PromptTemplate, bos: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Prompts rendered from a JSON lines file's rows (each a book's fields, as the run was trained on), and
+    the rows; a row that gives its own "prompt" string keeps it."""
+    rows = []
+    for n, line in enumerate(_prompt_lines(path), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BookgenError(f"{path}:{n}: not JSON ({exc})") from exc
+        if not isinstance(row, dict):
+            raise BookgenError(f"{path}:{n}: expected a JSON object with the template's fields "
+                               f"({', '.join(template.fields)}), got {line.strip()[:80]}")
+        rows.append(row)
+    if not rows:
+        raise BookgenError(f"--prompts: {path} holds no row")
+    prompts = []
+    for n, row in enumerate(rows, start=1):
+        if isinstance(row.get("prompt"), str):
+            prompts.append(row["prompt"])
+            continue
+        template.check_fields(list(row), f"{path}:{n}", key="the prompt template")
+        prompts.append(f"{bos} {template.render(row)}")
+    return prompts, rows
+
+
+def _prompt_lines(path: Path) -> list[str]:
     if path.is_dir():
         raise BookgenError(f"--prompts: {path} is a folder; give a text file (one prompt a line) or a .jsonl file")
     if not path.is_file():
@@ -341,7 +369,11 @@ def read_prompts(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise BookgenError(f"--prompts: {path} is not UTF-8 text ({exc})") from exc
-    lines = [line for line in text.splitlines() if line.strip()]
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def read_prompts(path: Path) -> list[str]:
+    lines = _prompt_lines(path)
     if path.suffix == ".jsonl":
         prompts = []
         for n, line in enumerate(lines, start=1):

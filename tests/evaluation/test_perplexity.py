@@ -210,3 +210,22 @@ def test_a_prompt_run_resumes_keeps_its_best_checkpoint_by_rouge_and_exports(tmp
     launch(1, ["--mode", "export", "--cfg", str(exp), "--checkpoint", "best", "--out", str(tmp_path / "hf"),
                *settings])
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.vocab_size > 0
+
+    # summaries of given books: rows with the template's fields, rendered as the run was trained
+    books = tmp_path / "books.jsonl"
+    books.write_text("".join(json.dumps(row) + "\n" for row in (
+        {"title": "The Glass Garden", "author": "Anna Kowalski", "genres": ["Fantasy"],
+         "summary": "A gardener grows a garden of glass."},
+        {"title": "Under the Tide", "author": "Nora Marlow", "genres": "Mystery, Fiction"})))
+    out = tmp_path / "gen.jsonl"
+    launch(1, ["--mode", "generate", "--cfg", str(exp), "--checkpoint", "best", "--prompts", str(books),
+               "--out", str(out), "--num-return-sequences", "2", *settings])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 4 and records[0]["row"]["title"] == "The Glass Garden"
+    assert records[0]["prompt"].startswith("<BOS> Title: The Glass Garden\nAuthor: Anna Kowalski\nGenres: Fantasy")
+    quality = json.loads(out.with_name("gen.quality.json").read_text())
+    assert quality["scored_rows"] == 1 and 0 <= quality["rougeL"] <= 1, "only the row with a summary is scored"
+    bare = tmp_path / "bare.jsonl"
+    proc = launch(1, ["--mode", "generate", "--model", str(tmp_path / "hf"), "--prompts", str(books),
+                      "--prompt-template", "{title} by {writer}", "--out", str(bare)], check=False)
+    assert proc.returncode == 2 and "has no field writer" in proc.stderr, proc.stderr[-2000:]
