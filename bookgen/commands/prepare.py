@@ -32,5 +32,10 @@ def prepare_command(args: argparse.Namespace, console: Console) -> int:
     if report.skipped_empty or report.skipped_malformed or report.bad_genres:
         console.print(f"skipped: {report.skipped_empty} empty summaries, {report.skipped_malformed} malformed "
                       f"rows; {report.bad_genres} rows with unreadable genres (kept)")
+    if report.rows_cut:
+        console.print(f"prompt-completion rows longer than data.block_size {cfg.data.block_size} (their summary's "
+                      "end cut): " + ", ".join(f"{k}={v:,}" for k, v in report.rows_cut.items()) + "; with no room "
+                      "for any of the summary after the prompt (no target): "
+                      + ", ".join(f"{k}={v:,}" for k, v in report.rows_without_room.items()), highlight=False)
     console.print(f"numbers recorded in {cfg.prepared_dir / 'report.json'}", highlight=False)
     return 0

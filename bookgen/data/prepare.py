@@ -63,6 +63,10 @@ class PrepareReport:
     bad_genres: int = 0
     corpus_sha256: str = ""  # checksum of data.source as read
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage of this call, and "total"
+    # prompt-completion rows per split longer than data.block_size: the completion's end cut, and those whose
+    # prompt alone fills the block (no target left; they cost a row and teach nothing)
+    rows_cut: dict[str, int] = field(default_factory=dict)
+    rows_without_room: dict[str, int] = field(default_factory=dict)
 
 
 def store_dir(prepared: Path, split: str) -> Path:
@@ -151,7 +155,8 @@ def report_record(report: PrepareReport) -> dict[str, object]:
     return {"rows_read": report.rows_read, "documents": report.counts, "tokens": report.tokens,
             "shards": report.shards, "skipped_empty": report.skipped_empty,
             "skipped_malformed": report.skipped_malformed, "bad_genres": report.bad_genres,
-            "corpus_sha256": report.corpus_sha256, "seconds": report.seconds}
+            "corpus_sha256": report.corpus_sha256, "seconds": report.seconds,
+            **({"rows_cut": report.rows_cut, "rows_without_room": report.rows_without_room} if report.rows_cut else {})}
 
 
 class _Clock:
@@ -324,6 +329,7 @@ def _stage_store(
         try:
             store = TokenStore.open(final, sha256=digests.sha256)
             report.counts[split], report.tokens[split] = len(store), store.num_tokens
+            _count_cut_rows(store, cfg.data.block_size, split, report)
             report.shards[split] = len(store.manifest["shards"])  # type: ignore[arg-type]
             return
         except StoreError:
@@ -342,8 +348,16 @@ def _stage_store(
         for name in ("tokens", "offsets"):
             digests.wrote(final / shard[name], shard[f"{name}_sha256"])
     report.counts[split], report.tokens[split] = int(written["num_docs"]), int(written["num_tokens"])  # type: ignore[call-overload]
+    if cfg.data.prompt is not None:
+        _count_cut_rows(TokenStore.open(final, verify=False), cfg.data.block_size, split, report)
     report.shards[split] = len(written["shards"])  # type: ignore[arg-type]
     report.rebuilt.append(f"store:{split}")
+
+
+def _count_cut_rows(store: TokenStore, block_size: int, split: str, report: PrepareReport) -> None:
+    if store.prompt_lengths.any():
+        report.rows_cut[split] = int(((store.lengths > block_size) & (store.prompt_lengths < block_size)).sum())
+        report.rows_without_room[split] = int((store.prompt_lengths >= block_size).sum())
 
 
 def _progress(quiet: bool):  # type: ignore[no-untyped-def]

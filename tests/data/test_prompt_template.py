@@ -85,6 +85,11 @@ def test_cmu_rows_prepare_as_prompt_completion_documents(tmp_path):
     assert tokenizer.decode(doc[prompt:]).endswith("<EOS>") and doc[-1] == tokenizer.eos_token_id
     labels = Examples.build(store, cfg.data.block_size, "none").batch([0], 0)["labels"][0]
     assert (labels[:prompt] == IGNORE_INDEX).all() and int(labels[prompt]) == doc[prompt]
+    assert set(report.rows_cut) == set(report.rows_without_room) == {"train", "valid", "test"}
+    short, cut = _prepared(tmp_path / "short", {"data.prompt": METADATA, "data.block_size": 24,
+                                                "model.n_positions": 24})
+    assert cut.rows_without_room["train"] > 0, "a 24-token block leaves some prompts no room"
+    assert cut.rows_cut["train"] + cut.rows_without_room["train"] == cut.counts["train"]
     again = _prepared(tmp_path, {"data.prompt": "Book: {title}\nSummary:"})[1]
     assert "splits" in again.rebuilt and "store:train" in again.rebuilt
 
