@@ -30,6 +30,7 @@ class RunRow:
     last_perplexity: float | None
     stop_rate: float | None
     copied_share: float | None
+    rouge_l: float | None  # the last evaluation's ROUGE-L of the scored rows (prompt runs)
     status: str  # running, finished, preempted, interrupted or failed
     curve: list[tuple[int, float]]  # (step, validation loss)
 
@@ -67,6 +68,7 @@ def read_run(folder: Path) -> RunRow:
     evals = [r for r in records if "perplexity" in r]
     rates = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
     samples = [r for r in records if "samples_stop_rate" in r]
+    scored = [r for r in records if "rougeL" in r]
     model = cfg.get("model", {})
     return RunRow(
         folder=folder,
@@ -82,6 +84,7 @@ def read_run(folder: Path) -> RunRow:
         last_perplexity=evals[-1]["perplexity"] if evals else None,
         stop_rate=samples[-1]["samples_stop_rate"] if samples else None,
         copied_share=samples[-1].get("samples_copied_8gram_share") if samples else None,
+        rouge_l=scored[-1]["rougeL"] if scored else None,
         status=run_status(folder, summary, steps) + damage,
         curve=[(r["step"], r["eval_loss"]) for r in evals if "eval_loss" in r],
     )
@@ -127,14 +130,15 @@ def runs_table(rows: list[RunRow]) -> Any:
 
     table = Table(title="bookgen runs")
     for name in ("run", "experiment", "model", "packing", "ZeRO", "ranks", "steps", "tokens/s", "best ppl",
-                 "last ppl", "stop rate", "copied", "status"):
+                 "last ppl", "stop rate", "copied", "ROUGE-L", "status"):
         table.add_column(name, justify="left" if name in ("run", "experiment", "model", "packing", "status")
                          else "right")
     for r in rows:
         table.add_row(_shown(r.folder), r.experiment, r.model, r.packing, str(r.zero_stage),
                       _text(r.world_size), str(r.steps), _text(r.tokens_per_second, "{:,.0f}"),
                       _text(r.best_perplexity, "{:.2f}"), _text(r.last_perplexity, "{:.2f}"),
-                      _text(r.stop_rate, "{:.0%}"), _text(r.copied_share, "{:.0%}"), r.status)
+                      _text(r.stop_rate, "{:.0%}"), _text(r.copied_share, "{:.0%}"), _text(r.rouge_l, "{:.3f}"),
+                      r.status)
     return table
 
 

@@ -55,14 +55,14 @@ def _bare_run(folder, metrics: str):
 
 
 def test_a_torn_or_damaged_metrics_file_marks_its_run_and_the_others_are_listed(tmp_path, capsys, monkeypatch):
-    good = '{"step": 1, "loss": 6.0}\n{"step": 2, "eval_loss": 5.5, "perplexity": 244.7}\n'
+    good = '{"step": 1, "loss": 6.0}\n{"step": 2, "eval_loss": 5.5, "perplexity": 244.7, "rougeL": 0.25}\n'
     _bare_run(tmp_path / "runs" / "good", good)
     _bare_run(tmp_path / "runs" / "torn", good + '{"step": 3, "loss": 5.9')
     _bare_run(tmp_path / "runs" / "damaged", '{"step": 1\n' + good)
     monkeypatch.chdir(tmp_path)
     assert main(["runs", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
-    assert _row(out, "runs/good")[-1] == "failed"
+    assert _row(out, "runs/good")[-1] == "failed" and _row(out, "runs/good")[-2] == "0.250", "ROUGE-L"
     assert _row(out, "runs/torn")[-1] == "failed, last line torn"
     assert _row(out, "runs/torn")[6] == "1", "the torn step is not counted"
     assert "metrics.jsonl unreadable (line 1" in _row(out, "runs/damaged")[-1]
