@@ -34,10 +34,11 @@ class SampleRound:
     samples: list[Sample]
     quality: Quality
     seconds: float
+    per_book: bool = False  # a prompt run's round: one sample from each of several books' prompts
 
     def records(self) -> list[dict[str, Any]]:
         return [{"step": self.step, "sample_index": x.sample_index, "text": x.text, "tokens": x.tokens,
-                 "stopped": x.stopped} for x in self.samples]
+                 "stopped": x.stopped} | ({"prompt": x.prompt} if self.per_book else {}) for x in self.samples]
 
     def metrics(self) -> dict[str, float | int]:
         """The measures as metrics.jsonl keys (``samples_`` + the measure)."""
@@ -72,24 +73,31 @@ class Uncompiled:
 def sample_round(model: Any, tokenizer: Any, cfg: ExperimentConfig, dist: DistEnv, *, step: int,
                  zero3: bool, index: NgramIndex | None, reference_lengths: np.ndarray | None,
                  compiled: bool = False) -> SampleRound | None:
-    """Sample ``eval.samples`` rows from ``generate.prompt``; the round on rank 0, None elsewhere.
-    ``compiled``: the training compiled ``model`` (train.compile), so it is sampled through its eager forward."""
+    """Sample ``eval.samples`` rows from ``generate.prompt``, or, in a prompt run, one from each of the first
+    ``eval.samples`` validation books' prompts (the samples then say which book they are for); the round on rank
+    0, None elsewhere. ``compiled``: the training compiled ``model`` (train.compile), so it is sampled through its
+    eager forward."""
     if not (dist.is_main or zero3):
         return None
-    settings = sample_settings(cfg)
+    settings, prompts = sample_settings(cfg), [cfg.generate.prompt]
+    if cfg.data.prompt:
+        store = open_store(cfg, "valid", verify=False)
+        prompts = [tokenizer.decode(store[i][: int(store.prompt_lengths[i])].tolist())
+                   for i in np.flatnonzero(store.prompt_lengths > 1)[: cfg.eval.samples]]
+        settings = dataclasses.replace(settings, num_return_sequences=1)
     agree = broadcast_from_rank0 if zero3 and dist.world_size > 1 else None
     start = time.perf_counter()
     was_training = getattr(model, "training", False)
     model.eval()
-    samples = generate(Uncompiled(model) if compiled else model, tokenizer,
-                       [settings.prompt], settings, seed=sample_seed(cfg), agree=agree)
+    samples = generate(Uncompiled(model) if compiled else model, tokenizer, prompts, settings,
+                       seed=sample_seed(cfg), agree=agree)
     if was_training:
         model.train()
     seconds = time.perf_counter() - start
     if not dist.is_main:
         return None
     quality = measure([x.ids for x in samples], [x.stopped == "eos" for x in samples], index, reference_lengths)
-    return SampleRound(step, samples, quality, seconds)
+    return SampleRound(step, samples, quality, seconds, per_book=bool(cfg.data.prompt))
 
 
 def broadcast_from_rank0(chosen: torch.Tensor) -> torch.Tensor:

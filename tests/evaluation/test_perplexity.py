@@ -202,6 +202,8 @@ def test_a_prompt_run_resumes_keeps_its_best_checkpoint_by_rouge_and_exports(tmp
     scores = {p.name: json.loads((p / MARKER).read_text())["scores"]["rougeL"] for p in kept}
     best = best_complete(root, "rougeL")
     assert best is not None and scores[best.name] == max(scores.values()) and len(kept) <= 2
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["prompt"].startswith("<BOS> Title: ") for s in samples), "which book each is for"
     history = {r["step"]: r["rougeL"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "rougeL" in r}
     assert sorted(history) == [2, 4, 6, 8], "scored at every evaluation, once each"
     assert scores[best.name] == max(history.values()), "the best of all evaluations survives rotation"
