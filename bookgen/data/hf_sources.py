@@ -166,3 +166,34 @@ def _json_line_rows(source: Path, text_field: str) -> Iterator[tuple[dict[str, A
         raise CorpusError(f"{source}:{line_no + 1}: cannot read it ({type(exc).__name__}: {exc})") from exc
     if line_no == 0:
         raise CorpusError(f"{source}: the dataset has no rows")
+
+
+def table_rows(source: Path, fmt: str, text_field: str, fields: tuple[str, ...]
+               ) -> tuple[list[str], Iterator[tuple[dict[str, Any], str]]]:
+    """A single table's column names, and (row's ``fields``, its text) for every row: prompt-completion rows
+    from CSV, Parquet, a JSON document or a save_to_disk Dataset. The text column is checked now."""
+    import datasets
+
+    data = _load(source, fmt)
+    if isinstance(data, datasets.DatasetDict):
+        raise CorpusError(f"{source}: a DatasetDict with splits; data.prompt reads a single table so far (save one "
+                          "Dataset, or JSON lines)")
+    _texts(data, str(source), fmt, text_field)  # the text column's checks
+    try:  # a streamed file knows its columns once a row is read
+        columns = list(data.features) if data.features else list(next(iter(data.take(1)), {}))
+    except Exception as exc:
+        raise _unreadable(str(source), fmt, exc) from exc
+    return columns, _read_rows(data, str(source), fmt, text_field, [f for f in fields if f in columns])
+
+
+def _read_rows(table: Any, where: str, fmt: str, text_field: str, fields: list[str]
+               ) -> Iterator[tuple[dict[str, Any], str]]:
+    texts = _read_texts(table, where, fmt, text_field)
+    try:
+        values = (row for batch in table.select_columns(fields).iter(batch_size=BATCH_ROWS)
+                  for row in (dict(zip(batch, v, strict=True)) for v in zip(*batch.values(), strict=True)))
+        yield from zip(values, texts, strict=True) if fields else (({}, text) for text in texts)
+    except CorpusError:
+        raise
+    except Exception as exc:  # a corrupt file shows itself only when its rows are read
+        raise _unreadable(where, fmt, exc) from exc

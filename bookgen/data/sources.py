@@ -192,13 +192,17 @@ def _prompt_corpus(source: Path, fmt: str, *, skip_malformed: bool, scratch: Pat
         books = iter_rows(iter_lines(source), source=source, skip_malformed=skip_malformed, stats=stats)
         return CorpusStream("cmu", rows=(rows.document(b.fields(), b.summary) for b in books), stats=stats,
                             prompts=rows)
-    first = hf_sources.first_json_row(source) if fmt == "json" else None
-    if first is None:
-        raise ConfigError(f"data.prompt: {source} ({fmt}) gives bookgen no fields to render yet; prompts are read "
-                          "from the CMU corpus and from JSON lines (one object a line)")
+    if fmt not in hf_sources.DATASETS_FORMATS:
+        raise ConfigError(f"data.prompt: {source} ({fmt}: one text a line) has no fields to render; give the rows "
+                          "as JSON lines, CSV, Parquet or a saved Dataset, or the CMU corpus")
     rows = PromptRows(template, text_field, str(source))
-    template.check_fields(list(first), str(source))
-    completions = hf_sources.json_line_rows(source, first, text_field)
+    first = hf_sources.first_json_row(source) if fmt == "json" else None
+    if first is not None:
+        template.check_fields(list(first), str(source))
+        completions = hf_sources.json_line_rows(source, first, text_field)
+    else:
+        columns, completions = hf_sources.table_rows(source, fmt, text_field, template.fields)
+        template.check_fields(columns, str(source))
     return CorpusStream("text", rows=(rows.document(row, text) for row, text in completions), prompts=rows)
 
 

@@ -119,10 +119,27 @@ def test_a_template_the_rows_cannot_fill_is_refused_before_anything_is_tokenized
     assert not (tmp_path / "run" / "prepared" / "store").exists()
 
 
+def test_csv_rows_render_their_columns(tmp_path):
+    import csv
+
+    from bookgen.data.prepare import open_store
+
+    corpus = tmp_path / "books.csv"
+    with open(corpus, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["title", "year", "text"])
+        writer.writerows([[f"Book {i}", 1900 + i, f"A summary of book {i} and its hero."] for i in range(40)])
+    cfg, report = _prepared(tmp_path, {"data.source": str(corpus), "data.prompt": "{title} ({year})\nSummary:"},
+                            rows=None)
+    assert sum(report.counts.values()) == 40 and (open_store(cfg, "train").prompt_lengths > 3).all()
+    with pytest.raises(ConfigError, match=r"has no field author; its fields: text, title, year"):
+        _prepared(tmp_path / "b", {"data.source": str(corpus), "data.prompt": "{author}"}, rows=None)
+
+
 def test_plain_text_and_mostly_empty_fields_are_refused(tmp_path):
     text = tmp_path / "summaries.txt"
     text.write_text("".join(f"Summary number {i} of a book.\n" for i in range(30)))
-    with pytest.raises(ConfigError, match=r"data.prompt: .*summaries.txt \(text\) gives bookgen no fields"):
+    with pytest.raises(ConfigError, match=r"data.prompt: .*summaries.txt \(text: one text a line\) has no fields"):
         _prepared(tmp_path / "a", {"data.source": str(text), "data.prompt": "{title}"}, rows=None)
     import json
 
