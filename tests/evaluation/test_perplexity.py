@@ -177,7 +177,7 @@ def _rouge_from_the_begin_token(alone_run, prompt_run) -> dict[str, float]:
 def test_a_prompt_run_resumes_keeps_its_best_checkpoint_by_rouge_and_exports(tmp_path):
     """The CPU twin of the conditional experiment, killed after step 5 and rerun: it resumes from step 4; each
     checkpoint records the ROUGE of its evaluation, checkpoint.best_by: rougeL keeps the highest through
-    rotation, and the export loads in transformers."""
+    rotation; it trains on at another world size; the export loads in transformers and generates from rows."""
     from transformers import AutoModelForCausalLM
 
     from bookgen.checkpoint.folder import MARKER, best_complete, complete_checkpoints
@@ -209,6 +209,10 @@ def test_a_prompt_run_resumes_keeps_its_best_checkpoint_by_rouge_and_exports(tmp
     assert scores[best.name] == max(history.values()), "the best of all evaluations survives rotation"
     cfg = load_config(exp, [s for s in settings if s != "--set"])
     assert cfg.checkpoint.best_by == "rougeL"
+    longer = [*settings, "--set", "train.max_steps=10"]
+    grown = launch(2, ["--cfg", str(exp), *longer])  # another world size: resharded, the prompts as before
+    assert "resumed from" in grown.stderr and "at step 8" in grown.stderr, grown.stderr[-2000:]
+    assert 10 in {r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "rougeL" in r}
     launch(1, ["--mode", "export", "--cfg", str(exp), "--checkpoint", "best", "--out", str(tmp_path / "hf"),
                *settings])
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.vocab_size > 0
