@@ -369,6 +369,10 @@ class EvalConfig:
                       "one: ROUGE-1, ROUGE-2 and ROUGE-L F1 (rouge-score) in metrics.jsonl and the trackers; 0 turns "
                       "it off."),
     )
+    scored_sampling: bool = field(
+        default=False,
+        metadata=_doc("Score completions sampled with the run's generate settings (seeded) instead of greedy ones."),
+    )
     early_stopping_patience: int | None = field(
         default=None,
         metadata=_doc("Stop training after this many evaluations in a row without a new lowest validation loss."),

@@ -55,7 +55,7 @@ def _score(engine: Any, tokenizer: Any, cfg: ExperimentConfig, dist: distributed
            console: Console) -> None:
     store = open_store(cfg, split, verify=False)
     scores = score_rows(engine.module, tokenizer, store, scored_rows(store, cfg.eval.scored), cfg.generate, dist,
-                        zero3=cfg.deepspeed.zero_stage == 3, seed=sample_seed(cfg))
+                        zero3=cfg.deepspeed.zero_stage == 3, seed=sample_seed(cfg), sampled=cfg.eval.scored_sampling)
     if scores is None:
         return
     path = cfg.run.output_dir / "eval_results.json"

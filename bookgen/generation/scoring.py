@@ -2,8 +2,9 @@
 ROUGE-2, ROUGE-L F1 through Google's ``rouge-score``, the package papers report with): what a user who
 fine-tunes for summaries of a given book cares about, beside the loss.
 
-The rows are fixed (the split's first ``eval.scored`` rows with a prompt), decoding is greedy (top-k 1), so two
-evaluations of the same weights give the same scores. Under ZeRO-3 every rank generates (the forwards gather
+The rows are fixed (the split's first ``eval.scored`` rows with a prompt), decoding is greedy (top-k 1; or the
+run's sampling settings with its seed, ``eval.scored_sampling``), so two evaluations of the same weights give
+the same scores. Under ZeRO-3 every rank generates (the forwards gather
 parameters collectively) and rank 0's tokens are broadcast; else rank 0 generates alone.
 """
 
@@ -56,18 +57,20 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 
 def score_rows(model: Any, tokenizer: Any, store: TokenStore, rows: list[int], settings: GenerateConfig,
-               dist: DistEnv, *, zero3: bool, seed: int, step: int = 0) -> Scores | None:
-    """Greedy completions of ``rows`` from their prompts, scored against their completions; None off rank 0."""
+               dist: DistEnv, *, zero3: bool, seed: int, step: int = 0, sampled: bool = False) -> Scores | None:
+    """Greedy completions of ``rows`` from their prompts (``sampled``: drawn with ``settings``), scored
+    against their completions; None off rank 0."""
     if not (dist.is_main or zero3) or not rows:
         return None
     start = time.perf_counter()
     prompts = [tokenizer.decode(store[i][: int(store.prompt_lengths[i])].tolist()) for i in rows]
     references = [tokenizer.decode(store[i][int(store.prompt_lengths[i]) : -1].tolist()).strip() for i in rows]
-    greedy = dataclasses.replace(settings, top_k=1, top_p=1.0, temperature=1.0, num_return_sequences=1)
+    decoding = dataclasses.replace(settings, num_return_sequences=1) if sampled else dataclasses.replace(
+        settings, top_k=1, top_p=1.0, temperature=1.0, num_return_sequences=1)
     agree = broadcast_from_rank0 if zero3 and dist.world_size > 1 else None
     was_training = getattr(model, "training", False)
     model.eval()
-    samples = generate(model, tokenizer, prompts, greedy, seed=seed, agree=agree)
+    samples = generate(model, tokenizer, prompts, decoding, seed=seed, agree=agree)
     if was_training:
         model.train()
     if not dist.is_main:
@@ -89,7 +92,8 @@ class CompletionScorer:
     def after_eval(self, engine: Any, step: int, metrics: Any, note: Callable[[str], None]) -> None:
         model = Uncompiled(engine.module) if self.cfg.train.compile else engine.module
         scores = score_rows(model, self.tokenizer, self.store, self.rows, self.cfg.generate, self.dist,
-                            zero3=self.cfg.deepspeed.zero_stage == 3, seed=sample_seed(self.cfg), step=step)
+                            zero3=self.cfg.deepspeed.zero_stage == 3, seed=sample_seed(self.cfg), step=step,
+                            sampled=self.cfg.eval.scored_sampling)
         if scores is None:
             return
         self.last = scores

@@ -209,7 +209,7 @@ def test_a_prompt_run_resumes_keeps_its_best_checkpoint_by_rouge_and_exports(tmp
     assert scores[best.name] == max(history.values()), "the best of all evaluations survives rotation"
     cfg = load_config(exp, [s for s in settings if s != "--set"])
     assert cfg.checkpoint.best_by == "rougeL"
-    longer = [*settings, "--set", "train.max_steps=10"]
+    longer = [*settings, "--set", "train.max_steps=10", "--set", "eval.scored_sampling=true"]
     grown = launch(2, ["--cfg", str(exp), *longer])  # another world size: resharded, the prompts as before
     assert "resumed from" in grown.stderr and "at step 8" in grown.stderr, grown.stderr[-2000:]
     assert 10 in {r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "rougeL" in r}

@@ -46,3 +46,18 @@ def test_lengths_are_median_and_quartiles_against_the_reference():
                 reference_lengths=np.array([25, 35]))
     assert (q.length_q1, q.length_median, q.length_q3, q.reference_length_median) == (20, 30, 40, 30)
     assert q.stop_rate == 1.0 and q.copied_8gram_share == 0.0
+
+
+def test_rouge_is_rouge_scores_own_f1_averaged_over_the_pairs():
+    from rouge_score import rouge_scorer
+
+    from bookgen.generation.scoring import rouge
+
+    pairs = [("the king rode north to the sea", "the old king rode to the northern sea"),
+             ("nothing alike here", "a completely different summary")]
+    got = rouge([p for p, _ in pairs], [r for _, r in pairs])
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for measure in ("rouge1", "rouge2", "rougeL"):
+        expected = sum(scorer.score(r, p)[measure].fmeasure for p, r in pairs) / len(pairs)
+        assert got[measure] == pytest.approx(expected)
+    assert rouge(["same words"], ["same words"])["rougeL"] == 1.0
