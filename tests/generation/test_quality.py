@@ -58,6 +58,6 @@ def test_rouge_is_rouge_scores_own_f1_averaged_over_the_pairs():
     got = rouge([p for p, _ in pairs], [r for _, r in pairs])
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     for name in ("rouge1", "rouge2", "rougeL"):
-        expected = sum(scorer.score(r, p)[name].fname for p, r in pairs) / len(pairs)
+        expected = sum(scorer.score(r, p)[name].fmeasure for p, r in pairs) / len(pairs)
         assert got[name] == pytest.approx(expected)
     assert rouge(["same words"], ["same words"])["rougeL"] == 1.0
