@@ -150,6 +150,19 @@ class TokenStore:
         off = self._offsets[shard]
         return self._tokens[shard][off[local] : off[local + 1]]
 
+    def prompted(self, count: int) -> list[int]:
+        """The first ``count`` documents with a prompt and a completion (prompt-completion rows)."""
+        has = np.flatnonzero((self.prompt_lengths > 1) & (self.lengths > self.prompt_lengths + 1))
+        return has[:count].tolist()
+
+    def prompt(self, index: int) -> np.ndarray:
+        """Document ``index``'s <BOS> and prompt."""
+        return self[index][: int(self.prompt_lengths[index])]
+
+    def completion(self, index: int) -> np.ndarray:
+        """Document ``index``'s completion, <EOS> left out."""
+        return self[index][int(self.prompt_lengths[index]) : -1]
+
     def shards(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each shard's tokens (memory-mapped, documents back to back) and offsets (where each starts, and
         the end): for readers that work on whole shards rather than documents."""

@@ -82,8 +82,7 @@ def sample_round(model: Any, tokenizer: Any, cfg: ExperimentConfig, dist: DistEn
     settings, prompts = sample_settings(cfg), [cfg.generate.prompt]
     if cfg.data.prompt:
         store = open_store(cfg, "valid", verify=False)
-        prompts = [tokenizer.decode(store[i][: int(store.prompt_lengths[i])].tolist())
-                   for i in np.flatnonzero(store.prompt_lengths > 1)[: cfg.eval.samples]]
+        prompts = [tokenizer.decode(store.prompt(i).tolist()) for i in store.prompted(cfg.eval.samples)]
         settings = dataclasses.replace(settings, num_return_sequences=1)
     agree = broadcast_from_rank0 if zero3 and dist.world_size > 1 else None
     start = time.perf_counter()

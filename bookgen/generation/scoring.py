@@ -45,8 +45,7 @@ class Scores:
 
 def scored_rows(store: TokenStore, count: int) -> list[int]:
     """The fixed rows that are scored: the first ``count`` with a prompt and a completion."""
-    has = np.flatnonzero((store.prompt_lengths > 1) & (store.lengths > store.prompt_lengths + 1))
-    return has[:count].tolist()
+    return store.prompted(count)
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -63,8 +62,8 @@ def score_rows(model: Any, tokenizer: Any, store: TokenStore, rows: list[int], s
     if not (dist.is_main or zero3) or not rows:
         return None
     start = time.perf_counter()
-    prompts = [tokenizer.decode(store[i][: int(store.prompt_lengths[i])].tolist()) for i in rows]
-    references = [tokenizer.decode(store[i][int(store.prompt_lengths[i]) : -1].tolist()).strip() for i in rows]
+    prompts = [tokenizer.decode(store.prompt(i).tolist()) for i in rows]
+    references = [tokenizer.decode(store.completion(i).tolist()).strip() for i in rows]
     decoding = dataclasses.replace(settings, num_return_sequences=1) if sampled else dataclasses.replace(
         settings, top_k=1, top_p=1.0, temperature=1.0, num_return_sequences=1)
     agree = broadcast_from_rank0 if zero3 and dist.world_size > 1 else None
