@@ -14,7 +14,7 @@ FLOORS = [
     {"config_io", "distributed"},
     {"data", "tracking"},
     {"model"},
-    {"checkpoint", "evaluation", "generation"},
+    {"checkpoint", "evaluation", "generation", "planning"},
     {"cpu"},
     {"train"},
     {"commands"},
