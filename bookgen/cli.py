@@ -1,4 +1,4 @@
-"""The `bookgen` command: prepare, train, eval, export, generate, samples, launch, show, runs, config-help.
+"""The `bookgen` command: prepare, train, eval, export, generate, samples, plan, launch, show, runs, config-help.
 
 `train` and `eval` run in this process as one rank, or as one of many when started by torchrun,
 the deepspeed launcher or srun (see launcher/run.py, which calls :func:`main` too).
@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
                        ("max-new-tokens", int), ("num-return-sequences", int), ("seed", int), ("batch-size", int)):
         gen.add_argument(f"--{flag}", type=kind, default=None)
     with_cfg(sub.add_parser("samples", help="generation quality of every checkpoint the run keeps"))
+    pl = with_cfg(sub.add_parser("plan", help="will the experiment fit these GPUs, and how long will it take"))
+    pl.add_argument("--gpus", type=int, default=None, help="GPUs a node (default: this machine's, else the launch "
+                                                          "section's gpus_per_node; none: a CPU plan)")
+    pl.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                    help="memory of one GPU, e.g. 80GB or 24GiB (default: this machine's GPU, else 80GB)")
+    pl.add_argument("--nodes", type=int, default=None, help="nodes (default: launch.nodes)")
+    pl.add_argument("--json", action="store_true", help="the plan as JSON (bytes and seconds)")
+    pl.add_argument("--check", action="store_true",
+                    help="exit 2 when it will not fit (slurm/train.sh runs this before anything starts)")
     runs = sub.add_parser("runs", help="run folders side by side: status, speed, perplexity, samples")
     runs.add_argument("folders", nargs="*", type=Path, metavar="FOLDER",
                       help="run folders, or folders of run folders (default: ./runs)")
@@ -98,6 +107,7 @@ RUNNERS = {
     "export": "bookgen.commands.export:export_command",
     "generate": "bookgen.commands.generate:generate_command",
     "samples": "bookgen.commands.samples:samples_command",
+    "plan": "bookgen.commands.plan:plan_command",
 }
 
 

@@ -81,9 +81,8 @@ def _with_layers(hf_config: Any, layers: int) -> Any:
 
 
 def _peak(config: Any, setup: TraceSetup, *, train: bool) -> int:
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's notice on GPT-2's Conv1D layers
-        model = _model(config, setup)
+    model = build_on_meta(config, setup)
+    with torch.device("meta"):
         ids = torch.zeros((setup.micro_batch, setup.block), dtype=torch.long)
         # transformers' own attention gets the padding mask the run gives it (and, on the meta device, must:
         # without one it reads the positions back to look for packed rows); bookgen's needs none
@@ -137,6 +136,13 @@ class LiveBytes(TorchDispatchMode):
         if size is not None:
             self.live -= size[0]
             size[0] = 0
+
+
+def build_on_meta(config: Any, setup: TraceSetup) -> torch.nn.Module:
+    """The model on the meta device: shapes, no memory."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notice on GPT-2's Conv1D layers
+        return _model(config, setup)
 
 
 def _model(config: Any, setup: TraceSetup) -> torch.nn.Module:

@@ -1,0 +1,142 @@
+"""`bookgen plan`: will this experiment fit these GPUs, and how long will it take (configs only: nothing is
+loaded, no data is read)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from typing import Any
+
+from rich.console import Console
+
+from bookgen.config import ExperimentConfig
+from bookgen.config_io import load_config
+from bookgen.data.prepared import prepared_examples
+from bookgen.errors import BookgenError
+from bookgen.planning.experiment import ExperimentPlan, Hardware, hardware_for, plan_experiment
+from bookgen.train.ds_config import build_ds_config
+from bookgen.train.loop import plan_steps
+from bookgen.train.preflight import model_source
+
+GIB = 2**30
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GB|GIB|G|MB|MIB|M|TB|TIB|T)?\s*$", re.IGNORECASE)
+# binary, as GPU makers mean them: an "80GB" H100 has 80 GiB
+_UNITS = {"G": 2**30, "GB": 2**30, "GIB": 2**30, "M": 2**20, "MB": 2**20, "MIB": 2**20, "T": 2**40, "TB": 2**40,
+          "TIB": 2**40}
+
+
+def parse_size(text: str, flag: str = "--gpu-memory") -> int:
+    """``80GB``, ``80 GiB``, ``40g``, ``512MB``: bytes (a bare number is GB; GB is GiB)."""
+    match = _SIZE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise BookgenError(f"{flag}: {text!r} is not a size; write e.g. 80GB, 80GiB or 512MB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "GB").upper()])
+
+
+def plan_command(args: argparse.Namespace, console: Console) -> int:
+    cfg = load_config(args.cfg, args.overrides)
+    gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
+    if args.gpus is not None and args.gpus < 1 or args.nodes is not None and args.nodes < 1:
+        raise BookgenError("--gpus and --nodes: at least 1")
+    hardware = hardware_for(cfg, gpus=args.gpus, gpu_memory=gpu_memory, nodes=args.nodes)
+    plan = experiment_plan(cfg, hardware)
+    if args.json:
+        print(json.dumps(plan_record(plan), indent=2))
+    else:
+        print(describe(plan, str(args.cfg)))
+    if args.check and not plan.fits and cfg.train.fit_check != "off":
+        console.print(f"error: {refusal(plan)}", highlight=False, markup=False)
+        return 2
+    return 0
+
+
+def experiment_plan(cfg: ExperimentConfig, hardware: Hardware) -> ExperimentPlan:
+    source = model_source(cfg)
+    ds = build_ds_config(cfg, hardware.ranks, width=source.width)
+    return plan_experiment(cfg, source, ds, hardware, steps=_known_steps(cfg, hardware.ranks))
+
+
+def _known_steps(cfg: ExperimentConfig, ranks: int) -> int | None:
+    """The run's steps, where the data is prepared already (else train.max_steps, or unknown)."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    try:
+        return plan_steps(len(prepared_examples(cfg, "train")), cfg.train, ranks).total_steps
+    except (BookgenError, OSError, ValueError):
+        return None
+
+
+def refusal(plan: ExperimentPlan) -> str:
+    """Why the run will not fit, and the first change that would."""
+    h = plan.hardware
+    text = (f"this experiment needs {plan.memory.peak / GIB:,.1f} GiB a rank at its peak, more than the "
+            f"{h.device_bytes / GIB:,.1f} GiB of {_device(h)}; the largest part is {plan.memory.largest.name} "
+            f"({plan.memory.largest.bytes / GIB:,.1f} GiB)")
+    if plan.changes:
+        first = plan.changes[0]
+        text += f"; it fits with {first.what} ({first.plan.peak / GIB:,.1f} GiB; {first.cost})"
+    else:
+        text += "; no single change bookgen knows makes it fit"
+    return text + ". `bookgen plan --cfg ...` shows every part; --set train.fit_check=off starts it anyway"
+
+
+def _device(h: Hardware) -> str:
+    if not h.on_gpu:
+        return f"this host's memory shared by {h.per_node} rank(s)"
+    return f"one {h.device}" + (" (assumed: pass --gpu-memory)" if h.assumed else "")
+
+
+def describe(plan: ExperimentPlan, experiment: str) -> str:
+    h, m, i = plan.hardware, plan.memory, plan.inputs
+    where = f"{h.nodes} node(s) x {h.per_node} {'GPU' if h.on_gpu else 'CPU rank'}(s)"
+    lines = [f"bookgen plan: {experiment} on {where}, {h.device_bytes / GIB:,.1f} GiB each ({_device(h)})",
+             f"model: {m.parameters:,} parameters, {m.trainable:,} trained; ZeRO-{i.stage}, {i.precision}, "
+             f"micro-batch {i.micro_batch} x {i.block} tokens", "", "per rank" + " " * 19 + "GiB"]
+    lines += [f"  {p.name:22s} {p.bytes / GIB:9.2f}   {p.note}" for p in m.parts]
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    lines.append(f"  {'peak':22s} {m.peak / GIB:9.2f}   {verdict} in {h.device_bytes / GIB:,.1f} GiB (model states "
+                 "and buffers, plus the largest of training, evaluation and sampling)")
+    lines += ["", "per node (host)"] + [f"  {p.name:22s} {p.bytes / GIB:9.2f}   {p.note}" for p in m.host]
+    if not plan.fits:
+        lines += ["", f"the largest part is {m.largest.name}. Changes that fit, cheapest first:"]
+        lines += [f"  --set {c.what}: peak {c.plan.peak / GIB:,.1f} GiB; {c.cost}" for c in plan.changes] or [
+            "  none that bookgen knows: a smaller model, LoRA, or GPUs with more memory"]
+    lines += ["", _time_line(plan)]
+    return "\n".join(lines)
+
+
+def _time_line(plan: ExperimentPlan) -> str:
+    t, h = plan.time, plan.hardware
+    base = (f"time: {t.flops_per_token / 1e9:,.2f} GFLOP a token x {t.tokens_per_step:,} tokens a step (all "
+            f"ranks, padding included)")
+    if t.step_seconds is None:
+        return base + f"; no peak FLOP/s known for {h.device} in this precision: set run.peak_tflops to time it"
+    line = base + f" at {100 * (t.mfu or 0):.0f}% MFU ({t.mfu_from}): {t.step_seconds:,.3f} s a step"
+    if t.run_seconds is None:
+        return line + "; the steps are known once the data is prepared (or set train.max_steps)"
+    return line + f"; {t.steps:,} steps: {_duration(t.run_seconds)}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def plan_record(plan: ExperimentPlan) -> dict[str, Any]:
+    """The plan for scripts (bytes, seconds)."""
+    h, m, t = plan.hardware, plan.memory, plan.time
+    return {
+        "hardware": {"nodes": h.nodes, "per_node": h.per_node, "device": h.device, "device_bytes": h.device_bytes,
+                     "assumed": h.assumed},
+        "parameters": m.parameters, "trainable": m.trainable,
+        "parts": {p.name: p.bytes for p in m.parts}, "host": {p.name: p.bytes for p in m.host},
+        "peak_bytes": m.peak, "fits": plan.fits, "largest_part": m.largest.name,
+        "changes": [{"set": c.what, "cost": c.cost, "peak_bytes": c.plan.peak} for c in plan.changes],
+        "time": {"flops_per_token": t.flops_per_token, "tokens_per_step": t.tokens_per_step,
+                 "step_seconds": t.step_seconds, "steps": t.steps, "run_seconds": t.run_seconds, "mfu": t.mfu,
+                 "mfu_from": t.mfu_from},
+    }

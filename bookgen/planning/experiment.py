@@ -1,0 +1,138 @@
+"""An experiment's plan on given hardware: the memory each rank needs, whether it fits, what would make it
+fit, and how long a step and the run take. `bookgen plan` prints it; preflight refuses a run that will not
+fit with it; the run records it beside what it measured."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bookgen.config import ExperimentConfig
+from bookgen.data.batch_layout import BatchLayout
+from bookgen.model.config_checks import memory_per_rank
+from bookgen.model.flops import flops_per_token, peak_for_name
+from bookgen.model.source import ModelSource
+from bookgen.planning.advice import Change, changes_that_fit
+from bookgen.planning.memory import MemoryInputs, MemoryPlan, plan_memory, trace_setup
+from bookgen.planning.timing import TimePlan, comparable_mfu, plan_time
+from bookgen.planning.trace import build_on_meta
+
+ASSUMED_GPU = ("H100", 80 * 2**30)  # a GPU plan made where there is none, without --gpu-memory
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hardware:
+    nodes: int
+    per_node: int  # ranks a node: GPUs, or CPU processes
+    device_bytes: int  # what one rank may hold: its GPU's memory, or its share of the host's
+    device: str  # "H100", "NVIDIA A100-SXM4-40GB", ... or "cpu"
+    assumed: bool = False  # a GPU named by default, not found or given
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.per_node
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device != "cpu"
+
+
+def hardware_for(cfg: ExperimentConfig, *, gpus: int | None = None, gpu_memory: int | None = None,
+                 nodes: int | None = None) -> Hardware:
+    """GPUs a node: ``gpus``, else this machine's, else the launch section's (gpus_per_node; without GPUs,
+    procs_per_node CPU ranks sharing the host's memory)."""
+    nodes = nodes or cfg.launch.nodes
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    per_node = gpus or here or cfg.launch.gpus_per_node
+    if per_node == 0 and gpu_memory is None:  # a CPU run: its ranks share this host's memory
+        ranks = cfg.launch.procs_per_node
+        return Hardware(nodes=nodes, per_node=ranks, device_bytes=memory_per_rank(ranks, on_host=True)[0],
+                        device="cpu")
+    per_node = per_node or 1
+    if gpu_memory is None and here:
+        return Hardware(nodes=nodes, per_node=per_node, device_bytes=torch.cuda.mem_get_info()[1],
+                        device=torch.cuda.get_device_name())
+    name, default = ASSUMED_GPU
+    return Hardware(nodes=nodes, per_node=per_node, device_bytes=gpu_memory or default,
+                    device=torch.cuda.get_device_name() if here else name, assumed=gpu_memory is None)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExperimentPlan:
+    hardware: Hardware
+    inputs: MemoryInputs
+    memory: MemoryPlan
+    changes: tuple[Change, ...]  # empty when it fits
+    time: TimePlan
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.peak <= self.hardware.device_bytes
+
+    @property
+    def overflowing(self) -> str:
+        """The largest part of what does not fit."""
+        return self.memory.largest.name
+
+
+def plan_experiment(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[str, Any], hardware: Hardware,
+                    *, steps: int | None = None, advise: bool = True) -> ExperimentPlan:
+    """``steps``: the run's optimizer steps where known (else train.max_steps)."""
+    inputs = memory_inputs(cfg, source, ds_config, hardware)
+    memory = plan_memory(inputs, local_ranks=hardware.per_node)
+    changes: tuple[Change, ...] = ()
+    if advise and memory.peak > hardware.device_bytes:
+        changes = tuple(changes_that_fit(inputs, hardware.device_bytes, grad_accum=cfg.train.grad_accum_steps,
+                                         local_ranks=hardware.per_node))
+    return ExperimentPlan(hardware=hardware, inputs=inputs, memory=memory, changes=changes,
+                          time=_time(cfg, inputs, hardware, steps or cfg.train.max_steps))
+
+
+def memory_inputs(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[str, Any], hardware: Hardware
+                  ) -> MemoryInputs:
+    hf_config = copy.deepcopy(source.hf_config)
+    if source.kind != "pretrained":  # its vocabulary is the tokenizer's (the one bookgen trains)
+        hf_config.vocab_size = cfg.tokenizer.vocab_size
+    if cfg.model.pad_to_multiple_of:
+        step = cfg.model.pad_to_multiple_of
+        hf_config.vocab_size = math.ceil(hf_config.vocab_size / step) * step
+    g = cfg.generate
+    sample_batch = g.batch_size or g.num_return_sequences
+    return MemoryInputs(hf_config=hf_config, lora=cfg.model.lora, ranks=hardware.ranks,
+                        micro_batch=cfg.train.micro_batch_size, block=cfg.data.block_size,
+                        eval_batch=cfg.eval.batch_size, precision=cfg.train.precision,
+                        zero=dict(ds_config.get("zero_optimization", {"stage": 0})),
+                        checkpointing=cfg.model.activation_checkpointing, chunked_loss=False,
+                        attention=cfg.model.attention, dropout=cfg.model.dropout, sample_batch=sample_batch,
+                        sample_tokens=min(cfg.data.block_size, 64) + g.max_new_tokens, on_gpu=hardware.on_gpu)
+
+
+def model_name(cfg: ExperimentConfig) -> str:
+    """How run summaries name the model, to find comparable runs."""
+    m = cfg.model
+    if m.name_or_path:
+        return m.name_or_path
+    if m.config:
+        return "config:" + ",".join(f"{k}={v}" for k, v in sorted(m.config.items()))
+    return f"gpt2-builtin:{m.n_layer}x{m.n_embd}x{m.n_head}"
+
+
+def _time(cfg: ExperimentConfig, inputs: MemoryInputs, hardware: Hardware, steps: int | None) -> TimePlan:
+    model = build_on_meta(inputs.hf_config, trace_setup(inputs, 1))
+    per_token = flops_per_token(model, inputs.block)
+    layout = BatchLayout.of(cfg.train, hardware.ranks)
+    peak = None
+    if cfg.run.peak_tflops is not None:
+        peak = cfg.run.peak_tflops * 1e12
+    elif hardware.on_gpu and cfg.train.precision != "fp32":
+        peak = peak_for_name(hardware.device)
+    measured = comparable_mfu(Path(cfg.run.output_dir).parent, model_name(cfg), hardware.device)
+    return plan_time(flops_per_token=per_token, tokens_per_step=layout.global_batch * inputs.block,
+                     devices=hardware.ranks, peak=peak, steps=steps, measured=measured)
+
+

@@ -1,0 +1,211 @@
+"""The bytes each rank holds during training, part by part, from the experiment and the model's config.
+
+Model states (weights, gradients, optimizer) follow what DeepSpeed 0.19 allocates for each ZeRO stage, read
+in its source (``runtime/zero/stage_1_and_2.py``, ``stage3.py``) and checked against measured tensor bytes:
+
+- weights in the training type (fp32 for fp32 and bf16-mixed, bf16/fp16 under DeepSpeed's 16-bit modes),
+  split over the ranks by ZeRO-3;
+- gradients: whole in the training type under ZeRO-0 and 1; ZeRO-2 and 3 keep their partition, plus the fp32
+  partition the optimizer steps on (ZeRO-1 too);
+- optimizer: torch's AdamW under ZeRO-0 (two fp32 moments); from ZeRO-1 on, DeepSpeed's fp32 master copy
+  and the two moments, each split over the ranks; offloaded to the host (or NVMe) when the JSON says so.
+
+Activations, logits and loss come from :mod:`bookgen.planning.trace`; DeepSpeed's buffers from the JSON's
+bucket sizes. The peak is the model states, the buffers, and the largest of training's activations,
+an evaluation forward and the sampling's KV cache (they never coincide).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bookgen.config import LoraSettings
+from bookgen.planning.trace import TraceSetup, build_on_meta, evaluation_bytes, layer_count, training_bytes
+
+# DeepSpeed's own defaults where the JSON leaves a bucket unset (runtime/zero/config.py)
+DS_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000,
+               "stage3_max_live_parameters": 1_000_000_000}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryInputs:
+    """What decides the memory of one rank: the model, the batch, the precision and DeepSpeed's settings."""
+
+    hf_config: Any
+    lora: LoraSettings | None
+    ranks: int  # data-parallel ranks (all GPUs of all nodes)
+    micro_batch: int
+    block: int
+    eval_batch: int
+    precision: str  # train.precision
+    zero: dict[str, Any]  # the DeepSpeed config's zero_optimization section
+    checkpointing: bool
+    chunked_loss: bool
+    attention: str
+    dropout: float | None
+    sample_batch: int  # sequences decoded together when sampling
+    sample_tokens: int  # their length: prompt and new tokens
+    on_gpu: bool
+
+    @property
+    def stage(self) -> int:
+        return int(self.zero.get("stage", 0))
+
+    def offload(self, what: str) -> str:
+        """Where ZeRO puts ``optimizer`` or ``param`` states: "none", "cpu" or "nvme"."""
+        return str((self.zero.get(f"offload_{what}") or {}).get("device") or "none")
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    name: str
+    bytes: int
+    note: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryPlan:
+    parts: tuple[Part, ...]  # on each rank's device
+    host: tuple[Part, ...]  # on each node's host
+    parameters: int
+    trainable: int
+    peak: int  # on each rank's device
+
+    def part(self, name: str) -> int:
+        return next(p.bytes for p in self.parts if p.name == name)
+
+    @property
+    def largest(self) -> Part:
+        return max(self.parts, key=lambda p: p.bytes)
+
+
+def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
+    config = inputs.hf_config
+    layers = layer_count(config)
+    params, trainable, largest_module = _cached(("counts", inputs.lora), config, lambda: _counts(inputs))
+    w = 2 if inputs.precision in ("bf16", "fp16") else 4  # bytes a weight (and a gradient) in training
+    n, stage = inputs.ranks, inputs.stage
+    setup = trace_setup(inputs, inputs.micro_batch)
+    act = _cached(("train", setup), config, lambda: training_bytes(config, setup))
+    eval_setup = trace_setup(inputs, inputs.eval_batch)
+    evaluation = _cached(("eval", eval_setup), config, lambda: evaluation_bytes(config, eval_setup)).total(layers)
+    weights = params * w // n if stage == 3 else params * w
+    if inputs.offload("param") != "none":
+        weights = 0
+    if stage == 0:
+        grads, optimizer = trainable * w, 8 * trainable  # torch's AdamW: two fp32 moments, whole
+    else:
+        whole = trainable * w if stage == 1 else trainable * w // n  # ZeRO-1 keeps the gradients whole
+        grads = whole + 4 * trainable // n  # and the fp32 partition the optimizer steps on
+        optimizer = 12 * trainable // n  # fp32 master copy and two moments, split
+    offloaded_optimizer = inputs.offload("optimizer") != "none"
+    if offloaded_optimizer:
+        host_states = optimizer + 4 * trainable // n
+        optimizer, grads = 0, grads - 4 * trainable // n
+    buffers = _deepspeed_buffers(inputs, trainable, params, largest_module, w)
+    kv = _kv_cache(config, inputs, layers, w)
+    parts = (
+        Part("weights", weights, f"{params / 1e6:,.1f}M parameters x {w} bytes"
+             + (f" / {n} ranks (ZeRO-3)" if stage == 3 else "") + (" (offloaded)" if weights == 0 else "")),
+        Part("gradients", grads, f"{trainable / 1e6:,.1f}M trainable" + _grad_note(stage, n)),
+        Part("optimizer", optimizer, "offloaded" if offloaded_optimizer else
+             ("AdamW moments, fp32" if stage == 0 else f"fp32 master and moments / {n} ranks")),
+        Part("activations", act.per_layer * layers, f"{layers} layers x {act.per_layer / 2**20:,.1f} MiB"
+             + (" (checkpointed)" if inputs.checkpointing else "")),
+        Part("logits and loss", act.fixed, f"{inputs.micro_batch} x {inputs.block} tokens"
+             + (" (chunked)" if inputs.chunked_loss else "")),
+        Part("deepspeed buffers", buffers, "reduce bucket" + (" and gathered parameters" if stage == 3 else "")),
+        Part("evaluation", evaluation, f"one forward of {inputs.eval_batch} x {inputs.block}, no gradients"),
+        Part("sampling kv cache", kv, f"{inputs.sample_batch} sequences x {inputs.sample_tokens} tokens"),
+    )
+    states = weights + grads + optimizer + buffers
+    peak = states + max(act.total(layers), evaluation, kv)
+    host = _host_parts(inputs, params, local_ranks, host_states if offloaded_optimizer else 0)
+    return MemoryPlan(parts=parts, host=host, parameters=params, trainable=trainable, peak=peak)
+
+
+_CACHE: dict[tuple[int, str], tuple[Any, Any]] = {}  # (config, question) -> (config, answer)
+
+
+def _cached(question: Any, config: Any, compute: Any) -> Any:
+    """One trace a config and question per process: the advice plans an experiment many times over."""
+    key = (id(config), repr(question))
+    hit = _CACHE.get(key)
+    if hit is None or hit[0] is not config:
+        hit = _CACHE[key] = (config, compute())
+    return hit[1]
+
+
+def _grad_note(stage: int, n: int) -> str:
+    if stage == 0:
+        return ", whole"
+    return (", whole" if stage == 1 else f" / {n} ranks") + f", and their fp32 partition / {n}"
+
+
+def trace_setup(inputs: MemoryInputs, batch: int) -> TraceSetup:
+    dtype = torch.bfloat16 if inputs.precision == "bf16" else torch.float16 if inputs.precision == "fp16" \
+        else torch.float32
+    return TraceSetup(micro_batch=batch, block=inputs.block, dtype=dtype, autocast=inputs.precision == "bf16-mixed",
+                      checkpointing=inputs.checkpointing, attention=inputs.attention, lora=inputs.lora,
+                      chunked_loss=inputs.chunked_loss, dropout=inputs.dropout, on_gpu=inputs.on_gpu)
+
+
+def _counts(inputs: MemoryInputs) -> tuple[int, int, int]:
+    """Parameters, trainable parameters (LoRA: the adapters), and the largest module's parameters, counted on
+    the meta device (tied weights once)."""
+    model = build_on_meta(inputs.hf_config, trace_setup(inputs, 1))
+    seen: set[int] = set()
+    params = trainable = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            params += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return params, trainable, largest
+
+
+def _deepspeed_buffers(inputs: MemoryInputs, trainable: int, params: int, largest: int, w: int) -> int:
+    """ZeRO-1/2's gradient reduction bucket (two with overlap_comm), ZeRO-3's bucket and the parameters it
+    gathers ahead (bounded by stage3_max_live_parameters)."""
+    zero, stage = inputs.zero, inputs.stage
+    if stage == 0 or inputs.ranks == 1 and stage < 3:
+        return 0
+
+    def size(key: str) -> int:
+        value = zero.get(key, "auto")
+        return int(DS_DEFAULTS[key] if value == "auto" else value)
+
+    bucket = min(size("reduce_bucket_size"), trainable) * w
+    if stage == 2 and zero.get("overlap_comm"):
+        bucket *= 2
+    if stage < 3:
+        return bucket
+    gathered = min(largest + size("stage3_prefetch_bucket_size"), size("stage3_max_live_parameters"), params)
+    return bucket + gathered * w
+
+
+def _kv_cache(config: Any, inputs: MemoryInputs, layers: int, w: int) -> int:
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * layers * kv_heads * head_dim * w * inputs.sample_batch * inputs.sample_tokens
+
+
+def _host_parts(inputs: MemoryInputs, params: int, local_ranks: int, offloaded_states: int) -> tuple[Part, ...]:
+    """Each node's host memory: loading (each rank reads the weights in fp32; ZeRO-3 reads its partition),
+    and what ZeRO offloads."""
+    n = inputs.ranks
+    loading = local_ranks * (4 * params // n if inputs.stage == 3 else 4 * params)
+    parts = [Part("loading", loading, f"{local_ranks} ranks x fp32 weights" + (f" / {n}" if inputs.stage == 3
+                                                                                else ""))]
+    if offloaded_states and inputs.offload("optimizer") == "cpu":
+        parts.append(Part("offloaded optimizer", local_ranks * offloaded_states,
+                          f"{local_ranks} ranks x fp32 master, moments and gradients / {n}"))
+    if inputs.offload("param") == "cpu":
+        w = 2 if inputs.precision in ("bf16", "fp16") else 4
+        parts.append(Part("offloaded weights", local_ranks * params * w // n, f"{local_ranks} ranks x weights / {n}"))
+    return tuple(parts)
