@@ -14,7 +14,14 @@ from bookgen.config import ExperimentConfig
 from bookgen.config_io import load_config
 from bookgen.data.prepared import prepared_examples
 from bookgen.errors import BookgenError
-from bookgen.planning.experiment import ExperimentPlan, Hardware, hardware_for, plan_experiment
+from bookgen.planning.experiment import (
+    ExperimentPlan,
+    Hardware,
+    describe_device,
+    hardware_for,
+    plan_experiment,
+    refusal,
+)
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.loop import plan_steps
 from bookgen.train.preflight import model_source
@@ -67,30 +74,10 @@ def _known_steps(cfg: ExperimentConfig, ranks: int) -> int | None:
         return None
 
 
-def refusal(plan: ExperimentPlan) -> str:
-    """Why the run will not fit, and the first change that would."""
-    h = plan.hardware
-    text = (f"this experiment needs {plan.memory.peak / GIB:,.1f} GiB a rank at its peak, more than the "
-            f"{h.device_bytes / GIB:,.1f} GiB of {_device(h)}; the largest part is {plan.memory.largest.name} "
-            f"({plan.memory.largest.bytes / GIB:,.1f} GiB)")
-    if plan.changes:
-        first = plan.changes[0]
-        text += f"; it fits with {first.what} ({first.plan.peak / GIB:,.1f} GiB; {first.cost})"
-    else:
-        text += "; no single change bookgen knows makes it fit"
-    return text + ". `bookgen plan --cfg ...` shows every part; --set train.fit_check=off starts it anyway"
-
-
-def _device(h: Hardware) -> str:
-    if not h.on_gpu:
-        return f"this host's memory shared by {h.per_node} rank(s)"
-    return f"one {h.device}" + (" (assumed: pass --gpu-memory)" if h.assumed else "")
-
-
 def describe(plan: ExperimentPlan, experiment: str) -> str:
     h, m, i = plan.hardware, plan.memory, plan.inputs
     where = f"{h.nodes} node(s) x {h.per_node} {'GPU' if h.on_gpu else 'CPU rank'}(s)"
-    lines = [f"bookgen plan: {experiment} on {where}, {h.device_bytes / GIB:,.1f} GiB each ({_device(h)})",
+    lines = [f"bookgen plan: {experiment} on {where}, {h.device_bytes / GIB:,.1f} GiB each ({describe_device(h)})",
              f"model: {m.parameters:,} parameters, {m.trainable:,} trained; ZeRO-{i.stage}, {i.precision}, "
              f"micro-batch {i.micro_batch} x {i.block} tokens", "", "per rank" + " " * 19 + "GiB"]
     lines += [f"  {p.name:22s} {p.bytes / GIB:9.2f}   {p.note}" for p in m.parts]

@@ -5,6 +5,7 @@ fit with it; the run records it beside what it measured."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from bookgen.planning.memory import MemoryInputs, MemoryPlan, plan_memory, trace
 from bookgen.planning.timing import TimePlan, comparable_mfu, plan_time
 from bookgen.planning.trace import build_on_meta
 
+GIB = 2**30
 ASSUMED_GPU = ("H100", 80 * 2**30)  # a GPU plan made where there is none, without --gpu-memory
 
 
@@ -93,6 +95,16 @@ def plan_experiment(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[
                           time=_time(cfg, inputs, hardware, steps or cfg.train.max_steps))
 
 
+def with_vocabulary(plan: ExperimentPlan, rows: int) -> ExperimentPlan:
+    """The same plan for the embedding rows the run really has (known once the tokenizer exists)."""
+    if rows == plan.inputs.hf_config.vocab_size:
+        return plan
+    hf_config = copy.deepcopy(plan.inputs.hf_config)
+    hf_config.vocab_size = rows
+    inputs = dataclasses.replace(plan.inputs, hf_config=hf_config)
+    return dataclasses.replace(plan, inputs=inputs, memory=plan_memory(inputs, local_ranks=plan.hardware.per_node))
+
+
 def memory_inputs(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[str, Any], hardware: Hardware
                   ) -> MemoryInputs:
     hf_config = copy.deepcopy(source.hf_config)
@@ -136,3 +148,21 @@ def _time(cfg: ExperimentConfig, inputs: MemoryInputs, hardware: Hardware, steps
                      devices=hardware.ranks, peak=peak, steps=steps, measured=measured)
 
 
+def refusal(plan: ExperimentPlan) -> str:
+    """Why the run will not fit, and the first change that would."""
+    h = plan.hardware
+    text = (f"this experiment needs {plan.memory.peak / GIB:,.1f} GiB a rank at its peak, more than the "
+            f"{h.device_bytes / GIB:,.1f} GiB of {describe_device(h)}; the largest part is {plan.memory.largest.name} "
+            f"({plan.memory.largest.bytes / GIB:,.1f} GiB)")
+    if plan.changes:
+        first = plan.changes[0]
+        text += f"; it fits with {first.what} ({first.plan.peak / GIB:,.1f} GiB; {first.cost})"
+    else:
+        text += "; no single change bookgen knows makes it fit"
+    return text + ". `bookgen plan --cfg ...` shows every part; --set train.fit_check=off starts it anyway"
+
+
+def describe_device(h: Hardware) -> str:
+    if not h.on_gpu:
+        return f"this host's memory shared by {h.per_node} rank(s)"
+    return f"one {h.device}" + (" (assumed: pass --gpu-memory)" if h.assumed else "")

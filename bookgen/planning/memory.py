@@ -73,6 +73,7 @@ class MemoryPlan:
     parameters: int
     trainable: int
     peak: int  # on each rank's device
+    training_peak: int  # the same without evaluation and sampling: a training step's
 
     def part(self, name: str) -> int:
         return next(p.bytes for p in self.parts if p.name == name)
@@ -105,7 +106,7 @@ def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
     if offloaded_optimizer:
         host_states = optimizer + 4 * trainable // n
         optimizer, grads = 0, grads - 4 * trainable // n
-    buffers = _deepspeed_buffers(inputs, trainable, params, largest_module, w)
+    buffers = _deepspeed_buffers(inputs, params, largest_module, w)
     kv = _kv_cache(config, inputs, layers, w)
     parts = (
         Part("weights", weights, f"{params / 1e6:,.1f}M parameters x {w} bytes"
@@ -124,7 +125,8 @@ def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
     states = weights + grads + optimizer + buffers
     peak = states + max(act.total(layers), evaluation, kv)
     host = _host_parts(inputs, params, local_ranks, host_states if offloaded_optimizer else 0)
-    return MemoryPlan(parts=parts, host=host, parameters=params, trainable=trainable, peak=peak)
+    return MemoryPlan(parts=parts, host=host, parameters=params, trainable=trainable, peak=peak,
+                      training_peak=states + act.total(layers))
 
 
 _CACHE: dict[tuple[int, str], tuple[Any, Any]] = {}  # (config, question) -> (config, answer)
@@ -168,22 +170,21 @@ def _counts(inputs: MemoryInputs) -> tuple[int, int, int]:
     return params, trainable, largest
 
 
-def _deepspeed_buffers(inputs: MemoryInputs, trainable: int, params: int, largest: int, w: int) -> int:
-    """ZeRO-1/2's gradient reduction bucket (two with overlap_comm), ZeRO-3's bucket and the parameters it
-    gathers ahead (bounded by stage3_max_live_parameters)."""
+def _deepspeed_buffers(inputs: MemoryInputs, params: int, largest: int, w: int) -> int:
+    """The gradient reduction bucket DeepSpeed allocates whole, whatever the model's size or the ranks
+    (reduce_bucket_size elements: fp32 under ZeRO-1, the training type under 2 and 3; two with ZeRO-2's
+    overlap_comm), and the parameters ZeRO-3 gathers ahead (bounded by stage3_max_live_parameters)."""
     zero, stage = inputs.zero, inputs.stage
-    if stage == 0 or inputs.ranks == 1 and stage < 3:
+    if stage == 0 or stage < 3 and not zero.get("contiguous_gradients", True):
         return 0
 
     def size(key: str) -> int:
         value = zero.get(key, "auto")
         return int(DS_DEFAULTS[key] if value == "auto" else value)
 
-    bucket = min(size("reduce_bucket_size"), trainable) * w
-    if stage == 2 and zero.get("overlap_comm"):
-        bucket *= 2
+    bucket = size("reduce_bucket_size") * (4 if stage == 1 else w)
     if stage < 3:
-        return bucket
+        return bucket * (2 if zero.get("overlap_comm") else 1)
     gathered = min(largest + size("stage3_prefetch_bucket_size"), size("stage3_max_live_parameters"), params)
     return bucket + gathered * w
 

@@ -122,7 +122,7 @@ class LiveBytes(TorchDispatchMode):
     def _track(self, storage: Any) -> None:
         if storage in self._tracked:  # a view of a tensor already counted
             return
-        size = [storage.nbytes()]  # a box: a gradient's is zeroed when it lands
+        size = [storage.nbytes()]
         self._tracked[storage] = size
         self.live += size[0]
         self.peak = max(self.peak, self.live)

@@ -41,9 +41,12 @@ from bookgen.generation.samples import TrainingSampler
 from bookgen.generation.scoring import MEASURES, CompletionScorer
 from bookgen.model.attention import uses_causal_attention
 from bookgen.model.build import build_model, count_parameters
+from bookgen.model.embeddings import rows_of
 from bookgen.model.flops import flops_per_token, mfu, peak_flops
 from bookgen.model.frozen_base import remember_base_contents
 from bookgen.model.lora import save_adapter_config, trainable_parameters
+from bookgen.planning.experiment import ExperimentPlan, model_name, with_vocabulary
+from bookgen.planning.probe import MemoryProbe
 from bookgen.run_files import (
     END_FILES,
     INTERRUPTED_MARKER,
@@ -150,6 +153,8 @@ class Run:
     layout: BatchLayout  # micro-batch x accumulation x ranks, decided once (RunPlan)
     fault: Fault | None = None  # the failure tests' injected fault (bookgen.faults); None in a real run
     causal_attention: bool = False  # training runs bookgen's causal attention (decided when the model was built)
+    probe: MemoryProbe | None = None  # measures the peak the memory plan predicted
+    memory: ExperimentPlan | None = None  # the plan (RunPlan.memory)
     finished: bool = False  # a rerun of a finished run: nothing to do, nothing to write
 
 
@@ -183,6 +188,9 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
         if run.log is not None:
             run.log.close("failed")
         raise
+    finally:
+        if run.probe is not None:
+            run.probe.first_step_done()
     state = run.state
     # the whole run's numbers, the parts before a resume included (they travel in the checkpoints' state)
     seconds = state.train_seconds + (time.perf_counter() - start - done.seconds)
@@ -198,15 +206,39 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
     if run.scorer is not None and run.scorer.last is not None:
         summary |= run.scorer.last.metrics()
     summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), run.engine.device)
+    summary |= _plan_against_run(run, cfg, dist, state, seconds_per_step=state.train_seconds / max(
+        state.global_step, 1))
     if run.log is not None:
         folder = cfg.run.output_dir
         write_json_atomic(folder / SUMMARY, summary)
         plot_loss_curves(run.log.path, folder / "loss_curves.png")
         run.log.close("finished", files=[folder / name for name in END_FILES])
-        console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" for k, v in summary.items()
+        console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else v
+                                     for k, v in summary.items()
                                      if v is not None}))
         console.print(_where_things_are(cfg, invocation), highlight=False, markup=False)  # pasteable: [x] kept
     return summary
+
+
+def _plan_against_run(run: Run, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, *,
+                      seconds_per_step: float) -> dict[str, Any]:
+    """The memory plan against the measured peak (the largest over the ranks; GPU: the whole run's allocated
+    peak against the planned peak; CPU: tensor bytes to the end of the first step against a training step's
+    planned peak), the planned step time against the measured one, and what makes later plans comparable."""
+    record: dict[str, Any] = {"model": model_name(cfg), "device": run.memory.hardware.device if run.memory else None}
+    if run.memory is None:
+        return record
+    gpu = run.memory.hardware.on_gpu
+    planned = run.memory.memory.peak if gpu else run.memory.memory.training_peak
+    measured = run.probe.peak() if run.probe is not None else None
+    record["memory_planned_mb"] = planned / 2**20
+    if measured is not None:
+        record["memory_measured_mb"] = distributed.all_reduce_max(measured, run.engine.device) / 2**20
+    if run.memory.time.step_seconds is not None:
+        record["step_seconds_planned"] = run.memory.time.step_seconds
+    if state.global_step:
+        record["step_seconds_measured"] = seconds_per_step
+    return record
 
 
 def _is_finished(cfg: ExperimentConfig, dist: DistEnv, state: TrainState, plan: StepPlan) -> bool:
@@ -237,10 +269,21 @@ def _build(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Con
            fault: Fault | None) -> Run:
     """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
+    probe = MemoryProbe(on_gpu=torch.cuda.is_available())  # from the build on: the weights count
+    try:
+        return _build_counted(cfg, resolved, dist, console, invocation, fault, tokenizer, probe)
+    except BaseException:
+        probe.first_step_done()  # counting stops with the run, whatever ended it
+        raise
+
+
+def _build_counted(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Console,
+                   invocation: Invocation, fault: Fault | None, tokenizer: Any, probe: MemoryProbe) -> Run:
     ds_config = resolved.ds_config
     zero3 = ds_config if resolved.zero3 else None
     # under ZeRO-3: partitioned as it is created
     model = build_model(cfg, tokenizer, zero3_config=zero3, source=resolved.model)
+    memory = with_vocabulary(resolved.memory, rows_of(model.get_input_embeddings().weight))
     model_flops = flops_per_token(model, cfg.data.block_size)
     train_examples, valid_examples = prepared_examples(cfg, "train"), prepared_examples(cfg, "valid")
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
@@ -256,6 +299,7 @@ def _build(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Con
     state = restore(engine, resume_plan, cfg, dist, console, steps_per_epoch=plan.steps_per_epoch)
     progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step)
     if resume_plan.folder is not None and _is_finished(cfg, dist, state, plan):
+        probe.first_step_done()
         return Run(engine=engine, pad_id=tokenizer.pad_token_id, train_examples=train_examples,
                    valid_examples=valid_examples, plan=plan, state=state, log=None, save_hf=None, progress=progress,
                    mfu_of=None, sampler=None, invocation=invocation, layout=resolved.layout, finished=True)
@@ -273,7 +317,8 @@ def _build(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Con
                save_hf=_hf_files_writer(engine, tokenizer, cfg.model.name_or_path, lora=lora), progress=progress,
                mfu_of=mfu_of,
                sampler=sampler, scorer=scorer, invocation=invocation, fault=fault, layout=resolved.layout,
-               causal_attention=uses_causal_attention(engine))
+               causal_attention=uses_causal_attention(engine), probe=probe,
+               memory=memory)
 
 
 def _parameter_line(model: torch.nn.Module, *, lora: bool) -> str:
@@ -352,6 +397,8 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
                                  run.pad_id, layout=run.layout, causal=run.causal_attention)
             state.global_step += 1
             state.step_in_epoch += 1
+            if run.probe is not None and totals.tokens == 0:
+                run.probe.first_step_done()
             if run.fault is not None:
                 run.fault.inject("step", state.global_step, dist.rank)
             interval.add(state.global_step, state.epoch, numbers)

@@ -21,9 +21,15 @@ from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
 from bookgen.fileio import nearest_existing
 from bookgen.model.build import family_config, position_count
-from bookgen.model.config_checks import check_causal_decoder, check_model_folder, check_weights_fit
+from bookgen.model.config_checks import (
+    check_causal_decoder,
+    check_model_folder,
+    check_weights_fit,
+    memory_per_rank,
+)
 from bookgen.model.lora import check_targets
 from bookgen.model.source import ModelSource
+from bookgen.planning.experiment import ExperimentPlan, Hardware, plan_experiment, refusal
 from bookgen.tracking import check_tracker_packages, check_tracker_servers
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.engine import check_precision
@@ -63,6 +69,21 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> tuple[ModelSource, d
     if errors:
         raise BookgenError("; ".join(errors))
     return source, ds
+
+
+def check_fit(cfg: ExperimentConfig, dist: DistEnv, source: ModelSource, ds: dict[str, Any]) -> ExperimentPlan:
+    """The run's memory plan on this hardware (each run records it beside what it measures), refused when it
+    will not fit: on GPUs unless train.fit_check is off, on CPUs when it is on."""
+    on_gpu = torch.cuda.is_available()
+    local = max(dist.local_world_size, 1)
+    hardware = Hardware(nodes=max(dist.world_size // local, 1), per_node=local,
+                        device_bytes=memory_per_rank(local)[0],
+                        device=torch.cuda.get_device_name() if on_gpu else "cpu")
+    check = cfg.train.fit_check == "on" or cfg.train.fit_check == "auto" and on_gpu
+    plan = plan_experiment(cfg, source, ds, hardware, advise=check)
+    if check and not plan.fits:
+        raise BookgenError(refusal(plan))
+    return plan
 
 
 def model_source(cfg: ExperimentConfig) -> ModelSource:

@@ -17,7 +17,8 @@ from bookgen.data.batch_layout import BatchLayout
 from bookgen.distributed import DistEnv
 from bookgen.model.frozen_base import leaves_out_base
 from bookgen.model.source import ModelSource
-from bookgen.train.preflight import check_training
+from bookgen.planning.experiment import ExperimentPlan
+from bookgen.train.preflight import check_fit, check_training
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -31,6 +32,7 @@ class RunPlan:
     compiled: bool
     packing: str
     trackers: tuple[str, ...]
+    memory: ExperimentPlan = field(repr=False)  # what each rank will hold, and how long a step takes
 
     @property
     def zero3(self) -> bool:
@@ -40,6 +42,8 @@ class RunPlan:
 def resolve_run(cfg: ExperimentConfig, dist: DistEnv) -> RunPlan:
     """Every rank, before any data is touched: the checks, then the decisions (all ranks reach the same)."""
     source, ds_config = check_training(cfg, dist)
-    return RunPlan(model=source, lora=cfg.model.lora, base_left_out=leaves_out_base(cfg), ds_config=ds_config,
+    memory = check_fit(cfg, dist, source, ds_config)
+    return RunPlan(memory=memory, model=source, lora=cfg.model.lora, base_left_out=leaves_out_base(cfg),
+                   ds_config=ds_config,
                    layout=BatchLayout.of(cfg.train, dist.world_size), precision=cfg.train.precision,
                    compiled=cfg.train.compile, packing=cfg.data.packing, trackers=tuple(cfg.run.trackers))
