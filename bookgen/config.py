@@ -326,11 +326,11 @@ class TrainConfig:
                       "torch_autocast), the fast path for a model that fits on each GPU; bf16 and fp16: 16-bit "
                       "weights under ZeRO 1-3 (fp16 needs a GPU); fp32."),
     )
-    fit_check: Literal["auto", "on", "off"] = field(
+    fit_check: bool | Literal["auto"] = field(
         default="auto",
         metadata=_doc("Refuse a run whose memory plan (bookgen plan) does not fit before any data is touched: "
-                      "`auto` on GPUs (a CPU run's weights are checked against the host's memory anyway), `on` "
-                      "on CPUs too, `off` to start anyway."))
+                      "`auto` on GPUs (a CPU run's weights are checked against the host's memory anyway), `true` "
+                      "(or on) on CPUs too, `false` (or off) to start anyway."))
     compile: bool = field(
         default=False,
         metadata=_doc("torch.compile the model (DeepSpeed's engine.compile): faster steps on GPUs after a slower "

@@ -52,7 +52,7 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(plan_record(plan), indent=2))
     else:
         print(describe(plan, str(args.cfg)))
-    if args.check and not plan.fits and cfg.train.fit_check != "off":
+    if args.check and not plan.fits and cfg.train.fit_check is not False:
         console.print(f"error: {refusal(plan)}", highlight=False, markup=False)
         return 2
     return 0

@@ -159,7 +159,7 @@ def refusal(plan: ExperimentPlan) -> str:
         text += f"; it fits with {first.what} ({first.plan.peak / GIB:,.1f} GiB; {first.cost})"
     else:
         text += "; no single change bookgen knows makes it fit"
-    return text + ". `bookgen plan --cfg ...` shows every part; --set train.fit_check=off starts it anyway"
+    return text + ". `bookgen plan --cfg ...` shows every part; --set train.fit_check=false starts it anyway"
 
 
 def describe_device(h: Hardware) -> str:

@@ -73,13 +73,13 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> tuple[ModelSource, d
 
 def check_fit(cfg: ExperimentConfig, dist: DistEnv, source: ModelSource, ds: dict[str, Any]) -> ExperimentPlan:
     """The run's memory plan on this hardware (each run records it beside what it measures), refused when it
-    will not fit: on GPUs unless train.fit_check is off, on CPUs when it is on."""
+    will not fit: on GPUs unless train.fit_check is false, on CPUs when it is true."""
     on_gpu = torch.cuda.is_available()
     local = max(dist.local_world_size, 1)
     hardware = Hardware(nodes=max(dist.world_size // local, 1), per_node=local,
                         device_bytes=memory_per_rank(local)[0],
                         device=torch.cuda.get_device_name() if on_gpu else "cpu")
-    check = cfg.train.fit_check == "on" or cfg.train.fit_check == "auto" and on_gpu
+    check = cfg.train.fit_check is True or cfg.train.fit_check == "auto" and on_gpu
     plan = plan_experiment(cfg, source, ds, hardware, advise=check)
     if check and not plan.fits:
         raise BookgenError(refusal(plan))

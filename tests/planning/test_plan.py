@@ -1,0 +1,164 @@
+"""The memory plan: its traced activations against the same step on real tensors, its verdicts and advice,
+`bookgen plan` for people and scripts, and the refusals before any data is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig
+
+from bookgen.errors import BookgenError
+from bookgen.planning.memory import MemoryInputs, plan_memory
+from bookgen.planning.trace import LiveBytes, TraceSetup, _model, training_bytes
+from tests.helpers import run_cli, write_experiment
+
+GPT2 = GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=1000, n_positions=512)
+LLAMA = LlamaConfig(num_hidden_layers=3, hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=2000)
+SETUP = TraceSetup(micro_batch=2, block=128, dtype=torch.float32, autocast=False, checkpointing=False,
+                   attention="sdpa", lora=None, chunked_loss=False, dropout=0.0, on_gpu=False)
+
+
+def _measured_step(config, setup: TraceSetup) -> int:
+    """The peak bytes beyond weights and gradients of one real training step on CPU tensors."""
+    torch.manual_seed(0)
+    model = _model(config, setup)
+    counter = LiveBytes()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(counter.forget_grad)
+    ids = torch.randint(0, config.vocab_size, (setup.micro_batch, setup.block))
+    mask = None if setup.attention == "sdpa" else torch.ones_like(ids)
+    with counter:
+        model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss.backward()
+    return counter.peak
+
+
+@pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("change", [{}, {"micro_batch": 4}, {"block": 256}, {"checkpointing": True},
+                                    {"attention": "eager"}], ids=["base", "mb4", "block256", "ckpt", "eager"])
+def test_traced_activations_match_a_real_step_of_the_full_depth_model(config, change):
+    setup = dataclasses.replace(SETUP, **change)
+    planned = training_bytes(config, setup).total(config.num_hidden_layers)  # traced at 1 and 2 layers
+    measured = _measured_step(config, setup)
+    assert planned == pytest.approx(measured, rel=0.10)
+
+
+def test_lora_trace_counts_only_the_adapters_as_trained():
+    from bookgen.config import LoraSettings
+
+    setup = dataclasses.replace(SETUP, lora=LoraSettings(r=4, target_modules=["q_proj", "v_proj"]))
+    planned = training_bytes(LLAMA, setup).total(LLAMA.num_hidden_layers)
+    assert planned == pytest.approx(_measured_step(LLAMA, setup), rel=0.10)
+    inputs = _inputs(LLAMA, lora=setup.lora)
+    plan = plan_memory(inputs)
+    # a layer: q's A (4 x 128) and B (128 x 4), v's A (4 x 128) and B (64 x 4: two key-value heads of 32)
+    assert plan.trainable == 3 * (4 * 128 + 128 * 4 + 4 * 128 + 64 * 4)
+    assert plan.part("optimizer") == 8 * plan.trainable
+
+
+def _inputs(config, **change) -> MemoryInputs:
+    base = MemoryInputs(hf_config=config, lora=None, ranks=1, micro_batch=2, block=128, eval_batch=2,
+                        precision="fp32", zero={"stage": 0}, checkpointing=False, chunked_loss=False,
+                        attention="sdpa", dropout=0.0, sample_batch=2, sample_tokens=64, on_gpu=False)
+    return dataclasses.replace(base, **change)
+
+
+def test_model_states_follow_the_zero_stage():
+    params = plan_memory(_inputs(LLAMA)).parameters
+    zero0 = plan_memory(_inputs(LLAMA))
+    assert (zero0.part("weights"), zero0.part("gradients"), zero0.part("optimizer")) == (
+        4 * params, 4 * params, 8 * params)
+    zero2 = plan_memory(_inputs(LLAMA, ranks=4, zero={"stage": 2, "reduce_bucket_size": 1000}))
+    assert zero2.part("optimizer") == 12 * params // 4
+    assert zero2.part("deepspeed buffers") == 4 * 1000  # one fp32 bucket (no overlap_comm)
+    zero3 = plan_memory(_inputs(LLAMA, ranks=4, zero={"stage": 3}, precision="bf16"))
+    assert zero3.part("weights") == 2 * params // 4
+    offloaded = plan_memory(_inputs(LLAMA, ranks=4, precision="bf16", zero={
+        "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}))
+    assert offloaded.part("weights") == offloaded.part("optimizer") == 0
+    assert {p.name for p in offloaded.host} >= {"offloaded optimizer", "offloaded weights"}
+
+
+def test_the_advice_keeps_the_global_batch_and_fits():
+    from bookgen.planning.advice import changes_that_fit
+
+    inputs = _inputs(LLAMA, micro_batch=8, block=256)
+    plan = plan_memory(inputs)
+    capacity = plan.peak * 3 // 4
+    changes = changes_that_fit(inputs, capacity, grad_accum=1, local_ranks=1)
+    assert changes and all(c.plan.peak <= capacity for c in changes)
+    assert changes[0].what == "train.micro_batch_size=4 train.grad_accum_steps=2"
+
+
+def test_bookgen_plan_prints_every_part_and_a_json_for_scripts(tmp_path):
+    exp = write_experiment(tmp_path)
+    shown = run_cli(["plan", "--cfg", str(exp)])
+    assert shown.returncode == 0, shown.stderr
+    for part in ("weights", "gradients", "optimizer", "activations", "logits and loss", "deepspeed buffers",
+                 "evaluation", "sampling kv cache", "peak", "loading", "time:"):
+        assert part in shown.stdout
+    record = json.loads(run_cli(["plan", "--cfg", str(exp), "--json", "--gpus", "2", "--gpu-memory",
+                                 "24GB"]).stdout)
+    assert record["hardware"] == {"nodes": 1, "per_node": 2, "device": "H100", "device_bytes": 24 * 2**30,
+                                  "assumed": False}
+    assert record["fits"] is True and record["peak_bytes"] == pytest.approx(
+        sum(v for k, v in record["parts"].items() if k not in ("evaluation", "sampling kv cache"))
+        - record["parts"]["activations"] - record["parts"]["logits and loss"]
+        + max(record["parts"]["activations"] + record["parts"]["logits and loss"], record["parts"]["evaluation"],
+              record["parts"]["sampling kv cache"]))
+    assert record["time"]["steps"] == 4 and record["time"]["step_seconds"] is None  # fp32: no peak known
+
+
+def test_a_model_that_cannot_fit_one_24gb_gpu_is_refused_with_the_part_and_a_change(tmp_path):
+    exp = write_experiment(tmp_path, {
+        "model.config": {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096,
+                         "intermediate_size": 11008, "num_attention_heads": 32, "max_position_embeddings": 64},
+        "train.precision": "bf16", "deepspeed.zero_stage": 3, "data.block_size": 64})
+    checked = run_cli(["plan", "--cfg", str(exp), "--gpus", "1", "--gpu-memory", "24GB", "--check"])
+    assert checked.returncode == 2
+    assert "DOES NOT FIT" in checked.stdout
+    assert "the largest part is optimizer" in checked.stderr
+    assert "it fits with deepspeed.zero_stage=3 deepspeed.config=ds_configs/zero3_offload.json" in checked.stderr
+    assert not (tmp_path / "run").exists()  # nothing prepared, nothing written
+    forced = run_cli(["plan", "--cfg", str(exp), "--gpus", "1", "--gpu-memory", "24GB", "--check",
+                      "--set", "train.fit_check=false"])
+    assert forced.returncode == 0
+
+
+def test_a_cpu_run_that_will_not_fit_is_refused_before_any_data_is_touched(tmp_path):
+    exp = write_experiment(tmp_path, {"train.fit_check": True, "train.micro_batch_size": 100_000})
+    refused = run_cli(["train", "--cfg", str(exp)])
+    assert refused.returncode == 2
+    assert "the largest part is" in refused.stderr and "train.micro_batch_size=" in refused.stderr
+    assert not (tmp_path / "prepared").exists() and not list((tmp_path / "run").glob("prepared*"))
+
+
+def test_fit_check_off_lets_preflight_pass(tmp_path):
+    from bookgen.config_io import load_config
+    from bookgen.distributed import DistEnv
+    from bookgen.train.run_plan import resolve_run
+
+    exp = write_experiment(tmp_path, {"train.fit_check": True, "train.micro_batch_size": 100_000})
+    cfg = load_config(exp)
+    single = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
+                     master_port=29500)
+    with pytest.raises(BookgenError, match="more than"):
+        resolve_run(cfg, single)
+    cfg.train.fit_check = False
+    assert resolve_run(cfg, single).memory.fits is False
+
+
+def test_a_run_records_its_plan_beside_what_it_measured(tmp_path):
+    exp = write_experiment(tmp_path, {"model.attention": "eager", "data.packing": "concat",
+                                      "train.max_steps": 2, "eval.at_end": False})
+    done = run_cli(["train", "--cfg", str(exp)])
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["model"] == "gpt2-builtin:2x32x2"
+    # measured on CPU: tensor bytes to the end of the first step, against a training step's planned peak
+    assert summary["memory_measured_mb"] == pytest.approx(summary["memory_planned_mb"], rel=0.35)
+    assert summary["step_seconds_measured"] > 0 and "step_seconds_planned" not in summary  # no CPU peak known
