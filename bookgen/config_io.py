@@ -183,6 +183,12 @@ def _where(dotted: str, overrides: dict[str, str], source: str) -> str:
     return f"--set {overrides[dotted]}" if dotted in overrides else source
 
 
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return ", ".join(repr(a) for a in get_args(tp))
+    return "true or false" if tp is bool else getattr(tp, "__name__", str(tp))
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     def fail(expected: str) -> typing.NoReturn:
         raise ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
@@ -193,7 +199,17 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None and type(None) in options:
             return None
         inner = [o for o in options if o is not type(None)]
-        return _coerce(value, inner[0], key, source)
+        for option in inner[:-1]:  # the first type the value fits (true/false before "auto")
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                continue
+        try:
+            return _coerce(value, inner[-1], key, source)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+            fail(" or ".join(_describe(o) for o in inner))
     if origin is Literal:
         if value not in get_args(tp):
             fail("one of " + ", ".join(repr(a) for a in get_args(tp)))
