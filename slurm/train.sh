@@ -34,6 +34,9 @@ cd "$REPO"
 RUN_DIR=$("$PYTHON" -m bookgen.cli show --cfg "$EXP" "$@" --key run.output_dir) || exit 2
 MAX_RESTARTS=$("$PYTHON" -m bookgen.cli show --cfg "$EXP" "$@" --key launch.max_restarts) || exit 2
 mkdir -p "$RUN_DIR"
+# the memory plan first: an experiment that will not fit these GPUs stops here, naming the part and the change
+# that fits, before any data is prepared or any rank starts (train.fit_check=false goes on anyway)
+"$PYTHON" -m bookgen.cli plan --cfg "$EXP" "$@" --nodes "$SLURM_NNODES" --check || exit $?
 # prepared once here, before any rank starts (a no-op when the prepared data is up to date): the ranks then
 # open it at once, and a first prepare of a large corpus takes no rank's time
 "$PYTHON" -m bookgen.cli prepare --cfg "$EXP" "$@" || exit $?
