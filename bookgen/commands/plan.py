@@ -12,8 +12,11 @@ from rich.console import Console
 
 from bookgen.config import ExperimentConfig
 from bookgen.config_io import load_config
+from bookgen.data.prepare import tokenizer_dir
 from bookgen.data.prepared import prepared_examples
+from bookgen.data.tokenizer import load_tokenizer
 from bookgen.errors import BookgenError
+from bookgen.model.embeddings import vocabulary_rows
 from bookgen.planning.experiment import (
     ExperimentPlan,
     Hardware,
@@ -61,7 +64,16 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
 def experiment_plan(cfg: ExperimentConfig, hardware: Hardware) -> ExperimentPlan:
     source = model_source(cfg)
     ds = build_ds_config(cfg, hardware.ranks, width=source.width)
-    return plan_experiment(cfg, source, ds, hardware, steps=_known_steps(cfg, hardware.ranks))
+    return plan_experiment(cfg, source, ds, hardware, steps=_known_steps(cfg, hardware.ranks),
+                           vocab_rows=_known_rows(cfg))
+
+
+def _known_rows(cfg: ExperimentConfig) -> int | None:
+    """The embedding rows, where the data is prepared and its tokenizer written."""
+    folder = tokenizer_dir(cfg.prepared_dir)
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    return vocabulary_rows(len(load_tokenizer(folder)), cfg.model.pad_to_multiple_of)
 
 
 def _known_steps(cfg: ExperimentConfig, ranks: int) -> int | None:
@@ -79,18 +91,23 @@ def describe(plan: ExperimentPlan, experiment: str) -> str:
     where = f"{h.nodes} node(s) x {h.per_node} {'GPU' if h.on_gpu else 'CPU rank'}(s)"
     lines = [f"bookgen plan: {experiment} on {where}, {h.device_bytes / GIB:,.1f} GiB each ({describe_device(h)})",
              f"model: {m.parameters:,} parameters, {m.trainable:,} trained; ZeRO-{i.stage}, {i.precision}, "
-             f"micro-batch {i.micro_batch} x {i.block} tokens", "", "per rank" + " " * 19 + "GiB"]
-    lines += [f"  {p.name:22s} {p.bytes / GIB:9.2f}   {p.note}" for p in m.parts]
+             f"micro-batch {i.micro_batch} x {i.block} tokens", "", "per rank"]
+    lines += [f"  {p.name:22s} {_size(p.bytes):>11}   {p.note}" for p in m.parts]
     verdict = "fits" if plan.fits else "DOES NOT FIT"
-    lines.append(f"  {'peak':22s} {m.peak / GIB:9.2f}   {verdict} in {h.device_bytes / GIB:,.1f} GiB (model states "
-                 "and buffers, plus the largest of training, evaluation and sampling)")
-    lines += ["", "per node (host)"] + [f"  {p.name:22s} {p.bytes / GIB:9.2f}   {p.note}" for p in m.host]
+    lines.append(f"  {'peak':22s} {_size(m.peak):>11}   {verdict} in {h.device_bytes / GIB:,.1f} GiB (weights, "
+                 "optimizer and buffers, plus the largest of a step's activations or gradients, evaluation and "
+                 "sampling)")
+    lines += ["", "per node (host)"] + [f"  {p.name:22s} {_size(p.bytes):>11}   {p.note}" for p in m.host]
     if not plan.fits:
         lines += ["", f"the largest part is {m.largest.name}. Changes that fit, cheapest first:"]
-        lines += [f"  --set {c.what}: peak {c.plan.peak / GIB:,.1f} GiB; {c.cost}" for c in plan.changes] or [
+        lines += [f"  --set {c.what}: peak {_size(c.plan.peak)}; {c.cost}" for c in plan.changes] or [
             "  none that bookgen knows: a smaller model, LoRA, or GPUs with more memory"]
     lines += ["", _time_line(plan)]
     return "\n".join(lines)
+
+
+def _size(count: int) -> str:
+    return f"{count / GIB:,.2f} GiB" if count >= GIB else f"{count / 2**20:,.1f} MiB"
 
 
 def _time_line(plan: ExperimentPlan) -> str:

@@ -83,9 +83,11 @@ class ExperimentPlan:
 
 
 def plan_experiment(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[str, Any], hardware: Hardware,
-                    *, steps: int | None = None, advise: bool = True) -> ExperimentPlan:
-    """``steps``: the run's optimizer steps where known (else train.max_steps)."""
-    inputs = memory_inputs(cfg, source, ds_config, hardware)
+                    *, steps: int | None = None, vocab_rows: int | None = None, advise: bool = True
+                    ) -> ExperimentPlan:
+    """``steps``: the run's optimizer steps where known (else train.max_steps); ``vocab_rows``: the embedding
+    rows where the tokenizer is known (else the model's or the experiment's vocabulary size)."""
+    inputs = memory_inputs(cfg, source, ds_config, hardware, vocab_rows)
     memory = plan_memory(inputs, local_ranks=hardware.per_node)
     changes: tuple[Change, ...] = ()
     if advise and memory.peak > hardware.device_bytes:
@@ -105,12 +107,14 @@ def with_vocabulary(plan: ExperimentPlan, rows: int) -> ExperimentPlan:
     return dataclasses.replace(plan, inputs=inputs, memory=plan_memory(inputs, local_ranks=plan.hardware.per_node))
 
 
-def memory_inputs(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[str, Any], hardware: Hardware
-                  ) -> MemoryInputs:
+def memory_inputs(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[str, Any], hardware: Hardware,
+                  vocab_rows: int | None = None) -> MemoryInputs:
     hf_config = copy.deepcopy(source.hf_config)
     if source.kind != "pretrained":  # its vocabulary is the tokenizer's (the one bookgen trains)
         hf_config.vocab_size = cfg.tokenizer.vocab_size
-    if cfg.model.pad_to_multiple_of:
+    if vocab_rows is not None:
+        hf_config.vocab_size = max(vocab_rows, hf_config.vocab_size if source.kind == "pretrained" else 0)
+    elif cfg.model.pad_to_multiple_of:
         step = cfg.model.pad_to_multiple_of
         hf_config.vocab_size = math.ceil(hf_config.vocab_size / step) * step
     g = cfg.generate

@@ -11,8 +11,9 @@ in its source (``runtime/zero/stage_1_and_2.py``, ``stage3.py``) and checked aga
   and the two moments, each split over the ranks; offloaded to the host (or NVMe) when the JSON says so.
 
 Activations, logits and loss come from :mod:`bookgen.planning.trace`; DeepSpeed's buffers from the JSON's
-bucket sizes. The peak is the model states, the buffers, and the largest of training's activations,
-an evaluation forward and the sampling's KV cache (they never coincide).
+bucket sizes. The peak is the weights, the optimizer and the buffers, plus the largest of: the activations
+at the start of the backward, the gradients at its end (the backward trades one for the other, layer by
+layer), an evaluation forward, and the sampling's KV cache.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from bookgen.planning.trace import TraceSetup, build_on_meta, evaluation_bytes, 
 
 # DeepSpeed's own defaults where the JSON leaves a bucket unset (runtime/zero/config.py)
 DS_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000,
-               "stage3_max_live_parameters": 1_000_000_000}
+               "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -122,11 +123,14 @@ def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
         Part("evaluation", evaluation, f"one forward of {inputs.eval_batch} x {inputs.block}, no gradients"),
         Part("sampling kv cache", kv, f"{inputs.sample_batch} sequences x {inputs.sample_tokens} tokens"),
     )
-    states = weights + grads + optimizer + buffers
-    peak = states + max(act.total(layers), evaluation, kv)
+    # the backward frees each layer's activations as it writes that layer's gradients (which DeepSpeed drops
+    # after every update): the two peak at either end of it, not together
+    training = max(act.total(layers), grads + act.fixed)
+    states = weights + optimizer + buffers
+    peak = states + max(training, evaluation, kv)
     host = _host_parts(inputs, params, local_ranks, host_states if offloaded_optimizer else 0)
     return MemoryPlan(parts=parts, host=host, parameters=params, trainable=trainable, peak=peak,
-                      training_peak=states + act.total(layers))
+                      training_peak=states + training)
 
 
 _CACHE: dict[tuple[int, str], tuple[Any, Any]] = {}  # (config, question) -> (config, answer)
@@ -173,7 +177,9 @@ def _counts(inputs: MemoryInputs) -> tuple[int, int, int]:
 def _deepspeed_buffers(inputs: MemoryInputs, params: int, largest: int, w: int) -> int:
     """The gradient reduction bucket DeepSpeed allocates whole, whatever the model's size or the ranks
     (reduce_bucket_size elements: fp32 under ZeRO-1, the training type under 2 and 3; two with ZeRO-2's
-    overlap_comm), and the parameters ZeRO-3 gathers ahead (bounded by stage3_max_live_parameters)."""
+    overlap_comm), and the parameters ZeRO-3 holds gathered: it keeps a gathered parameter that the step will
+    use again within stage3_max_reuse_distance elements (the backward reuses the last layers first), up to
+    stage3_max_live_parameters, so a model below both is held whole between its forward and backward."""
     zero, stage = inputs.zero, inputs.stage
     if stage == 0 or stage < 3 and not zero.get("contiguous_gradients", True):
         return 0
@@ -185,7 +191,8 @@ def _deepspeed_buffers(inputs: MemoryInputs, params: int, largest: int, w: int) 
     bucket = size("reduce_bucket_size") * (4 if stage == 1 else w)
     if stage < 3:
         return bucket * (2 if zero.get("overlap_comm") else 1)
-    gathered = min(largest + size("stage3_prefetch_bucket_size"), size("stage3_max_live_parameters"), params)
+    kept = min(size("stage3_max_live_parameters"), size("stage3_max_reuse_distance"))
+    gathered = min(params, max(kept, largest + size("stage3_prefetch_bucket_size")))
     return bucket + gathered * w
 
 

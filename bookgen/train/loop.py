@@ -190,7 +190,7 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
         raise
     finally:
         if run.probe is not None:
-            run.probe.first_step_done()
+            run.probe.stop()
     state = run.state
     # the whole run's numbers, the parts before a resume included (they travel in the checkpoints' state)
     seconds = state.train_seconds + (time.perf_counter() - start - done.seconds)
@@ -273,7 +273,7 @@ def _build(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Con
     try:
         return _build_counted(cfg, resolved, dist, console, invocation, fault, tokenizer, probe)
     except BaseException:
-        probe.first_step_done()  # counting stops with the run, whatever ended it
+        probe.stop()  # counting stops with the run, whatever ended it
         raise
 
 
@@ -299,7 +299,7 @@ def _build_counted(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, cons
     state = restore(engine, resume_plan, cfg, dist, console, steps_per_epoch=plan.steps_per_epoch)
     progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step)
     if resume_plan.folder is not None and _is_finished(cfg, dist, state, plan):
-        probe.first_step_done()
+        probe.stop()
         return Run(engine=engine, pad_id=tokenizer.pad_token_id, train_examples=train_examples,
                    valid_examples=valid_examples, plan=plan, state=state, log=None, save_hf=None, progress=progress,
                    mfu_of=None, sampler=None, invocation=invocation, layout=resolved.layout, finished=True)
@@ -397,8 +397,8 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
                                  run.pad_id, layout=run.layout, causal=run.causal_attention)
             state.global_step += 1
             state.step_in_epoch += 1
-            if run.probe is not None and totals.tokens == 0:
-                run.probe.first_step_done()
+            if run.probe is not None:
+                run.probe.step_done()
             if run.fault is not None:
                 run.fault.inject("step", state.global_step, dist.rank)
             interval.add(state.global_step, state.epoch, numbers)
