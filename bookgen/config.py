@@ -326,6 +326,11 @@ class TrainConfig:
                       "torch_autocast), the fast path for a model that fits on each GPU; bf16 and fp16: 16-bit "
                       "weights under ZeRO 1-3 (fp16 needs a GPU); fp32."),
     )
+    loss_chunk_tokens: int | None = field(
+        default=None,
+        metadata=_doc("Compute the head and the loss over chunks of this many tokens (e.g. 4096), so a step never "
+                      "holds the whole batch's logits: same loss and gradients, the head run once more (bookgen "
+                      "plan shows what it saves). Unset: the model's own loss."))
     fit_check: bool | Literal["auto"] = field(
         default="auto",
         metadata=_doc("Refuse a run whose memory plan (bookgen plan) does not fit before any data is touched: "
@@ -343,6 +348,8 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.loss_chunk_tokens is not None:
+            _require(self.loss_chunk_tokens >= 1, "loss_chunk_tokens", "must be >= 1")
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         if self.max_steps is not None:
             _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")

@@ -25,6 +25,7 @@ import torch
 from bookgen.config import ExperimentConfig
 from bookgen.errors import BookgenError
 from bookgen.model.attention import register
+from bookgen.model.chunked_loss import use_chunked_loss
 from bookgen.model.config_checks import suggestion, unknown_family_keys
 from bookgen.model.embeddings import resize_embeddings, rows_of, set_special_token_ids, vocabulary_rows
 from bookgen.model.lora import apply_lora
@@ -64,6 +65,8 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
         model.set_attn_implementation(training_attention(m.attention, model.config))
         if m.activation_checkpointing:
             enable_activation_checkpointing(model)
+        if cfg.train.loss_chunk_tokens is not None:
+            use_chunked_loss(model, cfg.train.loss_chunk_tokens)
         stats = getattr(model, "bookgen_load_stats", None)  # created with the new rows already (ZeRO-3)
         old_rows = stats.file_rows if stats is not None and stats.file_rows else rows_of(
             model.get_input_embeddings().weight)

@@ -4,6 +4,7 @@ Each is planned again in full; its time cost is stated against the experiment as
 - a smaller micro-batch with more accumulation keeps the global batch (and so what is learned); smaller
   matrix products run a little less efficiently;
 - activation checkpointing recomputes each layer's forward in the backward: about a third more arithmetic;
+- the chunked loss holds one chunk's logits instead of the batch's, and runs the head once more;
 - the next ZeRO stage shards one more kind of state: more communication (ZeRO-3 gathers every layer's
   weights twice a step);
 - offloading the optimizer and weights to the host (ZeRO-3): the optimizer steps on the CPUs, usually several
@@ -66,6 +67,9 @@ def _singles(inputs: MemoryInputs, grad_accum: int) -> Iterator[tuple[str, str, 
     if not inputs.checkpointing:
         yield ("model.activation_checkpointing=true", "about 33% more time a step (each forward twice)",
                dataclasses.replace(inputs, checkpointing=True))
+    if inputs.loss_chunk_tokens is None:
+        yield (f"train.loss_chunk_tokens={CHUNK}", "the head runs once more (a few % of a step; more for small models "
+               "with large vocabularies)", dataclasses.replace(inputs, loss_chunk_tokens=CHUNK))
     for stage in range(inputs.stage + 1, 4):
         yield (_stage_setting(stage), _STAGE_COST[stage], dataclasses.replace(inputs, zero=_zero(inputs, stage)))
     if inputs.offload("optimizer") == "none":
@@ -82,6 +86,8 @@ def _ladder(inputs: MemoryInputs, grad_accum: int
            "same global batch", lambda i: dataclasses.replace(i, micro_batch=1))
     yield ({"model.activation_checkpointing": "true"}, "about 33% more time a step",
            lambda i: dataclasses.replace(i, checkpointing=True))
+    yield ({"train.loss_chunk_tokens": str(CHUNK)}, "the head runs once more",
+           lambda i: dataclasses.replace(i, loss_chunk_tokens=i.loss_chunk_tokens or CHUNK))
     yield ({"deepspeed.zero_stage": "3", "deepspeed.config": "ds_configs/zero3.json"}, _STAGE_COST[3],
            lambda i: dataclasses.replace(i, zero=_zero(i, 3)))
     yield ({"deepspeed.zero_stage": "3", "deepspeed.config": _OFFLOAD_JSON}, _OFFLOAD_COST, _offloaded)
@@ -90,6 +96,7 @@ def _ladder(inputs: MemoryInputs, grad_accum: int
                lambda i, f=factor: dataclasses.replace(i, ranks=inputs.ranks * f))
 
 
+CHUNK = 4096  # tokens a chunk of the loss: a chunk's logits are small next to the activations
 _STAGE_COST = {1: "a little more communication", 2: "a little more communication",
                3: "10-20% more time a step (every layer's weights gathered twice a step)"}
 _OFFLOAD_JSON = "ds_configs/zero3_offload.json"

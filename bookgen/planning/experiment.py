@@ -123,7 +123,8 @@ def memory_inputs(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[st
                         micro_batch=cfg.train.micro_batch_size, block=cfg.data.block_size,
                         eval_batch=cfg.eval.batch_size, precision=cfg.train.precision,
                         zero=dict(ds_config.get("zero_optimization", {"stage": 0})),
-                        checkpointing=cfg.model.activation_checkpointing, chunked_loss=False,
+                        checkpointing=cfg.model.activation_checkpointing,
+                        loss_chunk_tokens=cfg.train.loss_chunk_tokens,
                         attention=cfg.model.attention, dropout=cfg.model.dropout, sample_batch=sample_batch,
                         sample_tokens=min(cfg.data.block_size, 64) + g.max_new_tokens, on_gpu=hardware.on_gpu)
 

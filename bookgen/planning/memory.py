@@ -44,7 +44,7 @@ class MemoryInputs:
     precision: str  # train.precision
     zero: dict[str, Any]  # the DeepSpeed config's zero_optimization section
     checkpointing: bool
-    chunked_loss: bool
+    loss_chunk_tokens: int | None  # train.loss_chunk_tokens
     attention: str
     dropout: float | None
     sample_batch: int  # sequences decoded together when sampling
@@ -118,7 +118,7 @@ def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
         Part("activations", act.per_layer * layers, f"{layers} layers x {act.per_layer / 2**20:,.1f} MiB"
              + (" (checkpointed)" if inputs.checkpointing else "")),
         Part("logits and loss", act.fixed, f"{inputs.micro_batch} x {inputs.block} tokens"
-             + (" (chunked)" if inputs.chunked_loss else "")),
+             + (f" (loss over chunks of {inputs.loss_chunk_tokens})" if inputs.loss_chunk_tokens else "")),
         Part("deepspeed buffers", buffers, "reduce bucket" + (" and gathered parameters" if stage == 3 else "")),
         Part("evaluation", evaluation, f"one forward of {inputs.eval_batch} x {inputs.block}, no gradients"),
         Part("sampling kv cache", kv, f"{inputs.sample_batch} sequences x {inputs.sample_tokens} tokens"),
@@ -156,7 +156,7 @@ def trace_setup(inputs: MemoryInputs, batch: int) -> TraceSetup:
         else torch.float32
     return TraceSetup(micro_batch=batch, block=inputs.block, dtype=dtype, autocast=inputs.precision == "bf16-mixed",
                       checkpointing=inputs.checkpointing, attention=inputs.attention, lora=inputs.lora,
-                      chunked_loss=inputs.chunked_loss, dropout=inputs.dropout, on_gpu=inputs.on_gpu)
+                      loss_chunk_tokens=inputs.loss_chunk_tokens, dropout=inputs.dropout, on_gpu=inputs.on_gpu)
 
 
 def _counts(inputs: MemoryInputs) -> tuple[int, int, int]:

@@ -28,6 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from bookgen.config import LoraSettings
 from bookgen.model.build import enable_activation_checkpointing, training_attention
+from bookgen.model.chunked_loss import use_chunked_loss
 from bookgen.model.lora import peft_config
 
 
@@ -42,7 +43,7 @@ class TraceSetup:
     checkpointing: bool
     attention: str  # model.attention
     lora: LoraSettings | None
-    chunked_loss: bool
+    loss_chunk_tokens: int | None
     dropout: float | None  # model.dropout
     on_gpu: bool  # the kernels planned for: CUDA's (flash attention with dropout too) or the CPU's
 
@@ -169,6 +170,8 @@ def _model(config: Any, setup: TraceSetup) -> torch.nn.Module:
         model.loss_type = "ForCausalLM"
     if setup.checkpointing:
         enable_activation_checkpointing(model)
+    if setup.loss_chunk_tokens is not None:
+        use_chunked_loss(model, setup.loss_chunk_tokens)
     model.train()
     if setup.lora is not None:
         from peft import get_peft_model  # optional: LoRA runs only
