@@ -31,6 +31,7 @@ class RunRow:
     stop_rate: float | None
     copied_share: float | None
     rouge_l: float | None  # the last evaluation's ROUGE-L of the scored rows (prompt runs)
+    memory: tuple[float | None, float | None]  # peak MiB a rank: (planned, measured)
     status: str  # running, finished, preempted, interrupted or failed
     curve: list[tuple[int, float]]  # (step, validation loss)
 
@@ -69,6 +70,8 @@ def read_run(folder: Path) -> RunRow:
     rates = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
     samples = [r for r in records if "samples_stop_rate" in r]
     scored = [r for r in records if "rougeL" in r]
+    planned = summary if "memory_planned_mb" in summary else next(
+        (r for r in reversed(records) if "memory_planned_mb" in r), {})
     model = cfg.get("model", {})
     return RunRow(
         folder=folder,
@@ -85,6 +88,7 @@ def read_run(folder: Path) -> RunRow:
         stop_rate=samples[-1]["samples_stop_rate"] if samples else None,
         copied_share=samples[-1].get("samples_copied_8gram_share") if samples else None,
         rouge_l=scored[-1]["rougeL"] if scored else None,
+        memory=(planned.get("memory_planned_mb"), planned.get("memory_measured_mb")),
         status=run_status(folder, summary, steps) + damage,
         curve=[(r["step"], r["eval_loss"]) for r in evals if "eval_loss" in r],
     )
@@ -130,7 +134,7 @@ def runs_table(rows: list[RunRow]) -> Any:
 
     table = Table(title="bookgen runs")
     for name in ("run", "experiment", "model", "packing", "ZeRO", "ranks", "steps", "tokens/s", "best ppl",
-                 "last ppl", "stop rate", "copied", "ROUGE-L", "status"):
+                 "last ppl", "stop rate", "copied", "ROUGE-L", "peak MiB plan/run", "status"):
         table.add_column(name, justify="left" if name in ("run", "experiment", "model", "packing", "status")
                          else "right")
     for r in rows:
@@ -138,7 +142,7 @@ def runs_table(rows: list[RunRow]) -> Any:
                       _text(r.world_size), str(r.steps), _text(r.tokens_per_second, "{:,.0f}"),
                       _text(r.best_perplexity, "{:.2f}"), _text(r.last_perplexity, "{:.2f}"),
                       _text(r.stop_rate, "{:.0%}"), _text(r.copied_share, "{:.0%}"), _text(r.rouge_l, "{:.3f}"),
-                      r.status)
+                      f"{_text(r.memory[0], '{:,.0f}')}/{_text(r.memory[1], '{:,.0f}')}", r.status)
     return table
 
 

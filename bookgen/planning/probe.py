@@ -31,6 +31,11 @@ class MemoryProbe:
         if self._steps == STEPS:
             self.stop()
 
+    @property
+    def measured(self) -> bool:
+        """The steps it measures have run (their peak is known)."""
+        return self._steps >= STEPS
+
     def stop(self) -> None:
         """Stop counting (CPU); the peak so far stands."""
         if self._counter is not None:

@@ -155,6 +155,7 @@ class Run:
     causal_attention: bool = False  # training runs bookgen's causal attention (decided when the model was built)
     probe: MemoryProbe | None = None  # measures the peak the memory plan predicted
     memory: ExperimentPlan | None = None  # the plan (RunPlan.memory)
+    plan_logged: bool = False  # the plan against the measured peak is in metrics.jsonl
     finished: bool = False  # a rerun of a finished run: nothing to do, nothing to write
 
 
@@ -206,8 +207,9 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
     if run.scorer is not None and run.scorer.last is not None:
         summary |= run.scorer.last.metrics()
     summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), run.engine.device)
-    summary |= _plan_against_run(run, cfg, dist, state, seconds_per_step=state.train_seconds / max(
-        state.global_step, 1))
+    summary |= {"model": model_name(cfg), "device": run.memory.hardware.device if run.memory else None}
+    summary |= _plan_against_run(run, dist, seconds_per_step=state.train_seconds / state.global_step
+                                 if state.global_step else None)
     if run.log is not None:
         folder = cfg.run.output_dir
         write_json_atomic(folder / SUMMARY, summary)
@@ -220,23 +222,21 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
     return summary
 
 
-def _plan_against_run(run: Run, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, *,
-                      seconds_per_step: float) -> dict[str, Any]:
-    """The memory plan against the measured peak (the largest over the ranks; GPU: the whole run's allocated
-    peak against the planned peak; CPU: tensor bytes to the end of the first step against a training step's
-    planned peak), the planned step time against the measured one, and what makes later plans comparable."""
-    record: dict[str, Any] = {"model": model_name(cfg), "device": run.memory.hardware.device if run.memory else None}
+def _plan_against_run(run: Run, dist: DistEnv, *, seconds_per_step: float | None) -> dict[str, Any]:
+    """Every rank: the memory plan against the measured peak, the largest over the ranks (GPU: allocated so
+    far, against the planned peak; CPU: tensor bytes over the first two steps, against a training step's
+    planned peak), and the planned step time against the measured one."""
     if run.memory is None:
-        return record
-    gpu = run.memory.hardware.on_gpu
-    planned = run.memory.memory.peak if gpu else run.memory.memory.training_peak
+        return {}
+    plan = run.memory
+    record: dict[str, Any] = {"memory_planned_mb": (plan.memory.peak if plan.hardware.on_gpu
+                                                    else plan.memory.training_peak) / 2**20}
     measured = run.probe.peak() if run.probe is not None else None
-    record["memory_planned_mb"] = planned / 2**20
     if measured is not None:
         record["memory_measured_mb"] = distributed.all_reduce_max(measured, run.engine.device) / 2**20
-    if run.memory.time.step_seconds is not None:
-        record["step_seconds_planned"] = run.memory.time.step_seconds
-    if state.global_step:
+    if plan.time.step_seconds is not None:
+        record["step_seconds_planned"] = plan.time.step_seconds
+    if seconds_per_step is not None:
         record["step_seconds_measured"] = seconds_per_step
     return record
 
@@ -441,6 +441,9 @@ def _read_and_log(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag
     rate = totals.tokens / max(totals.seconds, 1e-9)
     logged = [_step_record(run, record, tokens_per_second=rate if record is records[-1] else None)
               for record in records]
+    if run.probe is not None and run.probe.measured and not run.plan_logged:  # once, on a step that reads anyway
+        run.plan_logged = True
+        logged.append({"step": state.global_step, **_plan_against_run(run, dist, seconds_per_step=None)})
     if run.log is not None:
         run.log.write(*logged)  # the interval at once: one write, one call to each tracker
     bad = next((r for r in records if not math.isfinite(r.loss)), None)
