@@ -98,11 +98,12 @@ def plan_experiment(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[
 
 
 def with_vocabulary(plan: ExperimentPlan, rows: int) -> ExperimentPlan:
-    """The same plan for the embedding rows the run really has (known once the tokenizer exists)."""
-    if rows == plan.inputs.hf_config.vocab_size:
-        return plan
+    """The same plan for the embedding rows the tokenizer gives the model (a pretrained model keeps at
+    least its own)."""
     hf_config = copy.deepcopy(plan.inputs.hf_config)
-    hf_config.vocab_size = rows
+    hf_config.vocab_size = max(rows, hf_config.vocab_size if plan.inputs.pretrained else 0)
+    if hf_config.vocab_size == plan.inputs.hf_config.vocab_size:
+        return plan
     inputs = dataclasses.replace(plan.inputs, hf_config=hf_config)
     return dataclasses.replace(plan, inputs=inputs, memory=plan_memory(inputs, local_ranks=plan.hardware.per_node))
 
@@ -119,7 +120,8 @@ def memory_inputs(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[st
         hf_config.vocab_size = math.ceil(hf_config.vocab_size / step) * step
     g = cfg.generate
     sample_batch = g.batch_size or g.num_return_sequences
-    return MemoryInputs(hf_config=hf_config, lora=cfg.model.lora, ranks=hardware.ranks,
+    return MemoryInputs(hf_config=hf_config, pretrained=source.kind == "pretrained", lora=cfg.model.lora,
+                        ranks=hardware.ranks,
                         micro_batch=cfg.train.micro_batch_size, block=cfg.data.block_size,
                         eval_batch=cfg.eval.batch_size, precision=cfg.train.precision,
                         zero=dict(ds_config.get("zero_optimization", {"stage": 0})),

@@ -26,6 +26,7 @@ import torch
 from bookgen.config import LoraSettings
 from bookgen.planning.trace import TraceSetup, build_on_meta, evaluation_bytes, layer_count, training_bytes
 
+ZERO0_ALLREDUCE_ELEMENTS = 500_000_000  # DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE (runtime/engine.py)
 # DeepSpeed's own defaults where the JSON leaves a bucket unset (runtime/zero/config.py)
 DS_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000,
                "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000}
@@ -36,6 +37,7 @@ class MemoryInputs:
     """What decides the memory of one rank: the model, the batch, the precision and DeepSpeed's settings."""
 
     hf_config: Any
+    pretrained: bool = False  # its vocabulary is the model's (others': the tokenizer bookgen trains)
     lora: LoraSettings | None
     ranks: int  # data-parallel ranks (all GPUs of all nodes)
     micro_batch: int
@@ -125,7 +127,9 @@ def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
     )
     # the backward frees each layer's activations as it writes that layer's gradients (which DeepSpeed drops
     # after every update): the two peak at either end of it, not together
-    training = max(act.total(layers), grads + act.fixed)
+    # ZeRO-0 all-reduces the gradients through a flat copy of them (up to 5e8 elements at a time)
+    flat = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w if stage == 0 else 0
+    training = max(act.total(layers), grads + flat + act.fixed)
     states = weights + optimizer + buffers
     peak = states + max(training, evaluation, kv)
     host = _host_parts(inputs, params, local_ranks, host_states if offloaded_optimizer else 0)

@@ -23,7 +23,7 @@ class MemoryProbe:
         self._peak: int | None = None
         self._steps = 0
         if not on_gpu:
-            self._counter = LiveBytes()
+            self._counter = LiveBytes("cpu")
             self._counter.__enter__()
 
     def step_done(self) -> None:

@@ -88,7 +88,7 @@ def _peak(config: Any, setup: TraceSetup, *, train: bool) -> int:
         # transformers' own attention gets the padding mask the run gives it (and, on the meta device, must:
         # without one it reads the positions back to look for packed rows); bookgen's needs none
         mask = None if setup.attention == "sdpa" else torch.ones_like(ids)
-    counter = LiveBytes()
+    counter = LiveBytes("meta")
     for p in model.parameters():
         if p.requires_grad:  # a gradient is a model state, planned apart: not counted as it lands
             p.register_post_accumulate_grad_hook(counter.forget_grad)
@@ -105,8 +105,9 @@ class LiveBytes(TorchDispatchMode):
     own count of what a step allocates, on any device (the meta device too). Storage that existed before
     (weights) is not counted; a gradient stops counting when it lands on its parameter."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str) -> None:
         super().__init__()
+        self.device = device  # only storage on this kind of device counts: "meta" for a trace, "cpu" for a run
         self.live = 0
         self.peak = 0
         self._tracked: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> [bytes]
@@ -116,7 +117,8 @@ class LiveBytes(TorchDispatchMode):
         # a view or an in-place result shares its input's storage: new only if no input holds it
         given = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and id(tensor.untyped_storage()) not in given:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == self.device \
+                    and id(tensor.untyped_storage()) not in given:
                 self._track(tensor.untyped_storage())
         return out
 
@@ -158,6 +160,7 @@ def _model(config: Any, setup: TraceSetup) -> torch.nn.Module:
                 setattr(config, name, setup.dropout)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=setup.dtype)
+    model.tie_weights()  # as the run's build does: a tied head is the embedding, not a second matrix
     chosen = training_attention(setup.attention, model.config)
     # the meta device runs SDPA as its math form, which keeps the (T, T) scores; the run's kernel keeps only
     # its output and log-sum-exp (flash on a GPU; on a CPU, flash unless there is attention dropout)

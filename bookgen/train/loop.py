@@ -41,7 +41,7 @@ from bookgen.generation.samples import TrainingSampler
 from bookgen.generation.scoring import MEASURES, CompletionScorer
 from bookgen.model.attention import uses_causal_attention
 from bookgen.model.build import build_model, count_parameters
-from bookgen.model.embeddings import rows_of
+from bookgen.model.embeddings import vocabulary_rows
 from bookgen.model.flops import flops_per_token, mfu, peak_flops
 from bookgen.model.frozen_base import remember_base_contents
 from bookgen.model.lora import save_adapter_config, trainable_parameters
@@ -269,21 +269,23 @@ def _build(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Con
            fault: Fault | None) -> Run:
     """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
+    # the plan again for the rows the tokenizer gives the embeddings, before the probe starts counting
+    memory = with_vocabulary(resolved.memory, vocabulary_rows(len(tokenizer), cfg.model.pad_to_multiple_of))
     probe = MemoryProbe(on_gpu=torch.cuda.is_available())  # from the build on: the weights count
     try:
-        return _build_counted(cfg, resolved, dist, console, invocation, fault, tokenizer, probe)
+        return _build_counted(cfg, resolved, dist, console, invocation, fault, tokenizer, probe, memory)
     except BaseException:
         probe.stop()  # counting stops with the run, whatever ended it
         raise
 
 
 def _build_counted(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Console,
-                   invocation: Invocation, fault: Fault | None, tokenizer: Any, probe: MemoryProbe) -> Run:
+                   invocation: Invocation, fault: Fault | None, tokenizer: Any, probe: MemoryProbe,
+                   memory: ExperimentPlan) -> Run:
     ds_config = resolved.ds_config
     zero3 = ds_config if resolved.zero3 else None
     # under ZeRO-3: partitioned as it is created
     model = build_model(cfg, tokenizer, zero3_config=zero3, source=resolved.model)
-    memory = with_vocabulary(resolved.memory, rows_of(model.get_input_embeddings().weight))
     model_flops = flops_per_token(model, cfg.data.block_size)
     train_examples, valid_examples = prepared_examples(cfg, "train"), prepared_examples(cfg, "valid")
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)

@@ -59,7 +59,7 @@ def test_a_large_vocabularys_step_peak_falls_by_more_than_its_logits():
         trial = copy.deepcopy(model)
         if chunk:
             use_chunked_loss(trial, chunk)
-        counter = LiveBytes()
+        counter = LiveBytes("cpu")
         for p in trial.parameters():
             p.register_post_accumulate_grad_hook(counter.forget_grad)
         with counter:

@@ -26,7 +26,7 @@ def _measured_step(config, setup: TraceSetup) -> int:
     """The peak bytes beyond weights and gradients of one real training step on CPU tensors."""
     torch.manual_seed(0)
     model = _model(config, setup)
-    counter = LiveBytes()
+    counter = LiveBytes("cpu")
     for p in model.parameters():
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(counter.forget_grad)
@@ -178,8 +178,11 @@ LLAMA_FAMILY = {"model_type": "llama", "num_hidden_layers": 3, "hidden_size": 12
     {"deepspeed.zero_stage": 3},
     {"deepspeed.zero_stage": 2, "model.config": LLAMA_FAMILY, "model.activation_checkpointing": True},
     {"deepspeed.zero_stage": 3, "model.config": LLAMA_FAMILY, "train.micro_batch_size": 4},
+    {"deepspeed.zero_stage": 0, "train.micro_batch_size": 1, "train.loss_chunk_tokens": 32},
+    {"deepspeed.zero_stage": 0, "model.config": {**LLAMA_FAMILY, "max_position_embeddings": 128},
+     "train.micro_batch_size": 4, "data.block_size": 128},
 ], ids=["gpt2-zero0", "gpt2-zero0-block128", "gpt2-zero2", "gpt2-zero3", "llama-zero2-checkpointed",
-        "llama-zero3-mb4"])
+        "llama-zero3-mb4", "gpt2-zero0-mb1-chunked", "llama-zero0-mb4-block128"])
 def test_two_ranks_measure_the_peak_their_plan_predicts(tmp_path, case):
     from tests.helpers import REPO
     from tests.ranks import launch
