@@ -66,6 +66,7 @@ class Result:
     attention: dict[str, int] | None = None  # bookgen: CUDA attention kernels in the profiled steps, and calls
     syncs_quiet: int | None = None  # bookgen: synchronising calls after the warm-up on steps that do not log
     syncs_log: int | None = None  # ... and on log steps
+    plan: dict | None = None  # bookgen: its memory plan and step time against the run's (run_summary.json)
 
     @classmethod
     def of(cls, name: str, numbers: dict) -> Result:
@@ -139,6 +140,9 @@ def run_bookgen(folder: Path, args: argparse.Namespace, shape: Shape, name: str)
     result = Result.of(name, summarize_bookgen(start, run, WARM_UP))
     probe = json.loads((folder / f"{name}.json").read_text())
     result.attention = probe["attention_kernels"]
+    summary = json.loads((run / "run_summary.json").read_text()) if (run / "run_summary.json").is_file() else {}
+    result.plan = {k: summary[k] for k in ("memory_planned_mb", "memory_measured_mb", "step_seconds_planned",
+                                           "step_seconds_measured") if k in summary}
     syncs = {int(k): n for k, n in probe["syncs"].items()}  # none without CUDA
     if syncs:
         result.syncs_quiet = sum(n for k, n in syncs.items() if k % LOG_EVERY and k != args.steps)
@@ -219,6 +223,12 @@ def describe(r: Result, flops_per_token: float, peak: float) -> str:
                  f"{r.syncs_quiet} on steps that do not log, {r.syncs_log} on log steps")
         line += f"\n{'':24s} synchronising calls after the warm-up: {syncs}; "
         line += f"attention kernels: {kernels}"
+    if r.plan:
+        nan = float("nan")
+        memory = (r.plan.get("memory_planned_mb", nan), r.plan.get("memory_measured_mb", nan))
+        step = (r.plan.get("step_seconds_planned", nan), r.plan.get("step_seconds_measured", nan))
+        line += (f"\n{'':24s} planned against measured: peak {memory[0]:,.0f} / {memory[1]:,.0f} MB a rank, "
+                 f"step {step[0]:.3f} / {step[1]:.3f} s (bookgen plan; step time at its default MFU)")
     return line
 
 

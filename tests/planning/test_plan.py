@@ -195,3 +195,29 @@ def test_two_ranks_measure_the_peak_their_plan_predicts(tmp_path, case):
     launch(2, ["--cfg", str(exp)])
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["memory_measured_mb"] == pytest.approx(summary["memory_planned_mb"], rel=0.10)
+
+
+def test_the_step_time_uses_the_newest_comparable_runs_mfu(tmp_path):
+    import os
+
+    from bookgen.planning.timing import DEFAULT_MFU, comparable_mfu, plan_time
+
+    runs = tmp_path / "runs"
+    for name, model, device, mfu, age in (("old", "gpt2", "NVIDIA H100 80GB HBM3", 0.41, 200),
+                                          ("new", "gpt2", "NVIDIA H100 80GB HBM3", 0.37, 100),
+                                          ("other-gpu", "gpt2", "NVIDIA A100-SXM4-40GB", 0.5, 0),
+                                          ("other-model", "meta-llama/Llama-3.2-1B", "NVIDIA H100 80GB HBM3", 0.2, 0)):
+        (runs / name).mkdir(parents=True)
+        summary = runs / name / "run_summary.json"
+        summary.write_text(json.dumps({"model": model, "device": device, "mfu": mfu}))
+        os.utime(summary, (1e9 - age, 1e9 - age))
+    (runs / "torn").mkdir()
+    (runs / "torn" / "run_summary.json").write_text('{"model": "gpt2", "mfu": ')
+    measured = comparable_mfu(runs, "gpt2", "NVIDIA H100 80GB HBM3")
+    assert measured == (0.37, str(runs / "new"))
+    timed = plan_time(flops_per_token=1e9, tokens_per_step=1000, devices=2, peak=1e15, steps=10, measured=measured)
+    assert timed.step_seconds == pytest.approx(1e12 / (2 * 1e15 * 0.37)) and timed.run_seconds == pytest.approx(
+        10 * timed.step_seconds)
+    assert plan_time(flops_per_token=1e9, tokens_per_step=1000, devices=2, peak=1e15, steps=None,
+                     measured=None).mfu == DEFAULT_MFU
+    assert comparable_mfu(runs, "gpt2", "NVIDIA L4") is None
