@@ -143,6 +143,18 @@ def test_a_stale_preemption_marker_never_requeues_a_failing_job(tmp_path):
     assert "Restarts=0" in out and _job_state(job) == "FAILED"
 
 
+@pytest.mark.slurm
+@slurm
+def test_a_job_whose_plan_does_not_fit_stops_before_anything_is_prepared(tmp_path):
+    exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"train.fit_check": True, "train.micro_batch_size": 100_000},
+                           rows=120)
+    job, proc = _sbatch(exp, tmp_path, wait=True)
+    log = next(tmp_path.glob("job-*.out")).read_text()
+    assert proc.returncode == 2, proc.stderr + log[-3000:]
+    assert "DOES NOT FIT" in log and "it fits with train.micro_batch_size=" in log
+    assert not (tmp_path / "run" / "prepared").exists() and "bookgen job" not in log  # no rank started
+
+
 def test_train_sh_outside_slurm_says_so(tmp_path):
     """Run by hand instead of through sbatch: a sentence, not `SLURM_JOB_NODELIST: unbound variable`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
