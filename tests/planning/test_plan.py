@@ -221,3 +221,27 @@ def test_the_step_time_uses_the_newest_comparable_runs_mfu(tmp_path):
     assert plan_time(flops_per_token=1e9, tokens_per_step=1000, devices=2, peak=1e15, steps=None,
                      measured=None).mfu == DEFAULT_MFU
     assert comparable_mfu(runs, "gpt2", "NVIDIA L4") is None
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_lora_run_on_two_ranks_measures_the_peak_its_plan_predicts(tmp_path, stage):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bookgen.data.tokenizer import train_bpe
+    from tests.helpers import REPO, SAMPLE
+    from tests.ranks import launch
+
+    summaries = [line.split("\t")[6] for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:100]]
+    tokenizer = train_bpe(summaries, 400, ["<|endoftext|>"])
+    settings = {k: v for k, v in LLAMA_FAMILY.items() if k != "model_type"}
+    config = AutoConfig.for_model("llama", **settings, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    exp = write_experiment(tmp_path, {
+        "model.name_or_path": str(tmp_path / "base"), "model.lora": {"r": 8, "alpha": 16}, "model.attention": "eager",
+        "data.packing": "concat", "data.block_size": 128, "train.max_steps": 3, "eval.at_end": False,
+        "deepspeed.zero_stage": stage, "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json")}, rows=130)
+    launch(2, ["--cfg", str(exp)])
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["memory_measured_mb"] == pytest.approx(summary["memory_planned_mb"], rel=0.10)
