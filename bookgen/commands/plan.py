@@ -17,6 +17,7 @@ from bookgen.data.prepared import prepared_examples
 from bookgen.data.tokenizer import load_tokenizer
 from bookgen.errors import BookgenError
 from bookgen.model.embeddings import vocabulary_rows
+from bookgen.planning.advice import Change
 from bookgen.planning.experiment import (
     ExperimentPlan,
     Hardware,
@@ -100,10 +101,17 @@ def describe(plan: ExperimentPlan, experiment: str) -> str:
     lines += ["", "per node (host)"] + [f"  {p.name:22s} {_size(p.bytes):>11}   {p.note}" for p in m.host]
     if not plan.fits:
         lines += ["", f"the largest part is {m.largest.name}. Changes that fit, cheapest first:"]
-        lines += [f"  --set {c.what}: peak {_size(c.plan.peak)}; {c.cost}" for c in plan.changes] or [
+        lines += [f"  --set {c.what}: peak {_size(c.plan.peak)}; {c.cost}{_step_after(plan, c)}"
+                  for c in plan.changes] or [
             "  none that bookgen knows: a smaller model, LoRA, or GPUs with more memory"]
     lines += ["", _time_line(plan)]
     return "\n".join(lines)
+
+
+def _step_after(plan: ExperimentPlan, change: Change) -> str:
+    if change.time_factor is None or plan.time.step_seconds is None:
+        return ""
+    return f" (a step {plan.time.step_seconds * change.time_factor:,.3f} s from its FLOPs)"
 
 
 def _size(count: int) -> str:
@@ -139,7 +147,8 @@ def plan_record(plan: ExperimentPlan) -> dict[str, Any]:
         "parameters": m.parameters, "trainable": m.trainable,
         "parts": {p.name: p.bytes for p in m.parts}, "host": {p.name: p.bytes for p in m.host},
         "peak_bytes": m.peak, "fits": plan.fits, "largest_part": m.largest.name,
-        "changes": [{"set": c.what, "cost": c.cost, "peak_bytes": c.plan.peak} for c in plan.changes],
+        "changes": [{"set": c.what, "cost": c.cost, "peak_bytes": c.plan.peak, "time_factor": c.time_factor}
+                    for c in plan.changes],
         "time": {"flops_per_token": t.flops_per_token, "tokens_per_step": t.tokens_per_step,
                  "step_seconds": t.step_seconds, "steps": t.steps, "run_seconds": t.run_seconds, "mfu": t.mfu,
                  "mfu_from": t.mfu_from},

@@ -26,17 +26,19 @@ class Change:
     what: str  # as the user would set it
     cost: str  # in time, against the experiment as written
     plan: MemoryPlan
+    time_factor: float | None  # a step's time against the experiment's, from its FLOPs (None: not from FLOPs)
 
 
 def changes_that_fit(inputs: MemoryInputs, capacity: int, *, grad_accum: int, local_ranks: int,
-                     limit: int = 3) -> list[Change]:
+                     head_share: float, limit: int = 3) -> list[Change]:
     """Up to ``limit`` single changes that fit ``capacity`` bytes a rank, cheapest first; where none does, the
-    first combination along the same ladder (each rung keeps the ones before it)."""
+    first combination along the same ladder (each rung keeps the ones before it). ``head_share``: the LM head's
+    share of a token's training FLOPs (what the chunked loss recomputes)."""
     found: list[Change] = []
     for what, cost, changed in _singles(inputs, grad_accum):
         plan = plan_memory(changed, local_ranks=local_ranks)
         if plan.peak <= capacity:
-            found.append(Change(what, cost, plan))
+            found.append(Change(what, cost, plan, time_factor(inputs, changed, head_share)))
             if len(found) == limit:
                 return found
     if found:
@@ -52,8 +54,23 @@ def changes_that_fit(inputs: MemoryInputs, capacity: int, *, grad_accum: int, lo
         costs.append(cost)
         plan = plan_memory(current, local_ranks=local_ranks)
         if plan.peak <= capacity:
-            return [Change(" ".join(f"{k}={v}" for k, v in settings.items()), "; ".join(costs), plan)]
+            return [Change(" ".join(f"{k}={v}" for k, v in settings.items()), "; ".join(costs), plan,
+                           time_factor(inputs, current, head_share))]
     return []
+
+
+def time_factor(before: MemoryInputs, after: MemoryInputs, head_share: float) -> float | None:
+    """A step's time after a change against before, from the FLOPs it adds or divides: checkpointing runs the
+    layers' forward again (a third of their training FLOPs), the chunked loss the head's, more GPUs share the
+    step. ZeRO's extra communication is not counted; an offloaded optimizer's time is not FLOPs (None)."""
+    if after.offload("optimizer") != before.offload("optimizer"):
+        return None
+    factor = 1.0
+    if after.checkpointing and not before.checkpointing:
+        factor += (1 - head_share) / 3
+    if after.loss_chunk_tokens and not before.loss_chunk_tokens:
+        factor += head_share / 3
+    return factor * before.ranks / after.ranks
 
 
 def _singles(inputs: MemoryInputs, grad_accum: int) -> Iterator[tuple[str, str, MemoryInputs]]:

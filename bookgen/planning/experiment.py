@@ -89,12 +89,15 @@ def plan_experiment(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[
     rows where the tokenizer is known (else the model's or the experiment's vocabulary size)."""
     inputs = memory_inputs(cfg, source, ds_config, hardware, vocab_rows)
     memory = plan_memory(inputs, local_ranks=hardware.per_node)
+    time = _time(cfg, inputs, hardware, steps or cfg.train.max_steps)
     changes: tuple[Change, ...] = ()
     if advise and memory.peak > hardware.device_bytes:
+        head = 6 * inputs.hf_config.vocab_size * (getattr(inputs.hf_config, "hidden_size", None)
+                                                  or inputs.hf_config.n_embd)
         changes = tuple(changes_that_fit(inputs, hardware.device_bytes, grad_accum=cfg.train.grad_accum_steps,
-                                         local_ranks=hardware.per_node))
-    return ExperimentPlan(hardware=hardware, inputs=inputs, memory=memory, changes=changes,
-                          time=_time(cfg, inputs, hardware, steps or cfg.train.max_steps))
+                                         local_ranks=hardware.per_node,
+                                         head_share=min(head / time.flops_per_token, 1.0)))
+    return ExperimentPlan(hardware=hardware, inputs=inputs, memory=memory, changes=changes, time=time)
 
 
 def with_vocabulary(plan: ExperimentPlan, rows: int) -> ExperimentPlan:

@@ -90,9 +90,15 @@ def test_the_advice_keeps_the_global_batch_and_fits():
     inputs = _inputs(LLAMA, micro_batch=8, block=256)
     plan = plan_memory(inputs)
     capacity = plan.peak * 3 // 4
-    changes = changes_that_fit(inputs, capacity, grad_accum=1, local_ranks=1)
+    changes = changes_that_fit(inputs, capacity, grad_accum=1, local_ranks=1, head_share=0.2)
     assert changes and all(c.plan.peak <= capacity for c in changes)
     assert changes[0].what == "train.micro_batch_size=4 train.grad_accum_steps=2"
+    assert changes[0].time_factor == 1.0  # the same FLOPs a step
+    checkpointed = dataclasses.replace(inputs, checkpointing=True)
+    from bookgen.planning.advice import time_factor
+
+    assert time_factor(inputs, checkpointed, 0.2) == pytest.approx(1 + 0.8 / 3)
+    assert time_factor(inputs, dataclasses.replace(inputs, ranks=4), 0.2) == 0.25
 
 
 def test_bookgen_plan_prints_every_part_and_a_json_for_scripts(tmp_path):
