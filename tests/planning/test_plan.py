@@ -13,7 +13,7 @@ from transformers import GPT2Config, LlamaConfig
 from bookgen.errors import BookgenError
 from bookgen.planning.memory import MemoryInputs, plan_memory
 from bookgen.planning.trace import LiveBytes, TraceSetup, _model, training_bytes
-from tests.helpers import run_cli, write_experiment
+from tests.helpers import REPO, run_cli, write_experiment
 
 GPT2 = GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=1000, n_positions=512)
 LLAMA = LlamaConfig(num_hidden_layers=3, hidden_size=128, intermediate_size=352, num_attention_heads=4,
@@ -38,9 +38,10 @@ def _measured_step(config, setup: TraceSetup) -> int:
 
 
 @pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["gpt2", "llama"])
-@pytest.mark.parametrize("change", [{}, {"micro_batch": 4}, {"block": 256}, {"checkpointing": True},
-                                    {"attention": "eager"}, {"loss_chunk_tokens": 100}],
-                         ids=["base", "mb4", "block256", "ckpt", "eager", "chunked"])
+@pytest.mark.parametrize("change", [{}, {"micro_batch": 4}, {"micro_batch": 1, "block": 512}, {"checkpointing": True},
+                                    {"attention": "eager"}, {"loss_chunk_tokens": 100},
+                                    {"checkpointing": True, "loss_chunk_tokens": 100, "micro_batch": 1}],
+                         ids=["base", "mb4", "mb1-block512", "ckpt", "eager", "chunked", "ckpt-chunked-mb1"])
 def test_traced_activations_match_a_real_step_of_the_full_depth_model(config, change):
     setup = dataclasses.replace(SETUP, **change)
     planned = training_bytes(config, setup).total(config.num_hidden_layers)  # traced at 1 and 2 layers
@@ -119,6 +120,10 @@ def test_bookgen_plan_prints_every_part_and_a_json_for_scripts(tmp_path):
         parts["weights"] + parts["optimizer"] + parts["deepspeed buffers"]
         + max(training, parts["evaluation"], parts["sampling kv cache"]))
     assert record["time"]["steps"] == 4 and record["time"]["step_seconds"] is None  # fp32: no peak known
+    nodes = json.loads(run_cli(["plan", "--cfg", str(exp), "--json", "--gpus", "2", "--gpu-memory", "24GB",
+                                "--nodes", "3", "--set", "deepspeed.zero_stage=3",
+                                "--set", f"deepspeed.config={REPO / 'ds_configs/zero3.json'}"]).stdout)
+    assert nodes["hardware"]["nodes"] == 3 and nodes["parts"]["weights"] == record["parts"]["weights"] // 6
 
 
 def test_a_model_that_cannot_fit_one_24gb_gpu_is_refused_with_the_part_and_a_change(tmp_path):
@@ -190,7 +195,6 @@ LLAMA_FAMILY = {"model_type": "llama", "num_hidden_layers": 3, "hidden_size": 12
 ], ids=["gpt2-zero0", "gpt2-zero0-block128", "gpt2-zero2", "gpt2-zero3", "llama-zero2-checkpointed",
         "llama-zero3-mb4", "gpt2-zero0-mb1-chunked", "llama-zero0-mb4-block128"])
 def test_two_ranks_measure_the_peak_their_plan_predicts(tmp_path, case):
-    from tests.helpers import REPO
     from tests.ranks import launch
 
     stage = case["deepspeed.zero_stage"]
@@ -235,7 +239,7 @@ def test_a_lora_run_on_two_ranks_measures_the_peak_its_plan_predicts(tmp_path, s
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from bookgen.data.tokenizer import train_bpe
-    from tests.helpers import REPO, SAMPLE
+    from tests.helpers import SAMPLE
     from tests.ranks import launch
 
     summaries = [line.split("\t")[6] for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:100]]
