@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bookgen.config import LoraSettings
+from bookgen.errors import BookgenError
 from bookgen.model.build import enable_activation_checkpointing, training_attention
 from bookgen.model.chunked_loss import use_chunked_loss
 from bookgen.model.lora import peft_config
@@ -57,6 +58,11 @@ class LayerBytes:
         return self.fixed + layers * self.per_layer
 
 
+class PlanError(BookgenError):
+    """A model the planner cannot trace on the meta device (a kernel with no meta form, a config it cannot
+    shrink)."""
+
+
 def training_bytes(hf_config: Any, setup: TraceSetup) -> LayerBytes:
     """The peak of one micro-batch's forward and backward, beyond weights and gradients."""
     one, two = (_peak(_with_layers(hf_config, n), setup, train=True) for n in (1, 2))
@@ -82,6 +88,16 @@ def _with_layers(hf_config: Any, layers: int) -> Any:
 
 
 def _peak(config: Any, setup: TraceSetup, *, train: bool) -> int:
+    try:
+        return _traced_peak(config, setup, train=train)
+    except BookgenError:
+        raise
+    except Exception as exc:  # a family's kernel with no meta form (grouped expert matmuls, ...)
+        raise PlanError(f"the memory plan cannot trace a {getattr(config, 'model_type', 'model')} step on the meta "
+                        f"device ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+def _traced_peak(config: Any, setup: TraceSetup, *, train: bool) -> int:
     model = build_on_meta(config, setup)
     with torch.device("meta"):
         ids = torch.zeros((setup.micro_batch, setup.block), dtype=torch.long)

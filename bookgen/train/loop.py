@@ -207,7 +207,8 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
     if run.scorer is not None and run.scorer.last is not None:
         summary |= run.scorer.last.metrics()
     summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), run.engine.device)
-    summary |= {"model": model_name(cfg), "device": run.memory.hardware.device if run.memory else None}
+    summary |= {"model": model_name(cfg), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                else "cpu"}
     summary |= _plan_against_run(run, dist, seconds_per_step=state.train_seconds / state.global_step
                                  if state.global_step else None)
     if run.log is not None:
@@ -270,7 +271,8 @@ def _build(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Con
     """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
     # the plan again for the rows the tokenizer gives the embeddings, before the probe starts counting
-    memory = with_vocabulary(resolved.memory, vocabulary_rows(len(tokenizer), cfg.model.pad_to_multiple_of))
+    memory = resolved.memory and with_vocabulary(resolved.memory, vocabulary_rows(len(tokenizer),
+                                                                                cfg.model.pad_to_multiple_of))
     probe = MemoryProbe(on_gpu=torch.cuda.is_available())  # from the build on: the weights count
     try:
         return _build_counted(cfg, resolved, dist, console, invocation, fault, tokenizer, probe, memory)
@@ -281,7 +283,7 @@ def _build(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Con
 
 def _build_counted(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Console,
                    invocation: Invocation, fault: Fault | None, tokenizer: Any, probe: MemoryProbe,
-                   memory: ExperimentPlan) -> Run:
+                   memory: ExperimentPlan | None) -> Run:
     ds_config = resolved.ds_config
     zero3 = ds_config if resolved.zero3 else None
     # under ZeRO-3: partitioned as it is created

@@ -30,6 +30,7 @@ from bookgen.model.config_checks import (
 from bookgen.model.lora import check_targets
 from bookgen.model.source import ModelSource
 from bookgen.planning.experiment import ExperimentPlan, Hardware, plan_experiment, refusal
+from bookgen.planning.trace import PlanError
 from bookgen.tracking import check_tracker_packages, check_tracker_servers
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.engine import check_precision
@@ -71,16 +72,25 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> tuple[ModelSource, d
     return source, ds
 
 
-def check_fit(cfg: ExperimentConfig, dist: DistEnv, source: ModelSource, ds: dict[str, Any]) -> ExperimentPlan:
+def check_fit(cfg: ExperimentConfig, dist: DistEnv, source: ModelSource, ds: dict[str, Any]
+              ) -> ExperimentPlan | None:
     """The run's memory plan on this hardware (each run records it beside what it measures), refused when it
-    will not fit: on GPUs unless train.fit_check is false, on CPUs when it is true."""
+    will not fit: on GPUs unless train.fit_check is false, on CPUs when it is true. A model the planner cannot
+    trace runs unplanned, with a warning (an error where train.fit_check: true asks for the check)."""
     on_gpu = torch.cuda.is_available()
     local = max(dist.local_world_size, 1)
     hardware = Hardware(nodes=max(dist.world_size // local, 1), per_node=local,
                         device_bytes=memory_per_rank(local)[0],
                         device=torch.cuda.get_device_name() if on_gpu else "cpu")
     check = cfg.train.fit_check is True or cfg.train.fit_check == "auto" and on_gpu
-    plan = plan_experiment(cfg, source, ds, hardware, advise=check)
+    try:
+        plan = plan_experiment(cfg, source, ds, hardware, advise=check)
+    except PlanError as exc:
+        if cfg.train.fit_check is True:
+            raise
+        if dist.is_main:
+            distributed.warn(dist, f"{exc}; this run is not checked against a memory plan")
+        return None
     if check and not plan.fits:
         raise BookgenError(refusal(plan))
     return plan

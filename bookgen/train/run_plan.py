@@ -32,7 +32,7 @@ class RunPlan:
     compiled: bool
     packing: str
     trackers: tuple[str, ...]
-    memory: ExperimentPlan = field(repr=False)  # what each rank will hold, and how long a step takes
+    memory: ExperimentPlan | None = field(repr=False)  # what each rank will hold and a step's time (None: untraceable)
 
     @property
     def zero3(self) -> bool:

@@ -255,3 +255,28 @@ def test_a_lora_run_on_two_ranks_measures_the_peak_its_plan_predicts(tmp_path, s
     launch(2, ["--cfg", str(exp)])
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["memory_measured_mb"] == pytest.approx(summary["memory_planned_mb"], rel=0.10)
+
+
+MIXTRAL = {"model_type": "mixtral", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+           "max_position_embeddings": 128}
+
+
+def test_a_model_the_planner_cannot_trace_trains_unplanned_unless_the_check_was_asked_for(tmp_path, capsys):
+    """Mixture-of-experts kernels have no meta form: the plan says so instead of stopping the run."""
+    from bookgen.config_io import load_config
+    from bookgen.distributed import DistEnv
+    from bookgen.planning.trace import PlanError
+    from bookgen.train.run_plan import resolve_run
+
+    exp = write_experiment(tmp_path, {"model.config": MIXTRAL})
+    single = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
+                     master_port=29500)
+    cfg = load_config(exp)
+    assert resolve_run(cfg, single).memory is None
+    assert "the memory plan cannot trace a mixtral step on the meta device" in capsys.readouterr().err
+    cfg.train.fit_check = True
+    with pytest.raises(PlanError, match="cannot trace a mixtral step"):
+        resolve_run(cfg, single)
+    shown = run_cli(["plan", "--cfg", str(exp)])
+    assert shown.returncode == 2 and "cannot trace a mixtral step" in shown.stderr and "Traceback" not in shown.stderr
