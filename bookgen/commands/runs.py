@@ -32,6 +32,7 @@ class RunRow:
     copied_share: float | None
     rouge_l: float | None  # the last evaluation's ROUGE-L of the scored rows (prompt runs)
     memory: tuple[float | None, float | None]  # peak MiB a rank: (planned, measured)
+    step_seconds: tuple[float | None, float | None]  # a step's seconds: (planned, measured)
     status: str  # running, finished, preempted, interrupted or failed
     curve: list[tuple[int, float]]  # (step, validation loss)
 
@@ -89,6 +90,7 @@ def read_run(folder: Path) -> RunRow:
         copied_share=samples[-1].get("samples_copied_8gram_share") if samples else None,
         rouge_l=scored[-1]["rougeL"] if scored else None,
         memory=(planned.get("memory_planned_mb"), planned.get("memory_measured_mb")),
+        step_seconds=(summary.get("step_seconds_planned"), summary.get("step_seconds_measured")),
         status=run_status(folder, summary, steps) + damage,
         curve=[(r["step"], r["eval_loss"]) for r in evals if "eval_loss" in r],
     )
@@ -134,7 +136,7 @@ def runs_table(rows: list[RunRow]) -> Any:
 
     table = Table(title="bookgen runs")
     for name in ("run", "experiment", "model", "packing", "ZeRO", "ranks", "steps", "tokens/s", "best ppl",
-                 "last ppl", "stop rate", "copied", "ROUGE-L", "peak MiB plan/run", "status"):
+                 "last ppl", "stop rate", "copied", "ROUGE-L", "peak MiB plan/run", "step s plan/run", "status"):
         table.add_column(name, justify="left" if name in ("run", "experiment", "model", "packing", "status")
                          else "right")
     for r in rows:
@@ -142,7 +144,8 @@ def runs_table(rows: list[RunRow]) -> Any:
                       _text(r.world_size), str(r.steps), _text(r.tokens_per_second, "{:,.0f}"),
                       _text(r.best_perplexity, "{:.2f}"), _text(r.last_perplexity, "{:.2f}"),
                       _text(r.stop_rate, "{:.0%}"), _text(r.copied_share, "{:.0%}"), _text(r.rouge_l, "{:.3f}"),
-                      f"{_text(r.memory[0], '{:,.0f}')}/{_text(r.memory[1], '{:,.0f}')}", r.status)
+                      f"{_text(r.memory[0], '{:,.0f}')}/{_text(r.memory[1], '{:,.0f}')}",
+                      f"{_text(r.step_seconds[0], '{:.3f}')}/{_text(r.step_seconds[1], '{:.3f}')}", r.status)
     return table
 
 
