@@ -29,7 +29,8 @@ from bookgen.planning.trace import TraceSetup, build_on_meta, evaluation_bytes, 
 ZERO0_ALLREDUCE_ELEMENTS = 500_000_000  # DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE (runtime/engine.py)
 # DeepSpeed's own defaults where the JSON leaves a bucket unset (runtime/zero/config.py)
 DS_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000,
-               "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000}
+               "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000,
+               "stage3_param_persistence_threshold": 100_000}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -77,6 +78,7 @@ class MemoryPlan:
     trainable: int
     peak: int  # on each rank's device
     training_peak: int  # the same without evaluation and sampling: a training step's
+    held: int  # what stays between steps: weights, optimizer, and ZeRO-3's gradient partition buffer
 
     def part(self, name: str) -> int:
         return next(p.bytes for p in self.parts if p.name == name)
@@ -89,14 +91,16 @@ class MemoryPlan:
 def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
     config = inputs.hf_config
     layers = layer_count(config)
-    params, trainable, largest_module = _cached(("counts", inputs.lora), config, lambda: _counts(inputs))
+    params, trainable, largest_module, sizes = _cached(("counts", inputs.lora), config, lambda: _counts(inputs))
     w = 2 if inputs.precision in ("bf16", "fp16") else 4  # bytes a weight (and a gradient) in training
     n, stage = inputs.ranks, inputs.stage
     setup = trace_setup(inputs, inputs.micro_batch)
     act = _cached(("train", setup), config, lambda: training_bytes(config, setup))
     eval_setup = trace_setup(inputs, inputs.eval_batch)
     evaluation = _cached(("eval", eval_setup), config, lambda: evaluation_bytes(config, eval_setup)).total(layers)
-    weights = params * w // n if stage == 3 else params * w
+    # ZeRO-3 keeps parameters up to stage3_param_persistence_threshold elements whole on every rank
+    persistent = sum(size for size in sizes if size <= _setting(inputs.zero, "stage3_param_persistence_threshold"))
+    weights = params * w // n + persistent * w if stage == 3 else params * w
     if inputs.offload("param") != "none":
         weights = 0
     if stage == 0:
@@ -113,7 +117,8 @@ def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
     kv = _kv_cache(config, inputs, layers, w)
     parts = (
         Part("weights", weights, f"{params / 1e6:,.1f}M parameters x {w} bytes"
-             + (f" / {n} ranks (ZeRO-3)" if stage == 3 else "") + (" (offloaded)" if weights == 0 else "")),
+             + (f" / {n} ranks (ZeRO-3; {persistent / 1e6:,.2f}M small ones whole)" if stage == 3 else "")
+             + (" (offloaded)" if weights == 0 else "")),
         Part("gradients", grads, f"{trainable / 1e6:,.1f}M trainable" + _grad_note(stage, n)),
         Part("optimizer", optimizer, "offloaded" if offloaded_optimizer else
              ("AdamW moments, fp32" if stage == 0 else f"fp32 master and moments / {n} ranks")),
@@ -134,7 +139,8 @@ def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
     peak = states + max(training, evaluation, kv)
     host = _host_parts(inputs, params, local_ranks, host_states if offloaded_optimizer else 0)
     return MemoryPlan(parts=parts, host=host, parameters=params, trainable=trainable, peak=peak,
-                      training_peak=states + training)
+                      training_peak=states + training,
+                      held=weights + optimizer + (trainable * w // n if stage == 3 else 0))
 
 
 _CACHE: dict[tuple[int, str], tuple[Any, Any]] = {}  # (config, question) -> (config, answer)
@@ -163,19 +169,21 @@ def trace_setup(inputs: MemoryInputs, batch: int) -> TraceSetup:
                       loss_chunk_tokens=inputs.loss_chunk_tokens, dropout=inputs.dropout, on_gpu=inputs.on_gpu)
 
 
-def _counts(inputs: MemoryInputs) -> tuple[int, int, int]:
-    """Parameters, trainable parameters (LoRA: the adapters), and the largest module's parameters, counted on
-    the meta device (tied weights once)."""
+def _counts(inputs: MemoryInputs) -> tuple[int, int, int, tuple[int, ...]]:
+    """Parameters, trainable parameters (LoRA: the adapters), the largest module's parameters, and each
+    parameter's size, counted on the meta device (tied weights once)."""
     model = build_on_meta(inputs.hf_config, trace_setup(inputs, 1))
     seen: set[int] = set()
     params = trainable = 0
+    sizes = []
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             params += p.numel()
             trainable += p.numel() if p.requires_grad else 0
+            sizes.append(p.numel())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return params, trainable, largest
+    return params, trainable, largest, tuple(sizes)
 
 
 def _deepspeed_buffers(inputs: MemoryInputs, params: int, largest: int, w: int) -> int:
@@ -189,8 +197,7 @@ def _deepspeed_buffers(inputs: MemoryInputs, params: int, largest: int, w: int) 
         return 0
 
     def size(key: str) -> int:
-        value = zero.get(key, "auto")
-        return int(DS_DEFAULTS[key] if value == "auto" else value)
+        return _setting(zero, key)
 
     bucket = size("reduce_bucket_size") * (4 if stage == 1 else w)
     if stage < 3:
@@ -198,6 +205,12 @@ def _deepspeed_buffers(inputs: MemoryInputs, params: int, largest: int, w: int) 
     kept = min(size("stage3_max_live_parameters"), size("stage3_max_reuse_distance"))
     gathered = min(params, max(kept, largest + size("stage3_prefetch_bucket_size")))
     return bucket + gathered * w
+
+
+def _setting(zero: dict[str, Any], key: str) -> int:
+    """A ZeRO setting from the JSON, DeepSpeed's default where it is unset or "auto"."""
+    value = zero.get(key, "auto")
+    return int(DS_DEFAULTS[key] if value == "auto" else value)
 
 
 def _kv_cache(config: Any, inputs: MemoryInputs, layers: int, w: int) -> int:

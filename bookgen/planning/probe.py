@@ -21,10 +21,16 @@ class MemoryProbe:
         self.on_gpu = on_gpu
         self._counter: LiveBytes | None = None
         self._peak: int | None = None
+        self.held_after: int | None = None  # CPU: bytes still alive when counting stopped (the model states)
         self._steps = 0
         if not on_gpu:
             self._counter = LiveBytes("cpu")
             self._counter.__enter__()
+
+    def include(self, model: torch.nn.Module) -> None:
+        """Count the model's weights too where they were read from files rather than made by operators."""
+        if self._counter is not None:
+            self._counter.include([*model.parameters(), *model.buffers()])
 
     def step_done(self) -> None:
         self._steps += 1
@@ -40,7 +46,9 @@ class MemoryProbe:
         """Stop counting (CPU); the peak so far stands."""
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
-            self._peak, self._counter = (self._counter.peak if self._steps else None), None
+            if self._steps:
+                self._peak, self.held_after = self._counter.peak, self._counter.live
+            self._counter = None
 
     def peak(self) -> int | None:
         """Bytes at the peak; None where no step ran."""

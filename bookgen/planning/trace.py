@@ -138,6 +138,12 @@ class LiveBytes(TorchDispatchMode):
                 self._track(tensor.untyped_storage())
         return out
 
+    def include(self, tensors: Any) -> None:
+        """Count tensors made outside the operators (weights read from a file, memory-mapped)."""
+        for tensor in tensors:
+            if tensor.device.type == self.device:
+                self._track(tensor.untyped_storage())
+
     def _track(self, storage: Any) -> None:
         if storage in self._tracked:  # a view of a tensor already counted
             return

@@ -235,6 +235,10 @@ def _plan_against_run(run: Run, dist: DistEnv, *, seconds_per_step: float | None
     measured = run.probe.peak() if run.probe is not None else None
     if measured is not None:
         record["memory_measured_mb"] = distributed.all_reduce_max(measured, run.engine.device) / 2**20
+    if run.probe is not None and run.probe.held_after is not None:  # CPU: what stays between steps
+        record["memory_states_planned_mb"] = plan.memory.held / 2**20
+        record["memory_states_measured_mb"] = distributed.all_reduce_max(run.probe.held_after,
+                                                                         run.engine.device) / 2**20
     if plan.time.step_seconds is not None:
         record["step_seconds_planned"] = plan.time.step_seconds
     if seconds_per_step is not None:
@@ -288,6 +292,7 @@ def _build_counted(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, cons
     zero3 = ds_config if resolved.zero3 else None
     # under ZeRO-3: partitioned as it is created
     model = build_model(cfg, tokenizer, zero3_config=zero3, source=resolved.model)
+    probe.include(model)
     model_flops = flops_per_token(model, cfg.data.block_size)
     train_examples, valid_examples = prepared_examples(cfg, "train"), prepared_examples(cfg, "valid")
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
