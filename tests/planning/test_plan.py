@@ -240,7 +240,7 @@ def test_the_step_time_uses_the_newest_comparable_runs_mfu(tmp_path):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_a_lora_run_on_two_ranks_measures_the_peak_its_plan_predicts(tmp_path, stage):
     from transformers import AutoConfig, AutoModelForCausalLM
 
