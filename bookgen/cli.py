@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from bookgen.commands.launch import launch_command, launch_warnings, rank_environment
+from bookgen.commands.launch import launch_command, launch_warnings, plan_check_command, rank_environment
 from bookgen.commands.runs import runs_command
 from bookgen.config import ExperimentConfig
 from bookgen.config_io import config_to_dict, describe_fields, load_config
@@ -162,6 +162,12 @@ def _launch(cfg: ExperimentConfig, args: argparse.Namespace, console: Console) -
     cmd = launch_command(cfg, Path(args.cfg).resolve(), args.overrides)
     for warning in launch_warnings(cfg):
         console.print(f"[yellow]warning: {warning}[/]", highlight=False)
+    check = plan_check_command(cfg, Path(args.cfg).resolve(), args.overrides)
+    if check is not None and not args.dry_run:
+        # before the queue: a job that will not fit the cluster's GPUs is not submitted
+        checked = subprocess.call(check, stdout=subprocess.DEVNULL)
+        if checked != 0:
+            return checked
     print(shlex.join(cmd))
     return 0 if args.dry_run else subprocess.call(cmd, env=rank_environment())
 

@@ -10,6 +10,7 @@ environment: :mod:`bookgen.config_io` reads files and resolves paths.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -478,6 +479,20 @@ class GenerateConfig:
             _require_seed(self.seed, "seed")
 
 
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GB|GIB|G|MB|MIB|M|TB|TIB|T)?\s*$", re.IGNORECASE)
+# binary, as GPU makers mean them: an "80GB" H100 has 80 GiB
+_UNITS = {"G": 2**30, "GB": 2**30, "GIB": 2**30, "M": 2**20, "MB": 2**20, "MIB": 2**20, "T": 2**40, "TB": 2**40,
+          "TIB": 2**40}
+
+
+def parse_size(text: str) -> int | None:
+    """``80GB``, ``80 GiB``, ``40g``, ``512MB`` in bytes (a bare number is GB; GB is GiB); None if not a size."""
+    match = _SIZE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        return None
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "GB").upper()])
+
+
 @dataclass(kw_only=True, slots=True)
 class LaunchConfig:
     backend: Literal["torchrun", "deepspeed", "slurm"] = field(
@@ -492,6 +507,9 @@ class LaunchConfig:
     time: str | None = field(default=None, metadata=_doc("Slurm time limit, e.g. 12:00:00."))
     account: str | None = field(default=None, metadata=_doc("Slurm account."))
     gpus_per_node: int = field(default=0, metadata=_doc("Slurm GPUs per node (0: CPU job)."))
+    gpu_memory: int | str | None = field(default=None, metadata=_doc(
+        "Memory of one of the cluster's GPUs, e.g. 80GB: `bookgen launch` then checks the memory plan (bookgen "
+        "plan) before the job waits in the queue; unset: the job checks it when it starts."))
     sbatch_extra: list[str] = field(default_factory=list, metadata=_doc("Extra sbatch options, e.g. --qos=high."))
     max_restarts: int = field(default=3, metadata=_doc(
         "torchrun (bookgen launch, slurm/train.sh) restarts every rank this many times when one crashes or is "
@@ -505,6 +523,9 @@ class LaunchConfig:
         _require(1 <= self.master_port <= 65535, "master_port", "must be a TCP port")
         _require(self.gpus_per_node >= 0, "gpus_per_node", "must be >= 0")
         _require(self.max_restarts >= 0, "max_restarts", "must be >= 0")
+        if self.gpu_memory is not None:
+            _require(parse_size(str(self.gpu_memory)) is not None, "gpu_memory",
+                     f"{self.gpu_memory!r} is not a size; write e.g. 80GB, 80GiB or 512MB")
 
 
 @dataclass(kw_only=True, slots=True)

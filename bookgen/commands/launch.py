@@ -43,6 +43,17 @@ def launch_warnings(cfg: ExperimentConfig) -> list[str]:
     return []
 
 
+def plan_check_command(cfg: ExperimentConfig, cfg_path: Path, overrides: list[str]) -> list[str] | None:
+    """`bookgen plan --check` for the cluster's GPUs, run before sbatch: for a Slurm GPU job whose GPUs'
+    memory the launch section names (launch.gpu_memory); None otherwise (the job checks when it starts)."""
+    la = cfg.launch
+    if la.backend != "slurm" or not la.gpus_per_node or la.gpu_memory is None:
+        return None
+    return [sys.executable, "-m", "bookgen.cli", "plan", "--cfg", str(cfg_path),
+            *(f"--set={o}" for o in overrides), "--check", "--nodes", str(la.nodes), "--gpus", str(la.gpus_per_node),
+            "--gpu-memory", str(la.gpu_memory)]
+
+
 def launch_command(cfg: ExperimentConfig, cfg_path: Path, overrides: list[str]) -> list[str]:
     la = cfg.launch
     args = ["--cfg", str(cfg_path), *(f"--set={o}" for o in overrides)]

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from typing import Any
 
 from rich.console import Console
 
-from bookgen.config import ExperimentConfig
+from bookgen.config import ExperimentConfig, parse_size
 from bookgen.config_io import load_config
 from bookgen.data.prepare import tokenizer_dir
 from bookgen.data.prepared import prepared_examples
@@ -31,23 +30,13 @@ from bookgen.train.loop import plan_steps
 from bookgen.train.preflight import model_source
 
 GIB = 2**30
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GB|GIB|G|MB|MIB|M|TB|TIB|T)?\s*$", re.IGNORECASE)
-# binary, as GPU makers mean them: an "80GB" H100 has 80 GiB
-_UNITS = {"G": 2**30, "GB": 2**30, "GIB": 2**30, "M": 2**20, "MB": 2**20, "MIB": 2**20, "T": 2**40, "TB": 2**40,
-          "TIB": 2**40}
-
-
-def parse_size(text: str, flag: str = "--gpu-memory") -> int:
-    """``80GB``, ``80 GiB``, ``40g``, ``512MB``: bytes (a bare number is GB; GB is GiB)."""
-    match = _SIZE.match(text)
-    if not match or float(match.group(1)) <= 0:
-        raise BookgenError(f"{flag}: {text!r} is not a size; write e.g. 80GB, 80GiB or 512MB")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "GB").upper()])
-
-
 def plan_command(args: argparse.Namespace, console: Console) -> int:
     cfg = load_config(args.cfg, args.overrides)
-    gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
+    gpu_memory = None
+    if args.gpu_memory:
+        gpu_memory = parse_size(args.gpu_memory)
+        if gpu_memory is None:
+            raise BookgenError(f"--gpu-memory: {args.gpu_memory!r} is not a size; write e.g. 80GB, 80GiB or 512MB")
     if args.gpus is not None and args.gpus < 1 or args.nodes is not None and args.nodes < 1:
         raise BookgenError("--gpus and --nodes: at least 1")
     hardware = hardware_for(cfg, gpus=args.gpus, gpu_memory=gpu_memory, nodes=args.nodes)

@@ -161,3 +161,24 @@ def test_a_restart_repeats_no_deliberate_stop_but_heals_a_crash(tmp_path):
     record(75, first)
     assert repeated_status(again) == 75 and repeated_status(first) is None, "only restarted ranks repeat it"
     assert repeated_status({"TORCHELASTIC_RESTART_COUNT": "1"}) is None, "plain torchrun: no guard"
+
+
+def test_a_slurm_job_that_will_not_fit_its_gpus_is_not_submitted(tmp_path):
+    """launch.gpu_memory names the cluster's GPUs: `bookgen launch` checks the plan before the queue."""
+    too_big = {"model.config": {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096,
+                                "intermediate_size": 11008, "num_attention_heads": 32, "max_position_embeddings": 64},
+               "train.precision": "bf16", "deepspeed.zero_stage": 3,
+               "deepspeed.config": str(REPO / "ds_configs/zero3.json"), "launch.backend": "slurm",
+               "launch.gpus_per_node": 1, "launch.gpu_memory": "24GB"}
+    exp = write_experiment(tmp_path, too_big)
+    proc = subprocess.run([sys.executable, "-m", "bookgen.cli", "launch", "--cfg", str(exp)], cwd=REPO,
+                          capture_output=True, text=True, env=rank_env(), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the largest part is optimizer" in proc.stderr and "it fits with" in proc.stderr
+    assert "sbatch" not in proc.stdout, "nothing submitted"
+    cfg = load_config(exp)
+    from bookgen.commands.launch import plan_check_command
+
+    check = plan_check_command(cfg, exp, ["train.max_steps=3"])
+    assert "--set=train.max_steps=3" in check and check[check.index("--gpu-memory") + 1] == "24GB"
+    assert plan_check_command(load_config(exp, ["launch.gpu_memory=null"]), exp, []) is None, "checked at start"
