@@ -82,3 +82,17 @@ def test_zero3_training_with_the_chunked_loss_follows_the_same_losses(tmp_path):
         losses[chunk] = step_losses(exp.parent / "run")
     for step in (1, 2, 3):
         assert losses[24][step] == pytest.approx(losses[None][step], rel=1e-5), step
+
+
+@pytest.mark.multirank
+def test_packed_prompt_rows_train_the_same_with_the_chunked_loss(tmp_path):
+    """Packed summaries (positions and boundaries passed through to the decoder) with prompts out of the loss."""
+    losses = {}
+    for chunk in (None, 17):
+        exp = write_experiment(tmp_path / str(chunk), {
+            "data.prompt": "Title: {title}\nSummary:", "data.packing": "documents", "train.loss_chunk_tokens": chunk,
+            "train.max_steps": 3, "eval.at_end": False, "eval.samples": 0}, rows=130)
+        launch(1, ["--cfg", str(exp)])
+        losses[chunk] = step_losses(exp.parent / "run")
+    for step in (1, 2, 3):
+        assert losses[17][step] == pytest.approx(losses[None][step], rel=1e-6), step
