@@ -51,7 +51,7 @@ def plan(config: Any, *, lora: bool, stage: int, offload: bool, gpus: int, block
     block = min(block, getattr(config, "n_positions", block))
     inputs = MemoryInputs(hf_config=config, lora=LORA if lora else None, ranks=gpus, micro_batch=1, block=block,
                           eval_batch=1, precision="bf16-mixed" if stage == 0 else "bf16", zero=zero,
-                          checkpointing=True, loss_chunk_tokens=4096, attention="sdpa", dropout=0.0,
+                          checkpointing=True, loss_chunk_tokens=4096, attention="causal", dropout=0.0,
                           sample_batch=1, sample_tokens=block, on_gpu=True)
     return plan_memory(inputs, local_ranks=gpus)
 

@@ -50,6 +50,7 @@ PATH = "path"  # relative value resolves against the YAML file's folder
 PATH_OR_ID = "path_or_id"  # a local folder if it exists next to the YAML file, else a hub id
 PATH_UNLESS = "path_unless"  # a path resolved as PATH unless the value is one of these keywords
 REPLACED = "replaced"  # old values of a setting -> the value that now means the same, named in the error
+RENAMED = "renamed"  # old spellings still taken -> the value they now read as, with a one-line notice
 
 
 @dataclass(kw_only=True, slots=True)
@@ -262,13 +263,14 @@ class ModelConfig:
         metadata=_doc("LoRA through peft: only the adapters (and model.lora.modules_to_save) train; unset: full "
                       "fine-tuning. model.lora: {} takes every default."),
     )
-    attention: Literal["sdpa", "eager", "flash_attention_2"] = field(
-        default="sdpa",
-        metadata=_doc("Attention kernel: sdpa trains through bookgen's causal attention (SDPA with no mask, the "
-                      "flash kernel on GPUs; torch's varlen flash kernel for data.packing: documents on CUDA in "
-                      "bf16/fp16; the blocked CPU kernel on a CPU, uncompiled) and generates with transformers' "
-                      "SDPA; eager and flash_attention_2 (GPUs with flash_attn installed) are transformers' own.",
-                      replaced={"bookgen": "sdpa"}),
+    attention: Literal["causal", "eager", "flash_attention_2"] = field(
+        default="causal",
+        metadata=_doc("Attention in training: causal is bookgen's causal attention (SDPA with no mask, the flash "
+                      "kernel on GPUs; torch's varlen flash kernel for data.packing: documents on CUDA in "
+                      "bf16/fp16; the blocked CPU kernel on a CPU, uncompiled), or transformers' SDPA for a model "
+                      "with sliding windows or soft-capping; generation always uses transformers' SDPA. eager and "
+                      "flash_attention_2 (GPUs with flash_attn installed) are transformers' own.",
+                      replaced={"bookgen": "causal"}, renamed={"sdpa": "causal"}),
     )
 
     def __post_init__(self) -> None:

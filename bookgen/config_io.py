@@ -7,6 +7,8 @@ import difflib
 import hashlib
 import json
 import math
+import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -18,6 +20,7 @@ from bookgen.config import (
     PATH,
     PATH_OR_ID,
     PATH_UNLESS,
+    RENAMED,
     REPLACED,
     ExperimentConfig,
     FieldError,
@@ -144,7 +147,12 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path,
             choices = ", ".join(repr(a) for a in get_args(tp))
             raise ConfigError(f"{where}: {dotted}: {raw[name]!r} is no longer a value; use one of {choices} "
                               f"({raw[name]!r} meant {replaced[raw[name]]!r})")
-        value = _coerce(raw[name], tp, dotted, where)
+        given, renamed = raw[name], f.metadata.get(RENAMED, {})
+        if isinstance(given, str) and given in renamed:
+            _notice(f"{where}: {dotted}: {given!r} is now spelled {renamed[given]!r} (the same setting); the old "
+                    "spelling still works")
+            given = renamed[given]
+        value = _coerce(given, tp, dotted, where)
         keywords = f.metadata.get(PATH_UNLESS)
         if value is not None and f.metadata.get(PATH):
             value = Path(value) if Path(value).is_absolute() else (base_dir / value).resolve()
@@ -159,6 +167,12 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str, base_dir: Path,
     except FieldError as exc:
         dotted = f"{prefix}{exc.key}"
         raise ConfigError(f"{_where(dotted, overrides, source)}: {dotted}: {exc}") from exc
+
+
+def _notice(message: str) -> None:
+    """One line on stderr, from the first rank only (every rank loads the experiment)."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"notice: {message}", file=sys.stderr, flush=True)
 
 
 def _section_type(tp: Any) -> type | None:

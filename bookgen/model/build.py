@@ -199,12 +199,12 @@ def _dropout_settings(mapping: dict[str, Any], dropout: float | None) -> dict[st
 
 
 def training_attention(choice: str, config: Any) -> str:
-    """``sdpa`` trains through bookgen's causal attention (SDPA without a mask, a variable-length kernel for
+    """``causal`` trains through bookgen's causal attention (SDPA without a mask, a variable-length kernel for
     packed summaries; :mod:`bookgen.model.attention`) for every model whose attention is plainly causal;
     one with sliding windows or logit soft-capping keeps transformers' SDPA, which knows them. ``eager`` and
     ``flash_attention_2`` are transformers' own."""
-    if choice == "sdpa" and plainly_causal(config):
-        return register()
+    if choice == "causal":
+        return register() if plainly_causal(config) else "sdpa"
     return choice
 
 

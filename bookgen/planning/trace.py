@@ -103,7 +103,7 @@ def _traced_peak(config: Any, setup: TraceSetup, *, train: bool) -> int:
         ids = torch.zeros((setup.micro_batch, setup.block), dtype=torch.long)
         # transformers' own attention gets the padding mask the run gives it (and, on the meta device, must:
         # without one it reads the positions back to look for packed rows); bookgen's needs none
-        mask = None if setup.attention == "sdpa" else torch.ones_like(ids)
+        mask = None if setup.attention == "causal" else torch.ones_like(ids)
     counter = LiveBytes("meta")
     for p in model.parameters():
         if p.requires_grad:  # a gradient is a model state, planned apart: not counted as it lands

@@ -301,7 +301,7 @@ def _build_counted(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, cons
     resume_plan = plan_resume(cfg, dist)
     engine = build_engine(cfg, model, dist, plan.total_steps, load_universal=resume_plan.universal,
                           ds_config=ds_config)
-    if engine.device.type == "cpu" and not cfg.train.compile and cfg.model.attention == "sdpa":
+    if engine.device.type == "cpu" and not cfg.train.compile and cfg.model.attention == "causal":
         from bookgen.cpu import speed_up_training  # the one seam for CPU-only speed (tests, the demo)
 
         speed_up_training(engine.module)

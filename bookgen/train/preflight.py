@@ -63,7 +63,7 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> tuple[ModelSource, d
     if cfg.model.attention == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
             raise BookgenError("model.attention: flash_attention_2 needs a GPU and the flash_attn package; use "
-                               "sdpa")
+                               "causal")
         if cfg.train.precision == "fp32":
             raise BookgenError("model.attention: flash_attention_2 runs in bf16 or fp16; set train.precision")
     errors = distributed.gather_errors(_unwritable(cfg, dist) or (_tracker_server(cfg) if dist.is_main else None))

@@ -126,6 +126,19 @@ def test_a_key_given_twice_is_named_with_its_lines(tmp_path):
         load_config(twice)
 
 
+def test_an_old_spelling_still_loads_with_a_notice_and_an_older_one_is_named(tmp_path, capsys, monkeypatch):
+    path = write_experiment(tmp_path, {"model.attention": "sdpa"})
+    monkeypatch.delenv("RANK", raising=False)
+    assert load_config(path).model.attention == "causal"
+    assert capsys.readouterr().err.strip() == (f"notice: {path}: model.attention: 'sdpa' is now spelled 'causal' "
+                                               "(the same setting); the old spelling still works")
+    monkeypatch.setenv("RANK", "1")
+    assert load_config(path).model.attention == "causal" and capsys.readouterr().err == "", "rank 0 says it once"
+    with pytest.raises(ConfigError, match=r"model.attention: 'bookgen' is no longer a value; use one of 'causal', "
+                                          r"'eager', 'flash_attention_2' \('bookgen' meant 'causal'\)"):
+        load_config(path, ["model.attention=bookgen"])
+
+
 def test_set_overrides_are_typed_and_validated(tmp_path):
     path = write_experiment(tmp_path)
     cfg = load_config(path, ["train.max_steps=10", "train.learning_rate=3e-4", "data.packing=documents"])

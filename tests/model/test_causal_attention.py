@@ -119,11 +119,11 @@ def test_other_causal_families_train_through_it_and_windowed_ones_keep_transform
     padded = collate([DOCS[2], DOCS[1]], pad_id=0)
     with torch.no_grad():
         reference = llama(**padded).logits
-        llama.set_attn_implementation(training_attention("sdpa", llama.config))
+        llama.set_attn_implementation(training_attention("causal", llama.config))
         assert attention.uses_causal_attention(llama)
         ours = llama(**model_inputs(padded, torch.device("cpu"), bookgen_attention=True)).logits
     real = padded["attention_mask"].bool()
     torch.testing.assert_close(ours[real], reference[real], rtol=1e-5, atol=1e-5)
-    assert training_attention("sdpa", MistralConfig(sliding_window=16)) == "sdpa"
-    assert training_attention("sdpa", MistralConfig(sliding_window=None)) == attention.NAME
+    assert training_attention("causal", MistralConfig(sliding_window=16)) == "sdpa"
+    assert training_attention("causal", MistralConfig(sliding_window=None)) == attention.NAME
     assert training_attention("eager", llama.config) == "eager"

@@ -19,7 +19,7 @@ GPT2 = GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=1000, n_positions=5
 LLAMA = LlamaConfig(num_hidden_layers=3, hidden_size=128, intermediate_size=352, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=2000)
 SETUP = TraceSetup(micro_batch=2, block=128, dtype=torch.float32, autocast=False, checkpointing=False,
-                   attention="sdpa", lora=None, loss_chunk_tokens=None, dropout=0.0, on_gpu=False)
+                   attention="causal", lora=None, loss_chunk_tokens=None, dropout=0.0, on_gpu=False)
 
 
 def _measured_step(config, setup: TraceSetup) -> int:
@@ -31,7 +31,7 @@ def _measured_step(config, setup: TraceSetup) -> int:
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(counter.forget_grad)
     ids = torch.randint(0, config.vocab_size, (setup.micro_batch, setup.block))
-    mask = None if setup.attention == "sdpa" else torch.ones_like(ids)
+    mask = None if setup.attention == "causal" else torch.ones_like(ids)
     with counter:
         model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss.backward()
     return counter.peak
@@ -65,7 +65,7 @@ def test_lora_trace_counts_only_the_adapters_as_trained():
 def _inputs(config, **change) -> MemoryInputs:
     base = MemoryInputs(hf_config=config, lora=None, ranks=1, micro_batch=2, block=128, eval_batch=2,
                         precision="fp32", zero={"stage": 0}, checkpointing=False, loss_chunk_tokens=None,
-                        attention="sdpa", dropout=0.0, sample_batch=2, sample_tokens=64, on_gpu=False)
+                        attention="causal", dropout=0.0, sample_batch=2, sample_tokens=64, on_gpu=False)
     return dataclasses.replace(base, **change)
 
 
