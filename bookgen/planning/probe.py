@@ -17,13 +17,15 @@ STEPS = 2  # counted on a CPU
 
 
 class MemoryProbe:
-    def __init__(self, on_gpu: bool) -> None:
+    def __init__(self, on_gpu: bool, *, compiled: bool = False) -> None:
+        """``compiled``: the model runs under torch.compile, which does not compile under a dispatch mode: on a
+        CPU such a run is not counted (its measured peak stays unknown) rather than run uncompiled."""
         self.on_gpu = on_gpu
         self._counter: LiveBytes | None = None
         self._peak: int | None = None
         self.held_after: int | None = None  # CPU: bytes still alive when counting stopped (the model states)
         self._steps = 0
-        if not on_gpu:
+        if not on_gpu and not compiled:
             self._counter = LiveBytes("cpu")
             self._counter.__enter__()
 
@@ -54,4 +56,4 @@ class MemoryProbe:
         """Bytes at the peak; None where no step ran."""
         if self.on_gpu:
             return int(torch.cuda.max_memory_allocated())
-        return self._peak
+        return self._peak  # None where nothing was counted

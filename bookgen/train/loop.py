@@ -277,7 +277,8 @@ def _build(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Con
     # the plan again for the rows the tokenizer gives the embeddings, before the probe starts counting
     memory = resolved.memory and with_vocabulary(resolved.memory, vocabulary_rows(len(tokenizer),
                                                                                 cfg.model.pad_to_multiple_of))
-    probe = MemoryProbe(on_gpu=torch.cuda.is_available())  # from the build on: the weights count
+    # from the build on: the weights count
+    probe = MemoryProbe(on_gpu=torch.cuda.is_available(), compiled=cfg.train.compile)
     try:
         return _build_counted(cfg, resolved, dist, console, invocation, fault, tokenizer, probe, memory)
     except BaseException:
