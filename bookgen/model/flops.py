@@ -10,6 +10,7 @@ that does not train (a LoRA run's base) still passes the gradient to its input b
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -47,9 +48,13 @@ def matmul_params(model: torch.nn.Module, *, frozen: bool | None = None) -> int:
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token at ``seq_len`` (for line-by-line batches, the block size is an upper bound)."""
-    config = model.config  # type: ignore[attr-defined]
     weights = 6 * matmul_params(model) - 2 * matmul_params(model, frozen=True)
-    return weights + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    return weights + attention_flops(model.config, seq_len)  # type: ignore[attr-defined]
+
+
+def attention_flops(config: Any, seq_len: int) -> float:
+    """Training FLOPs a token of the attention scores and values at ``seq_len``."""
+    return 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 def peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> float | None:

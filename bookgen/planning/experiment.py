@@ -16,12 +16,11 @@ import torch
 from bookgen.config import ExperimentConfig
 from bookgen.data.batch_layout import BatchLayout
 from bookgen.model.config_checks import memory_per_rank
-from bookgen.model.flops import flops_per_token, peak_for_name
+from bookgen.model.flops import peak_for_name
 from bookgen.model.source import ModelSource
 from bookgen.planning.advice import Change, changes_that_fit
-from bookgen.planning.memory import MemoryInputs, MemoryPlan, plan_memory, trace_setup
+from bookgen.planning.memory import MemoryInputs, MemoryPlan, plan_memory
 from bookgen.planning.timing import TimePlan, comparable_mfu, plan_time
-from bookgen.planning.trace import build_on_meta
 
 GIB = 2**30
 ASSUMED_GPU = ("H100", 80 * 2**30)  # a GPU plan made where there is none, without --gpu-memory
@@ -89,7 +88,7 @@ def plan_experiment(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[
     rows where the tokenizer is known (else the model's or the experiment's vocabulary size)."""
     inputs = memory_inputs(cfg, source, ds_config, hardware, vocab_rows)
     memory = plan_memory(inputs, local_ranks=hardware.per_node)
-    time = _time(cfg, inputs, hardware, steps or cfg.train.max_steps)
+    time = _time(cfg, inputs, memory, hardware, steps or cfg.train.max_steps)
     changes: tuple[Change, ...] = ()
     if advise and memory.peak > hardware.device_bytes:
         head = 6 * inputs.hf_config.vocab_size * (getattr(inputs.hf_config, "hidden_size", None)
@@ -108,7 +107,11 @@ def with_vocabulary(plan: ExperimentPlan, rows: int) -> ExperimentPlan:
     if hf_config.vocab_size == plan.inputs.hf_config.vocab_size:
         return plan
     inputs = dataclasses.replace(plan.inputs, hf_config=hf_config)
-    return dataclasses.replace(plan, inputs=inputs, memory=plan_memory(inputs, local_ranks=plan.hardware.per_node))
+    memory = plan_memory(inputs, local_ranks=plan.hardware.per_node)
+    scale = memory.flops_per_token / plan.time.flops_per_token  # the head's share of a token's FLOPs changed
+    time = dataclasses.replace(plan.time, flops_per_token=memory.flops_per_token,
+                               step_seconds=None if plan.time.step_seconds is None else plan.time.step_seconds * scale)
+    return dataclasses.replace(plan, inputs=inputs, memory=memory, time=time)
 
 
 def memory_inputs(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[str, Any], hardware: Hardware,
@@ -144,9 +147,9 @@ def model_name(cfg: ExperimentConfig) -> str:
     return f"gpt2-builtin:{m.n_layer}x{m.n_embd}x{m.n_head}"
 
 
-def _time(cfg: ExperimentConfig, inputs: MemoryInputs, hardware: Hardware, steps: int | None) -> TimePlan:
-    model = build_on_meta(inputs.hf_config, trace_setup(inputs, 1))
-    per_token = flops_per_token(model, inputs.block)
+def _time(cfg: ExperimentConfig, inputs: MemoryInputs, memory: MemoryPlan, hardware: Hardware, steps: int | None
+          ) -> TimePlan:
+    per_token = memory.flops_per_token
     layout = BatchLayout.of(cfg.train, hardware.ranks)
     peak = None
     if cfg.run.peak_tflops is not None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from bookgen.config import LoraSettings
+from bookgen.model.flops import attention_flops, matmul_params
 from bookgen.planning.trace import TraceSetup, build_on_meta, evaluation_bytes, layer_count, training_bytes
 
 ZERO0_ALLREDUCE_ELEMENTS = 500_000_000  # DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE (runtime/engine.py)
@@ -79,6 +80,7 @@ class MemoryPlan:
     peak: int  # on each rank's device
     training_peak: int  # the same without evaluation and sampling: a training step's
     held: int  # what stays between steps: weights, optimizer, and ZeRO-3's gradient partition buffer
+    flops_per_token: float  # training FLOPs a token at the block size (bookgen.model.flops' count)
 
     def part(self, name: str) -> int:
         return next(p.bytes for p in self.parts if p.name == name)
@@ -91,7 +93,8 @@ class MemoryPlan:
 def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
     config = inputs.hf_config
     layers = layer_count(config)
-    params, trainable, largest_module, sizes = _cached(("counts", inputs.lora), config, lambda: _counts(inputs))
+    params, trainable, largest_module, sizes, weight_flops = _cached(("counts", inputs.lora), config,
+                                                                     lambda: _counts(inputs))
     w = 2 if inputs.precision in ("bf16", "fp16") else 4  # bytes a weight (and a gradient) in training
     n, stage = inputs.ranks, inputs.stage
     setup = trace_setup(inputs, inputs.micro_batch)
@@ -140,7 +143,8 @@ def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
     host = _host_parts(inputs, params, local_ranks, host_states if offloaded_optimizer else 0)
     return MemoryPlan(parts=parts, host=host, parameters=params, trainable=trainable, peak=peak,
                       training_peak=states + training,
-                      held=weights + optimizer + (trainable * w // n if stage == 3 else 0))
+                      held=weights + optimizer + (trainable * w // n if stage == 3 else 0),
+                      flops_per_token=weight_flops + attention_flops(config, inputs.block))
 
 
 _CACHE: dict[tuple[int, str], tuple[Any, Any]] = {}  # (config, question) -> (config, answer)
@@ -169,9 +173,10 @@ def trace_setup(inputs: MemoryInputs, batch: int) -> TraceSetup:
                       loss_chunk_tokens=inputs.loss_chunk_tokens, dropout=inputs.dropout, on_gpu=inputs.on_gpu)
 
 
-def _counts(inputs: MemoryInputs) -> tuple[int, int, int, tuple[int, ...]]:
-    """Parameters, trainable parameters (LoRA: the adapters), the largest module's parameters, and each
-    parameter's size, counted on the meta device (tied weights once)."""
+def _counts(inputs: MemoryInputs) -> tuple[int, int, int, tuple[int, ...], float]:
+    """Parameters, trainable parameters (LoRA: the adapters), the largest module's parameters, each
+    parameter's size (tied weights once), and the training FLOPs a token of the weights' matrix products (as
+    the run's MFU counts them), from one build on the meta device."""
     model = build_on_meta(inputs.hf_config, trace_setup(inputs, 1))
     seen: set[int] = set()
     params = trainable = 0
@@ -183,7 +188,8 @@ def _counts(inputs: MemoryInputs) -> tuple[int, int, int, tuple[int, ...]]:
             trainable += p.numel() if p.requires_grad else 0
             sizes.append(p.numel())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return params, trainable, largest, tuple(sizes)
+    weight_flops = 6 * matmul_params(model) - 2 * matmul_params(model, frozen=True)
+    return params, trainable, largest, tuple(sizes), weight_flops
 
 
 def _deepspeed_buffers(inputs: MemoryInputs, params: int, largest: int, w: int) -> int:

@@ -59,6 +59,7 @@ from bookgen.run_files import (
 from bookgen.tracking import open_trackers, run_params
 from bookgen.tracking.metrics_log import MetricsLog, plot_loss_curves
 from bookgen.train.engine import build_engine
+from bookgen.train.preflight import check_fit
 from bookgen.train.progress import TrainProgress, summary_table
 from bookgen.train.readout import Interval, StepRecord
 from bookgen.train.run_lock import hold_run_folder
@@ -274,9 +275,11 @@ def _build(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Con
            fault: Fault | None) -> Run:
     """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
-    # the plan again for the rows the tokenizer gives the embeddings, before the probe starts counting
-    memory = resolved.memory and with_vocabulary(resolved.memory, vocabulary_rows(len(tokenizer),
-                                                                                cfg.model.pad_to_multiple_of))
+    # the plan for the rows the tokenizer gives the embeddings (again, where preflight checked one), before the
+    # probe starts counting
+    rows = vocabulary_rows(len(tokenizer), cfg.model.pad_to_multiple_of)
+    memory = (with_vocabulary(resolved.memory, rows) if resolved.memory is not None
+              else check_fit(cfg, dist, resolved.model, resolved.ds_config, rows))
     # from the build on: the weights count
     probe = MemoryProbe(on_gpu=torch.cuda.is_available(), compiled=cfg.train.compile)
     try:

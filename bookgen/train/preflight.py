@@ -72,19 +72,23 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> tuple[ModelSource, d
     return source, ds
 
 
-def check_fit(cfg: ExperimentConfig, dist: DistEnv, source: ModelSource, ds: dict[str, Any]
-              ) -> ExperimentPlan | None:
+def check_fit(cfg: ExperimentConfig, dist: DistEnv, source: ModelSource, ds: dict[str, Any],
+              rows: int | None = None) -> ExperimentPlan | None:
     """The run's memory plan on this hardware (each run records it beside what it measures), refused when it
-    will not fit: on GPUs unless train.fit_check is false, on CPUs when it is true. A model the planner cannot
-    trace runs unplanned, with a warning (an error where train.fit_check: true asks for the check)."""
+    will not fit: on GPUs unless train.fit_check is false, on CPUs when it is true. ``rows``: the embedding rows,
+    once the tokenizer is known; before that, a run with nothing to refuse is planned later (None), once. A
+    model the planner cannot trace runs unplanned, with a warning (an error where train.fit_check: true asks
+    for the check)."""
     on_gpu = torch.cuda.is_available()
+    check = cfg.train.fit_check is True or cfg.train.fit_check == "auto" and on_gpu
+    if not check and rows is None:
+        return None
     local = max(dist.local_world_size, 1)
     hardware = Hardware(nodes=max(dist.world_size // local, 1), per_node=local,
                         device_bytes=memory_per_rank(local)[0],
                         device=torch.cuda.get_device_name() if on_gpu else "cpu")
-    check = cfg.train.fit_check is True or cfg.train.fit_check == "auto" and on_gpu
     try:
-        plan = plan_experiment(cfg, source, ds, hardware, advise=check)
+        plan = plan_experiment(cfg, source, ds, hardware, advise=check, vocab_rows=rows)
     except PlanError as exc:
         if cfg.train.fit_check is True:
             raise

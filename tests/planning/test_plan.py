@@ -157,6 +157,7 @@ def test_a_cpu_run_that_will_not_fit_is_refused_before_any_data_is_touched(tmp_p
 def test_fit_check_off_lets_preflight_pass(tmp_path):
     from bookgen.config_io import load_config
     from bookgen.distributed import DistEnv
+    from bookgen.train.preflight import check_fit
     from bookgen.train.run_plan import resolve_run
 
     exp = write_experiment(tmp_path, {"train.fit_check": True, "train.micro_batch_size": 100_000})
@@ -166,7 +167,10 @@ def test_fit_check_off_lets_preflight_pass(tmp_path):
     with pytest.raises(BookgenError, match="more than"):
         resolve_run(cfg, single)
     cfg.train.fit_check = False
-    assert resolve_run(cfg, single).memory.fits is False
+    resolved = resolve_run(cfg, single)
+    assert resolved.memory is None, "nothing to refuse: the run plans once it knows its tokenizer"
+    planned = check_fit(cfg, single, resolved.model, resolved.ds_config, rows=400)  # as the run's build does
+    assert planned is not None and planned.fits is False
 
 
 def test_a_run_records_its_plan_beside_what_it_measured(tmp_path):
@@ -275,13 +279,15 @@ def test_a_model_the_planner_cannot_trace_trains_unplanned_unless_the_check_was_
     from bookgen.config_io import load_config
     from bookgen.distributed import DistEnv
     from bookgen.planning.trace import PlanError
+    from bookgen.train.preflight import check_fit
     from bookgen.train.run_plan import resolve_run
 
     exp = write_experiment(tmp_path, {"model.config": MIXTRAL})
     single = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
                      master_port=29500)
     cfg = load_config(exp)
-    assert resolve_run(cfg, single).memory is None
+    resolved = resolve_run(cfg, single)
+    assert check_fit(cfg, single, resolved.model, resolved.ds_config, rows=400) is None  # as the run's build does
     assert "the memory plan cannot trace a mixtral step on the meta device" in capsys.readouterr().err
     cfg.train.fit_check = True
     with pytest.raises(PlanError, match="cannot trace a mixtral step"):
