@@ -173,6 +173,7 @@ def test_fit_check_off_lets_preflight_pass(tmp_path):
     assert planned is not None and planned.fits is False
 
 
+@pytest.mark.multirank  # a training process
 def test_a_run_records_its_plan_beside_what_it_measured(tmp_path):
     exp = write_experiment(tmp_path, {"model.attention": "eager", "data.packing": "concat",
                                       "train.max_steps": 2, "eval.at_end": False})
