@@ -32,14 +32,14 @@ def use_chunked_loss(model: Any, chunk_tokens: int) -> None:
     if getattr(config, "final_logit_softcapping", None) is not None or getattr(config, "logit_scale", None):
         raise BookgenError(f"train.loss_chunk_tokens: {type(model).__name__} transforms its logits after the head "
                            "(soft-capping or scaling), which the chunked loss does not; unset it for this model")
+    from transformers.modeling_outputs import CausalLMOutputWithPast  # once, not in every step's forward
+
     own_forward = model.forward
 
     def forward(self: Any, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
         if labels is None:
             return own_forward(input_ids=input_ids, **kwargs)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
         kwargs.pop("logits_to_keep", None)
         decoder = getattr(self, self.base_model_prefix)
         hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state

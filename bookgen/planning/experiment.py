@@ -134,6 +134,7 @@ def memory_inputs(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[st
                         checkpointing=cfg.model.activation_checkpointing,
                         loss_chunk_tokens=cfg.train.loss_chunk_tokens,
                         attention=cfg.model.attention, dropout=cfg.model.dropout, sample_batch=sample_batch,
+                        # prompts are short (a title, the begin token): 64 tokens at most, then the new ones
                         sample_tokens=min(cfg.data.block_size, 64) + g.max_new_tokens, on_gpu=hardware.on_gpu)
 
 

@@ -140,7 +140,7 @@ def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
     training = max(act.total(layers), grads + flat + act.fixed)
     states = weights + optimizer + buffers
     peak = states + max(training, evaluation, kv)
-    host = _host_parts(inputs, params, local_ranks, host_states if offloaded_optimizer else 0)
+    host = _host_parts(inputs, params, w, local_ranks, host_states if offloaded_optimizer else 0)
     return MemoryPlan(parts=parts, host=host, parameters=params, trainable=trainable, peak=peak,
                       training_peak=states + training,
                       held=weights + optimizer + (trainable * w // n if stage == 3 else 0),
@@ -226,7 +226,8 @@ def _kv_cache(config: Any, inputs: MemoryInputs, layers: int, w: int) -> int:
     return 2 * layers * kv_heads * head_dim * w * inputs.sample_batch * inputs.sample_tokens
 
 
-def _host_parts(inputs: MemoryInputs, params: int, local_ranks: int, offloaded_states: int) -> tuple[Part, ...]:
+def _host_parts(inputs: MemoryInputs, params: int, w: int, local_ranks: int, offloaded_states: int
+                ) -> tuple[Part, ...]:
     """Each node's host memory: loading (each rank reads the weights in fp32; ZeRO-3 reads its partition),
     and what ZeRO offloads."""
     n = inputs.ranks
@@ -237,6 +238,5 @@ def _host_parts(inputs: MemoryInputs, params: int, local_ranks: int, offloaded_s
         parts.append(Part("offloaded optimizer", local_ranks * offloaded_states,
                           f"{local_ranks} ranks x fp32 master, moments and gradients / {n}"))
     if inputs.offload("param") == "cpu":
-        w = 2 if inputs.precision in ("bf16", "fp16") else 4
         parts.append(Part("offloaded weights", local_ranks * params * w // n, f"{local_ranks} ranks x weights / {n}"))
     return tuple(parts)

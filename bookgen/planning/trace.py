@@ -65,13 +65,17 @@ class PlanError(BookgenError):
 
 def training_bytes(hf_config: Any, setup: TraceSetup) -> LayerBytes:
     """The peak of one micro-batch's forward and backward, beyond weights and gradients."""
-    one, two = (_peak(_with_layers(hf_config, n), setup, train=True) for n in (1, 2))
-    return LayerBytes(per_layer=max(two - one, 0), fixed=max(2 * one - two, 0))
+    return _layer_bytes(hf_config, setup, train=True)
 
 
 def evaluation_bytes(hf_config: Any, setup: TraceSetup) -> LayerBytes:
     """The peak of one evaluation forward (no gradients) of ``setup.micro_batch`` examples."""
-    one, two = (_peak(_with_layers(hf_config, n), setup, train=False) for n in (1, 2))
+    return _layer_bytes(hf_config, setup, train=False)
+
+
+def _layer_bytes(hf_config: Any, setup: TraceSetup, *, train: bool) -> LayerBytes:
+    """Traced with one layer and with two: the difference is a layer's share, the rest is fixed."""
+    one, two = (_peak(_with_layers(hf_config, n), setup, train=train) for n in (1, 2))
     return LayerBytes(per_layer=max(two - one, 0), fixed=max(2 * one - two, 0))
 
 
