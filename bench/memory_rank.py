@@ -58,7 +58,7 @@ def main() -> None:
     model = build_model(cfg, tokenizer, zero3_config=ds if cfg.deepspeed.zero_stage == 3 else None)
     loading = status("VmHWM") - baseline
     reset_peak()
-    engine = build_engine(cfg, model, dist, total_steps=2)
+    engine = build_engine(cfg.train, model, dist, total_steps=2, ds_config=ds)
     vocab = len(tokenizer)
     generator = torch.Generator().manual_seed(dist.rank)
     for _ in range(2):

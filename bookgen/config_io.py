@@ -25,6 +25,8 @@ from bookgen.config import (
     ExperimentConfig,
     FieldError,
     GenerateConfig,
+    ModelConfig,
+    TokenizerConfig,
 )
 from bookgen.errors import ConfigError
 from bookgen.fileio import write_text_atomic
@@ -293,9 +295,9 @@ def write_resolved(cfg: ExperimentConfig, path: Path) -> None:
 RUNTIME_MODEL_KEYS = ("dropout", "attention", "activation_checkpointing")
 
 
-def model_fingerprint(cfg: ExperimentConfig) -> str:
+def model_fingerprint(model: ModelConfig, tokenizer: TokenizerConfig) -> str:
     """Hash of what decides the shape of the weights: a checkpoint from another one cannot be loaded."""
-    payload = {"model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer)}
+    payload = {"model": config_to_dict(model), "tokenizer": config_to_dict(tokenizer)}
     for key in RUNTIME_MODEL_KEYS:
         payload["model"].pop(key, None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

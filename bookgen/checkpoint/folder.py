@@ -26,25 +26,20 @@ import numpy as np
 import torch
 
 from bookgen.checkpoint.compatibility import train_split_digest
+from bookgen.checkpoint.spec import CheckpointSpec
 from bookgen.checkpoint.state import TrainState
-from bookgen.config import ExperimentConfig
-from bookgen.config_io import RUNTIME_MODEL_KEYS, config_to_dict, model_fingerprint
-from bookgen.data.batch_layout import BatchLayout
+from bookgen.config_io import RUNTIME_MODEL_KEYS
 from bookgen.distributed import DistEnv, barrier, broadcast_object, gather_errors, gather_objects
 from bookgen.errors import BookgenError
 from bookgen.faults import Fault
 from bookgen.fileio import crc32_file, read_json, write_json_atomic, write_text_atomic
-from bookgen.model.frozen_base import RECORD_KEY, base_record, leaves_out_base
+from bookgen.model.frozen_base import RECORD_KEY, base_record
 from bookgen.model.lora import ADAPTER_CONFIG
 
 POINTER = "latest_complete"
 BEST_POINTER = "best_complete"
 MARKER = "COMPLETE.json"
 MODE_KEY = "mode"  # in COMPLETE.json: full fine-tuning or LoRA, and whether the base was left out
-
-
-def checkpoint_root(cfg: ExperimentConfig) -> Path:
-    return cfg.run.output_dir / "checkpoints"
 
 
 def tag_for(step: int) -> str:
@@ -62,13 +57,13 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, hf_files: Any,
+def save(engine: Any, spec: CheckpointSpec, dist: DistEnv, state: TrainState, hf_files: Any,
          eval_loss: float | None = None, fault: Fault | None = None, scores: dict[str, float] | None = None
          ) -> Path:
     """All ranks call this with the same state; ``eval_loss`` is the validation loss at this step, if
     one was just computed, ``scores`` its ROUGE scores (prompt runs); ``fault``: the failure tests'
     (bookgen.faults). Returns the checkpoint folder."""
-    root = checkpoint_root(cfg)
+    root = spec.root
     tag = tag_for(state.global_step)
     folder = root / tag
     # a rerun of a finished run ends at a step that is saved already: keep that checkpoint rather than
@@ -84,13 +79,13 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
         barrier()
         from deepspeed.checkpoint import constants as ds  # here: importing DeepSpeed costs commands seconds
 
-        client = {"bookgen_state": asdict(state), "bookgen_fingerprint": model_fingerprint(cfg),
+        client = {"bookgen_state": asdict(state), "bookgen_fingerprint": spec.fingerprint,
                   # lets DeepSpeed's ds_to_universal convert the checkpoint for another world size
                   ds.UNIVERSAL_CHECKPOINT_INFO: {
                       ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         # a LoRA run's pretrained base never changes: its checkpoints hold what trains (see model/frozen_base.py)
         engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False,
-                               exclude_frozen_parameters=leaves_out_base(cfg))
+                               exclude_frozen_parameters=spec.base_left_out)
         torch.save(_rng_state(), folder / f"rng_rank{dist.rank}.pt")
         if fault is not None:
             fault.inject("save", state.global_step, dist.rank)
@@ -106,10 +101,10 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
     error = None
     if dist.is_main:
         try:
-            write_json_atomic(folder / MARKER, _record(cfg, dist, state, folder, crc32, eval_loss) | (
+            write_json_atomic(folder / MARKER, _record(spec, dist, state, folder, crc32, eval_loss) | (
                 {"scores": scores} if scores else {}))
             write_text_atomic(root / POINTER, tag + "\n")
-            _prune(root, cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best, best_by=cfg.checkpoint.best_by)
+            _prune(root, spec.settings.keep, keep_best=spec.settings.keep_best, best_by=spec.settings.best_by)
         except OSError as exc:  # the folder stays unmarked: nothing trusts it, the earlier ones stay
             error = f"cannot mark checkpoint {folder} complete: {_short(exc)}"
     errors = gather_errors(error)  # the other ranks must not wait at a barrier rank 0 never reaches
@@ -118,21 +113,19 @@ def save(engine: Any, cfg: ExperimentConfig, dist: DistEnv, state: TrainState, h
     return folder
 
 
-def _record(cfg: ExperimentConfig, dist: DistEnv, state: TrainState, folder: Path, crc32: dict[str, str],
+def _record(spec: CheckpointSpec, dist: DistEnv, state: TrainState, folder: Path, crc32: dict[str, str],
             eval_loss: float | None) -> dict[str, Any]:
     """COMPLETE.json: what the checkpoint is, what it was trained with, and each file's size and CRC-32."""
     return {
-        "state": asdict(state), "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
-        "precision": cfg.train.precision, "seed": cfg.seed,
-        "global_batch": BatchLayout.of(cfg.train, dist.world_size).global_batch,
+        "state": asdict(state), "world_size": dist.world_size, "zero_stage": spec.zero_stage,
+        "precision": spec.precision, "seed": spec.seed, "global_batch": spec.global_batch,
         "files": _file_sizes(folder), "crc32": crc32,
-        "fingerprint": model_fingerprint(cfg),
-        "model": config_to_dict(cfg.model), "tokenizer": config_to_dict(cfg.tokenizer),
-        "data": {"block_size": cfg.data.block_size, "packing": cfg.data.packing,
-                 "group_by_length": cfg.data.group_by_length, "train_sha256": train_split_digest(cfg)},
+        "fingerprint": spec.fingerprint, "model": spec.model, "tokenizer": spec.tokenizer,
+        "data": {"block_size": spec.block_size, "packing": spec.packing,
+                 "group_by_length": spec.group_by_length, "train_sha256": train_split_digest(spec.prepared_dir)},
         "eval_loss": eval_loss,
-        MODE_KEY: {"lora": cfg.model.lora is not None, "base_left_out": leaves_out_base(cfg)},
-    } | ({RECORD_KEY: base_record(str(cfg.model.name_or_path))} if leaves_out_base(cfg) else {})
+        MODE_KEY: {"lora": spec.lora, "base_left_out": spec.base_left_out},
+    } | ({RECORD_KEY: base_record(str(spec.base))} if spec.base_left_out else {})
 
 
 def _full_disk_note(folder: Path) -> str:
@@ -238,8 +231,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and (p / MARKER).is_file())
 
 
-def newest_complete(cfg: ExperimentConfig) -> Path | None:
-    done = complete_checkpoints(checkpoint_root(cfg))
+def newest_complete(root: Path) -> Path | None:
+    done = complete_checkpoints(root)
     return done[-1] if done else None
 
 
@@ -274,16 +267,16 @@ def _prune(root: Path, keep: int, *, keep_best: bool, best_by: str = "eval_loss"
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def find_resume(cfg: ExperimentConfig) -> tuple[Path | None, list[str]]:
+def find_resume(spec: CheckpointSpec) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from (or None) and notes to print about what was passed over."""
-    mode = cfg.checkpoint.resume
+    mode = spec.settings.resume
     if mode == "never":
         return None, []
     if mode != "auto":
         folder = Path(mode)
         check_resume_folder(folder)
         return folder, []
-    root = checkpoint_root(cfg)
+    root = spec.root
     done = complete_checkpoints(root)
     notes = []
     pointer = root / POINTER
@@ -298,12 +291,11 @@ def find_resume(cfg: ExperimentConfig) -> tuple[Path | None, list[str]]:
     return (done[-1] if done else None), notes
 
 
-def check_no_other_run(cfg: ExperimentConfig, start: Path | None) -> None:
+def check_no_other_run(root: Path, start: Path | None) -> None:
     """Refuse a start (fresh: ``start`` None, or from a named checkpoint) whose run folder holds complete
     checkpoints that are not behind it on its own path. Its saves would meet them at the same step and keep
     them (a rerun of a finished run keeps its final checkpoint), and `latest`, `best` and the rotation would
     mix two runs: an export could then hold another run's weights. Nothing is moved or deleted here."""
-    root = checkpoint_root(cfg)
     done = complete_checkpoints(root)
     if start is not None and start.resolve().parent == root.resolve():
         clash = [p for p in done if p.name > start.name]
@@ -331,14 +323,13 @@ def check_resume_folder(folder: Path) -> None:
                            f"(no {MARKER}; an interrupted save, or not a checkpoint folder?)")
 
 
-def resolve(cfg: ExperimentConfig, choice: str | None) -> Path | None:
+def resolve(root: Path, best_by: str, choice: str | None) -> Path | None:
     """A checkpoint to read from, for eval, export and generate: ``latest`` (or None: the newest complete
     one; None when the run has none), ``best`` (lowest validation loss) or a folder."""
-    root = checkpoint_root(cfg)
     if choice in (None, "latest"):
-        return newest_complete(cfg)
+        return newest_complete(root)
     if choice == "best":
-        best = best_complete(root, cfg.checkpoint.best_by)
+        best = best_complete(root, best_by)
         if best is None:  # asked for by name: never fall back to another model
             raise BookgenError(f"--checkpoint best: no checkpoint under {root} has a validation loss; train with "
                                "checkpoint.keep_best: true (or pass a folder)")
@@ -349,12 +340,12 @@ def resolve(cfg: ExperimentConfig, choice: str | None) -> Path | None:
     return folder
 
 
-def read_marker(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:
-    """The checkpoint's record, refused when the model or tokenizer config differs from ``cfg``."""
+def read_marker(folder: Path, spec: CheckpointSpec) -> dict[str, Any]:
+    """The checkpoint's record, refused when the model or tokenizer config differs from this run's."""
     marker = read_record(folder)
-    if marker["fingerprint"] != model_fingerprint(cfg):
-        diffs = _diff("model", marker["model"], config_to_dict(cfg.model))
-        diffs += _diff("tokenizer", marker["tokenizer"], config_to_dict(cfg.tokenizer))
+    if marker["fingerprint"] != spec.fingerprint:
+        diffs = _diff("model", marker["model"], spec.model)
+        diffs += _diff("tokenizer", marker["tokenizer"], spec.tokenizer)
         raise BookgenError(f"{folder} was made with another model or tokenizer: " + "; ".join(diffs)
                            + ". Use another run.output_dir or checkpoint.resume: never.")
     return marker

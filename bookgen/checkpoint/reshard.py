@@ -20,7 +20,6 @@ import torch
 
 from bookgen.checkpoint.folder import MARKER
 from bookgen.checkpoint.state import TrainState
-from bookgen.config import ExperimentConfig
 from bookgen.distributed import DistEnv, broadcast_object
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, staged_dir, write_json_atomic
@@ -34,12 +33,11 @@ def saved_world_size(folder: Path) -> int:
     return int(marker["world_size"]) if isinstance(marker, dict) else -1
 
 
-def needs_universal(folder: Path | None, cfg: ExperimentConfig, dist: DistEnv) -> bool:
+def needs_universal(folder: Path | None, zero_stage: int, dist: DistEnv) -> bool:
     """True when the engine must be built to load a universal checkpoint (converted here if needed)."""
     if folder is None or saved_world_size(folder) == dist.world_size:
         return False
-    stage = cfg.deepspeed.zero_stage
-    if stage == 0:
+    if zero_stage == 0:
         return False
     error = None
     if dist.is_main and not (folder / UNIVERSAL_DIR / DONE).is_file():

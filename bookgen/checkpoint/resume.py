@@ -22,9 +22,8 @@ from bookgen.checkpoint import folder as ckpt
 from bookgen.checkpoint import reshard
 from bookgen.checkpoint.compatibility import check_epoch_order, check_vocabulary
 from bookgen.checkpoint.folder import previous_hint
+from bookgen.checkpoint.spec import CheckpointSpec
 from bookgen.checkpoint.state import TrainState
-from bookgen.config import ExperimentConfig
-from bookgen.data.batch_layout import BatchLayout
 from bookgen.distributed import DistEnv, broadcast_object, gather_errors
 from bookgen.errors import BookgenError
 from bookgen.model.frozen_base import RECORD_KEY, check_base
@@ -38,20 +37,20 @@ class ResumePlan:
     marker: dict[str, Any] | None = None  # the checkpoint's record, checked against this run's config
 
 
-def plan_resume(cfg: ExperimentConfig, dist: DistEnv) -> ResumePlan:
+def plan_resume(spec: CheckpointSpec, dist: DistEnv) -> ResumePlan:
     """Before the engine exists: the checkpoint to resume from, converted for this world size if needed."""
-    folder, notes = ckpt.find_resume(cfg)
+    folder, notes = ckpt.find_resume(spec)
     marker = None
     if folder is not None:  # every refusal before the engine is built
         _check_files_on_all_ranks(folder, dist)
-        marker = check_compatible(folder, cfg)
-        check_vocabulary(folder, cfg)
+        marker = check_compatible(folder, spec)
+        check_vocabulary(folder, spec.prepared_dir)
         if RECORD_KEY in marker:  # the run rebuilds the frozen base the checkpoint left out
             check_base(marker[RECORD_KEY], folder)
-        for change in check_epoch_order(folder, marker, cfg, BatchLayout.of(cfg.train, dist.world_size).global_batch):
+        for change in check_epoch_order(folder, marker, spec):
             notes.append(f"{folder} was saved at an epoch's end; {change} differs from then, which takes effect "
                          "from this epoch on")
-    return ResumePlan(folder, reshard.needs_universal(folder, cfg, dist), notes, marker)
+    return ResumePlan(folder, reshard.needs_universal(folder, spec.zero_stage, dist), notes, marker)
 
 
 def _check_files_on_all_ranks(folder: Path, dist: DistEnv) -> None:
@@ -66,7 +65,7 @@ def _check_files_on_all_ranks(folder: Path, dist: DistEnv) -> None:
         raise BookgenError(errors[0])
 
 
-def restore(engine: Any, plan: ResumePlan, cfg: ExperimentConfig, dist: DistEnv, console: Console, *,
+def restore(engine: Any, plan: ResumePlan, spec: CheckpointSpec, dist: DistEnv, console: Console, *,
             steps_per_epoch: int) -> TrainState:
     """After the engine is built: load the planned checkpoint (or start fresh) and say what happened."""
     for note in plan.notes:
@@ -74,9 +73,9 @@ def restore(engine: Any, plan: ResumePlan, cfg: ExperimentConfig, dist: DistEnv,
     if plan.folder is None or plan.marker is None:
         return TrainState()
     folder, saved = plan.folder, plan.marker
-    state, optimizer_changes = _load(engine, folder, saved, cfg, dist, steps_per_epoch=steps_per_epoch,
+    state, optimizer_changes = _load(engine, folder, saved, spec, dist, steps_per_epoch=steps_per_epoch,
                                      universal=plan.universal)
-    global_batch = BatchLayout.of(cfg.train, dist.world_size).global_batch
+    global_batch = spec.global_batch
     if saved["world_size"] != dist.world_size:
         console.print(f"[yellow]{folder} was saved by {saved['world_size']} ranks, this run has {dist.world_size}: "
                       f"{'loaded through a universal checkpoint; ' if plan.universal else ''}the data position is "
@@ -92,19 +91,19 @@ def restore(engine: Any, plan: ResumePlan, cfg: ExperimentConfig, dist: DistEnv,
     return state
 
 
-def check_compatible(folder: Path, cfg: ExperimentConfig) -> dict[str, Any]:
-    marker = ckpt.read_marker(folder, cfg)
-    if marker["zero_stage"] != cfg.deepspeed.zero_stage:
+def check_compatible(folder: Path, spec: CheckpointSpec) -> dict[str, Any]:
+    marker = ckpt.read_marker(folder, spec)
+    if marker["zero_stage"] != spec.zero_stage:
         raise BookgenError(f"{folder} was saved under ZeRO stage {marker['zero_stage']}, this run uses "
-                           f"deepspeed.zero_stage {cfg.deepspeed.zero_stage}")
+                           f"deepspeed.zero_stage {spec.zero_stage}")
     precision = marker.get("precision")  # recorded since this check; older markers load as they did
-    if precision is not None and precision != cfg.train.precision:
+    if precision is not None and precision != spec.precision:
         raise BookgenError(f"{folder} was saved under train.precision {precision}, this run uses "
-                           f"{cfg.train.precision}: DeepSpeed lays out the optimizer state per precision. Resume "
+                           f"{spec.precision}: DeepSpeed lays out the optimizer state per precision. Resume "
                            f"with --set train.precision={precision}, or start a new run from its weights "
                            "(bookgen export, then model.name_or_path: <that folder>)")
     saved = saved_layout(marker)
-    now = (cfg.data.packing, cfg.data.block_size)
+    now = (spec.packing, spec.block_size)
     if saved != now and marker["state"]["step_in_epoch"] != 0:
         # the examples of an epoch (rows, blocks) are another list: a mid-epoch position means nothing there
         raise BookgenError(f"{folder} was saved mid-epoch with data.packing {saved[0]!r} and data.block_size "
@@ -182,7 +181,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _load(engine: Any, folder: Path, marker: dict[str, Any], cfg: ExperimentConfig, dist: DistEnv, *,
+def _load(engine: Any, folder: Path, marker: dict[str, Any], spec: CheckpointSpec, dist: DistEnv, *,
           steps_per_epoch: int, universal: bool) -> tuple[TrainState, list[str]]:
     """Restore engine (weights, optimizer, scheduler), this rank's RNG, and the train state from the checkpoint
     whose record (``marker``) the plan checked; also return the optimizer settings this run changed.
@@ -203,17 +202,16 @@ def _load(engine: Any, folder: Path, marker: dict[str, Any], cfg: ExperimentConf
     if path is None:
         raise BookgenError(f"DeepSpeed could not load {folder}")
     state = TrainState(**marker["state"])
-    layout = BatchLayout.of(cfg.train, dist.world_size)
-    if marker["global_batch"] != layout.global_batch:
-        state = reshard.remap_position(state, marker["global_batch"], layout.global_batch,
-                                       steps_per_epoch, counted_in_epochs=cfg.train.max_steps is None)
+    if marker["global_batch"] != spec.global_batch:
+        state = reshard.remap_position(state, marker["global_batch"], spec.global_batch,
+                                       steps_per_epoch, counted_in_epochs=spec.counted_in_epochs)
         engine.lr_scheduler.last_epoch = state.global_step
     changed = apply_optimizer_settings(engine.lr_scheduler, built)
     _apply_schedule_at_loaded_step(engine.lr_scheduler)
     if marker["world_size"] == dist.world_size:
         _set_rng_state(torch.load(folder / f"rng_rank{dist.rank}.pt", weights_only=True))
     else:
-        reshard.reseed(cfg.seed, state.global_step, dist.rank)
+        reshard.reseed(spec.seed, state.global_step, dist.rank)
     # all ranks must agree on where they are
     agreed = broadcast_object(asdict(state))
     if agreed != asdict(state):

@@ -11,6 +11,7 @@ from bookgen import distributed
 from bookgen.checkpoint import folder as ckpt
 from bookgen.checkpoint.compatibility import check_vocabulary
 from bookgen.checkpoint.consolidate import load_checkpoint_model
+from bookgen.checkpoint.spec import checkpoint_spec
 from bookgen.config import ExperimentConfig
 from bookgen.config_io import load_config
 from bookgen.data.prepare import open_store, tokenizer_dir
@@ -19,10 +20,11 @@ from bookgen.data.tokenizer import load_tokenizer
 from bookgen.evaluation.perplexity import EvalResult
 from bookgen.evaluation.report import eval_line, run_eval
 from bookgen.fileio import read_json, write_json_atomic
-from bookgen.generation.samples import sample_seed
+from bookgen.generation.samples import SampleSpec, sample_spec
 from bookgen.generation.scoring import score_rows, scored_rows
 from bookgen.model.build import build_model
-from bookgen.train.engine import build_engine
+from bookgen.train.ds_config import build_ds_config
+from bookgen.train.engine import build_engine, check_precision
 
 
 def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = None) -> EvalResult:
@@ -31,34 +33,37 @@ def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = No
         console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
         ensure_prepared(cfg, dist, console)
         tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
-        folder = ckpt.resolve(cfg, checkpoint)
+        checkpoints, spec = checkpoint_spec(cfg, dist.world_size), sample_spec(cfg)
+        folder = ckpt.resolve(checkpoints.root, checkpoints.settings.best_by, checkpoint)
         step = 0
         if folder is None:
             console.print("[yellow]no checkpoint found: evaluating the freshly initialised model[/]")
             model = build_model(cfg, tokenizer)
         else:
             # consolidated weights load at any world size and ZeRO stage, unlike the engine's own state
-            step = ckpt.read_marker(folder, cfg)["state"]["global_step"]
-            check_vocabulary(folder, cfg)  # the split's token ids must mean what the model learned
+            step = ckpt.read_marker(folder, checkpoints)["state"]["global_step"]
+            check_vocabulary(folder, cfg.prepared_dir)  # the split's token ids must mean what the model learned
             model, _ = load_checkpoint_model(folder)
             console.print(f"evaluating {folder}")
         examples = prepared_examples(cfg, split)
-        engine = build_engine(cfg, model, dist, total_steps=1)
-        result = run_eval(engine, examples, split, cfg, dist, tokenizer.pad_token_id, step, None)
+        check_precision(cfg.train.precision)
+        engine = build_engine(cfg.train, model, dist, total_steps=1, ds_config=build_ds_config(cfg, dist.world_size))
+        result = run_eval(engine, examples, split, dist, tokenizer.pad_token_id, step, None,
+                          batch_size=cfg.eval.batch_size, output_dir=cfg.run.output_dir)
         console.print(eval_line(result, step))
-        if cfg.data.prompt and cfg.eval.scored:  # completions of the split's first rows, scored
-            _score(engine, tokenizer, cfg, dist, split, console)
+        if spec.per_book and spec.scored:  # completions of the split's first rows, scored
+            _score(engine, tokenizer, spec, dist, split, console)
         return result
 
 
-def _score(engine: Any, tokenizer: Any, cfg: ExperimentConfig, dist: distributed.DistEnv, split: str,
+def _score(engine: Any, tokenizer: Any, spec: SampleSpec, dist: distributed.DistEnv, split: str,
            console: Console) -> None:
-    store = open_store(cfg, split, verify=False)
-    scores = score_rows(engine.module, tokenizer, store, scored_rows(store, cfg.eval.scored), cfg.generate, dist,
-                        zero3=cfg.deepspeed.zero_stage == 3, seed=sample_seed(cfg), sampled=cfg.eval.scored_sampling)
+    store = open_store(spec.prepared_dir, split, verify=False)
+    scores = score_rows(engine.module, tokenizer, store, scored_rows(store, spec.scored), spec.generate, dist,
+                        zero3=spec.zero3, seed=spec.seed, sampled=spec.scored_sampling)
     if scores is None:
         return
-    path = cfg.run.output_dir / "eval_results.json"
+    path = spec.output_dir / "eval_results.json"
     write_json_atomic(path, {**(read_json(path) or {}), **scores.metrics()})
     console.print(f"scored {scores.rows} {split} rows: ROUGE-1 {scores.rouge1:.3f}, ROUGE-2 {scores.rouge2:.3f}, "
                   f"ROUGE-L {scores.rougeL:.3f}")

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from bookgen import distributed
 from bookgen.checkpoint import folder as ckpt
 from bookgen.checkpoint.compatibility import same_vocabulary_as_prepared
 from bookgen.checkpoint.consolidate import load_checkpoint_model
-from bookgen.config import ExperimentConfig, FieldError, GenerateConfig
+from bookgen.checkpoint.spec import CheckpointSpec, checkpoint_spec
+from bookgen.config import FieldError, GenerateConfig
 from bookgen.config_io import load_config, load_generate_overrides
 from bookgen.data.prompt_template import PromptTemplate
 from bookgen.errors import BookgenError
@@ -47,7 +49,16 @@ def settings_from(base: GenerateConfig, flags: dict[str, Any]) -> GenerateConfig
         raise BookgenError(f"--{exc.key.replace('_', '-')} (generate.{exc.key}): {exc}") from exc
 
 
-def load_model(model_dir: Path | None, cfg: ExperimentConfig | None, checkpoint: str | None = None
+@dataclass(frozen=True, slots=True)
+class FromExperiment:
+    """What generate reads of an experiment (--cfg): its checkpoints, prepared data and completion field."""
+
+    checkpoints: CheckpointSpec
+    prepared_dir: Path
+    text_field: str
+
+
+def load_model(model_dir: Path | None, experiment: FromExperiment | None, checkpoint: str | None = None
                ) -> tuple[Any, Any, str]:
     """An exported Hugging Face folder, or a checkpoint of the experiment's run (``checkpoint``: latest,
     best or a folder; see ``bookgen.checkpoint.folder.resolve``)."""
@@ -62,33 +73,34 @@ def load_model(model_dir: Path | None, cfg: ExperimentConfig | None, checkpoint:
                                "export one with `bookgen export`")
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
         return model.eval(), AutoTokenizer.from_pretrained(str(model_dir)), str(model_dir)
-    assert cfg is not None
-    folder = ckpt.resolve(cfg, checkpoint)
+    assert experiment is not None
+    checkpoints = experiment.checkpoints
+    folder = ckpt.resolve(checkpoints.root, checkpoints.settings.best_by, checkpoint)
     if folder is None:
-        raise BookgenError(f"no complete checkpoint under {ckpt.checkpoint_root(cfg)}; train first or pass --model")
-    ckpt.read_marker(folder, cfg)
+        raise BookgenError(f"no complete checkpoint under {checkpoints.root}; train first or pass --model")
+    ckpt.read_marker(folder, checkpoints)
     model, tokenizer = load_checkpoint_model(folder)
     return model, tokenizer, str(folder)
 
 
 def run_generation(
-    *, cfg: ExperimentConfig | None, model_dir: Path | None, prompts: list[str], settings: GenerateConfig,
+    *, experiment: FromExperiment | None, model_dir: Path | None, prompts: list[str], settings: GenerateConfig,
     seed: int, out: Path, checkpoint: str | None = None, rows: list[dict[str, Any]] | None = None,
 ) -> list[Sample]:
     """``rows``: the fields each prompt was rendered from (written beside its samples; a row that holds the
     completion field gets its first sample scored against it)."""
     if distributed.discover(os.environ).world_size > 1:
         with distributed.process_group(120) as dist:
-            return _run(dist, cfg, model_dir, checkpoint, prompts, settings, seed, out, rows)
-    return _run(distributed.discover({}), cfg, model_dir, checkpoint, prompts, settings, seed, out, rows)
+            return _run(dist, experiment, model_dir, checkpoint, prompts, settings, seed, out, rows)
+    return _run(distributed.discover({}), experiment, model_dir, checkpoint, prompts, settings, seed, out, rows)
 
 
-def _run(dist: distributed.DistEnv, cfg: ExperimentConfig | None, model_dir: Path | None, checkpoint: str | None,
+def _run(dist: distributed.DistEnv, experiment: FromExperiment | None, model_dir: Path | None, checkpoint: str | None,
          prompts: list[str], settings: GenerateConfig, seed: int, out: Path, rows: list[dict[str, Any]] | None
          ) -> list[Sample]:
     console = Console(stderr=True, soft_wrap=True, quiet=not dist.is_main)
     multi = dist.world_size > 1
-    model, tokenizer, source = load_model(model_dir, cfg, checkpoint)
+    model, tokenizer, source = load_model(model_dir, experiment, checkpoint)
     device = distributed.device_for(dist) if multi else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     mine = list(range(dist.rank, len(prompts), dist.world_size))  # prompts split over the ranks
@@ -109,15 +121,15 @@ def _run(dist: distributed.DistEnv, cfg: ExperimentConfig | None, model_dir: Pat
         new_tokens = sum(x.tokens for x in samples)
         console.print(f"{len(samples)} sequences from {source}: {new_tokens:,} new tokens in {took:.1f}s "
                       f"({new_tokens / max(took, 1e-9):,.0f} tokens/s) -> {out}, {readable}")
-        _report_quality(samples, tokenizer, cfg, quality_path(out), console, _scores(samples, rows, cfg))
+        _report_quality(samples, tokenizer, experiment.prepared_dir if experiment else None, quality_path(out),
+                        console, _scores(samples, rows, experiment.text_field if experiment else "text"))
     return samples
 
 
-def _scores(samples: list[Sample], rows: list[dict[str, Any]] | None, cfg: ExperimentConfig | None
-            ) -> dict[str, float | int]:
+def _scores(samples: list[Sample], rows: list[dict[str, Any]] | None, text_field: str) -> dict[str, float | int]:
     """ROUGE of each row's first sample against the row's own completion, where the rows hold one (the run's
     data.text_field, or "summary")."""
-    field = "summary" if rows and any("summary" in r for r in rows) else (cfg.data.text_field if cfg else "text")
+    field = "summary" if rows and any("summary" in r for r in rows) else text_field
     pairs = [(x.text, str(rows[x.prompt_index][field])) for x in samples
              if rows and x.sample_index == 0 and rows[x.prompt_index].get(field)]
     if not pairs:
@@ -125,16 +137,16 @@ def _scores(samples: list[Sample], rows: list[dict[str, Any]] | None, cfg: Exper
     return {**rouge([p for p, _ in pairs], [r for _, r in pairs]), "scored_rows": len(pairs)}
 
 
-def _report_quality(samples: list[Sample], tokenizer: Any, cfg: ExperimentConfig | None, path: Path,
+def _report_quality(samples: list[Sample], tokenizer: Any, prepared_dir: Path | None, path: Path,
                     console: Console, scores: dict[str, float | int]) -> None:
     """The quality measures, printed and written beside the output; novelty and the reference length need
     the experiment's prepared splits (--cfg), so a bare --model run leaves them out."""
     index, reference = None, None
-    if cfg is not None and (cfg.prepared_dir / "store" / "train").is_dir():
-        if same_vocabulary_as_prepared(tokenizer, cfg):
-            index, reference = quality_references(cfg)
+    if prepared_dir is not None and (prepared_dir / "store" / "train").is_dir():
+        if same_vocabulary_as_prepared(tokenizer, prepared_dir):
+            index, reference = quality_references(prepared_dir)
         else:  # the prepared token ids mean other words for this model
-            console.print(f"[yellow]the model's vocabulary is not that of {cfg.prepared_dir}: novelty and the "
+            console.print(f"[yellow]the model's vocabulary is not that of {prepared_dir}: novelty and the "
                           "reference lengths are left out[/]")
     q = measure([x.ids for x in samples], [x.stopped == "eos" for x in samples], index, reference)
     write_json_atomic(path, q.to_dict() | scores)
@@ -179,6 +191,8 @@ def generate_command(args: argparse.Namespace, console: Console) -> int:
     seed = settings.seed if settings.seed is not None else (cfg.seed if cfg else 0)
     out = args.out or ((cfg.run.output_dir if cfg else Path(".")) / "generated.jsonl")
     check_output_paths(out, inputs=[p for p in (args.prompts, args.model) if p is not None], force=args.force)
-    run_generation(cfg=cfg, model_dir=args.model, checkpoint=args.checkpoint, prompts=prompts, settings=settings,
-                   seed=seed, out=out, rows=rows)
+    experiment = (FromExperiment(checkpoint_spec(cfg, world_size=1), cfg.prepared_dir, cfg.data.text_field)
+                  if cfg else None)
+    run_generation(experiment=experiment, model_dir=args.model, checkpoint=args.checkpoint, prompts=prompts,
+                   settings=settings, seed=seed, out=out, rows=rows)
     return 0

@@ -4,6 +4,7 @@ rotated ones on disk), so a user can pick the checkpoint that writes best, not o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 from rich.console import Console
@@ -13,11 +14,12 @@ from bookgen import distributed
 from bookgen.checkpoint import folder as ckpt
 from bookgen.checkpoint.compatibility import check_vocabulary
 from bookgen.checkpoint.consolidate import load_checkpoint_model
+from bookgen.checkpoint.spec import checkpoint_spec
 from bookgen.config import ExperimentConfig
 from bookgen.config_io import load_config
 from bookgen.errors import BookgenError
 from bookgen.fileio import read_json, write_json_atomic
-from bookgen.generation.samples import SampleRound, quality_references, sample_round
+from bookgen.generation.samples import SampleRound, quality_references, sample_round, sample_spec
 
 COLUMNS = ("step", "eval loss", "stop rate", "length (valid)", "distinct-2", "repeated 4-grams", "copied 8-grams",
            "longest copy")
@@ -30,21 +32,23 @@ def samples_command(args: argparse.Namespace, console: Console) -> int:
 
 def sample_checkpoints(cfg: ExperimentConfig, console: Console) -> list[SampleRound]:
     """Sample ``eval.samples`` rows (at least 1) from each complete checkpoint; print and save the measures."""
-    folders = ckpt.complete_checkpoints(ckpt.checkpoint_root(cfg))
+    checkpoints = checkpoint_spec(cfg, world_size=1)
+    folders = ckpt.complete_checkpoints(checkpoints.root)
     if not folders:
-        raise BookgenError(f"no complete checkpoint under {ckpt.checkpoint_root(cfg)}; train first")
-    if cfg.eval.samples < 1:
-        cfg.eval.samples = 4
-    index, reference = quality_references(cfg)
+        raise BookgenError(f"no complete checkpoint under {checkpoints.root}; train first")
+    spec = sample_spec(cfg)
+    if spec.count < 1:
+        spec = dataclasses.replace(spec, count=4)
+    index, reference = quality_references(spec.prepared_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dist = distributed.discover({})
-    rounds, table = [], Table(*COLUMNS, title=f"samples from {len(folders)} checkpoints ({cfg.eval.samples} each)")
+    rounds, table = [], Table(*COLUMNS, title=f"samples from {len(folders)} checkpoints ({spec.count} each)")
     for folder in folders:
-        ckpt.read_marker(folder, cfg)
-        check_vocabulary(folder, cfg)  # novelty and lengths are counted in the prepared data's token ids
+        ckpt.read_marker(folder, checkpoints)
+        check_vocabulary(folder, spec.prepared_dir)  # novelty and lengths are counted in the prepared data's ids
         model, tokenizer = load_checkpoint_model(folder)
         step = int(folder.name.removeprefix("step"))
-        round_ = sample_round(model.to(device), tokenizer, cfg, dist, step=step, zero3=False, index=index,
+        round_ = sample_round(model.to(device), tokenizer, spec, dist, step=step, zero3=False, index=index,
                               reference_lengths=reference)
         assert round_ is not None  # one process: rank 0
         rounds.append(round_)

@@ -366,12 +366,12 @@ def _progress(quiet: bool):  # type: ignore[no-untyped-def]
     return Progress(disable=quiet, transient=True)
 
 
-def open_store(cfg: ExperimentConfig, split: str, *, verify: bool = True) -> TokenStore:
+def open_store(prepared_dir: Path, split: str, *, verify: bool = True) -> TokenStore:
     """Open a split's store, refusing one built with another tokenizer or block size. ``verify=False``
     skips the shard checksums (sizes and offsets are still checked): for callers that just ran
     :func:`prepare`, which checked them."""
-    store = TokenStore.open(store_dir(cfg.prepared_dir, split), verify=verify)
-    expected = tokenizer_fingerprint(tokenizer_dir(cfg.prepared_dir))
+    store = TokenStore.open(store_dir(prepared_dir, split), verify=verify)
+    expected = tokenizer_fingerprint(tokenizer_dir(prepared_dir))
     if store.manifest.get("tokenizer_fingerprint") != expected:
         raise StoreError(f"{store.folder}: built with another tokenizer; rerun `bookgen prepare`")
     return store

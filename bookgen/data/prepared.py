@@ -69,4 +69,4 @@ def prepared_examples(cfg: ExperimentConfig, split: str) -> Examples:
     boundaries (equal to one at a time, faster), so its perplexity is comparable whatever the training
     layout."""
     packing = cfg.data.packing if split == "train" else "documents"
-    return Examples.build(open_store(cfg, split, verify=False), cfg.data.block_size, packing)
+    return Examples.build(open_store(cfg.prepared_dir, split, verify=False), cfg.data.block_size, packing)

@@ -46,14 +46,32 @@ class SampleRound:
         return {**values, "samples_seconds": self.seconds}
 
 
-def sample_settings(cfg: ExperimentConfig) -> GenerateConfig:
-    """The run's generate settings, ``eval.samples`` rows from one prompt, all decoded together."""
-    count = cfg.eval.samples
-    return dataclasses.replace(cfg.generate, num_return_sequences=count, batch_size=max(count, 1))
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SampleSpec:
+    """What a run samples and scores while it trains (and `bookgen eval`/`samples` after), decided once."""
+
+    generate: GenerateConfig  # the run's sampling settings
+    seed: int  # generate.seed, else the experiment's
+    count: int  # eval.samples
+    per_book: bool  # a prompt run (data.prompt): one sample from each of the first `count` validation prompts
+    scored: int  # eval.scored
+    scored_sampling: bool  # eval.scored_sampling
+    prepared_dir: Path
+    output_dir: Path  # samples.jsonl goes there
+    zero3: bool  # every rank takes part in each forward
+    compiled: bool  # the training compiled the model: sample through its eager forward
+
+    @property
+    def settings(self) -> GenerateConfig:
+        """The run's generate settings, ``eval.samples`` rows from one prompt, all decoded together."""
+        return dataclasses.replace(self.generate, num_return_sequences=self.count, batch_size=max(self.count, 1))
 
 
-def sample_seed(cfg: ExperimentConfig) -> int:
-    return cfg.generate.seed if cfg.generate.seed is not None else cfg.seed
+def sample_spec(cfg: ExperimentConfig) -> SampleSpec:
+    return SampleSpec(generate=cfg.generate, seed=cfg.generate.seed if cfg.generate.seed is not None else cfg.seed,
+                      count=cfg.eval.samples, per_book=bool(cfg.data.prompt), scored=cfg.eval.scored,
+                      scored_sampling=cfg.eval.scored_sampling, prepared_dir=cfg.prepared_dir,
+                      output_dir=cfg.run.output_dir, zero3=cfg.deepspeed.zero_stage == 3, compiled=cfg.train.compile)
 
 
 class Uncompiled:
@@ -70,7 +88,7 @@ class Uncompiled:
         return self._module.forward(*args, **kwargs)
 
 
-def sample_round(model: Any, tokenizer: Any, cfg: ExperimentConfig, dist: DistEnv, *, step: int,
+def sample_round(model: Any, tokenizer: Any, spec: SampleSpec, dist: DistEnv, *, step: int,
                  zero3: bool, index: NgramIndex | None, reference_lengths: np.ndarray | None,
                  compiled: bool = False) -> SampleRound | None:
     """Sample ``eval.samples`` rows from ``generate.prompt``, or, in a prompt run, one from each of the first
@@ -79,24 +97,24 @@ def sample_round(model: Any, tokenizer: Any, cfg: ExperimentConfig, dist: DistEn
     eager forward."""
     if not (dist.is_main or zero3):
         return None
-    settings, prompts = sample_settings(cfg), [cfg.generate.prompt]
-    if cfg.data.prompt:
-        store = open_store(cfg, "valid", verify=False)
-        prompts = [tokenizer.decode(store.prompt(i).tolist()) for i in store.prompted(cfg.eval.samples)]
+    settings, prompts = spec.settings, [spec.generate.prompt]
+    if spec.per_book:
+        store = open_store(spec.prepared_dir, "valid", verify=False)
+        prompts = [tokenizer.decode(store.prompt(i).tolist()) for i in store.prompted(spec.count)]
         settings = dataclasses.replace(settings, num_return_sequences=1)
     agree = broadcast_from_rank0 if zero3 and dist.world_size > 1 else None
     start = time.perf_counter()
     was_training = getattr(model, "training", False)
     model.eval()
     samples = generate(Uncompiled(model) if compiled else model, tokenizer, prompts, settings,
-                       seed=sample_seed(cfg), agree=agree)
+                       seed=spec.seed, agree=agree)
     if was_training:
         model.train()
     seconds = time.perf_counter() - start
     if not dist.is_main:
         return None
     quality = measure([x.ids for x in samples], [x.stopped == "eos" for x in samples], index, reference_lengths)
-    return SampleRound(step, samples, quality, seconds, per_book=bool(cfg.data.prompt))
+    return SampleRound(step, samples, quality, seconds, per_book=spec.per_book)
 
 
 def broadcast_from_rank0(chosen: torch.Tensor) -> torch.Tensor:
@@ -118,20 +136,19 @@ class SamplesLog:
             fh.write("".join(json.dumps(r) + "\n" for r in round_.records()))
 
 
-def quality_references(cfg: ExperimentConfig) -> tuple[NgramIndex, np.ndarray]:
+def quality_references(prepared_dir: Path) -> tuple[NgramIndex, np.ndarray]:
     """What the measures compare against: the training split's 8-grams and the validation summaries'
     lengths (without <BOS> and <EOS>), both from the prepared token stores."""
-    index = NgramIndex.of_store(open_store(cfg, "train", verify=False))
-    return index, open_store(cfg, "valid", verify=False).lengths - 2
+    index = NgramIndex.of_store(open_store(prepared_dir, "train", verify=False))
+    return index, open_store(prepared_dir, "valid", verify=False).lengths - 2
 
 
 class TrainingSampler:
     """The samples of a training run: after each evaluation, a round on every rank that must take part,
     written (rank 0) to samples.jsonl, metrics.jsonl (``samples_*``), the trackers and the console."""
 
-    def __init__(self, cfg: ExperimentConfig, dist: DistEnv, tokenizer: Any, *, resume_step: int) -> None:
-        self.cfg, self.dist, self.tokenizer = cfg, dist, tokenizer
-        self.zero3 = cfg.deepspeed.zero_stage == 3
+    def __init__(self, spec: SampleSpec, dist: DistEnv, tokenizer: Any, *, resume_step: int) -> None:
+        self.spec, self.dist, self.tokenizer = spec, dist, tokenizer
         self.index: NgramIndex | None = None
         self.reference: np.ndarray | None = None
         self.log: SamplesLog | None = None
@@ -139,13 +156,13 @@ class TrainingSampler:
         self.index_seconds = 0.0
         if dist.is_main:  # only rank 0 measures
             start = time.perf_counter()
-            self.index, self.reference = quality_references(cfg)
+            self.index, self.reference = quality_references(spec.prepared_dir)
             self.index_seconds = time.perf_counter() - start
-            self.log = SamplesLog(cfg.run.output_dir, resume_step)
+            self.log = SamplesLog(spec.output_dir, resume_step)
 
     def after_eval(self, engine: Any, step: int, metrics: Any, note: Callable[[str], None]) -> None:
-        round_ = sample_round(engine.module, self.tokenizer, self.cfg, self.dist, step=step, zero3=self.zero3,
-                              compiled=self.cfg.train.compile,
+        round_ = sample_round(engine.module, self.tokenizer, self.spec, self.dist, step=step, zero3=self.spec.zero3,
+                              compiled=self.spec.compiled,
                               index=self.index, reference_lengths=self.reference)
         if round_ is None or self.log is None:
             return

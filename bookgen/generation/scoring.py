@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 from rouge_score import rouge_scorer
 
-from bookgen.config import ExperimentConfig, GenerateConfig
+from bookgen.config import GenerateConfig
 from bookgen.data.prepare import open_store
 from bookgen.data.store import TokenStore
 from bookgen.distributed import DistEnv
-from bookgen.generation.samples import Uncompiled, broadcast_from_rank0, sample_seed
+from bookgen.generation.samples import SampleSpec, Uncompiled, broadcast_from_rank0
 from bookgen.generation.sampling import generate
 
 MEASURES = ("rouge1", "rouge2", "rougeL")
@@ -82,17 +82,17 @@ class CompletionScorer:
     """The scores of a training run: after each evaluation, ``eval.scored`` fixed validation rows, written (rank
     0) to metrics.jsonl (``rouge1``, ``rouge2``, ``rougeL``), the trackers and the console."""
 
-    def __init__(self, cfg: ExperimentConfig, dist: DistEnv, tokenizer: Any) -> None:
-        self.cfg, self.dist, self.tokenizer = cfg, dist, tokenizer
-        self.store = open_store(cfg, "valid", verify=False)
-        self.rows = scored_rows(self.store, cfg.eval.scored)
+    def __init__(self, spec: SampleSpec, dist: DistEnv, tokenizer: Any) -> None:
+        self.spec, self.dist, self.tokenizer = spec, dist, tokenizer
+        self.store = open_store(spec.prepared_dir, "valid", verify=False)
+        self.rows = scored_rows(self.store, spec.scored)
         self.last: Scores | None = None
 
     def after_eval(self, engine: Any, step: int, metrics: Any, note: Callable[[str], None]) -> None:
-        model = Uncompiled(engine.module) if self.cfg.train.compile else engine.module
-        scores = score_rows(model, self.tokenizer, self.store, self.rows, self.cfg.generate, self.dist,
-                            zero3=self.cfg.deepspeed.zero_stage == 3, seed=sample_seed(self.cfg), step=step,
-                            sampled=self.cfg.eval.scored_sampling)
+        spec = self.spec
+        model = Uncompiled(engine.module) if spec.compiled else engine.module
+        scores = score_rows(model, self.tokenizer, self.store, self.rows, spec.generate, self.dist,
+                            zero3=spec.zero3, seed=spec.seed, step=step, sampled=spec.scored_sampling)
         if scores is None:
             return
         self.last = scores

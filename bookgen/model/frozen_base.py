@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bookgen.config import ExperimentConfig
+from bookgen.config import ModelConfig
 from bookgen.data.digests import Digests
 from bookgen.distributed import DistEnv, gather_objects
 from bookgen.errors import BookgenError
@@ -41,9 +41,9 @@ RECORD_KEY = "frozen_base"  # in a checkpoint's COMPLETE.json, only when its bas
 CONTENTS_MEMO = "base-digests.json"  # in ~/.cache/bookgen: the base files' CRC-32s, by size, inode and times
 
 
-def leaves_out_base(cfg: ExperimentConfig) -> bool:
+def leaves_out_base(model: ModelConfig) -> bool:
     """Whether this run's checkpoints leave the frozen base out: LoRA on a pretrained model."""
-    return cfg.model.lora is not None and cfg.model.name_or_path is not None
+    return model.lora is not None and model.name_or_path is not None
 
 
 def keep_out_of_state_dict(model: torch.nn.Module) -> None:

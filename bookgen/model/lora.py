@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bookgen.config import ExperimentConfig, LoraSettings
+from bookgen.config import LoraSettings
 from bookgen.errors import BookgenError
 from bookgen.model.embeddings import resize_embeddings, set_special_token_ids
 
@@ -102,10 +102,9 @@ def _register_token_layer_weights(model: torch.nn.Module) -> None:
             register_external_parameter(layer, layer.base_layer.weight)
 
 
-def check_targets(cfg: ExperimentConfig, config: Any) -> None:
+def check_targets(settings: LoraSettings | None, config: Any) -> None:
     """Every name in ``model.lora.target_modules`` and ``modules_to_save`` matches a layer of the model (built on
     the meta device: no memory, no weights read), before any data is touched."""
-    settings = cfg.model.lora
     if settings is None:
         return
     check_peft_installed()

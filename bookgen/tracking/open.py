@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bookgen.config import ExperimentConfig
+from bookgen.config import RunConfig
 from bookgen.errors import BookgenError
 from bookgen.faults import Fault
 from bookgen.fileio import write_json_atomic
@@ -24,22 +24,22 @@ TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wa
                     "mlflow": ("mlflow", "bookgen[mlflow]")}
 
 
-def check_tracker_packages(cfg: ExperimentConfig) -> None:
+def check_tracker_packages(run: RunConfig) -> None:
     """Preflight: every tracker asked for can be imported (before any data is touched)."""
-    for name in cfg.run.trackers:
+    for name in run.trackers:
         module, extra = TRACKER_PACKAGES[name]
         if importlib.util.find_spec(module) is None:
             raise BookgenError(f"run.trackers: {name} needs the {module} package, which is not installed: "
                                f"pip install '{extra}', or remove {name} from run.trackers")
 
 
-def check_tracker_servers(cfg: ExperimentConfig, timeout_s: float = 5.0) -> None:
+def check_tracker_servers(run: RunConfig, timeout_s: float = 5.0) -> None:
     """Preflight: an MLflow server the run will log to answers within ``timeout_s``. MLflow's own client retries
     an unreachable server for minutes, silently, after the data has been prepared and the model built."""
-    if "mlflow" not in cfg.run.trackers:
+    if "mlflow" not in run.trackers:
         return
-    previous = _read_state(cfg.run.output_dir / STATE_FILE).get("mlflow") or {}
-    uri = previous.get("tracking_uri") or tracking_uri(cfg.run.mlflow, create=False)[0]
+    previous = _read_state(run.output_dir / STATE_FILE).get("mlflow") or {}
+    uri = previous.get("tracking_uri") or tracking_uri(run.mlflow, create=False)[0]
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -54,18 +54,18 @@ def check_tracker_servers(cfg: ExperimentConfig, timeout_s: float = 5.0) -> None
                            "remove mlflow from run.trackers") from exc
 
 
-def open_trackers(cfg: ExperimentConfig, *, params: Mapping[str, Any], resume_step: int,
+def open_trackers(run: RunConfig, *, params: Mapping[str, Any], resume_step: int,
                   logged: Mapping[str, int], fault: Fault | None = None) -> Trackers:
     """Rank 0: the experiment's trackers, reopened from ``trackers.json`` when resuming (``resume_step`` > 0).
     A tracker that cannot start stops the run here, before training, with its name and reason."""
-    run_dir = cfg.run.output_dir
+    run_dir = run.output_dir
     state_path = run_dir / STATE_FILE
     previous = _read_state(state_path) if resume_step > 0 else {}
     trackers: list[Tracker] = []
     state: dict[str, Any] = {}
     try:
-        for name in cfg.run.trackers:
-            tracker = _start(name, cfg, params, previous.get(name))
+        for name in run.trackers:
+            tracker = _start(name, run, params, previous.get(name))
             trackers.append(tracker)
             state[name] = tracker.state()
     except Exception as exc:
@@ -81,12 +81,12 @@ def open_trackers(cfg: ExperimentConfig, *, params: Mapping[str, Any], resume_st
     return Trackers(trackers, logged if resume_step > 0 else {}, fault)
 
 
-def _start(name: str, cfg: ExperimentConfig, params: Mapping[str, Any], previous: dict[str, Any] | None) -> Any:
+def _start(name: str, run: RunConfig, params: Mapping[str, Any], previous: dict[str, Any] | None) -> Any:
     if name == "tensorboard":
-        return TensorBoardTracker(cfg.run.output_dir / "tensorboard", params, previous)
+        return TensorBoardTracker(run.output_dir / "tensorboard", params, previous)
     if name == "wandb":
-        return WandbTracker(cfg.run.wandb, cfg.run.output_dir, params, previous)
-    return MlflowTracker(cfg.run.mlflow, cfg.run.output_dir, params, previous)
+        return WandbTracker(run.wandb, run.output_dir, params, previous)
+    return MlflowTracker(run.mlflow, run.output_dir, params, previous)
 
 
 def _read_state(path: Path) -> dict[str, Any]:

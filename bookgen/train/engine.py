@@ -10,11 +10,10 @@ from typing import Any
 import torch
 
 from bookgen import distributed
-from bookgen.config import ExperimentConfig
+from bookgen.config import TrainConfig
 from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
-from bookgen.model.frozen_base import keep_out_of_state_dict, leaves_out_base
-from bookgen.train.ds_config import build_ds_config
+from bookgen.model.frozen_base import keep_out_of_state_dict
 from bookgen.train.schedule import lr_multiplier
 
 
@@ -51,36 +50,33 @@ def float32_matmul_precision(tf32: bool, on_gpu: bool) -> str:
     return "high" if tf32 and on_gpu else "highest"
 
 
-def check_precision(cfg: ExperimentConfig) -> None:
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+def check_precision(precision: str) -> None:
+    if precision == "fp16" and not torch.cuda.is_available():
         raise BookgenError("train.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
 
 
-def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, dist: DistEnv, total_steps: int,
-                 *, load_universal: bool = False, ds_config: dict[str, Any] | None = None) -> Any:
-    """The DeepSpeed engine around ``model``; ``ds_config``: the run's, built and checked once (preflight),
-    else built here (eval and tests), with its precision checked."""
+def build_engine(train: TrainConfig, model: torch.nn.Module, dist: DistEnv, total_steps: int, *,
+                 ds_config: dict[str, Any], base_left_out: bool = False, load_universal: bool = False) -> Any:
+    """The DeepSpeed engine around ``model``; ``ds_config``: the run's, built and checked once (preflight,
+    or the command that builds the engine); ``base_left_out``: LoRA on a pretrained base, whose checkpoints
+    hold what trains (bookgen.model.frozen_base)."""
     import deepspeed
 
-    torch.set_float32_matmul_precision(float32_matmul_precision(cfg.train.tf32, torch.cuda.is_available()))
-    if ds_config is None:
-        ds_config = build_ds_config(cfg, dist.world_size)
-        check_precision(cfg)
+    torch.set_float32_matmul_precision(float32_matmul_precision(train.tf32, torch.cuda.is_available()))
     ds_config = copy.deepcopy(ds_config)  # DeepSpeed may write into it; the plan's stays as resolved
     if load_universal:  # resuming a checkpoint saved at another world size (bookgen.checkpoint.reshard)
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    if cfg.train.precision.startswith("bf16") and not torch.cuda.is_available() and not cpu_has_bf16():
+    if train.precision.startswith("bf16") and not torch.cuda.is_available() and not cpu_has_bf16():
         if dist.is_main:  # the same on every rank: said once
-            distributed.warn(dist, f"this CPU has no native bf16; train.precision: {cfg.train.precision} will be slow")
-    if leaves_out_base(cfg):  # its checkpoints hold what trains (bookgen.model.frozen_base)
+            distributed.warn(dist, f"this CPU has no native bf16; train.precision: {train.precision} will be slow")
+    if base_left_out:
         keep_out_of_state_dict(model)
-    make_scheduler = partial(_scheduler, warmup=cfg.train.warmup_steps, total=total_steps,
-                             kind=cfg.train.lr_schedule)
+    make_scheduler = partial(_scheduler, warmup=train.warmup_steps, total=total_steps, kind=train.lr_schedule)
     engine, _optimizer, _loader, _scheduler_obj = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+        model=model, model_parameters=param_groups(model, train.weight_decay),
         config=ds_config, lr_scheduler=make_scheduler,
     )
-    if cfg.train.compile:
+    if train.compile:
         # in place (nn.Module.compile): parameter names, checkpoints and exports stay as without it
         engine.compile()
     return engine

@@ -19,6 +19,7 @@ from rich.console import Console
 from bookgen import distributed
 from bookgen.checkpoint import folder as ckpt
 from bookgen.checkpoint.resume import plan_resume, restore
+from bookgen.checkpoint.spec import CheckpointSpec
 from bookgen.checkpoint.state import TrainState
 from bookgen.config import ExperimentConfig, TrainConfig
 from bookgen.config_io import config_to_dict, write_resolved
@@ -37,7 +38,7 @@ from bookgen.evaluation.perplexity import EvalResult
 from bookgen.evaluation.report import eval_line, run_eval
 from bookgen.faults import Fault, from_environment
 from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
-from bookgen.generation.samples import TrainingSampler
+from bookgen.generation.samples import TrainingSampler, sample_spec
 from bookgen.generation.scoring import MEASURES, CompletionScorer
 from bookgen.model.attention import uses_causal_attention
 from bookgen.model.build import build_model, count_parameters
@@ -87,6 +88,32 @@ def plan_steps(n_examples: int, t: TrainConfig, world_size: int) -> StepPlan:
 
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Schedule:
+    """When the loop reads the device, evaluates, saves and stops early, and how it orders the data: decided
+    once from the experiment's run, eval, checkpoint and data sections."""
+
+    output_dir: Path  # the run folder
+    log_every: int
+    eval_every: int | None
+    eval_at_end: bool
+    eval_batch_size: int
+    checkpoint_every: int | None
+    patience: int | None  # eval.early_stopping_patience
+    min_delta: float  # eval.early_stopping_min_delta
+    seed: int
+    group_by_length: bool
+    precision: str  # named in the advice after a non-finite loss
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> Schedule:
+        return cls(output_dir=cfg.run.output_dir, log_every=cfg.run.log_every, eval_every=cfg.eval.every,
+                   eval_at_end=cfg.eval.at_end, eval_batch_size=cfg.eval.batch_size,
+                   checkpoint_every=cfg.checkpoint.every, patience=cfg.eval.early_stopping_patience,
+                   min_delta=cfg.eval.early_stopping_min_delta, seed=cfg.seed,
+                   group_by_length=cfg.data.group_by_length, precision=cfg.train.precision)
 
 
 class StopFlag:
@@ -152,10 +179,13 @@ class Run:
     scorer: CompletionScorer | None = None  # data.prompt and eval.scored > 0
     invocation: Invocation  # to print the commands that resume and export this run
     layout: BatchLayout  # micro-batch x accumulation x ranks, decided once (RunPlan)
+    train: TrainConfig  # the step's settings (accumulation, loss average)
     fault: Fault | None = None  # the failure tests' injected fault (bookgen.faults); None in a real run
     causal_attention: bool = False  # training runs bookgen's causal attention (decided when the model was built)
     probe: MemoryProbe | None = None  # measures the peak the memory plan predicted
     memory: ExperimentPlan | None = None  # the plan (RunPlan.memory)
+    checkpoints: CheckpointSpec  # RunPlan.checkpoints
+    schedule: Schedule
     plan_logged: bool = False  # the plan against the measured peak is in metrics.jsonl
     finished: bool = False  # a rerun of a finished run: nothing to do, nothing to write
 
@@ -178,14 +208,14 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
     if run.finished:
         run.progress.close()
         console.print(f"{cfg.run.output_dir} is a finished run (step {run.state.global_step} of "
-                      f"{run.plan.total_steps}{', stopped early' if _stopped_early(run.state, cfg) else ''}): nothing "
+                      f"{run.plan.total_steps}{', stopped early' if _stopped_early(run) else ''}): nothing "
                       "was changed. Raise train.max_steps or train.epochs to train on", highlight=False, markup=False)
         return read_json(cfg.run.output_dir / SUMMARY) or {}
     start = time.perf_counter()
     try:
-        done = _loop(run, cfg, dist, stop, console)
+        done = _loop(run, dist, stop, console)
         run.progress.close()
-        evals = _finish(run, cfg, dist, done)
+        evals = _finish(run, dist, done)
     except BaseException:  # the trackers' runs end as failed (one that stopped for a preemption already ended)
         if run.log is not None:
             run.log.close("failed")
@@ -220,7 +250,8 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
         console.print(summary_table({k: f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else v
                                      for k, v in summary.items()
                                      if v is not None}))
-        console.print(_where_things_are(cfg, invocation), highlight=False, markup=False)  # pasteable: [x] kept
+        # pasteable: [x] kept
+        console.print(_where_things_are(run), highlight=False, markup=False)
     return summary
 
 
@@ -247,26 +278,26 @@ def _plan_against_run(run: Run, dist: DistEnv, *, seconds_per_step: float | None
     return record
 
 
-def _is_finished(cfg: ExperimentConfig, dist: DistEnv, state: TrainState, plan: StepPlan) -> bool:
+def _is_finished(schedule: Schedule, dist: DistEnv, state: TrainState, plan: StepPlan) -> bool:
     """A resumed run with nothing left to train whose end was recorded (its summary names this step). A run
     preempted right after its last step has no summary yet: it still gets its final evaluation and record."""
-    if state.global_step < plan.total_steps and not _stopped_early(state, cfg):
+    if state.global_step < plan.total_steps and not _patience_spent(state, schedule):
         return False
-    summary = read_json(cfg.run.output_dir / SUMMARY) if dist.is_main else None
+    summary = read_json(schedule.output_dir / SUMMARY) if dist.is_main else None
     recorded = isinstance(summary, dict) and summary.get("steps") == state.global_step
     return bool(distributed.broadcast_object(recorded if dist.is_main else None))
 
 
-def _where_things_are(cfg: ExperimentConfig, invocation: Invocation) -> str:
-    root = ckpt.checkpoint_root(cfg)
-    newest = ckpt.newest_complete(cfg)
-    best = ckpt.best_complete(root, cfg.checkpoint.best_by) if cfg.checkpoint.keep_best else None
-    samples = ", samples.jsonl" if cfg.eval.samples else ""
-    export = invocation.command("export", *(["--checkpoint", "best"] if best else []), "--out",
-                                str(cfg.run.output_dir.parent / f"{cfg.run.output_dir.name}-hf"))
-    lines = [f"run folder {cfg.run.output_dir}: metrics.jsonl, loss_curves.png, eval_results.json, run_summary.json"
+def _where_things_are(run: Run) -> str:
+    root, settings, folder = run.checkpoints.root, run.checkpoints.settings, run.schedule.output_dir
+    newest = ckpt.newest_complete(root)
+    best = ckpt.best_complete(root, settings.best_by) if settings.keep_best else None
+    samples = ", samples.jsonl" if run.sampler is not None else ""
+    export = run.invocation.command("export", *(["--checkpoint", "best"] if best else []), "--out",
+                                    str(folder.parent / f"{folder.name}-hf"))
+    lines = [f"run folder {folder}: metrics.jsonl, loss_curves.png, eval_results.json, run_summary.json"
              f"{samples}",
-             f"checkpoint {newest}" + (f"; best by {cfg.checkpoint.best_by} {best}" if best is not None else ""),
+             f"checkpoint {newest}" + (f"; best by {settings.best_by} {best}" if best is not None else ""),
              f"export it: {export}"]
     return "\n".join(lines)
 
@@ -302,20 +333,23 @@ def _build_counted(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, cons
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
     if resolved.base_left_out:  # its checkpoints record the base's content: read once, striped over the ranks
         remember_base_contents(str(cfg.model.name_or_path), dist)
-    resume_plan = plan_resume(cfg, dist)
-    engine = build_engine(cfg, model, dist, plan.total_steps, load_universal=resume_plan.universal,
+    resume_plan = plan_resume(resolved.checkpoints, dist)
+    engine = build_engine(cfg.train, model, dist, plan.total_steps, load_universal=resume_plan.universal,
+                          base_left_out=resolved.base_left_out,
                           ds_config=ds_config)
     if engine.device.type == "cpu" and not cfg.train.compile and cfg.model.attention == "causal":
         from bookgen.cpu import speed_up_training  # the one seam for CPU-only speed (tests, the demo)
 
         speed_up_training(engine.module)
-    state = restore(engine, resume_plan, cfg, dist, console, steps_per_epoch=plan.steps_per_epoch)
+    state = restore(engine, resume_plan, resolved.checkpoints, dist, console, steps_per_epoch=plan.steps_per_epoch)
     progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step)
-    if resume_plan.folder is not None and _is_finished(cfg, dist, state, plan):
+    schedule = Schedule.of(cfg)
+    if resume_plan.folder is not None and _is_finished(schedule, dist, state, plan):
         probe.stop()
         return Run(engine=engine, pad_id=tokenizer.pad_token_id, train_examples=train_examples,
                    valid_examples=valid_examples, plan=plan, state=state, log=None, save_hf=None, progress=progress,
-                   mfu_of=None, sampler=None, invocation=invocation, layout=resolved.layout, finished=True)
+                   mfu_of=None, sampler=None, invocation=invocation, layout=resolved.layout, finished=True,
+                   checkpoints=resolved.checkpoints, schedule=schedule, train=cfg.train)
     log = _open_log(cfg, dist, state.global_step, ds_config, console, fault)
     lora = resolved.lora is not None
     console.print(f"model: {_parameter_line(engine.module, lora=lora)}; {len(train_examples)} training examples; "
@@ -323,15 +357,16 @@ def _build_counted(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, cons
                   f"{plan.total_steps} steps in all")
     peak = peak_flops(engine.device, cfg.train.precision, cfg.run.peak_tflops)
     mfu_of = None if peak is None else partial(mfu, flops_per_token=model_flops, devices=dist.world_size, peak=peak)
-    sampler = TrainingSampler(cfg, dist, tokenizer, resume_step=state.global_step) if cfg.eval.samples else None
-    scorer = CompletionScorer(cfg, dist, tokenizer) if cfg.data.prompt and cfg.eval.scored else None
+    samples = sample_spec(cfg)
+    sampler = TrainingSampler(samples, dist, tokenizer, resume_step=state.global_step) if samples.count else None
+    scorer = CompletionScorer(samples, dist, tokenizer) if samples.per_book and samples.scored else None
     return Run(engine=engine, pad_id=tokenizer.pad_token_id, train_examples=train_examples,
                valid_examples=valid_examples, plan=plan, state=state, log=log,
                save_hf=_hf_files_writer(engine, tokenizer, cfg.model.name_or_path, lora=lora), progress=progress,
                mfu_of=mfu_of,
                sampler=sampler, scorer=scorer, invocation=invocation, fault=fault, layout=resolved.layout,
                causal_attention=uses_causal_attention(engine), probe=probe,
-               memory=memory)
+               memory=memory, checkpoints=resolved.checkpoints, schedule=schedule, train=cfg.train)
 
 
 def _parameter_line(model: torch.nn.Module, *, lora: bool) -> str:
@@ -352,7 +387,7 @@ def _open_log(cfg: ExperimentConfig, dist: DistEnv, resume_step: int, ds_config:
     if dist.is_main and cfg.run.trackers:  # the run's params (a git call among them) only for a tracker
         params = run_params(config_to_dict(cfg), ds_config, dist.world_size)
         try:
-            log.trackers = open_trackers(cfg, params=params, resume_step=resume_step, logged=log.sent_before,
+            log.trackers = open_trackers(cfg.run, params=params, resume_step=resume_step, logged=log.sent_before,
                                          fault=fault)
         except BookgenError as exc:
             log.close("failed")
@@ -363,19 +398,19 @@ def _open_log(cfg: ExperimentConfig, dist: DistEnv, resume_step: int, ds_config:
     return log
 
 
-def _finish(run: Run, cfg: ExperimentConfig, dist: DistEnv, done: LoopTotals) -> list[EvalResult]:
+def _finish(run: Run, dist: DistEnv, done: LoopTotals) -> list[EvalResult]:
     """The last step's evaluation (eval.at_end, or eval.every when due), then its checkpoint, which records
     that evaluation (its loss and the early-stopping counts); neither twice for a step the loop has just
     evaluated or saved, as when early stopping ends it."""
     step, evals = run.state.global_step, done.evals
     final_loss = evals[-1].loss if done.evaluated_at == step else None
-    if final_loss is None and (cfg.eval.at_end or _due(cfg.eval.every, step)) and step > 0:
-        evals.append(run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id, step, run.log))
+    if final_loss is None and (run.schedule.eval_at_end or _due(run.schedule.eval_every, step)) and step > 0:
+        evals.append(_evaluate(run, dist, step))
         final_loss = evals[-1].loss
-        run.state.note_eval(final_loss, cfg.eval.early_stopping_min_delta)
+        run.state.note_eval(final_loss, run.schedule.min_delta)
         _sample(run, step)
     if done.saved_at != step:
-        ckpt.save(run.engine, cfg, dist, run.state, run.save_hf, eval_loss=final_loss, fault=run.fault,
+        ckpt.save(run.engine, run.checkpoints, dist, run.state, run.save_hf, eval_loss=final_loss, fault=run.fault,
                   scores=_scores_at(run, step))
     return evals
 
@@ -389,24 +424,32 @@ class LoopTotals:
     saved_at: int | None  # the step of the last checkpoint saved in the loop
 
 
-def _stopped_early(state: TrainState, cfg: ExperimentConfig) -> bool:
-    patience = cfg.eval.early_stopping_patience
-    return patience is not None and state.evals_since_best >= patience
+def _patience_spent(state: TrainState, schedule: Schedule) -> bool:
+    return schedule.patience is not None and state.evals_since_best >= schedule.patience
 
 
-def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, console: Console) -> LoopTotals:
+def _stopped_early(run: Run) -> bool:
+    return _patience_spent(run.state, run.schedule)
+
+
+def _evaluate(run: Run, dist: DistEnv, step: int) -> EvalResult:
+    return run_eval(run.engine, run.valid_examples, "valid", dist, run.pad_id, step, run.log,
+                    batch_size=run.schedule.eval_batch_size, output_dir=run.schedule.output_dir)
+
+
+def _loop(run: Run, dist: DistEnv, stop: StopFlag, console: Console) -> LoopTotals:
     """Optimizer steps until the plan is done or early stopping ends it. The device's numbers are read on log
     steps only (:mod:`bookgen.train.readout`); those also check for a stop request, then evaluate and
     checkpoint on schedule."""
-    state, plan = run.state, run.plan
+    state, plan, schedule = run.state, run.plan, run.schedule
     totals = LoopTotals(tokens=0, seconds=0.0, evals=[], evaluated_at=None, saved_at=None)
     interval, clock = Interval(), _Clock(time.perf_counter(), state.train_seconds)
-    while state.global_step < plan.total_steps and not _stopped_early(state, cfg):
-        order = epoch_order(run.train_examples.lengths, seed=cfg.seed, epoch=state.epoch,
-                            global_batch=plan.global_batch, group_by_length=cfg.data.group_by_length)
+    while state.global_step < plan.total_steps and not _stopped_early(run):
+        order = epoch_order(run.train_examples.lengths, seed=schedule.seed, epoch=state.epoch,
+                            global_batch=plan.global_batch, group_by_length=schedule.group_by_length)
         while (state.step_in_epoch < plan.steps_per_epoch and state.global_step < plan.total_steps
-               and not _stopped_early(state, cfg)):
-            numbers = train_step(run.engine, run.train_examples, order, state.step_in_epoch, cfg.train, dist,
+               and not _stopped_early(run)):
+            numbers = train_step(run.engine, run.train_examples, order, state.step_in_epoch, run.train, dist,
                                  run.pad_id, layout=run.layout, causal=run.causal_attention)
             state.global_step += 1
             state.step_in_epoch += 1
@@ -418,20 +461,20 @@ def _loop(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, consol
             totals.tokens += numbers.tokens
             state.tokens_trained += numbers.tokens
             run.progress.advance(state.global_step)  # host numbers only: the bar moves every step
-            if is_log_step(cfg, plan, state.global_step):
-                _read_and_log(run, cfg, dist, stop, console, interval, totals, clock)
+            if is_log_step(schedule, plan, state.global_step):
+                _read_and_log(run, dist, stop, console, interval, totals, clock)
                 if state.global_step < plan.total_steps:  # the last step's evaluation and save are _finish's
-                    _evaluate_and_save_on_schedule(run, cfg, dist, totals)
+                    _evaluate_and_save_on_schedule(run, dist, totals)
         if state.step_in_epoch >= plan.steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
     return totals
 
 
-def is_log_step(cfg: ExperimentConfig, plan: StepPlan, step: int) -> bool:
+def is_log_step(schedule: Schedule, plan: StepPlan, step: int) -> bool:
     """Steps that read the device's numbers: every ``run.log_every``, and every step that evaluates, saves or
     ends the run, so nothing is recorded after a non-finite loss unseen."""
-    return (_due(cfg.run.log_every, step) or _due(cfg.eval.every, step) or _due(cfg.checkpoint.every, step)
-            or step >= plan.total_steps)
+    return (_due(schedule.log_every, step) or _due(schedule.eval_every, step)
+            or _due(schedule.checkpoint_every, step) or step >= plan.total_steps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,12 +483,12 @@ class _Clock:
     seconds_before: float  # training seconds of the parts before a resume
 
 
-def _read_and_log(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag, console: Console,
+def _read_and_log(run: Run, dist: DistEnv, stop: StopFlag, console: Console,
                   interval: Interval, totals: LoopTotals, clock: _Clock) -> None:
     """Read the interval's numbers (the one wait for the device), log every step of it, stop on a non-finite
     loss, and save and exit when any rank was asked to stop."""
     state = run.state
-    stop_now = stop.requested or (dist.is_main and (cfg.run.output_dir / STOP_FILE).exists())
+    stop_now = stop.requested or (dist.is_main and (run.schedule.output_dir / STOP_FILE).exists())
     records, stop_any = interval.read(micro_batches=run.layout.micro_batches,
                                       is_main=dist.is_main, stop_requested=stop_now)
     totals.seconds = time.perf_counter() - clock.start  # measured after the read: the device's time included
@@ -461,9 +504,9 @@ def _read_and_log(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag
         run.log.write(*logged)  # the interval at once: one write, one call to each tracker
     bad = next((r for r in records if not math.isfinite(r.loss)), None)
     if bad is not None:  # every rank read the same all-reduced losses and stops here
-        _stop_non_finite(run, cfg, bad)
+        _stop_non_finite(run, bad)
     if stop_any:
-        _save_and_exit_preempted(run, cfg, dist, stop, console)
+        _save_and_exit_preempted(run, dist, stop, console)
 
 
 def _scores_at(run: Run, step: int) -> dict[str, float] | None:
@@ -479,13 +522,13 @@ def _sample(run: Run, step: int) -> None:
         run.scorer.after_eval(run.engine, step, run.log, run.progress.note)
 
 
-def _stop_non_finite(run: Run, cfg: ExperimentConfig, bad: StepRecord) -> None:
+def _stop_non_finite(run: Run, bad: StepRecord) -> None:
     """A nan/inf loss poisons the weights: stop before any checkpoint or evaluation records them."""
     run.progress.close()
     if run.log is not None:
         run.log.close("failed")
-    last = ckpt.newest_complete(cfg)
-    fp32 = "" if cfg.train.precision == "fp32" else " or use train.precision: fp32"
+    last = ckpt.newest_complete(run.checkpoints.root)
+    fp32 = "" if run.schedule.precision == "fp32" else " or use train.precision: fp32"
     raise BookgenError(f"step {bad.step}: the training loss is {bad.loss}; stopped without saving. "
                        f"The last good checkpoint is {last or 'none (nothing was saved)'}. Lower "
                        f"train.learning_rate, raise train.warmup_steps{fp32}; if the weights it started from hold "
@@ -504,31 +547,30 @@ def _step_record(run: Run, r: StepRecord, *, tokens_per_second: float | None) ->
     return {k: v for k, v in record.items() if v is not None}
 
 
-def _evaluate_and_save_on_schedule(run: Run, cfg: ExperimentConfig, dist: DistEnv, totals: LoopTotals) -> None:
+def _evaluate_and_save_on_schedule(run: Run, dist: DistEnv, totals: LoopTotals) -> None:
     """The evaluation and the checkpoint due at this step; the checkpoint records that evaluation's loss."""
     state, eval_loss = run.state, None
-    if _due(cfg.eval.every, state.global_step):
-        result = run_eval(run.engine, run.valid_examples, "valid", cfg, dist, run.pad_id, state.global_step, run.log)
+    if _due(run.schedule.eval_every, state.global_step):
+        result = _evaluate(run, dist, state.global_step)
         totals.evals.append(result)
         run.progress.note(eval_line(result, state.global_step))
         _sample(run, state.global_step)
         eval_loss, totals.evaluated_at = result.loss, state.global_step
-        state.note_eval(eval_loss, cfg.eval.early_stopping_min_delta)
-        if _stopped_early(state, cfg):
+        state.note_eval(eval_loss, run.schedule.min_delta)
+        if _stopped_early(run):
             run.progress.note(f"early stopping at step {state.global_step}: no lower validation loss in "
                               f"{state.evals_since_best} evaluations (best {state.best_eval_loss:.4f} at step "
                               f"{state.best_eval_step})")
-    if _due(cfg.checkpoint.every, state.global_step):
-        ckpt.save(run.engine, cfg, dist, state, run.save_hf, eval_loss=eval_loss, fault=run.fault,
+    if _due(run.schedule.checkpoint_every, state.global_step):
+        ckpt.save(run.engine, run.checkpoints, dist, state, run.save_hf, eval_loss=eval_loss, fault=run.fault,
                   scores=_scores_at(run, state.global_step))
         totals.saved_at = state.global_step
 
 
-def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, stop: StopFlag,
-                             console: Console) -> None:
+def _save_and_exit_preempted(run: Run, dist: DistEnv, stop: StopFlag, console: Console) -> None:
     """Save at this step and exit: 75 for a preemption (slurm/train.sh requeues on it and the marker), 130
     for a Ctrl-C on this rank (no requeue: the user stopped it)."""
-    ckpt.save(run.engine, cfg, dist, run.state, run.save_hf, fault=run.fault)
+    ckpt.save(run.engine, run.checkpoints, dist, run.state, run.save_hf, fault=run.fault)
     run.progress.close()
     step = run.state.global_step
     if stop.interrupted:
@@ -538,7 +580,7 @@ def _save_and_exit_preempted(run: Run, cfg: ExperimentConfig, dist: DistEnv, sto
         console.print(f"preempted: saved checkpoint at step {step}; rerun to resume")
     if run.log is not None:
         run.log.close("interrupted" if stop.interrupted else "preempted")
-        write_text_atomic(cfg.run.output_dir / (INTERRUPTED_MARKER if stop.interrupted else PREEMPTED_MARKER),
+        write_text_atomic(run.schedule.output_dir / (INTERRUPTED_MARKER if stop.interrupted else PREEMPTED_MARKER),
                           f"{step}\n")
     # no rank exits before the marker is written: srun ends the other tasks when the first one exits, and
     # slurm/train.sh requeues only a job whose marker is there

@@ -14,8 +14,9 @@ import torch
 from transformers import AutoConfig, GPT2Config
 
 from bookgen import distributed
-from bookgen.checkpoint.folder import check_no_other_run, check_resume_folder, checkpoint_root
-from bookgen.config import ExperimentConfig
+from bookgen.checkpoint.folder import check_no_other_run, check_resume_folder
+from bookgen.checkpoint.spec import CheckpointSpec
+from bookgen.config import ExperimentConfig, ModelConfig, RunConfig
 from bookgen.data.prompt_template import PromptTemplate
 from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
@@ -38,20 +39,21 @@ from bookgen.train.engine import check_precision
 OFFLOAD_DEVICES = ("none", "cpu", "nvme", None)  # what DeepSpeed's offload sections accept
 
 
-def check_training(cfg: ExperimentConfig, dist: DistEnv) -> tuple[ModelSource, dict[str, Any]]:
+def check_training(cfg: ExperimentConfig, dist: DistEnv, checkpoints: CheckpointSpec
+                   ) -> tuple[ModelSource, dict[str, Any]]:
     """Every rank: the model's source and its config (loaded here, once), the DeepSpeed config (built here,
     once) agreeing with the experiment, the precision runs here, the resume folder exists, a new start meets
     no other run's checkpoints, the model has positions for a block, and the run folder can be written."""
     if cfg.data.prompt is not None:  # its fields are checked against the rows when they are read
         PromptTemplate.parse(cfg.data.prompt)
-    source = model_source(cfg)
+    source = model_source(cfg.model)
     ds = build_ds_config(cfg, dist.world_size, width=source.width)  # raises on a stage or batch clash
     check_offload(ds, str(cfg.deepspeed.config or "the built-in DeepSpeed config"))
-    check_precision(cfg)
+    check_precision(cfg.train.precision)
     if cfg.checkpoint.resume not in ("auto", "never"):
         check_resume_folder(Path(cfg.checkpoint.resume))
     if cfg.checkpoint.resume != "auto":
-        check_no_other_run(cfg, None if cfg.checkpoint.resume == "never" else Path(cfg.checkpoint.resume))
+        check_no_other_run(checkpoints.root, None if cfg.checkpoint.resume == "never" else Path(cfg.checkpoint.resume))
     offloaded = (ds.get("zero_optimization", {}).get("offload_param") or {}).get("device")
     check_model(cfg, dist, source, params_offload=offloaded)
     ignored = cfg.model.ignored_gpt2_keys()
@@ -59,14 +61,15 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv) -> tuple[ModelSource, d
         named = f"model.name_or_path ({cfg.model.name_or_path})" if cfg.model.name_or_path else "model.config"
         distributed.warn(dist, f"{', '.join('model.' + k for k in ignored)} shape the built-in GPT-2 only and are "
                                f"ignored: {named} decides the model's shape")
-    check_tracker_packages(cfg)
+    check_tracker_packages(cfg.run)
     if cfg.model.attention == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
             raise BookgenError("model.attention: flash_attention_2 needs a GPU and the flash_attn package; use "
                                "causal")
         if cfg.train.precision == "fp32":
             raise BookgenError("model.attention: flash_attention_2 runs in bf16 or fp16; set train.precision")
-    errors = distributed.gather_errors(_unwritable(cfg, dist) or (_tracker_server(cfg) if dist.is_main else None))
+    errors = distributed.gather_errors(_unwritable(checkpoints.root, cfg.run.output_dir, dist)
+                                      or (_tracker_server(cfg.run) if dist.is_main else None))
     if errors:
         raise BookgenError("; ".join(errors))
     return source, ds
@@ -100,11 +103,10 @@ def check_fit(cfg: ExperimentConfig, dist: DistEnv, source: ModelSource, ds: dic
     return plan
 
 
-def model_source(cfg: ExperimentConfig) -> ModelSource:
+def model_source(m: ModelConfig) -> ModelSource:
     """Where the model comes from, with its Hugging Face config: loaded from a pretrained model's folder or
     hub id (a local folder checked for its config and weights first), built from model.config's family, or the
     built-in GPT-2's (a placeholder vocabulary: the real one comes from the tokenizer). Errors name the key."""
-    m = cfg.model
     if m.config is not None:
         return ModelSource(kind="family", name_or_path=None, hf_config=family_config(m.config))
     if m.name_or_path is not None:
@@ -125,9 +127,9 @@ def check_model(cfg: ExperimentConfig, dist: DistEnv | None = None, source: Mode
     """The model must be a decoder-only causal LM whose fp32 weights fit a rank's memory (``dist`` given; the
     host's where ZeRO-3 offloads them, ``params_offload``), with positions for a block; a LoRA target that
     matches no layer is named."""
-    source = source or model_source(cfg)
+    source = source or model_source(cfg.model)
     config = source.hf_config
-    check_targets(cfg, config)
+    check_targets(cfg.model.lora, config)
     if source.kind == "builtin":  # its keys were checked when the experiment was loaded
         return
     what = (f"model.config ({config.model_type})" if source.kind == "family"
@@ -143,26 +145,26 @@ def check_model(cfg: ExperimentConfig, dist: DistEnv | None = None, source: Mode
                            f"{named}; set data.block_size to at most {positions}")
 
 
-def _tracker_server(cfg: ExperimentConfig) -> str | None:
+def _tracker_server(run: RunConfig) -> str | None:
     """Rank 0 (which alone talks to the trackers): a tracking server that does not answer, or None."""
     try:
-        check_tracker_servers(cfg)
+        check_tracker_servers(run)
     except BookgenError as exc:
         return str(exc)
     return None
 
 
-def _unwritable(cfg: ExperimentConfig, dist: DistEnv) -> str | None:
+def _unwritable(checkpoints: Path, output_dir: Path, dist: DistEnv) -> str | None:
     """This rank's complaint about the run folder or its checkpoints folder, or None."""
-    for folder, key in ((cfg.run.output_dir, "run.output_dir"), (checkpoint_root(cfg), "run.output_dir")):
+    for folder in (output_dir, checkpoints):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=folder, prefix=".bookgen-write-test-"):
                 pass
         except OSError as exc:
             who = f"rank {dist.rank}: " if dist.world_size > 1 else ""
-            return (f"{who}{key}: cannot write into {folder} ({exc.strerror or exc}); checkpoints and metrics go "
-                    "there: fix its permissions or choose another run.output_dir")
+            return (f"{who}run.output_dir: cannot write into {folder} ({exc.strerror or exc}); checkpoints and "
+                    "metrics go there: fix its permissions or choose another run.output_dir")
     return None
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bookgen.checkpoint.spec import CheckpointSpec, checkpoint_spec
 from bookgen.config import ExperimentConfig, LoraSettings
 from bookgen.data.batch_layout import BatchLayout
 from bookgen.distributed import DistEnv
-from bookgen.model.frozen_base import leaves_out_base
 from bookgen.model.source import ModelSource
 from bookgen.planning.experiment import ExperimentPlan
 from bookgen.train.preflight import check_fit, check_training
@@ -33,6 +33,7 @@ class RunPlan:
     packing: str
     trackers: tuple[str, ...]
     memory: ExperimentPlan | None = field(repr=False)  # what each rank will hold and a step's time (None: untraceable)
+    checkpoints: CheckpointSpec  # where they go, what they record and how a resume is checked
 
     @property
     def zero3(self) -> bool:
@@ -41,9 +42,11 @@ class RunPlan:
 
 def resolve_run(cfg: ExperimentConfig, dist: DistEnv) -> RunPlan:
     """Every rank, before any data is touched: the checks, then the decisions (all ranks reach the same)."""
-    source, ds_config = check_training(cfg, dist)
+    checkpoints = checkpoint_spec(cfg, dist.world_size)
+    source, ds_config = check_training(cfg, dist, checkpoints)
     memory = check_fit(cfg, dist, source, ds_config)
-    return RunPlan(memory=memory, model=source, lora=cfg.model.lora, base_left_out=leaves_out_base(cfg),
+    return RunPlan(memory=memory, model=source, lora=cfg.model.lora, base_left_out=checkpoints.base_left_out,
+                   checkpoints=checkpoints,
                    ds_config=ds_config,
                    layout=BatchLayout.of(cfg.train, dist.world_size), precision=cfg.train.precision,
                    compiled=cfg.train.compile, packing=cfg.data.packing, trackers=tuple(cfg.run.trackers))

@@ -84,28 +84,31 @@ def test_a_changed_training_split_resumes_only_at_an_epochs_end(trained, tmp_pat
 def test_resuming_mid_epoch_with_another_packing_is_refused_and_at_an_epoch_end_allowed(tmp_path):
     from bookgen.checkpoint.folder import MARKER
     from bookgen.checkpoint.resume import check_compatible
+    from bookgen.checkpoint.spec import checkpoint_spec
     from bookgen.config_io import config_to_dict, model_fingerprint
     from bookgen.fileio import write_json_atomic
     from tests.helpers import write_experiment
 
     cfg = load_config(write_experiment(tmp_path), ["data.packing=documents"])
+    spec = checkpoint_spec(cfg, world_size=1)
     folder = tmp_path / "step00000010"
     folder.mkdir()
 
     def saved(packing: object, step_in_epoch: int) -> None:
         write_json_atomic(folder / MARKER, {
-            "fingerprint": model_fingerprint(cfg), "zero_stage": 0, "model": config_to_dict(cfg.model),
+            "fingerprint": model_fingerprint(cfg.model, cfg.tokenizer), "zero_stage": 0,
+            "model": config_to_dict(cfg.model),
             "tokenizer": config_to_dict(cfg.tokenizer), "data": {"packing": packing, "block_size": 64},
             "state": {"global_step": 10, "epoch": 1, "step_in_epoch": step_in_epoch}})
 
     saved(True, 3)  # an old checkpoint: packing was a bool (true meant concat)
     with pytest.raises(BookgenError, match=r"saved mid-epoch with data.packing 'concat' and data.block_size 64; "
                                            r"this run has 'documents' and 64"):
-        check_compatible(folder, cfg)
+        check_compatible(folder, spec)
     saved("none", 0)
-    assert check_compatible(folder, cfg)["state"]["epoch"] == 1, "at an epoch's end the layout may change"
+    assert check_compatible(folder, spec)["state"]["epoch"] == 1, "at an epoch's end the layout may change"
     saved("documents", 3)
-    check_compatible(folder, cfg)
+    check_compatible(folder, spec)
 
 
 def test_position_at_another_world_size_is_mapped_by_samples():

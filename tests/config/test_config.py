@@ -176,7 +176,8 @@ def test_checkpoint_fingerprint_ignores_runtime_model_settings_but_not_shapes(tm
     from bookgen.config_io import model_fingerprint
 
     def fingerprint(name: str, **overrides: object) -> str:
-        return model_fingerprint(load_config(write_experiment(tmp_path / name, overrides)))
+        cfg = load_config(write_experiment(tmp_path / name, overrides))
+        return model_fingerprint(cfg.model, cfg.tokenizer)
 
     base = fingerprint("base")
     assert fingerprint("attn", **{"model.attention": "eager", "model.dropout": 0.2,

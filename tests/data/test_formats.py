@@ -32,7 +32,7 @@ def _prepare(folder: Path, source: Path, **data: object):  # type: ignore[no-unt
 def _tokens(cfg) -> dict[str, list[list[int]]]:  # type: ignore[no-untyped-def]
     out = {}
     for split in ("train", "valid", "test"):
-        store = open_store(cfg, split)
+        store = open_store(cfg.prepared_dir, split)
         out[split] = [np.asarray(store[i]).tolist() for i in range(len(store))]
     return out
 

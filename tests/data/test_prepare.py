@@ -95,7 +95,7 @@ def test_store_round_trip_decodes_to_the_lines(tmp_path):
     cfg = load_config(write_experiment(tmp_path, {"data.shard_tokens": 2000}, rows=120))
     report = prepare(cfg, quiet=True)
     assert report.counts == {"train": 84, "valid": 24, "test": 12}
-    store = open_store(cfg, "train")
+    store = open_store(cfg.prepared_dir, "train")
     assert len(store.manifest["shards"]) > 1, "small shard_tokens must give several shards"
     tok = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
     lines = (cfg.prepared_dir / "train.txt").read_text().splitlines()

@@ -64,7 +64,7 @@ def test_store_ids_are_the_tokenizers_own_even_when_its_file_asks_for_truncation
     prepare(cfg, quiet=True)
     tok = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
     for split in ("train", "valid", "test"):
-        store, lines = open_store(cfg, split), _lines(cfg, split)
+        store, lines = open_store(cfg.prepared_dir, split), _lines(cfg, split)
         expected = tok(lines, add_special_tokens=False, truncation=False)["input_ids"]
         assert [np.asarray(store[i]).tolist() for i in range(len(store))] == expected
         assert max(len(ids) for ids in expected) > 8
@@ -119,7 +119,7 @@ def test_unchanged_files_are_not_hashed_again_changed_ones_are(tmp_path, monkeyp
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(StoreError, match="checksum does not match"):
-        open_store(cfg, "valid")
+        open_store(cfg.prepared_dir, "valid")
     assert prepare(load_config(path), quiet=True).rebuilt == ["store:valid"]
     # the corpus changed: hashed, split again
     rows = source.read_text().splitlines(keepends=True)

@@ -76,7 +76,7 @@ def test_cmu_rows_prepare_as_prompt_completion_documents(tmp_path):
     from bookgen.data.tokenizer import load_tokenizer
 
     cfg, report = _prepared(tmp_path, {"data.prompt": METADATA})
-    store = open_store(cfg, "train")
+    store = open_store(cfg.prepared_dir, "train")
     tokenizer = load_tokenizer(cfg.prepared_dir / "tokenizer")
     assert (store.prompt_lengths > 1).all()
     doc, prompt = store[0].tolist(), int(store.prompt_lengths[0])
@@ -106,7 +106,7 @@ def test_json_lines_rows_render_their_own_fields(tmp_path):
     assert sum(report.counts.values()) == 40
     from bookgen.data.prepare import open_store
 
-    assert (open_store(cfg, "train").prompt_lengths > 3).all()
+    assert (open_store(cfg.prepared_dir, "train").prompt_lengths > 3).all()
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -131,7 +131,7 @@ def test_csv_rows_render_their_columns(tmp_path):
         writer.writerows([[f"Book {i}", 1900 + i, f"A summary of book {i} and its hero."] for i in range(40)])
     cfg, report = _prepared(tmp_path, {"data.source": str(corpus), "data.prompt": "{title} ({year})\nSummary:"},
                             rows=None)
-    assert sum(report.counts.values()) == 40 and (open_store(cfg, "train").prompt_lengths > 3).all()
+    assert sum(report.counts.values()) == 40 and (open_store(cfg.prepared_dir, "train").prompt_lengths > 3).all()
     with pytest.raises(ConfigError, match=r"has no field author; its fields: text, title, year"):
         _prepared(tmp_path / "b", {"data.source": str(corpus), "data.prompt": "{author}"}, rows=None)
 

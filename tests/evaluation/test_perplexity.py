@@ -95,7 +95,7 @@ def test_prompt_completion_runs_agree_across_zero_stages_and_score_completions_o
 
     launch(1, ["--mode", "export", "--cfg", str(exp), "--out", str(tmp_path / "hf")])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    store = open_store(load_config(exp), "test")
+    store = open_store(load_config(exp).prepared_dir, "test")
     nll, count = 0.0, 0
     with torch.no_grad():
         for i in range(len(store)):
@@ -163,7 +163,7 @@ def _rouge_from_the_begin_token(alone_run, prompt_run) -> dict[str, float]:
     from bookgen.generation.scoring import rouge, scored_rows
 
     cfg = load_config(prompt_run / "exp.yaml")
-    store = open_store(cfg, "valid", verify=False)
+    store = open_store(cfg.prepared_dir, "valid", verify=False)
     _, tokenizer = load_checkpoint_model(next((prompt_run / "run" / "checkpoints").glob("step*")))
     references = [tokenizer.decode(store[i][int(store.prompt_lengths[i]) : -1].tolist()).strip()
                   for i in scored_rows(store, 16)]

@@ -166,5 +166,5 @@ def test_an_mlflow_server_that_does_not_answer_is_named_before_any_data_is_touch
         cfg = load_config(exp, [f"run.mlflow.uri=http://127.0.0.1:{silent.getsockname()[1]}"])
         start = time.perf_counter()
         with pytest.raises(BookgenError, match=r"does not answer \(timed out; waited at most 1 s\)"):
-            check_tracker_servers(cfg, timeout_s=1.0)
+            check_tracker_servers(cfg.run, timeout_s=1.0)
         assert time.perf_counter() - start < 10
