@@ -48,7 +48,7 @@ def main() -> None:
     if path == "transformers":
         partitioned_load.load_pretrained_partitioned = lambda *_, **__: None
     dist = distributed.setup(300)
-    tokenizer = add_special_tokens(load_tokenizer(Path(cfg.model.name_or_path)), cfg)
+    tokenizer = add_special_tokens(load_tokenizer(Path(cfg.model.name_or_path)), cfg.tokenizer)
     ds = build_ds_config(cfg, dist.world_size)
     import deepspeed.runtime.zero.stage3  # noqa: F401  (imported before the baseline: code, not the model)
     import transformers.models.llama.modeling_llama  # noqa: F401

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bookgen import distributed  # noqa: E402
 from bookgen.config_io import load_config  # noqa: E402
-from bookgen.data.prepare import tokenizer_dir  # noqa: E402
+from bookgen.data.prepare import PrepareSpec, tokenizer_dir  # noqa: E402
 from bookgen.data.prepared import ensure_prepared  # noqa: E402
 from bookgen.data.tokenizer import load_tokenizer  # noqa: E402
 from bookgen.model.build import build_model  # noqa: E402
@@ -25,7 +25,7 @@ def main() -> None:
     dist = distributed.setup(120)
     from rich.console import Console
 
-    ensure_prepared(cfg, dist, Console(quiet=True))
+    ensure_prepared(PrepareSpec.of(cfg), dist, Console(quiet=True), run_dir=cfg.run.output_dir)
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 

@@ -14,7 +14,7 @@ from bookgen.checkpoint.consolidate import load_checkpoint_model
 from bookgen.checkpoint.spec import checkpoint_spec
 from bookgen.config import ExperimentConfig
 from bookgen.config_io import load_config
-from bookgen.data.prepare import open_store, tokenizer_dir
+from bookgen.data.prepare import PrepareSpec, open_store, tokenizer_dir
 from bookgen.data.prepared import ensure_prepared, prepared_examples
 from bookgen.data.tokenizer import load_tokenizer
 from bookgen.evaluation.perplexity import EvalResult
@@ -31,7 +31,8 @@ def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = No
     """`bookgen eval`: perplexity of a checkpoint (``ckpt.resolve``; or the fresh model) on ``split``."""
     with distributed.process_group(cfg.deepspeed.comm_timeout_s) as dist:
         console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
-        ensure_prepared(cfg, dist, console)
+        data = PrepareSpec.of(cfg)
+        ensure_prepared(data, dist, console, run_dir=cfg.run.output_dir)
         tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
         checkpoints, spec = checkpoint_spec(cfg, dist.world_size), sample_spec(cfg)
         folder = ckpt.resolve(checkpoints.root, checkpoints.settings.best_by, checkpoint)
@@ -45,7 +46,7 @@ def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = No
             check_vocabulary(folder, cfg.prepared_dir)  # the split's token ids must mean what the model learned
             model, _ = load_checkpoint_model(folder)
             console.print(f"evaluating {folder}")
-        examples = prepared_examples(cfg, split)
+        examples = prepared_examples(data, split)
         check_precision(cfg.train.precision)
         engine = build_engine(cfg.train, model, dist, total_steps=1, ds_config=build_ds_config(cfg, dist.world_size))
         result = run_eval(engine, examples, split, dist, tokenizer.pad_token_id, step, None,

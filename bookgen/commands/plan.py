@@ -11,7 +11,7 @@ from rich.console import Console
 
 from bookgen.config import ExperimentConfig, parse_size
 from bookgen.config_io import load_config
-from bookgen.data.prepare import tokenizer_dir
+from bookgen.data.prepare import PrepareSpec, tokenizer_dir
 from bookgen.data.prepared import prepared_examples
 from bookgen.data.tokenizer import load_tokenizer
 from bookgen.errors import BookgenError
@@ -71,7 +71,7 @@ def _known_steps(cfg: ExperimentConfig, ranks: int) -> int | None:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
     try:
-        return plan_steps(len(prepared_examples(cfg, "train")), cfg.train, ranks).total_steps
+        return plan_steps(len(prepared_examples(PrepareSpec.of(cfg), "train")), cfg.train, ranks).total_steps
     except (BookgenError, OSError, ValueError):
         return None
 

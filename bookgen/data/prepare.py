@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bookgen.config import ExperimentConfig
+from bookgen.config import DataConfig, ExperimentConfig, TokenizerConfig
 from bookgen.data import sources
 from bookgen.data.digests import Digests
 from bookgen.data.prompt_template import LINE_BREAK, PROMPT_END, PromptTemplate
@@ -49,6 +49,22 @@ from bookgen.locks import hold_prepared_folder
 
 SPLITS = sources.SPLITS
 STAGE_VERSION = 2  # 2: lines end at \n only (no longer at U+2028 and the like)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrepareSpec:
+    """What preparing reads of the experiment: the corpus and its split, the tokenizer, where it all goes."""
+
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    seed: int  # draws the seeded split
+    prepared_dir: Path
+    tokenizer_source: str | None  # a pretrained tokenizer's folder or hub id; None: a BPE trained here
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> PrepareSpec:
+        return cls(data=cfg.data, tokenizer=cfg.tokenizer, seed=cfg.seed, prepared_dir=cfg.prepared_dir,
+                   tokenizer_source=tokenizer_source(cfg.tokenizer.name_or_path, cfg.model.name_or_path))
 
 
 @dataclass(slots=True)
@@ -77,22 +93,27 @@ def tokenizer_dir(prepared: Path) -> Path:
     return prepared / "tokenizer"
 
 
-def format_line(summary: str, cfg: ExperimentConfig) -> str:
+def format_line(summary: str, tokenizer: TokenizerConfig) -> str:
     """One training line as the reference wrote it: ``<BOS> summary <EOS>``."""
-    return f"{cfg.tokenizer.bos_token} {summary} {cfg.tokenizer.eos_token}"
+    return f"{tokenizer.bos_token} {summary} {tokenizer.eos_token}"
 
 
 def prepare(cfg: ExperimentConfig, *, quiet: bool = False, verify: bool = False) -> PrepareReport:
+    """`bookgen prepare`: see :func:`prepare_spec`."""
+    return prepare_spec(PrepareSpec.of(cfg), quiet=quiet, verify=verify)
+
+
+def prepare_spec(spec: PrepareSpec, *, quiet: bool = False, verify: bool = False) -> PrepareReport:
     """Bring the prepared folder up to date. ``verify`` hashes every input and output again instead of
     trusting the digests remembered for unchanged files (see :mod:`bookgen.data.digests`)."""
-    _check_source_outside(cfg)
+    _check_source_outside(spec)
     try:
-        cfg.prepared_dir.mkdir(parents=True, exist_ok=True)
-        with hold_prepared_folder(cfg.prepared_dir, _notify):
-            return _prepare(cfg, quiet=quiet, verify=verify)
+        spec.prepared_dir.mkdir(parents=True, exist_ok=True)
+        with hold_prepared_folder(spec.prepared_dir, _notify):
+            return _prepare(spec, quiet=quiet, verify=verify)
     except OSError as exc:  # an unwritable folder, a full disk: say which file, not a traceback
-        where = exc.filename or cfg.prepared_dir
-        raise StoreError(f"{where}: {exc.strerror or exc} while preparing into {cfg.prepared_dir} "
+        where = exc.filename or spec.prepared_dir
+        raise StoreError(f"{where}: {exc.strerror or exc} while preparing into {spec.prepared_dir} "
                          "(data.prepared_dir, default <run.output_dir>/prepared); nothing half-written is "
                          "trusted, rerun once it is fixed") from exc
 
@@ -101,10 +122,10 @@ def _notify(message: str) -> None:
     print(f"bookgen: {message}", file=sys.stderr, flush=True)
 
 
-def _check_source_outside(cfg: ExperimentConfig) -> None:
+def _check_source_outside(spec: PrepareSpec) -> None:
     """prepare writes train/valid/test.txt and more into data.prepared_dir: a source there would be replaced
     by its own split (and a prepared folder inside a source folder would change the source's checksum)."""
-    source, prepared = cfg.data.source.resolve(), cfg.prepared_dir.resolve()
+    source, prepared = spec.data.source.resolve(), spec.prepared_dir.resolve()
     where = "(data.prepared_dir, default <run.output_dir>/prepared)"
     if source.is_relative_to(prepared):
         raise ConfigError(f"data.source {source} {'is' if source == prepared else 'lies in'} the prepared folder "
@@ -113,9 +134,9 @@ def _check_source_outside(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.prepared_dir {prepared} lies inside the source folder {source} (data.source)")
 
 
-def _prepare(cfg: ExperimentConfig, *, quiet: bool, verify: bool) -> PrepareReport:
+def _prepare(spec: PrepareSpec, *, quiet: bool, verify: bool) -> PrepareReport:
     report = PrepareReport()
-    prepared = cfg.prepared_dir
+    prepared = spec.prepared_dir
     digests = Digests(prepared / DIGESTS, verify=verify)
     for folder in (prepared, prepared / "store"):  # what a killed prepare left (a gigabyte, for a large corpus)
         if folder.is_dir():
@@ -123,13 +144,13 @@ def _prepare(cfg: ExperimentConfig, *, quiet: bool, verify: bool) -> PrepareRepo
     clock = _Clock(report.seconds)
     try:
         with clock("splits"):
-            split_files, split_sha256 = _stage_splits(cfg, prepared, report, digests, quiet=quiet)
+            split_files, split_sha256 = _stage_splits(spec, prepared, report, digests, quiet=quiet)
         with clock("tokenizer"):
-            tok_dir, fingerprint = _stage_tokenizer(cfg, prepared, split_files["train"], split_sha256["train"],
+            tok_dir, fingerprint = _stage_tokenizer(spec, prepared, split_files["train"], split_sha256["train"],
                                                     report)
         for split in SPLITS:
             with clock(f"store:{split}"):
-                _stage_store(cfg, split, split_files[split], split_sha256[split], tok_dir, fingerprint, report,
+                _stage_store(spec, split, split_files[split], split_sha256[split], tok_dir, fingerprint, report,
                              digests, quiet=quiet)
     except BaseException:
         with suppress(OSError):  # keep what was hashed, but never hide the real error behind this one
@@ -175,10 +196,10 @@ class _Clock:
 
 
 def _stage_splits(
-    cfg: ExperimentConfig, prepared: Path, report: PrepareReport, digests: Digests, *, quiet: bool
+    spec: PrepareSpec, prepared: Path, report: PrepareReport, digests: Digests, *, quiet: bool
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """The split files and their SHA-256 (hashed once here; the later stages key on them)."""
-    d = cfg.data
+    d = spec.data
     if d.format == "auto":
         fmt = sources.detect_format(d.source)
     else:
@@ -187,9 +208,9 @@ def _stage_splits(
     report.corpus_sha256 = sources.source_checksum(d.source, fmt, digests.sha256)
     key = sha256_json({
         "version": STAGE_VERSION, "source": report.corpus_sha256, "format": fmt,
-        "split": d.split, "seed": cfg.seed, "skip_malformed": d.skip_malformed,
+        "split": d.split, "seed": spec.seed, "skip_malformed": d.skip_malformed,
         "text_field": d.text_field, "split_names": d.split_names,
-        "markers": [cfg.tokenizer.bos_token, cfg.tokenizer.eos_token],
+        "markers": [spec.tokenizer.bos_token, spec.tokenizer.eos_token],
     } | ({"prompt": d.prompt} if d.prompt else {}))  # a changed template is a changed preparation
     files = {s: prepared / f"{s}.txt" for s in SPLITS}
     record = read_json(prepared / "splits.json")
@@ -212,11 +233,11 @@ def _stage_splits(
         if corpus.presplit is not None:
             for split in SPLITS:
                 rows, report.counts[split], checksums[split] = _write_split(
-                    written[split], _counted(corpus.presplit[split], bar, task), cfg, split)
+                    written[split], _counted(corpus.presplit[split], bar, task), spec, split)
                 report.rows_read += rows
             report.skipped_empty = report.rows_read - sum(report.counts.values())
         else:
-            _split_rows(_counted(corpus.rows, bar, task), cfg, Path(scratch), written, checksums, report)
+            _split_rows(_counted(corpus.rows, bar, task), spec, Path(scratch), written, checksums, report)
             if corpus.kind == "cmu":  # its malformed rows were read too, though never documents
                 report.rows_read = corpus.stats.rows
         if corpus.prompts is not None:  # before anything is tokenized
@@ -245,7 +266,7 @@ def _counted(rows: Iterable[str] | None, bar: Any, task: Any, every: int = 10_00
     bar.advance(task, n % every)
 
 
-def _split_rows(rows: Iterator[str], cfg: ExperimentConfig, scratch: Path, written: dict[str, Path],
+def _split_rows(rows: Iterator[str], spec: PrepareSpec, scratch: Path, written: dict[str, Path],
                 checksums: dict[str, str], report: PrepareReport) -> None:
     """Park the documents on disk while counting them, draw the split from row indices, write each split's
     documents in the split's order: memory holds 8 bytes a row, never the text."""
@@ -254,30 +275,30 @@ def _split_rows(rows: Iterator[str], cfg: ExperimentConfig, scratch: Path, writt
             spill.add(doc)
         spill.finish()
         nonempty = np.flatnonzero(spill.lengths > 0)
-        if cfg.data.split == "seeded":  # empty documents never enter the shuffle
-            parts = tuple(nonempty[part] for part in seeded_split_indices(len(nonempty), cfg.seed))
+        if spec.data.split == "seeded":  # empty documents never enter the shuffle
+            parts = tuple(nonempty[part] for part in seeded_split_indices(len(nonempty), spec.seed))
         else:  # the reference split all rows, empty summaries included; they are dropped when written
             parts = reference_split_indices(len(spill))
         for split, part in zip(SPLITS, parts, strict=True):
-            _, report.counts[split], checksums[split] = _write_split(written[split], spill.read(part), cfg, split)
+            _, report.counts[split], checksums[split] = _write_split(written[split], spill.read(part), spec, split)
         report.rows_read, report.skipped_empty = len(spill), len(spill) - len(nonempty)
 
 
-def _write_split(path: Path, docs: Iterable[str], cfg: ExperimentConfig, split: str) -> tuple[int, int, str]:
+def _write_split(path: Path, docs: Iterable[str], spec: PrepareSpec, split: str) -> tuple[int, int, str]:
     """Write the non-empty documents as ``<BOS> doc <EOS>`` lines: (rows seen, lines written, SHA-256)."""
     digest, rows, lines = hashlib.sha256(), 0, 0
     with naming(path), open(path, "wb", buffering=1 << 20) as fh:
         for doc in docs:
             rows += 1
             if doc:
-                data = (format_line(doc, cfg) + "\n").encode("utf-8")
+                data = (format_line(doc, spec.tokenizer) + "\n").encode("utf-8")
                 fh.write(data)
                 digest.update(data)
                 lines += 1
         fh.flush()
         os.fsync(fh.fileno())
     if not lines:
-        raise sources.CorpusError(f"{cfg.data.source}: the {split} split is empty; the corpus is too small to split")
+        raise sources.CorpusError(f"{spec.data.source}: the {split} split is empty; the corpus is too small to split")
     return rows, lines, digest.hexdigest()
 
 
@@ -288,11 +309,10 @@ def _splits_valid(record: object, key: str, files: dict[str, Path], digests: Dig
 
 
 def _stage_tokenizer(
-    cfg: ExperimentConfig, prepared: Path, train_file: Path, train_sha256: str, report: PrepareReport
+    spec: PrepareSpec, prepared: Path, train_file: Path, train_sha256: str, report: PrepareReport
 ) -> tuple[Path, str]:
     """The tokenizer folder and its fingerprint."""
-    t = cfg.tokenizer
-    source = tokenizer_source(cfg)
+    t, source = spec.tokenizer, spec.tokenizer_source
     spec = {"version": STAGE_VERSION, "source": source, "specials": [t.bos_token, t.eos_token, t.pad_token]}
     if source is None:  # a trained BPE depends on the training text and the vocabulary size
         spec |= {"train_sha256": train_sha256, "vocab_size": t.vocab_size}
@@ -305,7 +325,7 @@ def _stage_tokenizer(
             return final, fingerprint
 
     texts = map(sources.strip_markers, sources.iter_lines(train_file))  # read only when a BPE is trained
-    tokenizer = build_tokenizer(cfg, texts)
+    tokenizer = build_tokenizer(t, source, texts)
     with staged_dir(final) as scratch:
         tokenizer.save_pretrained(str(scratch))
         fingerprint = tokenizer_fingerprint(scratch)
@@ -315,21 +335,21 @@ def _stage_tokenizer(
 
 
 def _stage_store(
-    cfg: ExperimentConfig, split: str, text_file: Path, text_sha256: str, tok_dir: Path, fingerprint: str,
+    spec: PrepareSpec, split: str, text_file: Path, text_sha256: str, tok_dir: Path, fingerprint: str,
     report: PrepareReport, digests: Digests, *, quiet: bool,
 ) -> None:
     meta = {
         "split": split, "tokenizer_fingerprint": fingerprint, "source_sha256": text_sha256,
         "corpus_sha256": report.corpus_sha256,
-        "block_size": cfg.data.block_size, "shard_tokens": cfg.data.shard_tokens,
-    } | ({"prompt": cfg.data.prompt} if cfg.data.prompt else {})
-    final = store_dir(cfg.prepared_dir, split)
+        "block_size": spec.data.block_size, "shard_tokens": spec.data.shard_tokens,
+    } | ({"prompt": spec.data.prompt} if spec.data.prompt else {})
+    final = store_dir(spec.prepared_dir, split)
     manifest = read_json(final / MANIFEST)
     if isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in meta.items()):
         try:
             store = TokenStore.open(final, sha256=digests.sha256)
             report.counts[split], report.tokens[split] = len(store), store.num_tokens
-            _count_cut_rows(store, cfg.data.block_size, split, report)
+            _count_cut_rows(store, spec.data.block_size, split, report)
             report.shards[split] = len(store.manifest["shards"])  # type: ignore[arg-type]
             return
         except StoreError:
@@ -339,17 +359,17 @@ def _stage_store(
     with staged_dir(final) as scratch, _progress(quiet) as bar:
         task = bar.add_task(f"tokenize {split}", total=report.counts.get(split))
         lines, advance = sources.iter_lines(text_file), (lambda n: bar.advance(task, n))
-        prompts = cfg.data.prompt is not None
+        prompts = spec.data.prompt is not None
         docs = (encode_prompt_lines(lines, tokenizer, advance, separator=PROMPT_END, line_break=LINE_BREAK)
                 if prompts else encode_lines(lines, tokenizer, advance))
-        written = write_store(scratch, docs, vocab_size=len(tokenizer), shard_tokens=cfg.data.shard_tokens, meta=meta,
+        written = write_store(scratch, docs, vocab_size=len(tokenizer), shard_tokens=spec.data.shard_tokens, meta=meta,
                               prompts=prompts)
     for shard in written["shards"]:  # type: ignore[attr-defined]
         for name in ("tokens", "offsets"):
             digests.wrote(final / shard[name], shard[f"{name}_sha256"])
     report.counts[split], report.tokens[split] = int(written["num_docs"]), int(written["num_tokens"])  # type: ignore[call-overload]
-    if cfg.data.prompt is not None:
-        _count_cut_rows(TokenStore.open(final, verify=False), cfg.data.block_size, split, report)
+    if spec.data.prompt is not None:
+        _count_cut_rows(TokenStore.open(final, verify=False), spec.data.block_size, split, report)
     report.shards[split] = len(written["shards"])  # type: ignore[arg-type]
     report.rebuilt.append(f"store:{split}")
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bookgen.config import ExperimentConfig
+from bookgen.config import TokenizerConfig
 from bookgen.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def tokenizer_source(cfg: ExperimentConfig) -> str | None:
-    """Where a pretrained tokenizer comes from; None means bookgen trains a BPE on the training split."""
-    return cfg.tokenizer.name_or_path or cfg.model.name_or_path
+def tokenizer_source(tokenizer: str | None, model: str | None) -> str | None:
+    """Where a pretrained tokenizer comes from (tokenizer.name_or_path, else model.name_or_path); None means
+    bookgen trains a BPE on the training split."""
+    return tokenizer or model
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> PreTrainedTokenizerBase:
@@ -39,16 +40,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) 
     return GPT2TokenizerFast(tokenizer_object=tok)
 
 
-def add_special_tokens(tokenizer: PreTrainedTokenizerBase, cfg: ExperimentConfig) -> PreTrainedTokenizerBase:
-    t = cfg.tokenizer
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, t: TokenizerConfig) -> PreTrainedTokenizerBase:
     tokenizer.add_special_tokens({"bos_token": t.bos_token, "eos_token": t.eos_token, "pad_token": t.pad_token})
     return tokenizer
 
 
-def build_tokenizer(cfg: ExperimentConfig, train_texts: Iterable[str]) -> PreTrainedTokenizerBase:
-    t = cfg.tokenizer
+def build_tokenizer(t: TokenizerConfig, source: str | None, train_texts: Iterable[str]) -> PreTrainedTokenizerBase:
+    """``source``: :func:`tokenizer_source`."""
     specials = [t.bos_token, t.eos_token, t.pad_token]
-    source = tokenizer_source(cfg)
     if source is None:
         tokenizer = train_bpe(train_texts, t.vocab_size, specials)
     else:
@@ -60,7 +59,7 @@ def build_tokenizer(cfg: ExperimentConfig, train_texts: Iterable[str]) -> PreTra
         except (OSError, ValueError) as exc:  # a missing folder, a hub name offline, a folder without a tokenizer
             raise ConfigError(f"{key}: cannot load a tokenizer from {source!r} ({str(exc)[:300]})") from exc
     tokenizer.model_max_length = 1 << 30  # we truncate to data.block_size ourselves; silence length warnings
-    return add_special_tokens(tokenizer, cfg)
+    return add_special_tokens(tokenizer, t)
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

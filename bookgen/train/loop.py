@@ -203,7 +203,7 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
         (cfg.run.output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         (cfg.run.output_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)
         (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
-    ensure_prepared(cfg, dist, console)
+    ensure_prepared(resolved.data, dist, console, run_dir=cfg.run.output_dir)
     run = _build(cfg, resolved, dist, console, invocation, fault)
     if run.finished:
         run.progress.close()
@@ -329,7 +329,8 @@ def _build_counted(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, cons
     model = build_model(cfg, tokenizer, zero3_config=zero3, source=resolved.model)
     probe.include(model)
     model_flops = flops_per_token(model, cfg.data.block_size)
-    train_examples, valid_examples = prepared_examples(cfg, "train"), prepared_examples(cfg, "valid")
+    train_examples = prepared_examples(resolved.data, "train")
+    valid_examples = prepared_examples(resolved.data, "valid")
     plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
     if resolved.base_left_out:  # its checkpoints record the base's content: read once, striped over the ranks
         remember_base_contents(str(cfg.model.name_or_path), dist)

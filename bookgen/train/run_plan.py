@@ -15,6 +15,7 @@ from typing import Any
 from bookgen.checkpoint.spec import CheckpointSpec, checkpoint_spec
 from bookgen.config import ExperimentConfig, LoraSettings
 from bookgen.data.batch_layout import BatchLayout
+from bookgen.data.prepare import PrepareSpec
 from bookgen.distributed import DistEnv
 from bookgen.model.source import ModelSource
 from bookgen.planning.experiment import ExperimentPlan
@@ -34,6 +35,7 @@ class RunPlan:
     trackers: tuple[str, ...]
     memory: ExperimentPlan | None = field(repr=False)  # what each rank will hold and a step's time (None: untraceable)
     checkpoints: CheckpointSpec  # where they go, what they record and how a resume is checked
+    data: PrepareSpec  # the corpus, its split and tokenizer, and the prepared folder
 
     @property
     def zero3(self) -> bool:
@@ -46,7 +48,7 @@ def resolve_run(cfg: ExperimentConfig, dist: DistEnv) -> RunPlan:
     source, ds_config = check_training(cfg, dist, checkpoints)
     memory = check_fit(cfg, dist, source, ds_config)
     return RunPlan(memory=memory, model=source, lora=cfg.model.lora, base_left_out=checkpoints.base_left_out,
-                   checkpoints=checkpoints,
+                   checkpoints=checkpoints, data=PrepareSpec.of(cfg),
                    ds_config=ds_config,
                    layout=BatchLayout.of(cfg.train, dist.world_size), precision=cfg.train.precision,
                    compiled=cfg.train.compile, packing=cfg.data.packing, trackers=tuple(cfg.run.trackers))

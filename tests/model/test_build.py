@@ -29,7 +29,7 @@ def test_pretrained_model_gets_special_tokens_with_mean_rows_and_tied_head(tmp_p
     base_tok.save_pretrained(tmp_path / "pre")
     old = pretrained.transformer.wte.weight.detach().clone()
     cfg = load_config(write_experiment(tmp_path, {"model.name_or_path": "pre", "model.pad_to_multiple_of": 8}))
-    tok = add_special_tokens(base_tok, cfg)
+    tok = add_special_tokens(base_tok, cfg.tokenizer)
     model = build_model(cfg, tok)
     wte = model.transformer.wte.weight
     assert wte.shape[0] % 8 == 0 and wte.shape[0] >= len(tok) == len(old) + 3
@@ -71,7 +71,7 @@ def test_activation_checkpointing_keeps_less_and_gives_the_same_loss_and_gradien
         # dropout on: recomputation must draw the same masks as the first forward
         cfg = load_experiment(tmp_path / str(on), **{"model.activation_checkpointing": on, "model.dropout": 0.1,
                                           "model.n_layer": 4})
-        model = build_model(cfg, add_special_tokens(tok, cfg)).train()
+        model = build_model(cfg, add_special_tokens(tok, cfg.tokenizer)).train()
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is on
         runs[on] = _saved_activation_bytes_loss_and_grads(model, batch)
     (plain_bytes, plain_loss, plain_grads), (ckpt_bytes, ckpt_loss, ckpt_grads) = runs[False], runs[True]

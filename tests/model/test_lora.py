@@ -181,7 +181,7 @@ def test_lora_counts_only_adapters_and_new_rows_as_trainable(tmp_path):
     cfg = load_config(_lora_run(tmp_path, pre, 0, **{"model.lora": {"r": 4, "target_modules": ["c_attn"]}}))
     from bookgen.data.tokenizer import add_special_tokens, load_tokenizer
 
-    model = build_model(cfg, add_special_tokens(load_tokenizer(pre), cfg))
+    model = build_model(cfg, add_special_tokens(load_tokenizer(pre), cfg.tokenizer))
     # c_attn: 32 -> 96 in each of 2 layers: r x (32 + 96) each; 3 new rows of 32 in the tied embedding
     adapters = 2 * 4 * (32 + 96)
     assert trainable_parameters(model) == adapters + 3 * 32
