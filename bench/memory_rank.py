@@ -23,9 +23,8 @@ from bookgen import distributed  # noqa: E402
 from bookgen.config_io import load_config  # noqa: E402
 from bookgen.data.tokenizer import add_special_tokens, load_tokenizer  # noqa: E402
 from bookgen.model import partitioned_load  # noqa: E402
-from bookgen.model.build import build_model  # noqa: E402
-from bookgen.train.ds_config import build_ds_config  # noqa: E402
 from bookgen.train.engine import build_engine  # noqa: E402
+from tests.helpers import ds_config_for, model_for  # noqa: E402
 
 MB = 2**20
 
@@ -49,13 +48,13 @@ def main() -> None:
         partitioned_load.load_pretrained_partitioned = lambda *_, **__: None
     dist = distributed.setup(300)
     tokenizer = add_special_tokens(load_tokenizer(Path(cfg.model.name_or_path)), cfg.tokenizer)
-    ds = build_ds_config(cfg, dist.world_size)
+    ds = ds_config_for(cfg, dist.world_size)
     import deepspeed.runtime.zero.stage3  # noqa: F401  (imported before the baseline: code, not the model)
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     reset_peak()
     baseline = status("VmRSS")
-    model = build_model(cfg, tokenizer, zero3_config=ds if cfg.deepspeed.zero_stage == 3 else None)
+    model = model_for(cfg, tokenizer, zero3_config=ds if cfg.deepspeed.zero_stage == 3 else None)
     loading = status("VmHWM") - baseline
     reset_peak()
     engine = build_engine(cfg.train, model, dist, total_steps=2, ds_config=ds)

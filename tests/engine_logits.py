@@ -18,9 +18,8 @@ from bookgen.checkpoint.spec import checkpoint_spec  # noqa: E402
 from bookgen.config_io import load_config  # noqa: E402
 from bookgen.data.prepare import tokenizer_dir  # noqa: E402
 from bookgen.data.tokenizer import load_tokenizer  # noqa: E402
-from bookgen.model.build import build_model  # noqa: E402
-from bookgen.train.ds_config import build_ds_config  # noqa: E402
 from bookgen.train.engine import build_engine  # noqa: E402
+from tests.helpers import ds_config_for, model_for  # noqa: E402
 
 PROBE = "<BOS> The story is set in a mining town, where Anna lives"
 
@@ -29,8 +28,8 @@ def main() -> None:
     cfg = load_config(sys.argv[1])
     dist = distributed.setup(120)
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
-    engine = build_engine(cfg.train, build_model(cfg, tokenizer), dist, total_steps=1,
-                          ds_config=build_ds_config(cfg, dist.world_size))
+    engine = build_engine(cfg.train, model_for(cfg, tokenizer), dist, total_steps=1,
+                          ds_config=ds_config_for(cfg, dist.world_size))
     checkpoints = checkpoint_spec(cfg, dist.world_size)
     restore(engine, plan_resume(checkpoints, dist), checkpoints, dist, Console(quiet=True), steps_per_epoch=1)
     engine.eval()

@@ -91,3 +91,18 @@ def load_experiment(tmp_path: Path, ds: dict | None = None, **overrides):
         (tmp_path / "ds.json").write_text(json.dumps(ds))
         cfg.deepspeed.config = tmp_path / "ds.json"
     return cfg
+
+
+def model_for(cfg, tokenizer, **kwargs):
+    """The model an experiment builds (what the training run passes bookgen.model.build.build_model)."""
+    from bookgen.model.build import build_model
+
+    return build_model(cfg.model, tokenizer, seed=cfg.seed, loss_chunk_tokens=cfg.train.loss_chunk_tokens, **kwargs)
+
+
+def ds_config_for(cfg, world_size: int) -> dict:
+    """The DeepSpeed config an experiment resolves to, its ZeRO-3 buckets sized by the model source's width."""
+    from bookgen.train.ds_config import build_ds_config
+    from bookgen.train.preflight import model_source
+
+    return build_ds_config(cfg.deepspeed, cfg.train, world_size, width=model_source(cfg.model).width)

@@ -16,8 +16,7 @@ from bookgen.config_io import load_config  # noqa: E402
 from bookgen.data.prepare import PrepareSpec, tokenizer_dir  # noqa: E402
 from bookgen.data.prepared import ensure_prepared  # noqa: E402
 from bookgen.data.tokenizer import load_tokenizer  # noqa: E402
-from bookgen.model.build import build_model  # noqa: E402
-from bookgen.train.ds_config import build_ds_config  # noqa: E402
+from tests.helpers import ds_config_for, model_for  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +31,7 @@ def main() -> None:
     gathers = []  # every gathering of partitions while the model is built (whole parameters on every rank)
     enter = GatheredParameters.__enter__
     GatheredParameters.__enter__ = lambda self: gathers.append(1) or enter(self)
-    model = build_model(cfg, tokenizer, zero3_config=build_ds_config(cfg, dist.world_size))
+    model = model_for(cfg, tokenizer, zero3_config=ds_config_for(cfg, dist.world_size))
     GatheredParameters.__enter__ = enter
     params = list(model.parameters())
     held = {"whole": [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")],

@@ -39,7 +39,7 @@ def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = No
         step = 0
         if folder is None:
             console.print("[yellow]no checkpoint found: evaluating the freshly initialised model[/]")
-            model = build_model(cfg, tokenizer)
+            model = build_model(cfg.model, tokenizer, seed=cfg.seed)
         else:
             # consolidated weights load at any world size and ZeRO stage, unlike the engine's own state
             step = ckpt.read_marker(folder, checkpoints)["state"]["global_step"]
@@ -48,7 +48,9 @@ def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = No
             console.print(f"evaluating {folder}")
         examples = prepared_examples(data, split)
         check_precision(cfg.train.precision)
-        engine = build_engine(cfg.train, model, dist, total_steps=1, ds_config=build_ds_config(cfg, dist.world_size))
+        ds_config = build_ds_config(cfg.deepspeed, cfg.train, dist.world_size,
+                                    width=getattr(model.config, "hidden_size", None))
+        engine = build_engine(cfg.train, model, dist, total_steps=1, ds_config=ds_config)
         result = run_eval(engine, examples, split, dist, tokenizer.pad_token_id, step, None,
                           batch_size=cfg.eval.batch_size, output_dir=cfg.run.output_dir)
         console.print(eval_line(result, step))

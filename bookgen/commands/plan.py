@@ -53,7 +53,7 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
 
 def experiment_plan(cfg: ExperimentConfig, hardware: Hardware) -> ExperimentPlan:
     source = model_source(cfg.model)
-    ds = build_ds_config(cfg, hardware.ranks, width=source.width)
+    ds = build_ds_config(cfg.deepspeed, cfg.train, hardware.ranks, width=source.width)
     return plan_experiment(cfg, source, ds, hardware, steps=_known_steps(cfg, hardware.ranks),
                            vocab_rows=_known_rows(cfg))
 

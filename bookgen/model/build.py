@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bookgen.config import ExperimentConfig
+from bookgen.config import ModelConfig
 from bookgen.errors import BookgenError
 from bookgen.model.attention import register
 from bookgen.model.chunked_loss import use_chunked_loss
@@ -42,15 +42,16 @@ def position_count(config: Any) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
-                zero3_config: dict[str, Any] | None = None, source: ModelSource | None = None) -> PreTrainedModel:
-    """``zero3_config``: the run's DeepSpeed config when it is ZeRO-3, to create the model partitioned;
-    ``source``: where the model comes from, with its config loaded once (preflight); else read here."""
-    m = cfg.model
+def build_model(m: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, seed: int,
+                loss_chunk_tokens: int | None = None, zero3_config: dict[str, Any] | None = None,
+                source: ModelSource | None = None) -> PreTrainedModel:
+    """``loss_chunk_tokens``: train.loss_chunk_tokens; ``zero3_config``: the run's DeepSpeed config when it is
+    ZeRO-3, to create the model partitioned; ``source``: where the model comes from, with its config loaded
+    once (preflight); else read here."""
     logging.getLogger("transformers.modeling_utils").addFilter(_NO_PADDING_MASK_ADVICE)
-    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+    torch.manual_seed(seed)  # identical initialisation on every rank
     with _partitioned_while_built(zero3_config):
-        model = _create(cfg, tokenizer, source)
+        model = _create(m, tokenizer, source)
         # a model built from a config names no loss type; transformers then warns on every call, which also
         # breaks a compiled graph in two
         if getattr(model, "loss_type", None) is None:
@@ -65,8 +66,8 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
         model.set_attn_implementation(training_attention(m.attention, model.config))
         if m.activation_checkpointing:
             enable_activation_checkpointing(model)
-        if cfg.train.loss_chunk_tokens is not None:
-            use_chunked_loss(model, cfg.train.loss_chunk_tokens)
+        if loss_chunk_tokens is not None:
+            use_chunked_loss(model, loss_chunk_tokens)
         stats = getattr(model, "bookgen_load_stats", None)  # created with the new rows already (ZeRO-3)
         old_rows = stats.file_rows if stats is not None and stats.file_rows else rows_of(
             model.get_input_embeddings().weight)
@@ -75,12 +76,12 @@ def build_model(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
     # from_pretrained returns the model in eval mode (dropout off); every build trains in training mode
     model.train()
     # under ZeRO-3 only rank 0 drew the initial weights: every rank continues from the same random state
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     if m.lora is not None:
         # outside the ZeRO-3 context: peft's own ZeRO-3 path gathers on CUDA only (apply_lora gathers the
         # embeddings itself); the adapters are partitioned when the engine is built
         model = apply_lora(model, m.lora, list(range(old_rows, len(tokenizer))))
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
     return model
 
 
@@ -96,11 +97,9 @@ class _NoPaddingMaskAdvice(logging.Filter):
 _NO_PADDING_MASK_ADVICE = _NoPaddingMaskAdvice()  # one instance: adding it again is a no-op
 
 
-def _create(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, source: ModelSource | None
-            ) -> PreTrainedModel:
+def _create(m: ModelConfig, tokenizer: PreTrainedTokenizerBase, source: ModelSource | None) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    m = cfg.model
     if m.name_or_path is not None:
         from transformers.integrations import is_deepspeed_zero3_enabled
 

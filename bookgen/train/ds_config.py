@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bookgen.config import ExperimentConfig
+from bookgen.config import DeepSpeedSection, TrainConfig
 from bookgen.data.batch_layout import BatchLayout
 from bookgen.errors import BookgenError
 
@@ -39,9 +39,8 @@ def load_ds_json(path: Path | None) -> dict[str, Any]:
     return data
 
 
-def owned_values(cfg: ExperimentConfig, world_size: int) -> dict[str, tuple[Any, str]]:
+def owned_values(t: TrainConfig, zero_stage: int, world_size: int) -> dict[str, tuple[Any, str]]:
     """DeepSpeed key (dotted) -> (value, the YAML key it comes from)."""
-    t = cfg.train
     return {
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (t.grad_accum_steps, "train.grad_accum_steps"),
@@ -56,14 +55,16 @@ def owned_values(cfg: ExperimentConfig, world_size: int) -> dict[str, tuple[Any,
         "bf16.enabled": (t.precision == "bf16", "train.precision"),
         "torch_autocast.enabled": (t.precision == "bf16-mixed", "train.precision"),
         "fp16.enabled": (t.precision == "fp16", "train.precision"),
-        "zero_optimization.stage": (cfg.deepspeed.zero_stage, "deepspeed.zero_stage"),
+        "zero_optimization.stage": (zero_stage, "deepspeed.zero_stage"),
     }
 
 
-def build_ds_config(cfg: ExperimentConfig, world_size: int, *, width: int | None = None) -> dict[str, Any]:
+def build_ds_config(deepspeed: DeepSpeedSection, train: TrainConfig, world_size: int, *, width: int | None
+                    ) -> dict[str, Any]:
     """The DeepSpeed config: the JSON's own settings with the experiment's values filled in (a disagreement
-    raises). ``width``: the model's hidden size, from the run's model source (else what the experiment says)."""
-    source = cfg.deepspeed.config
+    raises). ``width``: the model's hidden size, from the run's model source (ModelSource.width), which sizes
+    ZeRO-3's buckets."""
+    source = deepspeed.config
     where = str(source) if source else "the built-in DeepSpeed config"
     ds = copy.deepcopy(load_ds_json(source))
     if "scheduler" in ds:
@@ -71,7 +72,7 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, *, width: int | None
                            "(train.lr_schedule, train.warmup_steps)")
     ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
     problems = []
-    for dotted, (value, yaml_key) in owned_values(cfg, world_size).items():
+    for dotted, (value, yaml_key) in owned_values(train, deepspeed.zero_stage, world_size).items():
         node = ds
         *parents, last = dotted.split(".")
         for part in parents:
@@ -84,23 +85,14 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, *, width: int | None
     if problems:
         raise BookgenError("DeepSpeed config disagrees with the experiment:\n  " + "\n  ".join(problems)
                            + "\nRemove these keys from the JSON (or set them to \"auto\"); the YAML owns them.")
-    if cfg.train.grad_clip == 0:
+    if train.grad_clip == 0:
         ds.pop("gradient_clipping")
-    if cfg.train.precision == "bf16-mixed":
+    if train.precision == "bf16-mixed":
         ds["torch_autocast"].setdefault("dtype", "bfloat16")
     use_fused_adamw(ds["optimizer"])
-    if cfg.deepspeed.zero_stage == 3:
-        size_zero3_buckets(ds["zero_optimization"], width or _experiment_width(cfg))
+    if deepspeed.zero_stage == 3:
+        size_zero3_buckets(ds["zero_optimization"], width)
     return ds
-
-
-def _experiment_width(cfg: ExperimentConfig) -> int | None:
-    """The hidden size the experiment itself names (model.config or the built-in GPT-2's); a pretrained
-    model's is in its config, which the model source holds."""
-    m = cfg.model
-    if m.config is not None:
-        return m.config.get("hidden_size") or m.config.get("n_embd")
-    return m.n_embd if m.name_or_path is None else None
 
 
 def size_zero3_buckets(zero: dict[str, Any], width: int | None) -> None:

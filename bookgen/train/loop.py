@@ -326,7 +326,8 @@ def _build_counted(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, cons
     ds_config = resolved.ds_config
     zero3 = ds_config if resolved.zero3 else None
     # under ZeRO-3: partitioned as it is created
-    model = build_model(cfg, tokenizer, zero3_config=zero3, source=resolved.model)
+    model = build_model(cfg.model, tokenizer, seed=cfg.seed, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+                        zero3_config=zero3, source=resolved.model)
     probe.include(model)
     model_flops = flops_per_token(model, cfg.data.block_size)
     train_examples = prepared_examples(resolved.data, "train")

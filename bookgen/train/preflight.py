@@ -47,7 +47,8 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv, checkpoints: Checkpoint
     if cfg.data.prompt is not None:  # its fields are checked against the rows when they are read
         PromptTemplate.parse(cfg.data.prompt)
     source = model_source(cfg.model)
-    ds = build_ds_config(cfg, dist.world_size, width=source.width)  # raises on a stage or batch clash
+    # raises on a stage or batch clash
+    ds = build_ds_config(cfg.deepspeed, cfg.train, dist.world_size, width=source.width)
     check_offload(ds, str(cfg.deepspeed.config or "the built-in DeepSpeed config"))
     check_precision(cfg.train.precision)
     if cfg.checkpoint.resume not in ("auto", "never"):

@@ -94,11 +94,10 @@ def test_a_model_built_for_training_holds_only_transformers_modules(tmp_path):
     # the seam is the training setup's, on a CPU only: build_model itself swaps nothing
     from bookgen.config_io import load_config
     from bookgen.data.tokenizer import add_special_tokens, train_bpe
-    from bookgen.model.build import build_model
-    from tests.helpers import write_experiment
+    from tests.helpers import model_for, write_experiment
 
     tok = train_bpe(["a story about a ship", "the ship sails far"] * 20, 300, ["<|endoftext|>"])
     cfg = load_config(write_experiment(tmp_path, {"model.dropout": 0.2}))
-    model = build_model(cfg, add_special_tokens(tok, cfg.tokenizer))
+    model = model_for(cfg, add_special_tokens(tok, cfg.tokenizer))
     assert all(type(m).__module__.startswith(("transformers.", "torch.")) for m in model.modules())
     assert model.config._attn_implementation == "bookgen_causal", "an attention function, no module of bookgen's"

@@ -20,7 +20,7 @@ def test_pretrained_model_gets_special_tokens_with_mean_rows_and_tied_head(tmp_p
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bookgen.data.tokenizer import add_special_tokens, train_bpe
-    from bookgen.model.build import build_model
+    from tests.helpers import model_for
 
     base_tok = train_bpe(["a story about a ship", "the ship sails"] * 20, 300, ["<|endoftext|>"])
     pretrained = GPT2LMHeadModel(GPT2Config(vocab_size=len(base_tok), n_layer=1, n_head=2, n_embd=16,
@@ -30,7 +30,7 @@ def test_pretrained_model_gets_special_tokens_with_mean_rows_and_tied_head(tmp_p
     old = pretrained.transformer.wte.weight.detach().clone()
     cfg = load_config(write_experiment(tmp_path, {"model.name_or_path": "pre", "model.pad_to_multiple_of": 8}))
     tok = add_special_tokens(base_tok, cfg.tokenizer)
-    model = build_model(cfg, tok)
+    model = model_for(cfg, tok)
     wte = model.transformer.wte.weight
     assert wte.shape[0] % 8 == 0 and wte.shape[0] >= len(tok) == len(old) + 3
     assert torch.equal(wte[: len(old)], old), "pretrained rows are kept"
@@ -62,7 +62,7 @@ def _saved_activation_bytes_loss_and_grads(model, batch):
 
 def test_activation_checkpointing_keeps_less_and_gives_the_same_loss_and_gradients(tmp_path):
     from bookgen.data.tokenizer import add_special_tokens, train_bpe
-    from bookgen.model.build import build_model
+    from tests.helpers import model_for
 
     tok = train_bpe(["a story about a ship", "the ship sails far"] * 20, 300, ["<|endoftext|>"])
     batch = collate([np.arange(5, 5 + n) for n in (40, 33)], pad_id=0)
@@ -71,7 +71,7 @@ def test_activation_checkpointing_keeps_less_and_gives_the_same_loss_and_gradien
         # dropout on: recomputation must draw the same masks as the first forward
         cfg = load_experiment(tmp_path / str(on), **{"model.activation_checkpointing": on, "model.dropout": 0.1,
                                           "model.n_layer": 4})
-        model = build_model(cfg, add_special_tokens(tok, cfg.tokenizer)).train()
+        model = model_for(cfg, add_special_tokens(tok, cfg.tokenizer)).train()
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is on
         runs[on] = _saved_activation_bytes_loss_and_grads(model, batch)
     (plain_bytes, plain_loss, plain_grads), (ckpt_bytes, ckpt_loss, ckpt_grads) = runs[False], runs[True]
@@ -163,7 +163,7 @@ def test_zero3_creates_the_model_partitioned_with_the_unsharded_weights(tmp_path
 
     from bookgen.data.prepare import tokenizer_dir
     from bookgen.data.tokenizer import load_tokenizer, train_bpe
-    from bookgen.model.build import build_model
+    from tests.helpers import model_for
 
     settings = {"deepspeed.zero_stage": 3, "deepspeed.config": str(REPO / "ds_configs/zero3.json")}
     env, pre = {}, tmp_path / "pre"
@@ -208,7 +208,7 @@ def test_zero3_creates_the_model_partitioned_with_the_unsharded_weights(tmp_path
     cfg = load_config(exp)
     tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
     cfg.model.name_or_path = str(pre) if source == "hub" else cfg.model.name_or_path  # the same files
-    unsharded = build_model(cfg, tokenizer)
+    unsharded = model_for(cfg, tokenizer)
     rng = torch.rand(3)
     expected = dict(unsharded.named_parameters())
     assert sharded["weights"].keys() == expected.keys()

@@ -173,15 +173,16 @@ def test_a_lora_run_of_another_family_evaluates_and_resumes_at_another_world_siz
 
 
 def test_lora_counts_only_adapters_and_new_rows_as_trainable(tmp_path):
-    from bookgen.model.build import build_model, count_parameters
+    from bookgen.model.build import count_parameters
     from bookgen.model.lora import trainable_parameters
     from bookgen.train.engine import param_groups
+    from tests.helpers import model_for
 
     pre = _pretrained(tmp_path / "pre", "gpt2")
     cfg = load_config(_lora_run(tmp_path, pre, 0, **{"model.lora": {"r": 4, "target_modules": ["c_attn"]}}))
     from bookgen.data.tokenizer import add_special_tokens, load_tokenizer
 
-    model = build_model(cfg, add_special_tokens(load_tokenizer(pre), cfg.tokenizer))
+    model = model_for(cfg, add_special_tokens(load_tokenizer(pre), cfg.tokenizer))
     # c_attn: 32 -> 96 in each of 2 layers: r x (32 + 96) each; 3 new rows of 32 in the tied embedding
     adapters = 2 * 4 * (32 + 96)
     assert trainable_parameters(model) == adapters + 3 * 32

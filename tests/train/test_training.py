@@ -247,7 +247,7 @@ def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_gains(tmp_path):
     from bookgen.config_io import load_config
     from bookgen.data.prepare import tokenizer_dir
     from bookgen.data.tokenizer import load_tokenizer
-    from bookgen.model.build import build_model
+    from tests.helpers import model_for
 
     lr, decay = 1e-2, 0.5
     after = {}
@@ -259,7 +259,7 @@ def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_gains(tmp_path):
         model, _ = load_checkpoint_model(next((exp.parent / "run" / "checkpoints").glob("step*")))
         after[wd] = dict(model.named_parameters())
     cfg = load_config(exp)
-    start = dict(build_model(cfg, load_tokenizer(tokenizer_dir(cfg.prepared_dir))).named_parameters())
+    start = dict(model_for(cfg, load_tokenizer(tokenizer_dir(cfg.prepared_dir))).named_parameters())
     kept = [name for name, p in start.items() if p.dim() < 2]
     assert any("ln_" in name for name in kept) and any("bias" in name for name in kept)
     for name, p0 in start.items():

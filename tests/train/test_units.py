@@ -8,17 +8,16 @@ import torch
 from bookgen.config_io import load_config
 from bookgen.data.batch_layout import BatchLayout
 from bookgen.errors import BookgenError
-from bookgen.train.ds_config import build_ds_config
 from bookgen.train.loop import plan_steps
 from bookgen.train.schedule import lr_multiplier
-from tests.helpers import REPO, load_experiment, write_experiment
+from tests.helpers import REPO, ds_config_for, load_experiment, write_experiment
 
 
 def test_experiment_values_are_filled_into_the_shipped_configs(tmp_path):
     for stage in range(4):
         cfg = load_config(write_experiment(tmp_path, {"deepspeed.zero_stage": stage, "train.grad_accum_steps": 3,
                                                       "deepspeed.config": str(REPO / f"ds_configs/zero{stage}.json")}))
-        ds = build_ds_config(cfg, world_size=2)
+        ds = ds_config_for(cfg, 2)
         assert ds["train_batch_size"] == 2 * 3 * 2 and ds["gradient_accumulation_steps"] == 3
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["optimizer"]["params"]["lr"] == cfg.train.learning_rate
@@ -29,7 +28,7 @@ def test_experiment_values_are_filled_into_the_shipped_configs(tmp_path):
 def test_batch_size_mismatch_shows_the_numbers(tmp_path):
     cfg = load_experiment(tmp_path, {"train_batch_size": 16})
     with pytest.raises(BookgenError) as info:
-        build_ds_config(cfg, world_size=2)
+        ds_config_for(cfg, 2)
     msg = str(info.value)
     assert "train_batch_size is 16 in" in msg and "ds.json" in msg
     assert "train.micro_batch_size 2 x train.grad_accum_steps 1 x world size 2 gives 4" in msg
@@ -39,11 +38,11 @@ def test_json_value_disagreeing_with_yaml_names_both(tmp_path):
     ds = {"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}, "gradient_clipping": "auto"}
     cfg = load_experiment(tmp_path, ds)
     with pytest.raises(BookgenError, match=r"optimizer.params.lr is 0.1 in .*ds.json, but train.learning_rate"):
-        build_ds_config(cfg, world_size=1)
+        ds_config_for(cfg, 1)
     ok = load_experiment(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": "auto"})
-    assert build_ds_config(ok, world_size=1)["gradient_clipping"] == 1.0
+    assert ds_config_for(ok, 1)["gradient_clipping"] == 1.0
     with pytest.raises(BookgenError, match="remove \"scheduler\""):
-        build_ds_config(load_experiment(tmp_path, {"scheduler": {"type": "WarmupLR"}}), world_size=1)
+        ds_config_for(load_experiment(tmp_path, {"scheduler": {"type": "WarmupLR"}}), 1)
 
 
 def test_training_split_smaller_than_a_global_batch_is_refused(tmp_path):
@@ -98,7 +97,7 @@ def test_batch_layout_is_computed_once_without_a_process_group(tmp_path):
     cfg = load_config(write_experiment(tmp_path), ["train.micro_batch_size=3", "train.grad_accum_steps=4"])
     layout = BatchLayout.of(cfg.train, world_size=2)
     assert (layout.micro_batches, layout.global_batch) == (8, 24)
-    assert build_ds_config(cfg, 2)["train_batch_size"] == layout.global_batch
+    assert ds_config_for(cfg, 2)["train_batch_size"] == layout.global_batch
     assert plan_steps(100, cfg.train, 2).global_batch == layout.global_batch
 
 
@@ -139,12 +138,12 @@ def test_offload_needs_cpu_adam_or_torch_adam_and_nvme_a_path_and_libaio(monkeyp
 def test_zero3_buffers_are_sized_by_the_model_width_unless_the_json_sets_them(tmp_path):
     cfg = load_experiment(tmp_path, {"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345}},
                           **{"deepspeed.zero_stage": 3})
-    zero = build_ds_config(cfg, world_size=2)["zero_optimization"]
+    zero = ds_config_for(cfg, 2)["zero_optimization"]
     width = cfg.model.n_embd  # 32 in the tiny experiment
     assert zero["reduce_bucket_size"] == 12345, "the JSON's own value stays"
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * width * width)
     assert zero["stage3_param_persistence_threshold"] == 10 * width
     llama = load_experiment(tmp_path / "llama", {"zero_optimization": {"stage": 3}}, **{
-        "deepspeed.zero_stage": 3, "model.config": {"model_type": "llama", "hidden_size": 48}})
-    assert build_ds_config(llama, world_size=2)["zero_optimization"]["reduce_bucket_size"] == 48 * 48
-    assert "reduce_bucket_size" not in build_ds_config(load_experiment(tmp_path / "z0"), 2).get("zero_optimization", {})
+        "deepspeed.zero_stage": 3, "model.config": {"model_type": "llama", "hidden_size": 48, "num_attention_heads": 4}})
+    assert ds_config_for(llama, 2)["zero_optimization"]["reduce_bucket_size"] == 48 * 48
+    assert "reduce_bucket_size" not in ds_config_for(load_experiment(tmp_path / "z0"), 2).get("zero_optimization", {})
