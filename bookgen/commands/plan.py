@@ -23,6 +23,7 @@ from bookgen.planning.experiment import (
     describe_device,
     hardware_for,
     plan_experiment,
+    planning_inputs,
     refusal,
 )
 from bookgen.train.ds_config import build_ds_config
@@ -39,7 +40,7 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
             raise BookgenError(f"--gpu-memory: {args.gpu_memory!r} is not a size; write e.g. 80GB, 80GiB or 512MB")
     if args.gpus is not None and args.gpus < 1 or args.nodes is not None and args.nodes < 1:
         raise BookgenError("--gpus and --nodes: at least 1")
-    hardware = hardware_for(cfg, gpus=args.gpus, gpu_memory=gpu_memory, nodes=args.nodes)
+    hardware = hardware_for(cfg.launch, gpus=args.gpus, gpu_memory=gpu_memory, nodes=args.nodes)
     plan = experiment_plan(cfg, hardware)
     if args.json:
         print(json.dumps(plan_record(plan), indent=2))
@@ -54,8 +55,9 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
 def experiment_plan(cfg: ExperimentConfig, hardware: Hardware) -> ExperimentPlan:
     source = model_source(cfg.model)
     ds = build_ds_config(cfg.deepspeed, cfg.train, hardware.ranks, width=source.width)
-    return plan_experiment(cfg, source, ds, hardware, steps=_known_steps(cfg, hardware.ranks),
-                           vocab_rows=_known_rows(cfg))
+    memory, timing = planning_inputs(cfg, source, ds, hardware, steps=_known_steps(cfg, hardware.ranks),
+                                     vocab_rows=_known_rows(cfg))
+    return plan_experiment(memory, timing, hardware)
 
 
 def _known_rows(cfg: ExperimentConfig) -> int | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bookgen.config import ExperimentConfig
+from bookgen.config import ExperimentConfig, LaunchConfig, ModelConfig
 from bookgen.data.batch_layout import BatchLayout
 from bookgen.model.config_checks import memory_per_rank
 from bookgen.model.flops import peak_for_name
@@ -43,15 +43,15 @@ class Hardware:
         return self.device != "cpu"
 
 
-def hardware_for(cfg: ExperimentConfig, *, gpus: int | None = None, gpu_memory: int | None = None,
+def hardware_for(launch: LaunchConfig, *, gpus: int | None = None, gpu_memory: int | None = None,
                  nodes: int | None = None) -> Hardware:
     """GPUs a node: ``gpus``, else this machine's, else the launch section's (gpus_per_node; without GPUs,
     procs_per_node CPU ranks sharing the host's memory)."""
-    nodes = nodes or cfg.launch.nodes
+    nodes = nodes or launch.nodes
     here = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    per_node = gpus or here or cfg.launch.gpus_per_node
+    per_node = gpus or here or launch.gpus_per_node
     if per_node == 0 and gpu_memory is None:  # a CPU run: its ranks share this host's memory
-        ranks = cfg.launch.procs_per_node
+        ranks = launch.procs_per_node
         return Hardware(nodes=nodes, per_node=ranks, device_bytes=memory_per_rank(ranks, on_host=True)[0],
                         device="cpu")
     per_node = per_node or 1
@@ -81,19 +81,61 @@ class ExperimentPlan:
         return self.memory.largest.name
 
 
-def plan_experiment(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[str, Any], hardware: Hardware,
-                    *, steps: int | None = None, vocab_rows: int | None = None, advise: bool = True
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TimeInputs:
+    """What a step's time is planned from, beside the memory inputs."""
+
+    global_batch: int  # sequences an optimizer step, at the plan's ranks
+    grad_accum: int  # train.grad_accum_steps: the advice keeps the global batch
+    steps: int | None  # the run's optimizer steps where known (train.max_steps, or counted from the data)
+    peak_tflops: float | None  # run.peak_tflops: the device's peak, where the user names it
+    fp32: bool  # no GPU peak is assumed for fp32
+    runs_folder: Path  # where comparable runs are looked for (the run folder's parent)
+    model_name: str  # how run summaries name the model
+
+
+def planning_inputs(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[str, Any], hardware: Hardware, *,
+                    steps: int | None = None, vocab_rows: int | None = None) -> tuple[MemoryInputs, TimeInputs]:
+    """The planner's reading of the experiment. ``steps``: the run's optimizer steps where known (else
+    train.max_steps); ``vocab_rows``: the embedding rows where the tokenizer is known (else the model's or the
+    experiment's vocabulary size)."""
+    hf_config = copy.deepcopy(source.hf_config)
+    if source.kind != "pretrained":  # its vocabulary is the tokenizer's (the one bookgen trains)
+        hf_config.vocab_size = cfg.tokenizer.vocab_size
+    if vocab_rows is not None:
+        hf_config.vocab_size = max(vocab_rows, hf_config.vocab_size if source.kind == "pretrained" else 0)
+    elif cfg.model.pad_to_multiple_of:
+        step = cfg.model.pad_to_multiple_of
+        hf_config.vocab_size = math.ceil(hf_config.vocab_size / step) * step
+    g = cfg.generate
+    sample_batch = g.batch_size or g.num_return_sequences
+    memory = MemoryInputs(hf_config=hf_config, pretrained=source.kind == "pretrained", lora=cfg.model.lora,
+                          ranks=hardware.ranks,
+                          micro_batch=cfg.train.micro_batch_size, block=cfg.data.block_size,
+                          eval_batch=cfg.eval.batch_size, precision=cfg.train.precision,
+                          zero=dict(ds_config.get("zero_optimization", {"stage": 0})),
+                          checkpointing=cfg.model.activation_checkpointing,
+                          loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+                          attention=cfg.model.attention, dropout=cfg.model.dropout, sample_batch=sample_batch,
+                          # prompts are short (a title, the begin token): 64 tokens at most, then the new ones
+                          sample_tokens=min(cfg.data.block_size, 64) + g.max_new_tokens, on_gpu=hardware.on_gpu)
+    time = TimeInputs(global_batch=BatchLayout.of(cfg.train, hardware.ranks).global_batch,
+                      grad_accum=cfg.train.grad_accum_steps, steps=steps or cfg.train.max_steps,
+                      peak_tflops=cfg.run.peak_tflops, fp32=cfg.train.precision == "fp32",
+                      runs_folder=Path(cfg.run.output_dir).parent, model_name=model_name(cfg.model))
+    return memory, time
+
+
+def plan_experiment(inputs: MemoryInputs, timing: TimeInputs, hardware: Hardware, *, advise: bool = True
                     ) -> ExperimentPlan:
-    """``steps``: the run's optimizer steps where known (else train.max_steps); ``vocab_rows``: the embedding
-    rows where the tokenizer is known (else the model's or the experiment's vocabulary size)."""
-    inputs = memory_inputs(cfg, source, ds_config, hardware, vocab_rows)
+    """The memory plan, its time, and where it does not fit (``advise``) the changes that make it fit."""
     memory = plan_memory(inputs, local_ranks=hardware.per_node)
-    time = _time(cfg, inputs, memory, hardware, steps or cfg.train.max_steps)
+    time = _time(timing, inputs, memory, hardware)
     changes: tuple[Change, ...] = ()
     if advise and memory.peak > hardware.device_bytes:
         head = 6 * inputs.hf_config.vocab_size * (getattr(inputs.hf_config, "hidden_size", None)
                                                   or inputs.hf_config.n_embd)
-        changes = tuple(changes_that_fit(inputs, hardware.device_bytes, grad_accum=cfg.train.grad_accum_steps,
+        changes = tuple(changes_that_fit(inputs, hardware.device_bytes, grad_accum=timing.grad_accum,
                                          local_ranks=hardware.per_node,
                                          head_share=min(head / time.flops_per_token, 1.0)))
     return ExperimentPlan(hardware=hardware, inputs=inputs, memory=memory, changes=changes, time=time)
@@ -114,33 +156,8 @@ def with_vocabulary(plan: ExperimentPlan, rows: int) -> ExperimentPlan:
     return dataclasses.replace(plan, inputs=inputs, memory=memory, time=time)
 
 
-def memory_inputs(cfg: ExperimentConfig, source: ModelSource, ds_config: dict[str, Any], hardware: Hardware,
-                  vocab_rows: int | None = None) -> MemoryInputs:
-    hf_config = copy.deepcopy(source.hf_config)
-    if source.kind != "pretrained":  # its vocabulary is the tokenizer's (the one bookgen trains)
-        hf_config.vocab_size = cfg.tokenizer.vocab_size
-    if vocab_rows is not None:
-        hf_config.vocab_size = max(vocab_rows, hf_config.vocab_size if source.kind == "pretrained" else 0)
-    elif cfg.model.pad_to_multiple_of:
-        step = cfg.model.pad_to_multiple_of
-        hf_config.vocab_size = math.ceil(hf_config.vocab_size / step) * step
-    g = cfg.generate
-    sample_batch = g.batch_size or g.num_return_sequences
-    return MemoryInputs(hf_config=hf_config, pretrained=source.kind == "pretrained", lora=cfg.model.lora,
-                        ranks=hardware.ranks,
-                        micro_batch=cfg.train.micro_batch_size, block=cfg.data.block_size,
-                        eval_batch=cfg.eval.batch_size, precision=cfg.train.precision,
-                        zero=dict(ds_config.get("zero_optimization", {"stage": 0})),
-                        checkpointing=cfg.model.activation_checkpointing,
-                        loss_chunk_tokens=cfg.train.loss_chunk_tokens,
-                        attention=cfg.model.attention, dropout=cfg.model.dropout, sample_batch=sample_batch,
-                        # prompts are short (a title, the begin token): 64 tokens at most, then the new ones
-                        sample_tokens=min(cfg.data.block_size, 64) + g.max_new_tokens, on_gpu=hardware.on_gpu)
-
-
-def model_name(cfg: ExperimentConfig) -> str:
+def model_name(m: ModelConfig) -> str:
     """How run summaries name the model, to find comparable runs."""
-    m = cfg.model
     if m.name_or_path:
         return m.name_or_path
     if m.config:
@@ -148,18 +165,15 @@ def model_name(cfg: ExperimentConfig) -> str:
     return f"gpt2-builtin:{m.n_layer}x{m.n_embd}x{m.n_head}"
 
 
-def _time(cfg: ExperimentConfig, inputs: MemoryInputs, memory: MemoryPlan, hardware: Hardware, steps: int | None
-          ) -> TimePlan:
-    per_token = memory.flops_per_token
-    layout = BatchLayout.of(cfg.train, hardware.ranks)
+def _time(timing: TimeInputs, inputs: MemoryInputs, memory: MemoryPlan, hardware: Hardware) -> TimePlan:
     peak = None
-    if cfg.run.peak_tflops is not None:
-        peak = cfg.run.peak_tflops * 1e12
-    elif hardware.on_gpu and cfg.train.precision != "fp32":
+    if timing.peak_tflops is not None:
+        peak = timing.peak_tflops * 1e12
+    elif hardware.on_gpu and not timing.fp32:
         peak = peak_for_name(hardware.device)
-    measured = comparable_mfu(Path(cfg.run.output_dir).parent, model_name(cfg), hardware.device)
-    return plan_time(flops_per_token=per_token, tokens_per_step=layout.global_batch * inputs.block,
-                     devices=hardware.ranks, peak=peak, steps=steps, measured=measured)
+    measured = comparable_mfu(timing.runs_folder, timing.model_name, hardware.device)
+    return plan_time(flops_per_token=memory.flops_per_token, tokens_per_step=timing.global_batch * inputs.block,
+                     devices=hardware.ranks, peak=peak, steps=timing.steps, measured=measured)
 
 
 def refusal(plan: ExperimentPlan) -> str:

@@ -238,7 +238,7 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
     if run.scorer is not None and run.scorer.last is not None:
         summary |= run.scorer.last.metrics()
     summary["peak_memory_mb_max_rank"] = distributed.all_reduce_max(peak_memory_mb(), run.engine.device)
-    summary |= {"model": model_name(cfg), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+    summary |= {"model": model_name(cfg.model), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                 else "cpu"}
     summary |= _plan_against_run(run, dist, seconds_per_step=state.train_seconds / state.global_step
                                  if state.global_step else None)

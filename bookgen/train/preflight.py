@@ -30,7 +30,7 @@ from bookgen.model.config_checks import (
 )
 from bookgen.model.lora import check_targets
 from bookgen.model.source import ModelSource
-from bookgen.planning.experiment import ExperimentPlan, Hardware, plan_experiment, refusal
+from bookgen.planning.experiment import ExperimentPlan, Hardware, plan_experiment, planning_inputs, refusal
 from bookgen.planning.trace import PlanError
 from bookgen.tracking import check_tracker_packages, check_tracker_servers
 from bookgen.train.ds_config import build_ds_config
@@ -92,7 +92,7 @@ def check_fit(cfg: ExperimentConfig, dist: DistEnv, source: ModelSource, ds: dic
                         device_bytes=memory_per_rank(local)[0],
                         device=torch.cuda.get_device_name() if on_gpu else "cpu")
     try:
-        plan = plan_experiment(cfg, source, ds, hardware, advise=check, vocab_rows=rows)
+        plan = plan_experiment(*planning_inputs(cfg, source, ds, hardware, vocab_rows=rows), hardware, advise=check)
     except PlanError as exc:
         if cfg.train.fit_check is True:
             raise

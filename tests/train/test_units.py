@@ -144,6 +144,7 @@ def test_zero3_buffers_are_sized_by_the_model_width_unless_the_json_sets_them(tm
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * width * width)
     assert zero["stage3_param_persistence_threshold"] == 10 * width
     llama = load_experiment(tmp_path / "llama", {"zero_optimization": {"stage": 3}}, **{
-        "deepspeed.zero_stage": 3, "model.config": {"model_type": "llama", "hidden_size": 48, "num_attention_heads": 4}})
+        "deepspeed.zero_stage": 3,
+        "model.config": {"model_type": "llama", "hidden_size": 48, "num_attention_heads": 4}})
     assert ds_config_for(llama, 2)["zero_optimization"]["reduce_bucket_size"] == 48 * 48
     assert "reduce_bucket_size" not in ds_config_for(load_experiment(tmp_path / "z0"), 2).get("zero_optimization", {})
