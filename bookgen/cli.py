@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from bookgen.commands.launch import launch_command, launch_warnings, plan_check_command, rank_environment
 from bookgen.commands.runs import runs_command
-from bookgen.config import ExperimentConfig
+from bookgen.config import LaunchConfig
 from bookgen.config_io import config_to_dict, describe_fields, load_config
 from bookgen.errors import BookgenError, ConfigError
 
@@ -152,17 +152,17 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return runner(args, console)
     cfg = load_config(args.cfg, args.overrides)
     if args.command == "launch":
-        return _launch(cfg, args, console)
+        return _launch(cfg.launch, args, console)
     if args.command == "show":
-        return _show(cfg, args)
+        return _show(config_to_dict(cfg), args)
     raise AssertionError(args.command)
 
 
-def _launch(cfg: ExperimentConfig, args: argparse.Namespace, console: Console) -> int:
-    cmd = launch_command(cfg, Path(args.cfg).resolve(), args.overrides)
-    for warning in launch_warnings(cfg):
+def _launch(launch: LaunchConfig, args: argparse.Namespace, console: Console) -> int:
+    cmd = launch_command(launch, Path(args.cfg).resolve(), args.overrides)
+    for warning in launch_warnings(launch):
         console.print(f"[yellow]warning: {warning}[/]", highlight=False)
-    check = plan_check_command(cfg, Path(args.cfg).resolve(), args.overrides)
+    check = plan_check_command(launch, Path(args.cfg).resolve(), args.overrides)
     if check is not None and not args.dry_run:
         # before the queue: a job that will not fit the cluster's GPUs is not submitted
         checked = subprocess.call(check, stdout=subprocess.DEVNULL)
@@ -172,8 +172,9 @@ def _launch(cfg: ExperimentConfig, args: argparse.Namespace, console: Console) -
     return 0 if args.dry_run else subprocess.call(cmd, env=rank_environment())
 
 
-def _show(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
-    value: object = config_to_dict(cfg)
+def _show(resolved: dict[str, object], args: argparse.Namespace) -> int:
+    """``resolved``: the experiment as a dict (config_to_dict)."""
+    value: object = resolved
     for part in args.key.split("."):
         if not isinstance(value, dict) or part not in value:
             raise ConfigError(f"{args.cfg}: {args.key}: no such key")

@@ -106,3 +106,10 @@ def ds_config_for(cfg, world_size: int) -> dict:
     from bookgen.train.preflight import model_source
 
     return build_ds_config(cfg.deepspeed, cfg.train, world_size, width=model_source(cfg.model).width)
+
+
+def check_model_of(cfg, dist=None, **kwargs) -> None:
+    """bookgen.train.preflight.check_model on an experiment's sections, as preflight calls it."""
+    from bookgen.train.preflight import check_model
+
+    check_model(cfg.model, block_size=cfg.data.block_size, zero_stage=cfg.deepspeed.zero_stage, dist=dist, **kwargs)

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from bookgen.config import ExperimentConfig
+from bookgen.config import LaunchConfig
 from bookgen.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]  # bookgen/commands/launch.py -> the checkout
@@ -33,9 +33,8 @@ def rank_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def launch_warnings(cfg: ExperimentConfig) -> list[str]:
+def launch_warnings(la: LaunchConfig) -> list[str]:
     """What would make the launched job hang rather than fail."""
-    la = cfg.launch
     if la.nodes > 1 and la.backend != "slurm" and la.master_addr in LOOPBACK:
         return [f"launch.nodes is {la.nodes} but launch.master_addr is {la.master_addr}: the other nodes cannot "
                 "reach a loopback address, and they wait for the rendezvous until they time out; set "
@@ -43,10 +42,9 @@ def launch_warnings(cfg: ExperimentConfig) -> list[str]:
     return []
 
 
-def plan_check_command(cfg: ExperimentConfig, cfg_path: Path, overrides: list[str]) -> list[str] | None:
+def plan_check_command(la: LaunchConfig, cfg_path: Path, overrides: list[str]) -> list[str] | None:
     """`bookgen plan --check` for the cluster's GPUs, run before sbatch: for a Slurm GPU job whose GPUs'
     memory the launch section names (launch.gpu_memory); None otherwise (the job checks when it starts)."""
-    la = cfg.launch
     if la.backend != "slurm" or not la.gpus_per_node or la.gpu_memory is None:
         return None
     return [sys.executable, "-m", "bookgen.cli", "plan", "--cfg", str(cfg_path),
@@ -54,8 +52,7 @@ def plan_check_command(cfg: ExperimentConfig, cfg_path: Path, overrides: list[st
             "--gpu-memory", str(la.gpu_memory)]
 
 
-def launch_command(cfg: ExperimentConfig, cfg_path: Path, overrides: list[str]) -> list[str]:
-    la = cfg.launch
+def launch_command(la: LaunchConfig, cfg_path: Path, overrides: list[str]) -> list[str]:
     args = ["--cfg", str(cfg_path), *(f"--set={o}" for o in overrides)]
     if la.backend == "torchrun":
         cmd = [sys.executable, "-m", "bookgen.commands.torchrun", "--nnodes", str(la.nodes),

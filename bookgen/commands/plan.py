@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from bookgen.config import ExperimentConfig, parse_size
+from bookgen.config import ExperimentConfig, TrainConfig, parse_size
 from bookgen.config_io import load_config
 from bookgen.data.prepare import PrepareSpec, tokenizer_dir
 from bookgen.data.prepared import prepared_examples
@@ -55,25 +56,26 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
 def experiment_plan(cfg: ExperimentConfig, hardware: Hardware) -> ExperimentPlan:
     source = model_source(cfg.model)
     ds = build_ds_config(cfg.deepspeed, cfg.train, hardware.ranks, width=source.width)
-    memory, timing = planning_inputs(cfg, source, ds, hardware, steps=_known_steps(cfg, hardware.ranks),
-                                     vocab_rows=_known_rows(cfg))
+    steps = _known_steps(PrepareSpec.of(cfg), cfg.train, hardware.ranks)
+    rows = _known_rows(cfg.prepared_dir, cfg.model.pad_to_multiple_of)
+    memory, timing = planning_inputs(cfg, source, ds, hardware, steps=steps, vocab_rows=rows)
     return plan_experiment(memory, timing, hardware)
 
 
-def _known_rows(cfg: ExperimentConfig) -> int | None:
+def _known_rows(prepared_dir: Path, pad_to_multiple_of: int | None) -> int | None:
     """The embedding rows, where the data is prepared and its tokenizer written."""
-    folder = tokenizer_dir(cfg.prepared_dir)
+    folder = tokenizer_dir(prepared_dir)
     if not (folder / "tokenizer.json").is_file():
         return None
-    return vocabulary_rows(len(load_tokenizer(folder)), cfg.model.pad_to_multiple_of)
+    return vocabulary_rows(len(load_tokenizer(folder)), pad_to_multiple_of)
 
 
-def _known_steps(cfg: ExperimentConfig, ranks: int) -> int | None:
+def _known_steps(data: PrepareSpec, train: TrainConfig, ranks: int) -> int | None:
     """The run's steps, where the data is prepared already (else train.max_steps, or unknown)."""
-    if cfg.train.max_steps is not None:
-        return cfg.train.max_steps
+    if train.max_steps is not None:
+        return train.max_steps
     try:
-        return plan_steps(len(prepared_examples(PrepareSpec.of(cfg), "train")), cfg.train, ranks).total_steps
+        return plan_steps(len(prepared_examples(data, "train")), train, ranks).total_steps
     except (BookgenError, OSError, ValueError):
         return None
 

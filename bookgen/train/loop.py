@@ -38,7 +38,7 @@ from bookgen.evaluation.perplexity import EvalResult
 from bookgen.evaluation.report import eval_line, run_eval
 from bookgen.faults import Fault, from_environment
 from bookgen.fileio import read_json, write_json_atomic, write_text_atomic
-from bookgen.generation.samples import TrainingSampler, sample_spec
+from bookgen.generation.samples import TrainingSampler
 from bookgen.generation.scoring import MEASURES, CompletionScorer
 from bookgen.model.attention import uses_causal_attention
 from bookgen.model.build import build_model, count_parameters
@@ -64,7 +64,7 @@ from bookgen.train.preflight import check_fit
 from bookgen.train.progress import TrainProgress, summary_table
 from bookgen.train.readout import Interval, StepRecord
 from bookgen.train.run_lock import hold_run_folder
-from bookgen.train.run_plan import RunPlan, resolve_run
+from bookgen.train.run_plan import RunPlan, Schedule, resolve_run
 from bookgen.train.step import train_step
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues the job on it
@@ -88,32 +88,6 @@ def plan_steps(n_examples: int, t: TrainConfig, world_size: int) -> StepPlan:
 
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Schedule:
-    """When the loop reads the device, evaluates, saves and stops early, and how it orders the data: decided
-    once from the experiment's run, eval, checkpoint and data sections."""
-
-    output_dir: Path  # the run folder
-    log_every: int
-    eval_every: int | None
-    eval_at_end: bool
-    eval_batch_size: int
-    checkpoint_every: int | None
-    patience: int | None  # eval.early_stopping_patience
-    min_delta: float  # eval.early_stopping_min_delta
-    seed: int
-    group_by_length: bool
-    precision: str  # named in the advice after a non-finite loss
-
-    @classmethod
-    def of(cls, cfg: ExperimentConfig) -> Schedule:
-        return cls(output_dir=cfg.run.output_dir, log_every=cfg.run.log_every, eval_every=cfg.eval.every,
-                   eval_at_end=cfg.eval.at_end, eval_batch_size=cfg.eval.batch_size,
-                   checkpoint_every=cfg.checkpoint.every, patience=cfg.eval.early_stopping_patience,
-                   min_delta=cfg.eval.early_stopping_min_delta, seed=cfg.seed,
-                   group_by_length=cfg.data.group_by_length, precision=cfg.train.precision)
 
 
 class StopFlag:
@@ -204,7 +178,13 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
         (cfg.run.output_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)
         (cfg.run.output_dir / STOP_FILE).unlink(missing_ok=True)
     ensure_prepared(resolved.data, dist, console, run_dir=cfg.run.output_dir)
-    run = _build(cfg, resolved, dist, console, invocation, fault)
+    tokenizer = load_tokenizer(tokenizer_dir(resolved.data.prepared_dir))
+    # the plan for the rows the tokenizer gives the embeddings (again, where preflight checked one), before the
+    # probe starts counting
+    rows = vocabulary_rows(len(tokenizer), cfg.model.pad_to_multiple_of)
+    memory = (with_vocabulary(resolved.memory, rows) if resolved.memory is not None
+              else check_fit(cfg, dist, resolved.model, resolved.ds_config, rows))
+    run = _build(resolved, dist, console, invocation, fault, tokenizer, memory)
     if run.finished:
         run.progress.close()
         console.print(f"{cfg.run.output_dir} is a finished run (step {run.state.global_step} of "
@@ -302,73 +282,66 @@ def _where_things_are(run: Run) -> str:
     return "\n".join(lines)
 
 
-def _build(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Console, invocation: Invocation,
-           fault: Fault | None) -> Run:
-    """Tokenizer, model (special tokens added), data, engine, resumed state, records: in this order."""
-    tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
-    # the plan for the rows the tokenizer gives the embeddings (again, where preflight checked one), before the
-    # probe starts counting
-    rows = vocabulary_rows(len(tokenizer), cfg.model.pad_to_multiple_of)
-    memory = (with_vocabulary(resolved.memory, rows) if resolved.memory is not None
-              else check_fit(cfg, dist, resolved.model, resolved.ds_config, rows))
+def _build(resolved: RunPlan, dist: DistEnv, console: Console, invocation: Invocation, fault: Fault | None,
+           tokenizer: Any, memory: ExperimentPlan | None) -> Run:
+    """Model (special tokens added), data, engine, resumed state, records: in this order."""
     # from the build on: the weights count
-    probe = MemoryProbe(on_gpu=torch.cuda.is_available(), compiled=cfg.train.compile)
+    probe = MemoryProbe(on_gpu=torch.cuda.is_available(), compiled=resolved.compiled)
     try:
-        return _build_counted(cfg, resolved, dist, console, invocation, fault, tokenizer, probe, memory)
+        return _build_counted(resolved, dist, console, invocation, fault, tokenizer, probe, memory)
     except BaseException:
         probe.stop()  # counting stops with the run, whatever ended it
         raise
 
 
-def _build_counted(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, console: Console,
-                   invocation: Invocation, fault: Fault | None, tokenizer: Any, probe: MemoryProbe,
-                   memory: ExperimentPlan | None) -> Run:
-    ds_config = resolved.ds_config
+def _build_counted(resolved: RunPlan, dist: DistEnv, console: Console, invocation: Invocation,
+                   fault: Fault | None, tokenizer: Any, probe: MemoryProbe, memory: ExperimentPlan | None) -> Run:
+    ds_config, train, schedule = resolved.ds_config, resolved.train, resolved.schedule
     zero3 = ds_config if resolved.zero3 else None
     # under ZeRO-3: partitioned as it is created
-    model = build_model(cfg.model, tokenizer, seed=cfg.seed, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+    model = build_model(resolved.settings, tokenizer, seed=resolved.seed, loss_chunk_tokens=train.loss_chunk_tokens,
                         zero3_config=zero3, source=resolved.model)
     probe.include(model)
-    model_flops = flops_per_token(model, cfg.data.block_size)
+    model_flops = flops_per_token(model, resolved.data.data.block_size)
     train_examples = prepared_examples(resolved.data, "train")
     valid_examples = prepared_examples(resolved.data, "valid")
-    plan = plan_steps(len(train_examples), cfg.train, dist.world_size)
+    plan = plan_steps(len(train_examples), train, dist.world_size)
     if resolved.base_left_out:  # its checkpoints record the base's content: read once, striped over the ranks
-        remember_base_contents(str(cfg.model.name_or_path), dist)
+        remember_base_contents(str(resolved.settings.name_or_path), dist)
     resume_plan = plan_resume(resolved.checkpoints, dist)
-    engine = build_engine(cfg.train, model, dist, plan.total_steps, load_universal=resume_plan.universal,
+    engine = build_engine(train, model, dist, plan.total_steps, load_universal=resume_plan.universal,
                           base_left_out=resolved.base_left_out,
                           ds_config=ds_config)
-    if engine.device.type == "cpu" and not cfg.train.compile and cfg.model.attention == "causal":
+    if engine.device.type == "cpu" and not resolved.compiled and resolved.settings.attention == "causal":
         from bookgen.cpu import speed_up_training  # the one seam for CPU-only speed (tests, the demo)
 
         speed_up_training(engine.module)
     state = restore(engine, resume_plan, resolved.checkpoints, dist, console, steps_per_epoch=plan.steps_per_epoch)
     progress = TrainProgress(console, total_steps=plan.total_steps, start_step=state.global_step)
-    schedule = Schedule.of(cfg)
     if resume_plan.folder is not None and _is_finished(schedule, dist, state, plan):
         probe.stop()
         return Run(engine=engine, pad_id=tokenizer.pad_token_id, train_examples=train_examples,
                    valid_examples=valid_examples, plan=plan, state=state, log=None, save_hf=None, progress=progress,
                    mfu_of=None, sampler=None, invocation=invocation, layout=resolved.layout, finished=True,
-                   checkpoints=resolved.checkpoints, schedule=schedule, train=cfg.train)
-    log = _open_log(cfg, dist, state.global_step, ds_config, console, fault)
+                   checkpoints=resolved.checkpoints, schedule=schedule, train=train)
+    log = _open_log(resolved, dist, state.global_step, console, fault)
     lora = resolved.lora is not None
     console.print(f"model: {_parameter_line(engine.module, lora=lora)}; {len(train_examples)} training examples; "
                   f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; "
                   f"{plan.total_steps} steps in all")
-    peak = peak_flops(engine.device, cfg.train.precision, cfg.run.peak_tflops)
+    peak = peak_flops(engine.device, train.precision, resolved.run.peak_tflops)
     mfu_of = None if peak is None else partial(mfu, flops_per_token=model_flops, devices=dist.world_size, peak=peak)
-    samples = sample_spec(cfg)
+    samples = resolved.samples
     sampler = TrainingSampler(samples, dist, tokenizer, resume_step=state.global_step) if samples.count else None
     scorer = CompletionScorer(samples, dist, tokenizer) if samples.per_book and samples.scored else None
     return Run(engine=engine, pad_id=tokenizer.pad_token_id, train_examples=train_examples,
                valid_examples=valid_examples, plan=plan, state=state, log=log,
-               save_hf=_hf_files_writer(engine, tokenizer, cfg.model.name_or_path, lora=lora), progress=progress,
+               save_hf=_hf_files_writer(engine, tokenizer, resolved.settings.name_or_path, lora=lora),
+               progress=progress,
                mfu_of=mfu_of,
                sampler=sampler, scorer=scorer, invocation=invocation, fault=fault, layout=resolved.layout,
                causal_attention=uses_causal_attention(engine), probe=probe,
-               memory=memory, checkpoints=resolved.checkpoints, schedule=schedule, train=cfg.train)
+               memory=memory, checkpoints=resolved.checkpoints, schedule=schedule, train=train)
 
 
 def _parameter_line(model: torch.nn.Module, *, lora: bool) -> str:
@@ -379,17 +352,17 @@ def _parameter_line(model: torch.nn.Module, *, lora: bool) -> str:
     return f"{total:,} parameters, {trainable:,} of them trained (LoRA: {100 * trainable / total:.2f}%)"
 
 
-def _open_log(cfg: ExperimentConfig, dist: DistEnv, resume_step: int, ds_config: dict[str, Any],
-              console: Console, fault: Fault | None) -> MetricsLog | None:
+def _open_log(resolved: RunPlan, dist: DistEnv, resume_step: int, console: Console, fault: Fault | None
+              ) -> MetricsLog | None:
     """Rank 0's metrics log and trackers; a tracker that cannot start stops every rank here."""
     log, error = None, None
     if dist.is_main:
-        log = MetricsLog(cfg.run.output_dir, resume_step=resume_step,
+        log = MetricsLog(resolved.run.output_dir, resume_step=resume_step,
                          notify=lambda line: console.print(line, markup=False, highlight=False))
-    if dist.is_main and cfg.run.trackers:  # the run's params (a git call among them) only for a tracker
-        params = run_params(config_to_dict(cfg), ds_config, dist.world_size)
+    if dist.is_main and resolved.run.trackers:  # the run's params (a git call among them) only for a tracker
+        params = run_params(resolved.config_record, resolved.ds_config, dist.world_size)
         try:
-            log.trackers = open_trackers(cfg.run, params=params, resume_step=resume_step, logged=log.sent_before,
+            log.trackers = open_trackers(resolved.run, params=params, resume_step=resume_step, logged=log.sent_before,
                                          fault=fault)
         except BookgenError as exc:
             log.close("failed")

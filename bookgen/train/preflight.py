@@ -56,7 +56,8 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv, checkpoints: Checkpoint
     if cfg.checkpoint.resume != "auto":
         check_no_other_run(checkpoints.root, None if cfg.checkpoint.resume == "never" else Path(cfg.checkpoint.resume))
     offloaded = (ds.get("zero_optimization", {}).get("offload_param") or {}).get("device")
-    check_model(cfg, dist, source, params_offload=offloaded)
+    check_model(cfg.model, block_size=cfg.data.block_size, zero_stage=cfg.deepspeed.zero_stage, dist=dist,
+                source=source, params_offload=offloaded)
     ignored = cfg.model.ignored_gpt2_keys()
     if ignored and dist.is_main:
         named = f"model.name_or_path ({cfg.model.name_or_path})" if cfg.model.name_or_path else "model.config"
@@ -123,26 +124,26 @@ def model_source(m: ModelConfig) -> ModelSource:
     return ModelSource(kind="builtin", name_or_path=None, hf_config=config)
 
 
-def check_model(cfg: ExperimentConfig, dist: DistEnv | None = None, source: ModelSource | None = None,
-                params_offload: str | None = None) -> None:
+def check_model(m: ModelConfig, *, block_size: int, zero_stage: int, dist: DistEnv | None = None,
+                source: ModelSource | None = None, params_offload: str | None = None) -> None:
     """The model must be a decoder-only causal LM whose fp32 weights fit a rank's memory (``dist`` given; the
-    host's where ZeRO-3 offloads them, ``params_offload``), with positions for a block; a LoRA target that
-    matches no layer is named."""
-    source = source or model_source(cfg.model)
+    host's where ZeRO-3 offloads them, ``params_offload``), with positions for a block (data.block_size); a
+    LoRA target that matches no layer is named."""
+    source = source or model_source(m)
     config = source.hf_config
-    check_targets(cfg.model.lora, config)
+    check_targets(m.lora, config)
     if source.kind == "builtin":  # its keys were checked when the experiment was loaded
         return
     what = (f"model.config ({config.model_type})" if source.kind == "family"
             else f"model.name_or_path ({source.name_or_path})")
     check_causal_decoder(config, what)
     if dist is not None:
-        check_weights_fit(config, what, partitions=dist.world_size if cfg.deepspeed.zero_stage == 3 else 1,
+        check_weights_fit(config, what, partitions=dist.world_size if zero_stage == 3 else 1,
                           local_ranks=dist.local_world_size, offload=params_offload)
     positions = position_count(config)
-    if positions is not None and cfg.data.block_size > positions:
+    if positions is not None and block_size > positions:
         named = source.name_or_path or f"model.config ({config.model_type})"
-        raise BookgenError(f"data.block_size: {cfg.data.block_size} is more than the {positions} positions of "
+        raise BookgenError(f"data.block_size: {block_size} is more than the {positions} positions of "
                            f"{named}; set data.block_size to at most {positions}")
 
 

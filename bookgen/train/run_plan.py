@@ -10,16 +10,37 @@ once), the batch layout, and how attention runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bookgen.checkpoint.spec import CheckpointSpec, checkpoint_spec
-from bookgen.config import ExperimentConfig, LoraSettings
+from bookgen.config import ExperimentConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
+from bookgen.config_io import config_to_dict
 from bookgen.data.batch_layout import BatchLayout
 from bookgen.data.prepare import PrepareSpec
 from bookgen.distributed import DistEnv
+from bookgen.generation.samples import SampleSpec, sample_spec
 from bookgen.model.source import ModelSource
 from bookgen.planning.experiment import ExperimentPlan
 from bookgen.train.preflight import check_fit, check_training
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Schedule:
+    """When the loop reads the device, evaluates, saves and stops early, and how it orders the data: decided
+    once from the experiment's run, eval, checkpoint and data sections."""
+
+    output_dir: Path  # the run folder
+    log_every: int
+    eval_every: int | None
+    eval_at_end: bool
+    eval_batch_size: int
+    checkpoint_every: int | None
+    patience: int | None  # eval.early_stopping_patience
+    min_delta: float  # eval.early_stopping_min_delta
+    seed: int
+    group_by_length: bool
+    precision: str  # named in the advice after a non-finite loss
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -36,6 +57,13 @@ class RunPlan:
     memory: ExperimentPlan | None = field(repr=False)  # what each rank will hold and a step's time (None: untraceable)
     checkpoints: CheckpointSpec  # where they go, what they record and how a resume is checked
     data: PrepareSpec  # the corpus, its split and tokenizer, and the prepared folder
+    schedule: Schedule  # when the loop logs, evaluates, saves and stops early
+    samples: SampleSpec  # what it samples and scores at each evaluation
+    settings: ModelConfig  # the model section: how the model is built
+    train: TrainConfig  # the optimisation section: the step, the engine, the schedule of the learning rate
+    run: RunConfig  # the run folder, logging and trackers
+    seed: int
+    config_record: dict[str, Any] = field(repr=False)  # the resolved experiment, as the trackers record it
 
     @property
     def zero3(self) -> bool:
@@ -47,8 +75,15 @@ def resolve_run(cfg: ExperimentConfig, dist: DistEnv) -> RunPlan:
     checkpoints = checkpoint_spec(cfg, dist.world_size)
     source, ds_config = check_training(cfg, dist, checkpoints)
     memory = check_fit(cfg, dist, source, ds_config)
+    schedule = Schedule(output_dir=cfg.run.output_dir, log_every=cfg.run.log_every, eval_every=cfg.eval.every,
+                        eval_at_end=cfg.eval.at_end, eval_batch_size=cfg.eval.batch_size,
+                        checkpoint_every=cfg.checkpoint.every, patience=cfg.eval.early_stopping_patience,
+                        min_delta=cfg.eval.early_stopping_min_delta, seed=cfg.seed,
+                        group_by_length=cfg.data.group_by_length, precision=cfg.train.precision)
     return RunPlan(memory=memory, model=source, lora=cfg.model.lora, base_left_out=checkpoints.base_left_out,
-                   checkpoints=checkpoints, data=PrepareSpec.of(cfg),
+                   checkpoints=checkpoints, data=PrepareSpec.of(cfg), schedule=schedule, samples=sample_spec(cfg),
+                   settings=cfg.model, train=cfg.train, run=cfg.run, seed=cfg.seed,
+                   config_record=config_to_dict(cfg),
                    ds_config=ds_config,
                    layout=BatchLayout.of(cfg.train, dist.world_size), precision=cfg.train.precision,
                    compiled=cfg.train.compile, packing=cfg.data.packing, trackers=tuple(cfg.run.trackers))

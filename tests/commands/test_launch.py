@@ -34,10 +34,10 @@ def test_dry_run_commands(tmp_path, capsys):
     assert out.endswith(f"slurm/train.sh {exp} --set=train.max_steps=10")
     (tmp_path / "hosts").write_text("node1 slots=8\nnode2 slots=8\n")
     cfg = load_config(exp, ["launch.backend=deepspeed", "launch.nodes=2", "launch.hostfile=hosts"])
-    ds = launch_command(cfg, exp, [])
+    ds = launch_command(cfg.launch, exp, [])
     assert ds[:5] == ["deepspeed", "--num_nodes", "2", "--num_gpus", "8"] and str(tmp_path / "hosts") in ds
     cfg = load_config(exp, ["launch.backend=torchrun", "launch.nodes=2", "launch.node_rank=1"])
-    tr = " ".join(launch_command(cfg, exp, []))
+    tr = " ".join(launch_command(cfg.launch, exp, []))
     assert "--nnodes 2 --nproc_per_node 8 --node_rank 1 --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:29500" in tr
 
 
@@ -46,7 +46,7 @@ def test_torchrun_across_two_nodes_matches_one_node(tmp_path, one_node):
     exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"launch.nodes": 2, "launch.master_port": free_port()}, rows=120)
     procs = []
     for node_rank in (0, 1):
-        cmd = launch_command(load_config(exp, [f"launch.node_rank={node_rank}"]), exp, [])
+        cmd = launch_command(load_config(exp, [f"launch.node_rank={node_rank}"]).launch, exp, [])
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=300)[0] for p in procs]
@@ -61,7 +61,7 @@ def test_deepspeed_launcher_matches_torchrun(tmp_path, one_node):
         pytest.skip("the deepspeed launcher is not on PATH")
     exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"launch.backend": "deepspeed", "launch.procs_per_node": 2,
                                                  "launch.master_port": free_port()}, rows=120)
-    cmd = launch_command(load_config(exp), exp, [])
+    cmd = launch_command(load_config(exp).launch, exp, [])
     cmd[0] = str(Path(sys.executable).parent / "deepspeed")
     proc = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -179,6 +179,6 @@ def test_a_slurm_job_that_will_not_fit_its_gpus_is_not_submitted(tmp_path):
     cfg = load_config(exp)
     from bookgen.commands.launch import plan_check_command
 
-    check = plan_check_command(cfg, exp, ["train.max_steps=3"])
+    check = plan_check_command(cfg.launch, exp, ["train.max_steps=3"])
     assert "--set=train.max_steps=3" in check and check[check.index("--gpu-memory") + 1] == "24GB"
-    assert plan_check_command(load_config(exp, ["launch.gpu_memory=null"]), exp, []) is None, "checked at start"
+    assert plan_check_command(load_config(exp, ["launch.gpu_memory=null"]).launch, exp, []) is None, "checked at start"

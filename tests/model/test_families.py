@@ -73,7 +73,7 @@ def test_a_wrong_model_config_is_named_when_loaded(tmp_path, mapping, message):
 def test_an_unknown_or_non_causal_family_and_too_few_positions_are_named_in_preflight(tmp_path):
     """The checks `bookgen train` runs before any data is touched (as for a pretrained model's positions)."""
     from bookgen.errors import BookgenError
-    from bookgen.train.preflight import check_model
+    from tests.helpers import check_model_of as check_model
 
     for mapping, message in (
         ({"model_type": "lama"}, "model.config: model_type 'lama'"),
@@ -119,7 +119,7 @@ def test_a_pretrained_model_keeps_its_own_bos_and_eos_when_the_experiment_names_
 def test_a_typo_or_an_invalid_shape_in_model_config_is_named_before_anything_is_built(tmp_path, mapping, message):
     """A misspelt key used to pass silently, and the family's defaults built a 7B Llama that the kernel killed."""
     from bookgen.errors import BookgenError
-    from bookgen.train.preflight import check_model
+    from tests.helpers import check_model_of as check_model
 
     with pytest.raises(BookgenError, match=message):
         check_model(load_config(write_experiment(tmp_path, {"model.config": mapping})))
@@ -130,7 +130,7 @@ def test_a_model_whose_weights_exceed_a_ranks_memory_is_refused_before_it_is_bui
     from bookgen.distributed import DistEnv
     from bookgen.errors import BookgenError
     from bookgen.model import config_checks
-    from bookgen.train.preflight import check_model
+    from tests.helpers import check_model_of as check_model
 
     big = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
            "num_attention_heads": 32, "max_position_embeddings": BLOCK}
@@ -152,7 +152,7 @@ def test_an_encoder_such_as_bert_is_refused_as_a_causal_lm(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
     from bookgen.errors import BookgenError
-    from bookgen.train.preflight import check_model
+    from tests.helpers import check_model_of as check_model
 
     BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                vocab_size=100)).save_pretrained(tmp_path / "bert")
@@ -166,7 +166,7 @@ def test_a_broken_model_folder_is_named(tmp_path):
     """A missing folder, a config without weights, a truncated safetensors file: each named, no traceback."""
     from bookgen.errors import BookgenError
     from bookgen.model.build import family_config
-    from bookgen.train.preflight import check_model
+    from tests.helpers import check_model_of as check_model
 
     def check(name: str) -> None:
         check_model(load_config(write_experiment(tmp_path, {"model.name_or_path": name})))

@@ -209,7 +209,7 @@ def test_lora_counts_only_adapters_and_new_rows_as_trainable(tmp_path):
 ])
 def test_a_lora_setting_that_matches_nothing_is_named_by_preflight(tmp_path, lora, message):
     """Preflight (train/preflight.check_training, before any data is touched) names it."""
-    from bookgen.train.preflight import check_model
+    from tests.helpers import check_model_of as check_model
 
     with pytest.raises(BookgenError, match=message):
         check_model(load_config(write_experiment(tmp_path, {"model.lora": lora})))
