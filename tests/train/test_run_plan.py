@@ -54,7 +54,29 @@ def test_plans_resolve_without_a_process_group_or_data(tmp_path):
         "model.name_or_path": "llama", "model.lora": {"r": 4}, "data.block_size": 64})), _dist(1))
     assert lora.model.kind == "pretrained" and lora.model.name_or_path == str(tmp_path / "c" / "llama")
     assert lora.lora is not None and lora.lora.r == 4 and lora.base_left_out
+    assert lora.checkpoints.base_left_out and lora.checkpoints.base == str(tmp_path / "c" / "llama")
+    assert lora.data.tokenizer_source == str(tmp_path / "c" / "llama"), "the model's own tokenizer"
     assert not (tmp_path / "c" / "run" / "prepared").exists(), "no data touched"
+
+
+def test_the_plan_hands_each_component_its_decisions(tmp_path):
+    """What the checkpoints, the data, the loop's schedule and the samples are, decided once: no component
+    reads the experiment again."""
+    from bookgen.train.run_plan import resolve_run
+
+    plan = resolve_run(load_config(write_experiment(tmp_path, {
+        "eval.every": 5, "eval.early_stopping_patience": 2, "checkpoint.every": 10, "run.log_every": 3,
+        "eval.samples": 2, "generate.seed": 7, "train.grad_accum_steps": 2, "deepspeed.zero_stage": 2})), _dist(2))
+    run = tmp_path / "run"
+    assert plan.checkpoints.root == run / "checkpoints" and plan.checkpoints.zero_stage == 2
+    assert plan.checkpoints.global_batch == 2 * 2 * 2, "micro-batch x accumulation x ranks"
+    assert plan.checkpoints.settings.every == 10 and not plan.checkpoints.lora
+    assert plan.data.prepared_dir == run / "prepared" and plan.data.tokenizer_source is None, "a BPE trained here"
+    schedule = plan.schedule
+    assert (schedule.log_every, schedule.eval_every, schedule.checkpoint_every, schedule.patience) == (3, 5, 10, 2)
+    assert schedule.output_dir == run
+    assert plan.samples.count == 2 and plan.samples.seed == 7 and not plan.samples.zero3
+    assert plan.samples.settings.num_return_sequences == 2
 
 
 @pytest.mark.multirank
