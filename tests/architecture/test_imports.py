@@ -79,3 +79,13 @@ def test_no_import_cycle_among_modules():
 def test_imports_inside_functions_are_only_those_kept_there_on_purpose():
     inside = {(m, t) for m, tree in _modules().items() for t, at_top in _imports(tree) if not at_top}
     assert inside <= KEPT_INSIDE, inside - KEPT_INSIDE
+
+
+def test_few_functions_take_the_whole_experiment_config():
+    """The resolver, the specs' constructors, the commands and what records the config read the experiment;
+    every other function is handed its spec or a config section (decided once, ARCHITECTURE.md)."""
+    taking = sorted(f"{module}.{node.name}" for module, tree in _modules().items() for node in ast.walk(tree)
+                    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                    and any(arg.annotation is not None and "ExperimentConfig" in ast.unparse(arg.annotation)
+                            for arg in node.args.posonlyargs + node.args.args + node.args.kwonlyargs))
+    assert len(taking) <= 15, taking
