@@ -30,8 +30,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
+from common import loss_one_summary_at_a_time  # noqa: E402
 from gpu_check import torchrun  # noqa: E402
-from scoring import loss_one_summary_at_a_time  # noqa: E402
 
 # bf16 logits against fp32 ones on the same weights: about 3 significant digits per value, averaged over
 # thousands of tokens; 1% of the loss is far above that noise and far below any real mismatch (a wrong

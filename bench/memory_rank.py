@@ -23,8 +23,10 @@ from bookgen import distributed  # noqa: E402
 from bookgen.config_io import load_config  # noqa: E402
 from bookgen.data.tokenizer import add_special_tokens, load_tokenizer  # noqa: E402
 from bookgen.model import partitioned_load  # noqa: E402
+from bookgen.model.build import build_model  # noqa: E402
+from bookgen.train.ds_config import build_ds_config  # noqa: E402
 from bookgen.train.engine import build_engine  # noqa: E402
-from tests.helpers import ds_config_for, model_for  # noqa: E402
+from bookgen.train.preflight import model_source  # noqa: E402
 
 MB = 2**20
 
@@ -48,13 +50,15 @@ def main() -> None:
         partitioned_load.load_pretrained_partitioned = lambda *_, **__: None
     dist = distributed.setup(300)
     tokenizer = add_special_tokens(load_tokenizer(Path(cfg.model.name_or_path)), cfg.tokenizer)
-    ds = ds_config_for(cfg, dist.world_size)
+    source = model_source(cfg.model)
+    ds = build_ds_config(cfg.deepspeed, cfg.train, dist.world_size, width=source.width)
     import deepspeed.runtime.zero.stage3  # noqa: F401  (imported before the baseline: code, not the model)
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     reset_peak()
     baseline = status("VmRSS")
-    model = model_for(cfg, tokenizer, zero3_config=ds if cfg.deepspeed.zero_stage == 3 else None)
+    model = build_model(cfg.model, tokenizer, seed=cfg.seed, zero3_config=ds if cfg.deepspeed.zero_stage == 3 else None,
+                        source=source)
     loading = status("VmHWM") - baseline
     reset_peak()
     engine = build_engine(cfg.train, model, dist, total_steps=2, ds_config=ds)

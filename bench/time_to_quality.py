@@ -34,10 +34,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
+sys.path.insert(0, str(REPO / "bench"))
+from common import bf16_matmul_is_faster, loss_one_summary_at_a_time, timed, torchrun  # noqa: E402
 from make_sample import row  # noqa: E402
-from scoring import loss_one_summary_at_a_time  # noqa: E402
-
-from bench.cpu_bf16 import bf16_matmul_is_faster  # noqa: E402
 
 LAYERS, HEADS, WIDTH, LR = 4, 4, 256, 1e-3
 EVALS_PER_EPOCH = 8
@@ -67,16 +66,6 @@ def experiment(folder: Path, args: argparse.Namespace, name: str, micro: int, ev
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def timed(*cmd: str) -> float:
-    start = time.perf_counter()
-    subprocess.run(list(cmd), check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
-
-
-def torchrun(ranks: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
 
 
 def bookgen(folder: Path, args: argparse.Namespace, exp: Path) -> tuple[float, Path]:

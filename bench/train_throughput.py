@@ -32,9 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
-from corpus import cmu_like_documents  # noqa: E402
-
-from bench.cpu_bf16 import bf16_matmul_is_faster  # noqa: E402
+from common import bf16_matmul_is_faster, cmu_like_documents, paired  # noqa: E402
 
 WARMUP = 5
 TRAINER = "HF Trainer line-by-line fp32"
@@ -165,9 +163,7 @@ def report(runs: dict[str, list[dict]]) -> None:
     for name, results in runs.items():
         if name == TRAINER:
             continue
-        ratios = [r["tokens_per_s"] / b for r, b in zip(results, base, strict=True)]
-        spread = f" (rounds: {', '.join(f'{x:.2f}x' for x in ratios)})" if len(ratios) > 1 else ""
-        print(f"{name} / HF Trainer: {float(np.median(ratios)):.2f}x non-padding tokens/s{spread}")
+        print(f"{name} / HF Trainer: {paired([r['tokens_per_s'] for r in results], base)} non-padding tokens/s")
 
 
 if __name__ == "__main__":
