@@ -84,17 +84,20 @@ def _wait_for_end(job: int, timeout: float = 400) -> str:
     return _job_state(job)
 
 
-def _interrupt_mid_run(tmp_path: Path, checkpoint_every: int, interrupt: list[str], extra: dict | None = None) -> str:
-    """Submit an 80-step job, run ``interrupt JOBID`` at step 10 or later, let it finish; return its log."""
+def _interrupt_mid_run(tmp_path: Path, checkpoint_every: int, interrupts: list[tuple[int, list[str]]],
+                       extra: dict | None = None) -> str:
+    """Submit an 80-step job; for each (step, command), once the run has reached that step, run ``command
+    JOBID``; let the job finish; return its log."""
     exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"train.max_steps": 80, "checkpoint.every": checkpoint_every}
                            | (extra or {}), rows=120)
     job, proc = _sbatch(exp, tmp_path, wait=False)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
-    _wait_for_step(run, 10)
-    assert 10 <= max(step_losses(run), default=0) < 80, "the job must be mid-run when it is interrupted"
-    subprocess.run([*interrupt, str(job)], check=True)
-    time.sleep(1)
+    for step, interrupt in interrupts:
+        _wait_for_step(run, step)
+        assert step <= max(step_losses(run), default=0) < 80, "the job must be mid-run when it is interrupted"
+        subprocess.run([*interrupt, str(job)], check=True)
+        time.sleep(1)
     state = _wait_for_end(job)
     log = next(tmp_path.glob("job-*.out")).read_text()
     assert state == "COMPLETED", log[-4000:]
@@ -104,28 +107,26 @@ def _interrupt_mid_run(tmp_path: Path, checkpoint_every: int, interrupt: list[st
 
 @pytest.mark.slurm
 @slurm
-def test_requeued_job_resumes_and_completes(tmp_path):
-    """Also: the requeued job appends to the MLflow run it started, each step once."""
+def test_time_limit_warning_and_a_requeue_by_hand_both_resume(tmp_path):
+    """What `--signal=B:USR1@120` does before the time limit, sent by hand: save, requeue, resume. The resumed
+    job then requeued by hand (`scontrol requeue`, no save) resumes from its newest checkpoint and completes.
+    Also: the job appends to the MLflow run it started, each step once. (One job for both: a requeued job
+    waits out Slurm's credential lifetime before it starts again.)"""
     store = tmp_path / "store"
-    log = _interrupt_mid_run(tmp_path, 4, ["scontrol", "requeue"], {"run.trackers": ["mlflow"],
-                                                                    "run.mlflow.uri": str(store)})
-    assert "(restart 1)" in log and "resumed from" in log
+    log = _interrupt_mid_run(tmp_path, 4, [(10, ["scancel", "--batch", "--signal=USR1"]),
+                                           (30, ["scontrol", "requeue"])],
+                             {"run.trackers": ["mlflow"], "run.mlflow.uri": str(store)})
+    assert "stop requested by Slurm" in log and "requeueing job" in log and "(restart 1)" in log
+    saved = int(re.search(r"preempted: saved checkpoint at step (\d+)", log).group(1))
+    after_warning, after_requeue = log.split("(restart 1)")[1].split("(restart 2)")
+    assert saved >= 10 and f"at step {saved}" in after_warning, "the requeued job resumed there"
+    assert "resumed from" in after_requeue, "the job requeued by hand resumed from its newest checkpoint"
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
     (tracked,) = client.search_runs([client.get_experiment_by_name("bookgen").experiment_id])
     assert sorted(m.step for m in client.get_metric_history(tracked.info.run_id, "loss")) == list(range(1, 81))
     assert tracked.info.status == "FINISHED"
-
-
-@pytest.mark.slurm
-@slurm
-def test_time_limit_warning_checkpoints_requeues_and_resumes(tmp_path):
-    """What `--signal=B:USR1@120` does before the time limit, sent by hand: save, requeue, resume."""
-    log = _interrupt_mid_run(tmp_path, 1000, ["scancel", "--batch", "--signal=USR1"])
-    assert "stop requested by Slurm" in log and "requeueing job" in log and "(restart 1)" in log
-    saved = int(re.search(r"preempted: saved checkpoint at step (\d+)", log).group(1))
-    assert saved >= 10 and f"at step {saved}" in log.split("(restart 1)")[1], "the requeued job resumed there"
 
 
 @pytest.mark.slurm
