@@ -25,7 +25,14 @@ import torch
 
 from bookgen.config import LoraSettings
 from bookgen.model.flops import attention_flops, matmul_params
-from bookgen.planning.trace import TraceSetup, build_on_meta, evaluation_bytes, layer_count, training_bytes
+from bookgen.planning.trace import (
+    TraceSetup,
+    build_on_meta,
+    evaluation_bytes,
+    layer_count,
+    training_bytes,
+    with_layers,
+)
 
 ZERO0_ALLREDUCE_ELEMENTS = 500_000_000  # DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE (runtime/engine.py)
 # DeepSpeed's own defaults where the JSON leaves a bucket unset (runtime/zero/config.py)
@@ -176,8 +183,21 @@ def trace_setup(inputs: MemoryInputs, batch: int) -> TraceSetup:
 def _counts(inputs: MemoryInputs) -> tuple[int, int, int, tuple[int, ...], float]:
     """Parameters, trainable parameters (LoRA: the adapters), the largest module's parameters, each
     parameter's size (tied weights once), and the training FLOPs a token of the weights' matrix products (as
-    the run's MFU counts them), from one build on the meta device."""
-    model = build_on_meta(inputs.hf_config, trace_setup(inputs, 1))
+    the run's MFU counts them). Counted on meta-device builds with one layer and with two, as the traces are:
+    the difference is what each layer adds (a 405B model's 126 layers would take seconds to build)."""
+    layers = layer_count(inputs.hf_config)
+    setup = trace_setup(inputs, 1)
+    one, two = (_model_counts(build_on_meta(with_layers(inputs.hf_config, n), setup)) for n in (1, 2))
+    params, trainable, flops = (a + (layers - 1) * (b - a) for a, b in zip(one[:3], two[:3], strict=True))
+    layer_sizes = list(two[4])
+    for size in one[4]:  # what the second layer added: two's sizes less one's
+        layer_sizes.remove(size)
+    return params, trainable, one[3], (*one[4], *layer_sizes * (layers - 1)), flops
+
+
+def _model_counts(model: torch.nn.Module) -> tuple[int, int, float, int, list[int]]:
+    """Parameters, trainable ones, the weights' training FLOPs a token, the largest module's parameters, and
+    each parameter's size (tied weights once)."""
     seen: set[int] = set()
     params = trainable = 0
     sizes = []
@@ -188,8 +208,7 @@ def _counts(inputs: MemoryInputs) -> tuple[int, int, int, tuple[int, ...], float
             trainable += p.numel() if p.requires_grad else 0
             sizes.append(p.numel())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    weight_flops = 6 * matmul_params(model) - 2 * matmul_params(model, frozen=True)
-    return params, trainable, largest, tuple(sizes), weight_flops
+    return params, trainable, 6 * matmul_params(model) - 2 * matmul_params(model, frozen=True), largest, sizes
 
 
 def _deepspeed_buffers(inputs: MemoryInputs, params: int, largest: int, w: int) -> int:

@@ -75,7 +75,7 @@ def evaluation_bytes(hf_config: Any, setup: TraceSetup) -> LayerBytes:
 
 def _layer_bytes(hf_config: Any, setup: TraceSetup, *, train: bool) -> LayerBytes:
     """Traced with one layer and with two: the difference is a layer's share, the rest is fixed."""
-    one, two = (_peak(_with_layers(hf_config, n), setup, train=train) for n in (1, 2))
+    one, two = (_peak(with_layers(hf_config, n), setup, train=train) for n in (1, 2))
     return LayerBytes(per_layer=max(two - one, 0), fixed=max(2 * one - two, 0))
 
 
@@ -83,7 +83,8 @@ def layer_count(hf_config: Any) -> int:
     return int(hf_config.num_hidden_layers)
 
 
-def _with_layers(hf_config: Any, layers: int) -> Any:
+def with_layers(hf_config: Any, layers: int) -> Any:
+    """The same model with ``layers`` layers: what one layer adds is traced on a model of one and of two."""
     config = copy.deepcopy(hf_config)
     config.num_hidden_layers = layers  # GPT-2's n_layer through its attribute map
     if isinstance(getattr(config, "layer_types", None), list):  # Qwen, Gemma: one entry a layer
