@@ -21,7 +21,7 @@ from bookgen.evaluation.perplexity import EvalResult
 from bookgen.evaluation.report import eval_line, run_eval
 from bookgen.fileio import read_json, write_json_atomic
 from bookgen.generation.samples import SampleSpec, sample_spec
-from bookgen.generation.scoring import score_rows, scored_rows
+from bookgen.generation.scoring import rouge_line, score_rows, scored_rows
 from bookgen.model.build import build_model
 from bookgen.train.ds_config import build_ds_config
 from bookgen.train.engine import build_engine, check_precision
@@ -68,8 +68,7 @@ def _score(engine: Any, tokenizer: Any, spec: SampleSpec, dist: distributed.Dist
         return
     path = spec.output_dir / "eval_results.json"
     write_json_atomic(path, {**(read_json(path) or {}), **scores.metrics()})
-    console.print(f"scored {scores.rows} {split} rows: ROUGE-1 {scores.rouge1:.3f}, ROUGE-2 {scores.rouge2:.3f}, "
-                  f"ROUGE-L {scores.rougeL:.3f}")
+    console.print(f"scored {scores.rows} {split} rows: {rouge_line(scores.metrics())}")
 
 
 def eval_command(args: argparse.Namespace, console: Console) -> int:

@@ -35,7 +35,7 @@ from bookgen.generation.sampling import (
     read_prompts,
     write_outputs,
 )
-from bookgen.generation.scoring import rouge
+from bookgen.generation.scoring import rouge, rouge_line
 from bookgen.model.lora import ADAPTER_CONFIG, load_adapter_folder
 
 
@@ -156,8 +156,7 @@ def _report_quality(samples: list[Sample], tokenizer: Any, prepared_dir: Path | 
                   f"{q.length_q1:.0f}-{q.length_q3:.0f}), distinct-2 {q.distinct_2:.3f}, repeated 4-grams "
                   f"{q.repeated_4gram_share:.1%}{novelty} -> {path}")
     if scores:
-        console.print(f"scored {scores['scored_rows']} rows against their own summaries: ROUGE-1 "
-                      f"{scores['rouge1']:.3f}, ROUGE-2 {scores['rouge2']:.3f}, ROUGE-L {scores['rougeL']:.3f}")
+        console.print(f"scored {scores['scored_rows']} rows against their own summaries: {rouge_line(scores)}")
 
 
 def _generate_with_progress(model: Any, tokenizer: Any, prompts: list[str], mine: list[int],

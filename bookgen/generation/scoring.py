@@ -43,6 +43,11 @@ class Scores:
                 "scoring_seconds": self.seconds}
 
 
+def rouge_line(scores: dict[str, float | int]) -> str:
+    """The scores as the console says them, from ``Scores.metrics()`` or ``rouge()``."""
+    return f"ROUGE-1 {scores['rouge1']:.3f}, ROUGE-2 {scores['rouge2']:.3f}, ROUGE-L {scores['rougeL']:.3f}"
+
+
 def scored_rows(store: TokenStore, count: int) -> list[int]:
     """The fixed rows that are scored: the first ``count`` with a prompt and a completion."""
     return store.prompted(count)
@@ -98,5 +103,5 @@ class CompletionScorer:
         self.last = scores
         if metrics is not None:
             metrics.write({"step": step, **scores.metrics()})
-        note(f"scored {scores.rows} validation rows @ step {step} ({scores.seconds:.1f} s): ROUGE-1 "
-             f"{scores.rouge1:.3f}, ROUGE-2 {scores.rouge2:.3f}, ROUGE-L {scores.rougeL:.3f}")
+        note(f"scored {scores.rows} validation rows @ step {step} ({scores.seconds:.1f} s): "
+             + rouge_line(scores.metrics()))

@@ -18,6 +18,7 @@ layer), an evaluation forward, and the sampling's KV cache.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,15 +155,19 @@ def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
                       flops_per_token=weight_flops + attention_flops(config, inputs.block))
 
 
-_CACHE: dict[tuple[int, str], tuple[Any, Any]] = {}  # (config, question) -> (config, answer)
+_CACHE: OrderedDict[tuple[int, str], tuple[Any, Any]] = OrderedDict()  # (config, question) -> (config, answer)
+_CACHE_SIZE = 256  # a run asks a few questions, `bookgen plan`'s advice a few dozen; a long process no more
 
 
 def _cached(question: Any, config: Any, compute: Any) -> Any:
-    """One trace a config and question per process: the advice plans an experiment many times over."""
+    """One trace a config and question, the newest kept: the advice plans an experiment many times over."""
     key = (id(config), repr(question))
     hit = _CACHE.get(key)
     if hit is None or hit[0] is not config:
         hit = _CACHE[key] = (config, compute())
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
     return hit[1]
 
 
