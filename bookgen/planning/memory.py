@@ -114,16 +114,20 @@ def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
     weights = params * w // n + persistent * w if stage == 3 else params * w
     if inputs.offload("param") != "none":
         weights = 0
+    # after the backward, a copy of the gradients: ZeRO-0 all-reduces them through a flat one (up to 5e8
+    # elements at a time); ZeRO 1-3 flatten each rank's partition into fp32 for the optimizer
     if stage == 0:
         grads, optimizer = trainable * w, 8 * trainable  # torch's AdamW: two fp32 moments, whole
+        copied = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w
     else:
         whole = trainable * w if stage == 1 else trainable * w // n  # ZeRO-1 keeps the gradients whole
-        grads = whole + 4 * trainable // n  # and the fp32 partition the optimizer steps on
+        copied = 4 * trainable // n
+        grads = whole + copied  # and the fp32 partition the optimizer steps on
         optimizer = 12 * trainable // n  # fp32 master copy and two moments, split
     offloaded_optimizer = inputs.offload("optimizer") != "none"
     if offloaded_optimizer:
         host_states = optimizer + 4 * trainable // n
-        optimizer, grads = 0, grads - 4 * trainable // n
+        optimizer, grads, copied = 0, grads - copied, 0
     buffers = _deepspeed_buffers(inputs, params, largest_module, w)
     kv = _kv_cache(config, inputs, layers, w)
     parts = (
@@ -142,10 +146,10 @@ def plan_memory(inputs: MemoryInputs, *, local_ranks: int = 1) -> MemoryPlan:
         Part("sampling kv cache", kv, f"{inputs.sample_batch} sequences x {inputs.sample_tokens} tokens"),
     )
     # the backward frees each layer's activations as it writes that layer's gradients (which DeepSpeed drops
-    # after every update): the two peak at either end of it, not together
-    # ZeRO-0 all-reduces the gradients through a flat copy of them (up to 5e8 elements at a time)
-    flat = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w if stage == 0 else 0
-    training = max(act.total(layers), grads + flat + act.fixed)
+    # after every update): the two peak at either end of it, not together; the copy comes after the backward,
+    # when its activations are gone
+    backward_grads = grads - copied if stage else grads
+    training = max(act.total(layers), backward_grads + act.fixed, backward_grads + copied)
     states = weights + optimizer + buffers
     peak = states + max(training, evaluation, kv)
     host = _host_parts(inputs, params, w, local_ranks, host_states if offloaded_optimizer else 0)

@@ -201,8 +201,14 @@ LLAMA_FAMILY = {"model_type": "llama", "num_hidden_layers": 3, "hidden_size": 12
     {"deepspeed.zero_stage": 0, "train.micro_batch_size": 1, "train.loss_chunk_tokens": 32},
     {"deepspeed.zero_stage": 0, "model.config": {**LLAMA_FAMILY, "max_position_embeddings": 128},
      "train.micro_batch_size": 4, "data.block_size": 128},
+    # checkpointed: the gradients' copy after the backward (ZeRO-0's all-reduce, ZeRO-3's fp32 partition)
+    # outweighs what the backward holds, and never meets its activations
+    {"deepspeed.zero_stage": 0, "model.config": LLAMA_FAMILY, "model.activation_checkpointing": True},
+    {"deepspeed.zero_stage": 3, "model.config": LLAMA_FAMILY, "model.activation_checkpointing": True,
+     "train.loss_chunk_tokens": 32},
 ], ids=["gpt2-zero0", "gpt2-zero0-block128", "gpt2-zero2", "gpt2-zero3", "llama-zero2-checkpointed",
-        "llama-zero3-mb4", "gpt2-zero0-mb1-chunked", "llama-zero0-mb4-block128"])
+        "llama-zero3-mb4", "gpt2-zero0-mb1-chunked", "llama-zero0-mb4-block128", "llama-zero0-checkpointed",
+        "llama-zero3-checkpointed-chunked"])
 def test_two_ranks_measure_the_peak_their_plan_predicts(tmp_path, case):
     from tests.ranks import launch
 
