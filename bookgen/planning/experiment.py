@@ -75,11 +75,6 @@ class ExperimentPlan:
     def fits(self) -> bool:
         return self.memory.peak <= self.hardware.device_bytes
 
-    @property
-    def overflowing(self) -> str:
-        """The largest part of what does not fit."""
-        return self.memory.largest.name
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TimeInputs:
