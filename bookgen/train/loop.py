@@ -286,7 +286,7 @@ def _build(resolved: RunPlan, dist: DistEnv, console: Console, invocation: Invoc
            tokenizer: Any, memory: ExperimentPlan | None) -> Run:
     """Model (special tokens added), data, engine, resumed state, records: in this order."""
     # from the build on: the weights count
-    probe = MemoryProbe(on_gpu=torch.cuda.is_available(), compiled=resolved.compiled)
+    probe = MemoryProbe(on_gpu=torch.cuda.is_available(), compiled=resolved.train.compile)
     try:
         return _build_counted(resolved, dist, console, invocation, fault, tokenizer, probe, memory)
     except BaseException:
@@ -312,7 +312,7 @@ def _build_counted(resolved: RunPlan, dist: DistEnv, console: Console, invocatio
     engine = build_engine(train, model, dist, plan.total_steps, load_universal=resume_plan.universal,
                           base_left_out=resolved.base_left_out,
                           ds_config=ds_config)
-    if engine.device.type == "cpu" and not resolved.compiled and resolved.settings.attention == "causal":
+    if engine.device.type == "cpu" and not resolved.train.compile and resolved.settings.attention == "causal":
         from bookgen.cpu import speed_up_training  # the one seam for CPU-only speed (tests, the demo)
 
         speed_up_training(engine.module)

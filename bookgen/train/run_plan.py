@@ -4,7 +4,8 @@ The experiment config is the user's input; :func:`resolve_run` reads it once, ru
 (bookgen.train.preflight: the refusals that need no data) and returns a frozen :class:`RunPlan`. The loop, the
 model build, the engine and the checkpoints take the parts they use from it instead of deciding again: the
 model's source and its Hugging Face config (loaded once), full fine-tuning or LoRA, the DeepSpeed config (built
-once), the batch layout, and how attention runs.
+once), the batch layout, the memory plan, what the checkpoints, the data, the loop's schedule and the samples
+are (their specs), and the config sections the build reads.
 """
 
 from __future__ import annotations
@@ -50,10 +51,6 @@ class RunPlan:
     base_left_out: bool  # LoRA on a pretrained model: checkpoints hold the adapters, the base is rebuilt
     ds_config: dict[str, Any] = field(repr=False)  # DeepSpeed's, checked against the experiment
     layout: BatchLayout
-    precision: str
-    compiled: bool
-    packing: str
-    trackers: tuple[str, ...]
     memory: ExperimentPlan | None = field(repr=False)  # what each rank will hold and a step's time (None: untraceable)
     checkpoints: CheckpointSpec  # where they go, what they record and how a resume is checked
     data: PrepareSpec  # the corpus, its split and tokenizer, and the prepared folder
@@ -85,5 +82,4 @@ def resolve_run(cfg: ExperimentConfig, dist: DistEnv) -> RunPlan:
                    settings=cfg.model, train=cfg.train, run=cfg.run, seed=cfg.seed,
                    config_record=config_to_dict(cfg),
                    ds_config=ds_config,
-                   layout=BatchLayout.of(cfg.train, dist.world_size), precision=cfg.train.precision,
-                   compiled=cfg.train.compile, packing=cfg.data.packing, trackers=tuple(cfg.run.trackers))
+                   layout=BatchLayout.of(cfg.train, dist.world_size))
