@@ -97,8 +97,9 @@ def setup(timeout_s: int) -> DistEnv:
         threads = max(1, (os.cpu_count() or 1) // dist.local_world_size)
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            # DeepSpeed JIT-compiles its shared-memory collectives at start; without a compiler, skip them
+        if dist.world_size == 1 or shutil.which(os.environ.get("CXX", "c++")) is None:
+            # DeepSpeed JIT-compiles its shared-memory collectives at start (half a minute, once a machine): a
+            # single rank shares memory with no peer, and without a compiler they cannot be built
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     device_for(dist)
     # DeepSpeed's ZeRO-1/2/3 call these renamed collectives several times a step, and a warnings filter

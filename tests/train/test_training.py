@@ -204,6 +204,16 @@ def test_loss_weighs_tokens_the_same_however_the_global_batch_is_split(tmp_path)
     assert losses["micro_batches", "2x2x2"][1] != pytest.approx(losses["micro_batches", "1x4x2"][1], rel=1e-5)
 
 
+@pytest.mark.multirank  # a training process
+def test_a_single_rank_compiles_no_shared_memory_collectives(tmp_path):
+    """One rank shares memory with no peer: its first start on a machine does not spend half a minute compiling
+    DeepSpeed's shared-memory op (two ranks do, once a machine)."""
+    exp = write_experiment(tmp_path, {"train.max_steps": 1, "eval.at_end": False})
+    launch(1, ["--cfg", str(exp)], env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ops")})
+    assert (tmp_path / "run" / "run_summary.json").is_file()
+    assert not list((tmp_path / "ops").rglob("*shm*")), "nothing compiled for one rank"
+
+
 @pytest.mark.multirank
 def test_compiled_run_matches_eager_and_saves_the_same_weights(tmp_path):
     """train.compile: same losses, same evaluation, and a checkpoint with the model's own parameter names."""
