@@ -177,7 +177,7 @@ def _cached(question: Any, config: Any, compute: Any) -> Any:
 
 def _grad_note(stage: int, n: int) -> str:
     if stage == 0:
-        return ", whole"
+        return ", whole, and a flat copy all-reduced after the backward (in the peak)"
     return (", whole" if stage == 1 else f" / {n} ranks") + f", and their fp32 partition / {n}"
 
 
