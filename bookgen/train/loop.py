@@ -23,12 +23,8 @@ from bookgen.checkpoint.spec import CheckpointSpec
 from bookgen.checkpoint.state import TrainState
 from bookgen.config import ExperimentConfig, TrainConfig
 from bookgen.config_io import config_to_dict, write_resolved
-from bookgen.data.batch_layout import BatchLayout
-from bookgen.data.batches import (
-    Examples,
-    epoch_order,
-    steps_per_epoch,
-)
+from bookgen.data.batch_layout import BatchLayout, StepPlan, plan_steps
+from bookgen.data.batches import Examples, epoch_order
 from bookgen.data.prepare import tokenizer_dir
 from bookgen.data.prepared import ensure_prepared, prepared_examples
 from bookgen.data.tokenizer import load_tokenizer
@@ -68,23 +64,6 @@ from bookgen.train.run_plan import RunPlan, Schedule, resolve_run
 from bookgen.train.step import train_step
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues the job on it
-
-
-@dataclass(frozen=True, slots=True)
-class StepPlan:
-    global_batch: int
-    steps_per_epoch: int
-    total_steps: int
-
-
-def plan_steps(n_examples: int, t: TrainConfig, world_size: int) -> StepPlan:
-    global_batch = BatchLayout.of(t, world_size).global_batch
-    per_epoch = steps_per_epoch(n_examples, global_batch)
-    if per_epoch == 0:
-        raise BookgenError(f"the training split has {n_examples} examples, fewer than one global batch of "
-                           f"{global_batch} (train.micro_batch_size x train.grad_accum_steps x {world_size} ranks)")
-    total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
-    return StepPlan(global_batch, per_epoch, total)
 
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
@@ -152,16 +131,30 @@ class Run:
     sampler: TrainingSampler | None  # eval.samples > 0
     scorer: CompletionScorer | None = None  # data.prompt and eval.scored > 0
     invocation: Invocation  # to print the commands that resume and export this run
-    layout: BatchLayout  # micro-batch x accumulation x ranks, decided once (RunPlan)
-    train: TrainConfig  # the step's settings (accumulation, loss average)
     fault: Fault | None = None  # the failure tests' injected fault (bookgen.faults); None in a real run
     causal_attention: bool = False  # training runs bookgen's causal attention (decided when the model was built)
     probe: MemoryProbe | None = None  # measures the peak the memory plan predicted
     memory: ExperimentPlan | None = None  # the plan (RunPlan.memory)
-    checkpoints: CheckpointSpec  # RunPlan.checkpoints
-    schedule: Schedule
+    resolved: RunPlan  # the run's decisions: layout, the step's settings, checkpoints, schedule
     plan_logged: bool = False  # the plan against the measured peak is in metrics.jsonl
     finished: bool = False  # a rerun of a finished run: nothing to do, nothing to write
+
+    # the run's decisions, read from its plan rather than copied beside it
+    @property
+    def layout(self) -> BatchLayout:
+        return self.resolved.layout
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.resolved.train
+
+    @property
+    def checkpoints(self) -> CheckpointSpec:
+        return self.resolved.checkpoints
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.resolved.schedule
 
 
 def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: Invocation, fault: Fault | None
@@ -322,8 +315,7 @@ def _build_counted(resolved: RunPlan, dist: DistEnv, console: Console, invocatio
         probe.stop()
         return Run(engine=engine, pad_id=tokenizer.pad_token_id, train_examples=train_examples,
                    valid_examples=valid_examples, plan=plan, state=state, log=None, save_hf=None, progress=progress,
-                   mfu_of=None, sampler=None, invocation=invocation, layout=resolved.layout, finished=True,
-                   checkpoints=resolved.checkpoints, schedule=schedule, train=train)
+                   mfu_of=None, sampler=None, invocation=invocation, finished=True, resolved=resolved)
     log = _open_log(resolved, dist, state.global_step, console, fault)
     lora = resolved.lora is not None
     console.print(f"model: {_parameter_line(engine.module, lora=lora)}; {len(train_examples)} training examples; "
@@ -339,9 +331,9 @@ def _build_counted(resolved: RunPlan, dist: DistEnv, console: Console, invocatio
                save_hf=_hf_files_writer(engine, tokenizer, resolved.settings.name_or_path, lora=lora),
                progress=progress,
                mfu_of=mfu_of,
-               sampler=sampler, scorer=scorer, invocation=invocation, fault=fault, layout=resolved.layout,
+               sampler=sampler, scorer=scorer, invocation=invocation, fault=fault,
                causal_attention=uses_causal_attention(engine), probe=probe,
-               memory=memory, checkpoints=resolved.checkpoints, schedule=schedule, train=train)
+               memory=memory, resolved=resolved)
 
 
 def _parameter_line(model: torch.nn.Module, *, lora: bool) -> str:
