@@ -36,7 +36,8 @@ def sample_checkpoints(cfg: ExperimentConfig, console: Console) -> list[SampleRo
     folders = ckpt.complete_checkpoints(checkpoints.root)
     if not folders:
         raise BookgenError(f"no complete checkpoint under {checkpoints.root}; train first")
-    spec = sample_spec(cfg)
+    # one process samples each checkpoint's rebuilt, uncompiled model
+    spec = dataclasses.replace(sample_spec(cfg), zero3=False, compiled=False)
     if spec.count < 1:
         spec = dataclasses.replace(spec, count=4)
     index, reference = quality_references(spec.prepared_dir)
@@ -48,7 +49,7 @@ def sample_checkpoints(cfg: ExperimentConfig, console: Console) -> list[SampleRo
         check_vocabulary(folder, spec.prepared_dir)  # novelty and lengths are counted in the prepared data's ids
         model, tokenizer = load_checkpoint_model(folder)
         step = int(folder.name.removeprefix("step"))
-        round_ = sample_round(model.to(device), tokenizer, spec, dist, step=step, zero3=False, index=index,
+        round_ = sample_round(model.to(device), tokenizer, spec, dist, step=step, index=index,
                               reference_lengths=reference)
         assert round_ is not None  # one process: rank 0
         rounds.append(round_)

@@ -89,12 +89,12 @@ class Uncompiled:
 
 
 def sample_round(model: Any, tokenizer: Any, spec: SampleSpec, dist: DistEnv, *, step: int,
-                 zero3: bool, index: NgramIndex | None, reference_lengths: np.ndarray | None,
-                 compiled: bool = False) -> SampleRound | None:
+                 index: NgramIndex | None, reference_lengths: np.ndarray | None) -> SampleRound | None:
     """Sample ``eval.samples`` rows from ``generate.prompt``, or, in a prompt run, one from each of the first
     ``eval.samples`` validation books' prompts (the samples then say which book they are for); the round on rank
-    0, None elsewhere. ``compiled``: the training compiled ``model`` (train.compile), so it is sampled through its
-    eager forward."""
+    0, None elsewhere. Under ZeRO-3 every rank takes part; a compiled ``model`` is sampled through its eager
+    forward."""
+    zero3 = spec.zero3
     if not (dist.is_main or zero3):
         return None
     settings, prompts = spec.settings, [spec.generate.prompt]
@@ -106,7 +106,7 @@ def sample_round(model: Any, tokenizer: Any, spec: SampleSpec, dist: DistEnv, *,
     start = time.perf_counter()
     was_training = getattr(model, "training", False)
     model.eval()
-    samples = generate(Uncompiled(model) if compiled else model, tokenizer, prompts, settings,
+    samples = generate(Uncompiled(model) if spec.compiled else model, tokenizer, prompts, settings,
                        seed=spec.seed, agree=agree)
     if was_training:
         model.train()
@@ -161,9 +161,8 @@ class TrainingSampler:
             self.log = SamplesLog(spec.output_dir, resume_step)
 
     def after_eval(self, engine: Any, step: int, metrics: Any, note: Callable[[str], None]) -> None:
-        round_ = sample_round(engine.module, self.tokenizer, self.spec, self.dist, step=step, zero3=self.spec.zero3,
-                              compiled=self.spec.compiled,
-                              index=self.index, reference_lengths=self.reference)
+        round_ = sample_round(engine.module, self.tokenizer, self.spec, self.dist, step=step, index=self.index,
+                              reference_lengths=self.reference)
         if round_ is None or self.log is None:
             return
         self.last = round_
