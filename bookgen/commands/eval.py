@@ -31,6 +31,7 @@ def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = No
     """`bookgen eval`: perplexity of a checkpoint (``ckpt.resolve``; or the fresh model) on ``split``."""
     with distributed.process_group(cfg.deepspeed.comm_timeout_s) as dist:
         console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
+        check_precision(cfg.train.precision)  # before any data is touched
         data = PrepareSpec.of(cfg)
         ensure_prepared(data, dist, console, run_dir=cfg.run.output_dir)
         tokenizer = load_tokenizer(tokenizer_dir(cfg.prepared_dir))
@@ -47,7 +48,6 @@ def evaluate_only(cfg: ExperimentConfig, split: str, checkpoint: str | None = No
             model, _ = load_checkpoint_model(folder)
             console.print(f"evaluating {folder}")
         examples = prepared_examples(data, split)
-        check_precision(cfg.train.precision)
         ds_config = build_ds_config(cfg.deepspeed, cfg.train, dist.world_size,
                                     width=getattr(model.config, "hidden_size", None))
         engine = build_engine(cfg.train, model, dist, total_steps=1, ds_config=ds_config)
