@@ -12,6 +12,7 @@ from rich.console import Console
 
 from bookgen.config import ExperimentConfig, TrainConfig, parse_size
 from bookgen.config_io import load_config
+from bookgen.data.batch_layout import plan_steps
 from bookgen.data.prepare import PrepareSpec, tokenizer_dir
 from bookgen.data.prepared import prepared_examples
 from bookgen.data.tokenizer import load_tokenizer
@@ -28,7 +29,6 @@ from bookgen.planning.experiment import (
     refusal,
 )
 from bookgen.train.ds_config import build_ds_config
-from bookgen.train.loop import plan_steps
 from bookgen.train.preflight import model_source
 
 GIB = 2**30

@@ -194,10 +194,6 @@ def epoch_order(
     return order[:usable]
 
 
-def steps_per_epoch(n_examples: int, global_batch: int) -> int:
-    return n_examples // global_batch
-
-
 def micro_batch_indices(order: np.ndarray, *, step: int, micro: int, rank: int, layout: BatchLayout) -> np.ndarray:
     """The examples that ``rank`` uses in micro-batch ``micro`` of optimizer step ``step``."""
     start = step * layout.global_batch + (micro * layout.world_size + rank) * layout.micro_batch_size

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from rouge_score import rouge_scorer
 
 from bookgen.config import GenerateConfig
 from bookgen.data.prepare import open_store
@@ -55,6 +54,9 @@ def scored_rows(store: TokenStore, count: int) -> list[int]:
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 over the pairs (stemmed, as usually reported)."""
+    # imported here: rouge_score imports nltk, about a second at every rank's start, and most runs never score
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(list(MEASURES), use_stemmer=True)
     scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
     return {m: float(np.mean([s[m].fmeasure for s in scores])) if scores else 0.0 for m in MEASURES}

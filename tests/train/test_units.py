@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from bookgen.config_io import load_config
-from bookgen.data.batch_layout import BatchLayout
+from bookgen.data.batch_layout import BatchLayout, plan_steps
 from bookgen.errors import BookgenError
-from bookgen.train.loop import plan_steps
 from bookgen.train.schedule import lr_multiplier
 from tests.helpers import REPO, ds_config_for, load_experiment, write_experiment
 
