@@ -28,8 +28,9 @@ write_conf() {
 ClusterName=bookgen
 SlurmctldHost=$HOST
 AuthType=auth/munge
-# a requeued job may start again after the credential lifetime (default 120 s): keep test requeues quick
-AuthInfo=cred_expire=20
+# a requeued job may start again after the credential lifetime (default 120 s): short for quick test requeues,
+# long enough for a loaded machine to launch a job step with it
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SlurmUser=root

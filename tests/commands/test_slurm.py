@@ -74,7 +74,7 @@ def _wait_for_step(run: Path, step: int, timeout: float = 240) -> None:
 
 def _wait_for_end(job: int, timeout: float = 400) -> str:
     """The job's final state. A requeued job starts again after the credential lifetime, which
-    slurm/cluster.sh sets to 20 s (Slurm's default is 120 s)."""
+    slurm/cluster.sh sets to 10 s (Slurm's default is 120 s)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = _job_state(job)
