@@ -4,10 +4,14 @@ On a GPU, torch's allocator counts it (``max_memory_allocated``, the whole run).
 allocator counts nothing, tensor storage is counted from the model's build to the end of the second
 optimizer step by the same counter the planner traces with: the optimizer's states appear in the first
 step's update, so the second is the first whose activations meet every model state. Only CPU runs pay for
-it, and only for two steps.
+it, and only for two steps. An evaluation, samples or a save between those steps are not counted: their
+peak is not a training step's.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -38,6 +42,19 @@ class MemoryProbe:
         self._steps += 1
         if self._steps == STEPS:
             self.stop()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Work that is no training step (CPU): what it makes is not counted, what it frees of a step's is."""
+        counter = self._counter
+        if counter is None:
+            yield
+            return
+        counter.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            counter.__enter__()
 
     @property
     def measured(self) -> bool:

@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -188,7 +189,8 @@ def _run(cfg: ExperimentConfig, resolved: RunPlan, dist: DistEnv, invocation: In
     try:
         done = _loop(run, dist, stop, console)
         run.progress.close()
-        evals = _finish(run, dist, done)
+        with _not_a_step(run):  # a one-step run is still counting here
+            evals = _finish(run, dist, done)
     except BaseException:  # the trackers' runs end as failed (one that stopped for a preemption already ended)
         if run.log is not None:
             run.log.close("failed")
@@ -431,10 +433,16 @@ def _loop(run: Run, dist: DistEnv, stop: StopFlag, console: Console) -> LoopTota
             if is_log_step(schedule, plan, state.global_step):
                 _read_and_log(run, dist, stop, console, interval, totals, clock)
                 if state.global_step < plan.total_steps:  # the last step's evaluation and save are _finish's
-                    _evaluate_and_save_on_schedule(run, dist, totals)
+                    with _not_a_step(run):
+                        _evaluate_and_save_on_schedule(run, dist, totals)
         if state.step_in_epoch >= plan.steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
     return totals
+
+
+def _not_a_step(run: Run) -> AbstractContextManager[None]:
+    """Evaluation, sampling and saving: their memory is not a training step's, which the probe measures."""
+    return run.probe.paused() if run.probe is not None else nullcontext()
 
 
 def is_log_step(schedule: Schedule, plan: StepPlan, step: int) -> bool:

@@ -186,6 +186,20 @@ def test_a_run_records_its_plan_beside_what_it_measured(tmp_path):
     assert summary["step_seconds_measured"] > 0 and "step_seconds_planned" not in summary  # no CPU peak known
 
 
+
+@pytest.mark.multirank  # a training process
+def test_an_evaluation_sample_and_save_within_the_counted_steps_are_not_a_training_steps_peak(tmp_path):
+    """Evaluating, sampling and saving after the first step, inside the CPU's counted steps, hold what no
+    training step holds (a larger evaluation batch, a kv cache, the checkpoint's copies): the measured peak is
+    still a training step's."""
+    exp = write_experiment(tmp_path, {"model.attention": "eager", "data.packing": "concat", "train.max_steps": 3,
+                                      "eval.every": 1, "eval.batch_size": 16, "eval.samples": 4,
+                                      "checkpoint.every": 1, "eval.at_end": False})
+    done = run_cli(["train", "--cfg", str(exp)])
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["memory_measured_mb"] == pytest.approx(summary["memory_planned_mb"], rel=0.10)
+
 LLAMA_FAMILY = {"model_type": "llama", "num_hidden_layers": 3, "hidden_size": 128, "intermediate_size": 352,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
 
