@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bookgen.native_ops import build_lock_notice
 from bookgen.restart_guard import restarted
 
 
@@ -101,6 +102,10 @@ def setup(timeout_s: int) -> DistEnv:
             # DeepSpeed JIT-compiles its shared-memory collectives at start (half a minute, once a machine): a
             # single rank shares memory with no peer, and without a compiler they cannot be built
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        elif deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm"):
+            notice = build_lock_notice("deepspeed_shm_comm")  # loaded by init_distributed below
+            if notice is not None:
+                warn(dist, notice)
     device_for(dist)
     # DeepSpeed's ZeRO-1/2/3 call these renamed collectives several times a step, and a warnings filter
     # reset inside its step brings the warning back every time: thousands of lines in a long run

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from bookgen.model.config_checks import (
 )
 from bookgen.model.lora import check_targets
 from bookgen.model.source import ModelSource
+from bookgen.native_ops import build_lock_notice, op_available
 from bookgen.planning.experiment import ExperimentPlan, Hardware, plan_experiment, planning_inputs, refusal
 from bookgen.planning.trace import PlanError
 from bookgen.tracking import check_tracker_packages, check_tracker_servers
@@ -50,6 +50,10 @@ def check_training(cfg: ExperimentConfig, dist: DistEnv, checkpoints: Checkpoint
     # raises on a stage or batch clash
     ds = build_ds_config(cfg.deepspeed, cfg.train, dist.world_size, width=source.width)
     check_offload(ds, str(cfg.deepspeed.config or "the built-in DeepSpeed config"))
+    for op in ops_built_at_first_use(ds):
+        notice = build_lock_notice(op)
+        if notice is not None:
+            distributed.warn(dist, notice)
     check_precision(cfg.train.precision)
     if cfg.checkpoint.resume not in ("auto", "never"):
         check_resume_folder(Path(cfg.checkpoint.resume))
@@ -208,21 +212,19 @@ def _check_swap_folder(folder: Path, key: str) -> None:
 
 def aio_available() -> bool:
     """DeepSpeed's async I/O op (NVMe offload): built into the installed DeepSpeed, or buildable at first use."""
-    return _op_available("async_io", "AsyncIOBuilder")
+    return op_available("async_io", "AsyncIOBuilder")
 
 
 def cpu_adam_available() -> bool:
     """DeepSpeed's CPU Adam op: built into the installed DeepSpeed, or buildable at first use."""
-    return _op_available("cpu_adam", "CPUAdamBuilder")
+    return op_available("cpu_adam", "CPUAdamBuilder")
 
 
-def _op_available(op: str, builder: str) -> bool:
-    """A DeepSpeed op built at install (DS_BUILD_...=1), or one its builder can compile here (a compiler, ninja
-    and what the op itself needs)."""
-    from deepspeed.git_version_info import installed_ops
-    from deepspeed.ops import op_builder
-
-    if installed_ops.get(op):
-        return True
-    return bool(getattr(op_builder, builder)().is_compatible(verbose=False) and shutil.which("ninja")
-                and shutil.which("c++"))
+def ops_built_at_first_use(ds: dict[str, Any]) -> list[str]:
+    """The DeepSpeed ops this config loads as the run starts: CPU Adam for an offloaded optimizer (unless
+    ``torch_adam``), async I/O for NVMe offload."""
+    zero = ds.get("zero_optimization", {})
+    devices = {(zero.get(key) or {}).get("device") for key in ("offload_param", "offload_optimizer")}
+    optimizer = (zero.get("offload_optimizer") or {}).get("device")
+    cpu_adam = optimizer in ("cpu", "nvme") and not ds.get("optimizer", {}).get("params", {}).get("torch_adam")
+    return ["cpu_adam"] * cpu_adam + ["async_io"] * ("nvme" in devices)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,52 @@ def test_compiled_offload_ops_agree_with_zero_0(tmp_path, variant):
         swapped = tmp_path / "swap" / "zero_stage_3"  # DeepSpeed's swap folders (it removes the files at the end)
         assert {p.name for p in swapped.iterdir()} == {"float32params", "optimizer"}, "weights and Adam: NVMe"
 
+
+
+@pytest.mark.multirank  # training processes
+def test_a_killed_ops_build_lock_is_refused_when_stale_and_named_and_waited_on_when_young(tmp_path):
+    """A build of DeepSpeed's CPU Adam killed outright leaves torch's lock file, on which every later run
+    waits forever, printing nothing. bookgen refuses a lock older than any build, naming it, before any data is
+    touched; a young one (perhaps another process building) it names, and the run goes on once it is gone."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from bookgen.native_ops import STALE_LOCK_S
+    from tests.ranks import rank_env
+
+    built = Path(_get_build_directory("cpu_adam", verbose=False))
+    if not (built / "cpu_adam.so").is_file():
+        pytest.skip("DeepSpeed's CPU Adam is not built in this machine's extension cache (.ci/run builds it)")
+    ext = tmp_path / "ext"
+    shutil.copytree(built, ext / "cpu_adam")  # loads as it is: nothing compiled
+    lock = ext / "cpu_adam" / "lock"
+    lock.touch()
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    exp = write_experiment(tmp_path, {"deepspeed.zero_stage": 3, "train.max_steps": 2, "eval.at_end": False,
+                                      "deepspeed.config": str(REPO / "ds_configs/zero3_offload.json")}, rows=120)
+    command = [sys.executable, "-m", "bookgen.cli", "train", "--cfg", str(exp)]
+    env = rank_env({"TORCH_EXTENSIONS_DIR": str(ext)})
+    refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and f"{lock} was left by a build of DeepSpeed's cpu_adam op" in refused.stderr, \
+        refused.stderr[-2000:]
+    assert not (tmp_path / "run" / "prepared").exists(), "refused before any data is touched"
+    os.utime(lock)  # made just now: another process may be building the op
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 120
+        while "this run waits for it" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert f"is locked by {lock}" in log.read_text(), log.read_text()[-2000:]
+        lock.unlink()
+        assert proc.wait(timeout=240) == 0, log.read_text()[-2000:]
+    assert sorted(step_losses(tmp_path / "run")) == [1, 2]
 
 PACKED = {"data.packing": "documents", "data.block_size": 512, "model.n_positions": 512}  # 1-4 summaries a row
 

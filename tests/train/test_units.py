@@ -147,3 +147,33 @@ def test_zero3_buffers_are_sized_by_the_model_width_unless_the_json_sets_them(tm
         "model.config": {"model_type": "llama", "hidden_size": 48, "num_attention_heads": 4}})
     assert ds_config_for(llama, 2)["zero_optimization"]["reduce_bucket_size"] == 48 * 48
     assert "reduce_bucket_size" not in ds_config_for(load_experiment(tmp_path / "z0"), 2).get("zero_optimization", {})
+
+
+def test_a_build_lock_is_named_while_young_and_refused_once_older_than_any_build(tmp_path, monkeypatch):
+    """torch waits forever, silently, on the lock a killed build of an op leaves (pytorch#189245)."""
+    import json as json_module
+    import os
+    import time
+
+    from bookgen.native_ops import STALE_LOCK_S, build_lock_notice
+    from bookgen.train.preflight import ops_built_at_first_use
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert build_lock_notice("cpu_adam") is None, "no lock, nothing to say"
+    lock = tmp_path / "cpu_adam" / "lock"
+    lock.parent.mkdir(exist_ok=True)
+    lock.touch()
+    notice = build_lock_notice("cpu_adam")
+    assert notice is not None and str(lock) in notice and "remove the file" in notice
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.raises(BookgenError, match=rf"{lock} was left by a build of DeepSpeed's cpu_adam op that was "
+                                           r"killed \d+ minutes ago.*Remove that file"):
+        build_lock_notice("cpu_adam")
+    shipped = json_module.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    assert ops_built_at_first_use(shipped) == ["cpu_adam"]
+    shipped["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": str(tmp_path)}
+    assert ops_built_at_first_use(shipped) == ["cpu_adam", "async_io"]
+    shipped["optimizer"]["params"]["torch_adam"] = True
+    assert ops_built_at_first_use(shipped) == ["async_io"]
+    assert ops_built_at_first_use(json_module.loads((REPO / "ds_configs" / "zero2.json").read_text())) == []
