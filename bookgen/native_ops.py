@@ -45,8 +45,8 @@ def build_lock_notice(op: str) -> str | None:
     except OSError:  # no lock; or a folder it cannot make, which the build itself will report
         return None
     if age > STALE_LOCK_S:
-        raise BookgenError(f"{lock} was left by a build of DeepSpeed's {op} op that was killed {age / 60:.0f} "
-                           "minutes ago, and every run would wait on it forever. Remove that file and run again "
-                           "(the op is then built again, a few minutes)")
+        raise BookgenError(f"{lock} was left by a build of DeepSpeed's {op} op started {age / 60:.0f} minutes "
+                           "ago and killed before it ended; every run would wait on it forever. Remove that file "
+                           "and run again (an unfinished build is then done again)")
     return (f"DeepSpeed's {op} op is locked by {lock} (made {age:.0f} s ago): another process is building or "
             "loading it, and this run waits for it. If no other process is, a killed build left it: remove the file")

@@ -139,6 +139,29 @@ def test_a_killed_ops_build_lock_is_refused_when_stale_and_named_and_waited_on_w
         assert proc.wait(timeout=240) == 0, log.read_text()[-2000:]
     assert sorted(step_losses(tmp_path / "run")) == [1, 2]
 
+
+@pytest.mark.multirank
+def test_two_cpu_ranks_refuse_a_stale_lock_on_the_shared_memory_collectives_build(tmp_path):
+    """Two ranks on a CPU load DeepSpeed's shared-memory collectives as their process group starts."""
+    import os
+    import time
+
+    from bookgen.native_ops import STALE_LOCK_S
+    from tests.ranks import launch
+
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    exp = write_experiment(tmp_path, {"train.max_steps": 1})
+    proc = launch(2, ["--cfg", str(exp)], env={"TORCH_EXTENSIONS_DIR": str(lock.parent.parent)}, check=False,
+                  timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    for rank in (0, 1):
+        assert f"error (rank {rank} of 2): {lock} was left by a build of DeepSpeed's deepspeed_shm_comm op" \
+            in proc.stderr
+
 PACKED = {"data.packing": "documents", "data.block_size": 512, "model.n_positions": 512}  # 1-4 summaries a row
 
 
