@@ -31,9 +31,10 @@ def op_available(op: str, builder: str) -> bool:
                 and shutil.which("c++"))
 
 
-def build_lock_notice(op: str) -> str | None:
-    """None where nothing holds ``op``'s build folder; a notice where a lock does (another process building or
-    loading it, or a build killed minutes ago); a BookgenError where the lock is older than any build."""
+def build_lock_notice(op: str, *, grace_s: float = 5.0) -> str | None:
+    """None where nothing holds ``op``'s build folder, or a lock goes within ``grace_s`` (every load takes it
+    for a moment: another rank loading the op); a notice where one stays (another process building it, or a
+    build killed minutes ago); a BookgenError where the lock is older than any build."""
     from deepspeed.git_version_info import installed_ops
     from torch.utils.cpp_extension import _get_build_directory  # where torch builds it (TORCH_EXTENSIONS_DIR)
 
@@ -48,5 +49,10 @@ def build_lock_notice(op: str) -> str | None:
         raise BookgenError(f"{lock} was left by a build of DeepSpeed's {op} op started {age / 60:.0f} minutes "
                            "ago and killed before it ended; every run would wait on it forever. Remove that file "
                            "and run again (an unfinished build is then done again)")
+    deadline = time.monotonic() + grace_s
+    while lock.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not lock.exists():
+        return None
     return (f"DeepSpeed's {op} op is locked by {lock} (made {age:.0f} s ago): another process is building or "
             "loading it, and this run waits for it. If no other process is, a killed build left it: remove the file")

@@ -153,6 +153,7 @@ def test_a_build_lock_is_named_while_young_and_refused_once_older_than_any_build
     """torch waits forever, silently, on the lock a killed build of an op leaves (pytorch#189245)."""
     import json as json_module
     import os
+    import threading
     import time
 
     from bookgen.native_ops import STALE_LOCK_S, build_lock_notice
@@ -163,8 +164,11 @@ def test_a_build_lock_is_named_while_young_and_refused_once_older_than_any_build
     lock = tmp_path / "cpu_adam" / "lock"
     lock.parent.mkdir(exist_ok=True)
     lock.touch()
-    notice = build_lock_notice("cpu_adam")
+    notice = build_lock_notice("cpu_adam", grace_s=0.2)
     assert notice is not None and str(lock) in notice and "remove the file" in notice
+    threading.Timer(0.3, lock.unlink).start()  # another rank's load, done in a moment: nothing to say
+    assert build_lock_notice("cpu_adam", grace_s=10) is None
+    lock.touch()
     old = time.time() - STALE_LOCK_S - 60
     os.utime(lock, (old, old))
     with pytest.raises(BookgenError, match=rf"{lock} was left by a build of DeepSpeed's cpu_adam op started "
