@@ -39,11 +39,18 @@ slurm = pytest.mark.skipif(_SLURM_MISSING is not None, reason=str(_SLURM_MISSING
 
 
 def _sbatch(exp: Path, log_dir: Path, *extra: str, wait: bool) -> tuple[int, subprocess.CompletedProcess[str]]:
+    """Submit; with ``wait``, the job's own exit status as the returncode, as `sbatch --wait` gives it. Its end
+    is polled here every half second: `sbatch --wait` backs off to 32 s between polls, up to half a minute a
+    test."""
     cmd = ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={log_dir}/job-%j.out", "--nodes=2",
-           *(["--wait"] if wait else []), str(REPO / "slurm" / "train.sh"), str(exp), *extra]
+           str(REPO / "slurm" / "train.sh"), str(exp), *extra]
     env = rank_env({"BOOKGEN_PYTHON": sys.executable})
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     job = int(re.match(r"\d+", proc.stdout.strip()).group()) if proc.stdout.strip() else -1
+    if wait and proc.returncode == 0:
+        _wait_for_end(job)
+        out = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True).stdout
+        proc.returncode = int(re.search(r" ExitCode=(\d+):", out).group(1))
     return job, proc
 
 
