@@ -193,8 +193,7 @@ def check_offload(ds: dict[str, Any], where: str) -> None:
             raise BookgenError(f"{where}: zero_optimization.{key} offloads to nvme through DeepSpeed's async I/O op, "
                                "which this DeepSpeed neither has built nor can build here (it needs libaio: apt "
                                "install libaio-dev, a C++ compiler and ninja; or DS_BUILD_AIO=1 pip install deepspeed)")
-    offloaded = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-    if offloaded and not ds.get("optimizer", {}).get("params", {}).get("torch_adam") and not cpu_adam_available():
+    if "cpu_adam" in ops_built_at_first_use(ds) and not cpu_adam_available():
         raise BookgenError(f"{where}: zero_optimization.offload_optimizer runs DeepSpeed's CPU Adam, which this "
                            "DeepSpeed neither has built nor can build here (it needs a C++ compiler and ninja): "
                            "install DeepSpeed with DS_BUILD_CPU_ADAM=1 pip install deepspeed, or set "
