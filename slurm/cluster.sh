@@ -46,7 +46,9 @@ ReturnToService=2
 KillWait=10
 MinJobAge=300
 JobRequeue=1
-SchedulerParameters=nohold_on_prolog_fail
+# a requeued job becomes eligible after the credential lifetime, and only a scheduling pass starts it
+# (every 30 s by default): one a second here, as a busy cluster's event-driven passes would
+SchedulerParameters=nohold_on_prolog_fail,bf_interval=1,sched_interval=2
 NodeName=node1 NodeHostname=$HOST Port=17001 CPUs=$CPUS_PER_NODE RealMemory=10000
 NodeName=node2 NodeHostname=$HOST Port=17002 CPUs=$CPUS_PER_NODE RealMemory=10000
 PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
