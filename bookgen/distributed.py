@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bookgen.deepspeed_import import load_deepspeed
 from bookgen.native_ops import build_lock_notice
 from bookgen.restart_guard import restarted
 
@@ -89,7 +90,7 @@ def setup(timeout_s: int) -> DistEnv:
     """Discover the layout, size CPU threads, and start the process group through DeepSpeed."""
     if not torch.cuda.is_available():  # said, not guessed: DeepSpeed warns at every start when it has to guess
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    deepspeed = load_deepspeed()
 
     dist = discover(os.environ)
     export_env(dist, os.environ)

@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+from bookgen.deepspeed_import import load_deepspeed
 from bookgen.errors import BookgenError
 
 # the longest build here (async I/O) takes about 3 minutes on 2 cores; a lock this old has no builder left
@@ -22,6 +23,7 @@ STALE_LOCK_S = 20 * 60
 def op_available(op: str, builder: str) -> bool:
     """Built into the installed DeepSpeed (DS_BUILD_...=1), or buildable here (a compiler, ninja and what the
     op itself needs)."""
+    load_deepspeed()
     from deepspeed.git_version_info import installed_ops
     from deepspeed.ops import op_builder
 
@@ -35,6 +37,7 @@ def build_lock_notice(op: str, *, grace_s: float = 5.0) -> str | None:
     """None where nothing holds ``op``'s build folder, or a lock goes within ``grace_s`` (every load takes it
     for a moment: another rank loading the op); a notice where one stays (another process building it, or a
     build killed minutes ago); a BookgenError where the lock is older than any build."""
+    load_deepspeed()
     from deepspeed.git_version_info import installed_ops
     from torch.utils.cpp_extension import _get_build_directory  # where torch builds it (TORCH_EXTENSIONS_DIR)
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bookgen.checkpoint.folder import MARKER, check_files, previous_hint, read_mode, read_record
+from bookgen.deepspeed_import import load_deepspeed
 from bookgen.errors import BookgenError
 from bookgen.model.frozen_base import RECORD_KEY, load_base
 from bookgen.model.lora import wrap_for_loading
@@ -42,6 +43,7 @@ def _consolidate(folder: Path, zero_stage: int, lazy: bool = False) -> dict[str,
     if zero_stage == 0:
         states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
+    load_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name, lazy_mode=lazy))

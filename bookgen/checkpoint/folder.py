@@ -29,6 +29,7 @@ from bookgen.checkpoint.compatibility import train_split_digest
 from bookgen.checkpoint.spec import CheckpointSpec
 from bookgen.checkpoint.state import TrainState
 from bookgen.config_io import RUNTIME_MODEL_KEYS
+from bookgen.deepspeed_import import load_deepspeed
 from bookgen.distributed import DistEnv, barrier, broadcast_object, gather_errors, gather_objects
 from bookgen.errors import BookgenError
 from bookgen.faults import Fault
@@ -77,6 +78,7 @@ def save(engine: Any, spec: CheckpointSpec, dist: DistEnv, state: TrainState, hf
             if folder.exists():  # a leftover from an interrupted save of the same step
                 shutil.rmtree(folder)
         barrier()
+        load_deepspeed()
         from deepspeed.checkpoint import constants as ds  # here: importing DeepSpeed costs commands seconds
 
         client = {"bookgen_state": asdict(state), "bookgen_fingerprint": spec.fingerprint,

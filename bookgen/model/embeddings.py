@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bookgen.deepspeed_import import load_deepspeed
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -52,7 +54,7 @@ def _gathered(params: list[torch.Tensor]) -> Iterator[bool]:
     if not any(hasattr(p, "ds_id") for p in params):
         yield True
         return
-    import deepspeed
+    deepspeed = load_deepspeed()
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
         yield torch.distributed.get_rank() == 0

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bookgen.config import LoraSettings
+from bookgen.deepspeed_import import load_deepspeed
 from bookgen.errors import BookgenError
 from bookgen.model.embeddings import resize_embeddings, set_special_token_ids
 
@@ -83,7 +84,7 @@ def _embeddings_whole(model: PreTrainedModel, needed: bool) -> Any:
     partitioned = [w for w in weights if hasattr(w, "ds_id")]
     if not (needed and partitioned):
         return contextlib.nullcontext()
-    import deepspeed
+    deepspeed = load_deepspeed()
 
     return deepspeed.zero.GatheredParameters(partitioned)
 
@@ -96,6 +97,7 @@ def _register_token_layer_weights(model: torch.nn.Module) -> None:
 
     layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
     if layers:
+        load_deepspeed()
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
         for layer in layers:

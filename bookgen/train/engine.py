@@ -11,6 +11,7 @@ import torch
 
 from bookgen import distributed
 from bookgen.config import TrainConfig
+from bookgen.deepspeed_import import load_deepspeed
 from bookgen.distributed import DistEnv
 from bookgen.errors import BookgenError
 from bookgen.model.frozen_base import keep_out_of_state_dict
@@ -60,7 +61,7 @@ def build_engine(train: TrainConfig, model: torch.nn.Module, dist: DistEnv, tota
     """The DeepSpeed engine around ``model``; ``ds_config``: the run's, built and checked once (preflight,
     or the command that builds the engine); ``base_left_out``: LoRA on a pretrained base, whose checkpoints
     hold what trains (bookgen.model.frozen_base)."""
-    import deepspeed
+    deepspeed = load_deepspeed()
 
     torch.set_float32_matmul_precision(float32_matmul_precision(train.tf32, torch.cuda.is_available()))
     ds_config = copy.deepcopy(ds_config)  # DeepSpeed may write into it; the plan's stays as resolved

@@ -181,3 +181,16 @@ def test_a_build_lock_is_named_while_young_and_refused_once_older_than_any_build
     shipped["optimizer"]["params"]["torch_adam"] = True
     assert ops_built_at_first_use(shipped) == ["async_io"]
     assert ops_built_at_first_use(json_module.loads((REPO / "ds_configs" / "zero2.json").read_text())) == []
+
+
+def test_deepspeed_is_imported_without_mlflow_which_still_imports_afterwards():
+    """DeepSpeed's autotuner imports MLflow whenever it is installed (a second at every start); bookgen's
+    import hides it, and a run that tracks with MLflow still gets it. A fresh interpreter: this one has both."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from bookgen.deepspeed_import import load_deepspeed; ds = load_deepspeed(); "
+            "print('mlflow' in sys.modules); import deepspeed, mlflow; print(ds is deepspeed, mlflow.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-2:] == ["False", "True mlflow"]  # after DeepSpeed's accelerator notice
