@@ -26,12 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from bookgen.deepspeed_import import load_deepspeed
+
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "launcher" / "run.py"
 CLI = "bookgen.cli"
 
+# DeepSpeed is imported by tests.warm_ranks itself, as bookgen imports it (bookgen/deepspeed_import.py: without
+# MLflow, which a rank imports only when it tracks with it)
 PRELOAD = [
-    "torch", "deepspeed", "transformers", "transformers.modeling_utils",
+    "torch", "transformers", "transformers.modeling_utils",
     "transformers.models.gpt2.modeling_gpt2", "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2", "bookgen.cli", "bookgen.train.loop",
     "bookgen.commands.eval", "bookgen.commands.generate", "bookgen.checkpoint.export", "tests.warm_ranks",
@@ -42,6 +46,8 @@ READ_AT_RUN_TIME = {"BOOKGEN_FAULT", "WANDB_MODE", "WANDB_SILENT"}
 TERMINATE_GRACE_S = 30.0  # torchrun's wait between SIGTERM and SIGKILL
 
 _context: multiprocessing.context.ForkServerContext | None = None
+
+load_deepspeed()  # in the fork server (this module is preloaded) and in the test process
 
 
 def _server() -> multiprocessing.context.ForkServerContext:
