@@ -16,7 +16,7 @@ from bookgen.cli import main
 from bookgen.commands.launch import launch_command
 from bookgen.config_io import load_config
 from bookgen.tracking.metrics_log import read_metrics
-from tests.helpers import REPO, write_experiment
+from tests.helpers import REPO, run_cli, write_experiment
 from tests.ranks import free_port, rank_env, step_losses
 from tests.runs import LAUNCH_SETTINGS
 
@@ -171,8 +171,7 @@ def test_a_slurm_job_that_will_not_fit_its_gpus_is_not_submitted(tmp_path):
                "deepspeed.config": str(REPO / "ds_configs/zero3.json"), "launch.backend": "slurm",
                "launch.gpus_per_node": 1, "launch.gpu_memory": "24GB"}
     exp = write_experiment(tmp_path, too_big)
-    proc = subprocess.run([sys.executable, "-m", "bookgen.cli", "launch", "--cfg", str(exp)], cwd=REPO,
-                          capture_output=True, text=True, env=rank_env(), timeout=300)
+    proc = run_cli(["launch", "--cfg", str(exp)])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the largest part is optimizer" in proc.stderr and "it fits with" in proc.stderr
     assert "sbatch" not in proc.stdout, "nothing submitted"
