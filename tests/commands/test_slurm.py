@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -16,26 +15,6 @@ import pytest
 from tests.helpers import REPO, write_experiment
 from tests.ranks import rank_env, step_losses
 from tests.runs import LAUNCH_SETTINGS
-
-
-def _slurm_ready() -> str | None:
-    """None when a Slurm cluster answers, else why not."""
-    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        return "Slurm is not installed on this machine (run `bash slurm/cluster.sh start` as root)"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%D %t"], capture_output=True, text=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out: slurmctld is not answering"
-    nodes = sum(int(line.split()[0]) for line in out.stdout.splitlines() if line.split()[1:] in (["idle"], ["mix"]))
-    if out.returncode != 0 or nodes < 2:
-        return f"no Slurm cluster with 2 idle nodes answers (sinfo: {out.stdout.strip() or out.stderr.strip()})"
-    return None
-
-
-_SLURM_MISSING = _slurm_ready()  # asked once: a cluster coming up mid-collection must not skip with no reason
-
-
-slurm = pytest.mark.skipif(_SLURM_MISSING is not None, reason=str(_SLURM_MISSING))
 
 
 def _sbatch(exp: Path, log_dir: Path, *extra: str, wait: bool) -> tuple[int, subprocess.CompletedProcess[str]]:
@@ -61,7 +40,6 @@ def _job_state(job: int) -> str:
 
 
 @pytest.mark.slurm
-@slurm
 def test_sbatch_two_nodes_matches_torchrun(tmp_path, one_node):
     exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"train.max_steps": 3}, rows=120)
     job, proc = _sbatch(exp, tmp_path, "--set", "train.max_steps=5", wait=True)
@@ -113,7 +91,6 @@ def _interrupt_mid_run(tmp_path: Path, checkpoint_every: int, interrupts: list[t
 
 
 @pytest.mark.slurm
-@slurm
 def test_time_limit_warning_and_a_requeue_by_hand_both_resume(tmp_path):
     """What `--signal=B:USR1@120` does before the time limit, sent by hand: save, requeue, resume. The resumed
     job then requeued by hand (`scontrol requeue`, no save) resumes from its newest checkpoint and completes.
@@ -137,7 +114,6 @@ def test_time_limit_warning_and_a_requeue_by_hand_both_resume(tmp_path):
 
 
 @pytest.mark.slurm
-@slurm
 def test_a_stale_preemption_marker_never_requeues_a_failing_job(tmp_path):
     exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"checkpoint.resume": "nowhere/step00000004"}, rows=120)
     (tmp_path / "run").mkdir()
@@ -152,7 +128,6 @@ def test_a_stale_preemption_marker_never_requeues_a_failing_job(tmp_path):
 
 
 @pytest.mark.slurm
-@slurm
 def test_a_job_whose_plan_does_not_fit_stops_before_anything_is_prepared(tmp_path):
     exp = write_experiment(tmp_path, LAUNCH_SETTINGS | {"train.fit_check": True, "train.micro_batch_size": 100_000},
                            rows=120)
