@@ -8,18 +8,18 @@ from it; a run that tracks with MLflow imports it afterwards as usual.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from types import ModuleType
 
 
-def load_deepspeed() -> ModuleType:
-    """The ``deepspeed`` module; the first call imports it."""
+def load_deepspeed(submodule: str = "") -> ModuleType:
+    """``deepspeed``, or its ``submodule`` (``"checkpoint.constants"``: ``deepspeed.checkpoint.constants``);
+    the first call imports DeepSpeed."""
     if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
         sys.modules["mlflow"] = None  # `import mlflow` raises ImportError while this entry is there
         try:
-            import deepspeed
+            import deepspeed  # noqa: F401
         finally:
             sys.modules.pop("mlflow", None)
-    import deepspeed
-
-    return deepspeed
+    return importlib.import_module(f"deepspeed.{submodule}" if submodule else "deepspeed")

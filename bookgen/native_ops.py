@@ -23,13 +23,10 @@ STALE_LOCK_S = 20 * 60
 def op_available(op: str, builder: str) -> bool:
     """Built into the installed DeepSpeed (DS_BUILD_...=1), or buildable here (a compiler, ninja and what the
     op itself needs)."""
-    load_deepspeed()
-    from deepspeed.git_version_info import installed_ops
-    from deepspeed.ops import op_builder
-
-    if installed_ops.get(op):
+    if load_deepspeed("git_version_info").installed_ops.get(op):
         return True
-    return bool(getattr(op_builder, builder)().is_compatible(verbose=False) and shutil.which("ninja")
+    builders = load_deepspeed("ops.op_builder")
+    return bool(getattr(builders, builder)().is_compatible(verbose=False) and shutil.which("ninja")
                 and shutil.which("c++"))
 
 
@@ -37,11 +34,9 @@ def build_lock_notice(op: str, *, grace_s: float = 5.0) -> str | None:
     """None where nothing holds ``op``'s build folder, or a lock goes within ``grace_s`` (every load takes it
     for a moment: another rank loading the op); a notice where one stays (another process building it, or a
     build killed minutes ago); a BookgenError where the lock is older than any build."""
-    load_deepspeed()
-    from deepspeed.git_version_info import installed_ops
     from torch.utils.cpp_extension import _get_build_directory  # where torch builds it (TORCH_EXTENSIONS_DIR)
 
-    if installed_ops.get(op):  # built at install: no lock is taken
+    if load_deepspeed("git_version_info").installed_ops.get(op):  # built at install: no lock is taken
         return None
     try:
         lock = Path(_get_build_directory(op, verbose=False)) / "lock"  # made if missing

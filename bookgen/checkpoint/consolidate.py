@@ -43,10 +43,9 @@ def _consolidate(folder: Path, zero_stage: int, lazy: bool = False) -> dict[str,
     if zero_stage == 0:
         states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
-    load_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name, lazy_mode=lazy))
+    zero_to_fp32 = load_deepspeed("utils.zero_to_fp32")
+    return dict(zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name,
+                                                                      lazy_mode=lazy))
 
 
 def load_checkpoint_model(folder: Path, *, merge_adapters: bool = True

@@ -78,8 +78,7 @@ def save(engine: Any, spec: CheckpointSpec, dist: DistEnv, state: TrainState, hf
             if folder.exists():  # a leftover from an interrupted save of the same step
                 shutil.rmtree(folder)
         barrier()
-        load_deepspeed()
-        from deepspeed.checkpoint import constants as ds  # here: importing DeepSpeed costs commands seconds
+        ds = load_deepspeed("checkpoint.constants")  # here: importing DeepSpeed costs commands seconds
 
         client = {"bookgen_state": asdict(state), "bookgen_fingerprint": spec.fingerprint,
                   # lets DeepSpeed's ds_to_universal convert the checkpoint for another world size

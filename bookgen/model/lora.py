@@ -97,11 +97,9 @@ def _register_token_layer_weights(model: torch.nn.Module) -> None:
 
     layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
     if layers:
-        load_deepspeed()
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
+        partitioning = load_deepspeed("runtime.zero.partition_parameters")
         for layer in layers:
-            register_external_parameter(layer, layer.base_layer.weight)
+            partitioning.register_external_parameter(layer, layer.base_layer.weight)
 
 
 def check_targets(settings: LoraSettings | None, config: Any) -> None:

@@ -93,7 +93,6 @@ def test_compiled_offload_ops_agree_with_zero_0(tmp_path, variant):
         assert {p.name for p in swapped.iterdir()} == {"float32params", "optimizer"}, "weights and Adam: NVMe"
 
 
-
 @pytest.mark.multirank  # training processes
 def test_a_killed_ops_build_lock_is_refused_when_stale_and_named_and_waited_on_when_young(tmp_path):
     """A build of DeepSpeed's CPU Adam killed outright leaves torch's lock file, on which every later run
@@ -161,6 +160,7 @@ def test_two_cpu_ranks_refuse_a_stale_lock_on_the_shared_memory_collectives_buil
     for rank in (0, 1):
         assert f"error (rank {rank} of 2): {lock} was left by a build of DeepSpeed's deepspeed_shm_comm op" \
             in proc.stderr
+
 
 PACKED = {"data.packing": "documents", "data.block_size": 512, "model.n_positions": 512}  # 1-4 summaries a row
 

@@ -190,7 +190,8 @@ def test_deepspeed_is_imported_without_mlflow_which_still_imports_afterwards():
     import sys
 
     code = ("import sys; from bookgen.deepspeed_import import load_deepspeed; ds = load_deepspeed(); "
-            "print('mlflow' in sys.modules); import deepspeed, mlflow; print(ds is deepspeed, mlflow.__name__)")
+            "print('mlflow' in sys.modules); import deepspeed, mlflow; print(ds is deepspeed, mlflow.__name__); "
+            "print(load_deepspeed('checkpoint.constants') is sys.modules['deepspeed.checkpoint.constants'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines()[-2:] == ["False", "True mlflow"]  # after DeepSpeed's accelerator notice
+    assert out.stdout.splitlines()[-3:] == ["False", "True mlflow", "True"]  # after DeepSpeed's accelerator notice
