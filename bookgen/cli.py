@@ -7,8 +7,10 @@ the deepspeed launcher or srun (see launcher/run.py, which calls :func:`main` to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import io
 import os
 import shlex
 import subprocess
@@ -164,8 +166,10 @@ def _launch(launch: LaunchConfig, args: argparse.Namespace, console: Console) ->
         console.print(f"[yellow]warning: {warning}[/]", highlight=False)
     check = plan_check_command(launch, Path(args.cfg).resolve(), args.overrides)
     if check is not None and not args.dry_run:
-        # before the queue: a job that will not fit the cluster's GPUs is not submitted
-        checked = subprocess.call(check, stdout=subprocess.DEVNULL)
+        # before the queue: a job that will not fit the cluster's GPUs is not submitted. In this process (the plan
+        # needs torch and transformers either way); its refusal goes to stderr, the plan's table nowhere
+        with contextlib.redirect_stdout(io.StringIO()):
+            checked = _dispatch(build_parser().parse_args(check), console)
         if checked != 0:
             return checked
     print(shlex.join(cmd))

@@ -43,13 +43,13 @@ def launch_warnings(la: LaunchConfig) -> list[str]:
 
 
 def plan_check_command(la: LaunchConfig, cfg_path: Path, overrides: list[str]) -> list[str] | None:
-    """`bookgen plan --check` for the cluster's GPUs, run before sbatch: for a Slurm GPU job whose GPUs'
-    memory the launch section names (launch.gpu_memory); None otherwise (the job checks when it starts)."""
+    """The arguments of `bookgen plan --check` for the cluster's GPUs, run before sbatch: for a Slurm GPU job
+    whose GPUs' memory the launch section names (launch.gpu_memory); None otherwise (the job checks when it
+    starts)."""
     if la.backend != "slurm" or not la.gpus_per_node or la.gpu_memory is None:
         return None
-    return [sys.executable, "-m", "bookgen.cli", "plan", "--cfg", str(cfg_path),
-            *(f"--set={o}" for o in overrides), "--check", "--nodes", str(la.nodes), "--gpus", str(la.gpus_per_node),
-            "--gpu-memory", str(la.gpu_memory)]
+    return ["plan", "--cfg", str(cfg_path), *(f"--set={o}" for o in overrides), "--check",
+            "--nodes", str(la.nodes), "--gpus", str(la.gpus_per_node), "--gpu-memory", str(la.gpu_memory)]
 
 
 def launch_command(la: LaunchConfig, cfg_path: Path, overrides: list[str]) -> list[str]:

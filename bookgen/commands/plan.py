@@ -32,6 +32,8 @@ from bookgen.train.ds_config import build_ds_config
 from bookgen.train.preflight import model_source
 
 GIB = 2**30
+
+
 def plan_command(args: argparse.Namespace, console: Console) -> int:
     cfg = load_config(args.cfg, args.overrides)
     gpu_memory = None

@@ -85,6 +85,10 @@ class Examples:
     def tokens_of(self, index: int) -> np.ndarray:
         raise NotImplementedError
 
+    def width(self, lengths: np.ndarray) -> int:
+        """How wide a micro-batch of examples of these lengths is: its longest row."""
+        return int(lengths.max())
+
     def batch(self, indices: list[int] | np.ndarray, pad_id: int) -> Batch:
         """The host tensors for these examples: right-padded rows."""
         return collate([self.tokens_of(int(i)) for i in indices], pad_id,
@@ -123,6 +127,11 @@ class PackedDocuments(Examples):
     def segments_of(self, index: int) -> list[int]:
         return self.doc_lengths[self.rows[index]].tolist()
 
+    def width(self, lengths: np.ndarray) -> int:
+        """The block size, whatever the rows: packed rows are nearly full, and one width is one shape for a
+        compiled model (a row 3 tokens short would compile it again for every width)."""
+        return self.block_size
+
     def tokens_of(self, index: int) -> np.ndarray:
         return np.concatenate([self.store[int(d)][: self.block_size] for d in self.rows[index]])
 
@@ -130,7 +139,7 @@ class PackedDocuments(Examples):
         """Packed rows with positions restarting at every document."""
         return collate_documents([self.tokens_of(int(i)) for i in indices],
                                  [self.segments_of(int(i)) for i in indices], pad_id,
-                                 [self.doc_first[self.rows[int(i)]].tolist() for i in indices])
+                                 [self.doc_first[self.rows[int(i)]].tolist() for i in indices], width=self.block_size)
 
 
 class ConcatBlocks(Examples):
@@ -234,15 +243,15 @@ def collate(token_lists: list[np.ndarray], pad_id: int, not_targets: list[np.nda
 
 
 def collate_documents(token_rows: list[np.ndarray], segments: list[list[int]], pad_id: int,
-                      firsts: list[list[int]] | None = None) -> Batch:
+                      firsts: list[list[int]] | None = None, *, width: int | None = None) -> Batch:
     """Packed rows: position ids restart at 0 at every document (and at the padding that fills a short row, its
     own segment), and each document's first token is not a target, nor are its first ``firsts`` tokens (<BOS>
     and a prompt). ``cu_seq_lens_q`` holds every segment's
     start over the flattened batch (padded with empty segments to a multiple of :data:`BOUNDS_BUCKET` entries, so
-    a compiled model sees few shapes), ``max_length_q`` the block size: bookgen's attention attends within each
-    segment (:mod:`bookgen.model.attention`). transformers' own attentions get the position ids alone and find
-    the segments from them."""
-    width = max(len(t) for t in token_rows)
+    a compiled model sees few shapes), ``max_length_q`` the rows' width: bookgen's attention attends within
+    each segment (:mod:`bookgen.model.attention`). transformers' own attentions get the position ids alone and
+    find the segments from them. ``width``: the rows' (the block size); default the longest row's."""
+    width = width or max(len(t) for t in token_rows)
     input_ids = torch.full((len(token_rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(token_rows), width), dtype=torch.long)
     labels = torch.full((len(token_rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -300,11 +309,11 @@ def model_inputs(batch: Batch, device: torch.device, *, bookgen_attention: bool
 def step_token_counts(examples: Examples, order: np.ndarray, *, step: int, layout: BatchLayout) -> tuple[int, int]:
     """(non-padding tokens, tokens fed to the model with padding) of optimizer step ``step`` over all ranks,
     from the shared order on the host: every rank knows them without a collective or a device read. A
-    micro-batch is as wide as its longest row (:func:`collate`, :func:`collate_documents`)."""
+    micro-batch is as wide as :meth:`Examples.width` says."""
     tokens = inputs = 0
     for micro in range(layout.grad_accum_steps):
         for rank in range(layout.world_size):
             lengths = examples.lengths[micro_batch_indices(order, step=step, micro=micro, rank=rank, layout=layout)]
             tokens += int(lengths.sum())
-            inputs += len(lengths) * int(lengths.max())
+            inputs += len(lengths) * examples.width(lengths)
     return tokens, inputs

@@ -193,3 +193,39 @@ def test_step_token_counts_on_the_host_are_the_batches_own(tmp_path, packing):
                 tokens += int((batch["input_ids"] != 0).sum()) if packing != "concat" else batch["input_ids"].numel()
                 inputs += batch["input_ids"].numel()
         assert step_token_counts(examples, order, step=step, layout=layout) == (tokens, inputs)
+
+
+def test_a_compiled_model_compiles_once_for_training_and_once_for_evaluation(tmp_path):
+    """Packed rows are as wide as the block whatever their documents, and every evaluation batch has the
+    evaluation batch size: a compiled model meets one shape in training and one in evaluation (on a GPU each
+    further compile costs the better part of a minute). Counted with dynamo's own recompiles (backend eager)."""
+    from bookgen.distributed import DistEnv
+    from bookgen.evaluation.perplexity import perplexity
+
+    rng = np.random.default_rng(4)
+    store = _store(tmp_path, [rng.integers(3, 100, size=int(n)).tolist() for n in rng.integers(2, 40, size=41)])
+    examples = Examples.build(store, 32, "documents")
+    assert examples.lengths.min() < 32, "some rows are short of the block"
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = _tiny_gpt2("causal")  # bookgen's attention, the default
+    model.compile(backend=backend)
+    trained = []
+    by_length = np.argsort(examples.lengths)
+    for rows in (by_length[-2:], by_length[:2], by_length[2:4]):  # rows of several widths
+        _summed_nll(model, examples.batch(rows, pad_id=0)).sum().backward()
+        trained.append(len(graphs))
+    assert trained[0] > 0 and trained[-1] == trained[0], f"training compiled again: {trained}"
+    seen = []
+    dist = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1", master_port=0)
+    result = perplexity(model, examples, split="valid", dist=dist, batch_size=3, pad_id=0, device=torch.device("cpu"),
+                        on_batch=lambda: seen.append(len(graphs)))
+    assert len(examples) % 3 == 1 and len(seen) == -(-len(examples) // 3), "the last batch has one row"
+    assert seen[-1] == seen[0], f"evaluation compiled again: {seen}"
+    assert result.tokens == int(examples.targets.sum()), "the filling rows are no targets"
+    torch._dynamo.reset()
