@@ -59,22 +59,24 @@ def pack_documents(lengths: np.ndarray, block_size: int) -> list[np.ndarray]:
 class Examples:
     """Index over a token store, one class per ``data.packing``: example i is ``tokens_of(i)``, made of the
     documents whose lengths ``segments_of(i)`` gives; ``lengths[i]`` is its token count and ``targets[i]`` the
-    tokens its loss predicts. :meth:`build` picks the class."""
+    tokens its loss predicts. :meth:`build` picks the class. ``one_shape``: they feed a compiled model, which
+    compiles again for every new shape: packed rows are as wide as the block, and every evaluation batch is
+    full (:func:`bookgen.evaluation.perplexity.perplexity`)."""
 
     lengths: np.ndarray
     targets: np.ndarray
 
-    def __init__(self, store: TokenStore, block_size: int) -> None:
-        self.store, self.block_size = store, block_size
+    def __init__(self, store: TokenStore, block_size: int, *, one_shape: bool = False) -> None:
+        self.store, self.block_size, self.one_shape = store, block_size, one_shape
         self.doc_lengths = np.minimum(store.lengths, block_size).astype(np.int64)  # each truncated alone
         # each document's first target: after <BOS> and its prompt (a truncated document may have none)
         self.doc_first = np.minimum(np.maximum(store.prompt_lengths, 1), self.doc_lengths).astype(np.int64)
         self.doc_targets = self.doc_lengths - self.doc_first
 
     @staticmethod
-    def build(store: TokenStore, block_size: int, packing: Packing) -> Examples:
+    def build(store: TokenStore, block_size: int, packing: Packing, *, one_shape: bool = False) -> Examples:
         kinds: dict[str, type[Examples]] = {"none": LineByLine, "documents": PackedDocuments, "concat": ConcatBlocks}
-        return kinds[packing](store, block_size)
+        return kinds[packing](store, block_size, one_shape=one_shape)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -102,8 +104,8 @@ class Examples:
 class LineByLine(Examples):
     """``none``: one document a row, truncated to the block size (the reference's recipe)."""
 
-    def __init__(self, store: TokenStore, block_size: int) -> None:
-        super().__init__(store, block_size)
+    def __init__(self, store: TokenStore, block_size: int, *, one_shape: bool = False) -> None:
+        super().__init__(store, block_size, one_shape=one_shape)
         self.lengths, self.targets = self.doc_lengths, self.doc_targets
 
     def not_targets(self, index: int) -> np.ndarray | None:
@@ -118,8 +120,8 @@ class PackedDocuments(Examples):
     """``documents``: whole documents packed into rows (:func:`pack_documents`), positions restarting at each
     and its first token no target, so each document's loss is the one it gets alone."""
 
-    def __init__(self, store: TokenStore, block_size: int) -> None:
-        super().__init__(store, block_size)
+    def __init__(self, store: TokenStore, block_size: int, *, one_shape: bool = False) -> None:
+        super().__init__(store, block_size, one_shape=one_shape)
         self.rows = pack_documents(self.doc_lengths, block_size)  # each row's document indices
         self.lengths = np.array([self.doc_lengths[r].sum() for r in self.rows], np.int64)
         self.targets = np.array([self.doc_targets[r].sum() for r in self.rows], np.int64)
@@ -128,9 +130,9 @@ class PackedDocuments(Examples):
         return self.doc_lengths[self.rows[index]].tolist()
 
     def width(self, lengths: np.ndarray) -> int:
-        """The block size, whatever the rows: packed rows are nearly full, and one width is one shape for a
-        compiled model (a row 3 tokens short would compile it again for every width)."""
-        return self.block_size
+        """For a compiled model the block size, whatever the rows (nearly full anyway): a row 3 tokens short
+        would compile it again."""
+        return self.block_size if self.one_shape else int(lengths.max())
 
     def tokens_of(self, index: int) -> np.ndarray:
         return np.concatenate([self.store[int(d)][: self.block_size] for d in self.rows[index]])
@@ -139,14 +141,15 @@ class PackedDocuments(Examples):
         """Packed rows with positions restarting at every document."""
         return collate_documents([self.tokens_of(int(i)) for i in indices],
                                  [self.segments_of(int(i)) for i in indices], pad_id,
-                                 [self.doc_first[self.rows[int(i)]].tolist() for i in indices], width=self.block_size)
+                                 [self.doc_first[self.rows[int(i)]].tolist() for i in indices],
+                                 width=self.block_size if self.one_shape else None)
 
 
 class ConcatBlocks(Examples):
     """``concat``: full blocks of the concatenated documents, crossing them; the tail block is dropped."""
 
-    def __init__(self, store: TokenStore, block_size: int) -> None:
-        super().__init__(store, block_size)
+    def __init__(self, store: TokenStore, block_size: int, *, one_shape: bool = False) -> None:
+        super().__init__(store, block_size, one_shape=one_shape)
         self.doc_starts = np.concatenate([[0], np.cumsum(store.lengths)]).astype(np.int64)
         self.lengths = np.full(int(self.doc_starts[-1]) // block_size, block_size, np.int64)
         self.prompts = np.minimum(store.prompt_lengths, store.lengths).astype(np.int64)

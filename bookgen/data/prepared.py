@@ -62,11 +62,12 @@ def _wait_for(path: Path, poll_s: float = 0.2) -> str:
             time.sleep(poll_s)
 
 
-def prepared_examples(spec: PrepareSpec, split: str) -> Examples:
+def prepared_examples(spec: PrepareSpec, split: str, *, compiled: bool = False) -> Examples:
     """A split's examples, after :func:`ensure_prepared`: rank 0 has just checked every shard there (hashed,
     or matched to the digest remembered for the unchanged file), so the ranks do not hash the shards again.
     Training uses ``data.packing``; evaluation always scores each summary on its own, packed with document
     boundaries (equal to one at a time, faster), so its perplexity is comparable whatever the training
-    layout."""
+    layout. ``compiled``: they feed a compiled model (one shape, :class:`Examples`)."""
     packing = spec.data.packing if split == "train" else "documents"
-    return Examples.build(open_store(spec.prepared_dir, split, verify=False), spec.data.block_size, packing)
+    return Examples.build(open_store(spec.prepared_dir, split, verify=False), spec.data.block_size, packing,
+                          one_shape=compiled)

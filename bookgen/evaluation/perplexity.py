@@ -61,11 +61,12 @@ def perplexity(
     for b in range(n_batches):
         picked = shard[b * batch_size : (b + 1) * batch_size]
         real = len(picked) > 0
-        # every batch has batch_size rows, the last one's filled with copies of its own rows (no wider) that are
-        # no targets: a compiled model sees one batch size (one of 1 row would compile it again, and so would any
-        # other); a rank out of examples runs its shortest or the first, for ZeRO-3's gathers
-        rows = picked if real else shard[-1:] if len(shard) else np.zeros(1, np.int64)
-        host = examples.batch(np.resize(rows, batch_size), pad_id)
+        rows = picked if real else shard[-1:] if len(shard) else np.zeros(1, np.int64)  # for ZeRO-3's gathers
+        if examples.one_shape:
+            # a compiled model: every batch has batch_size rows, the last one's filled with copies of its own
+            # rows (no wider) that are no targets; a batch of 1 row, or any other size, would compile it again
+            rows = np.resize(rows, batch_size)
+        host = examples.batch(rows, pad_id)
         host["labels"][len(picked):] = IGNORE_INDEX
         batch = model_inputs(host, device, bookgen_attention=causal)
         labels = batch.pop("labels")

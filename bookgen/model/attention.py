@@ -61,7 +61,7 @@ def causal_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if kernel is not None:
         b, h, t, d = query.shape
         flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value)]
-        longest = int(kwargs["max_length_q"])  # a constant (the block size): no recompiles
+        longest = int(kwargs["max_length_q"])  # the rows' width: for a compiled model the block size, a constant
         out = kernel(*flat, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
         return out.reshape(b, t, h, d), None
     mask = document_mask(bounds, query.shape[0], query.shape[2])

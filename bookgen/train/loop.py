@@ -298,8 +298,8 @@ def _build_counted(resolved: RunPlan, dist: DistEnv, console: Console, invocatio
                         zero3_config=zero3, source=resolved.model)
     probe.include(model)
     model_flops = flops_per_token(model, resolved.data.data.block_size)
-    train_examples = prepared_examples(resolved.data, "train")
-    valid_examples = prepared_examples(resolved.data, "valid")
+    train_examples = prepared_examples(resolved.data, "train", compiled=train.compile)
+    valid_examples = prepared_examples(resolved.data, "valid", compiled=train.compile)
     plan = plan_steps(len(train_examples), train, dist.world_size)
     if resolved.base_left_out:  # its checkpoints record the base's content: read once, striped over the ranks
         remember_base_contents(str(resolved.settings.name_or_path), dist)

@@ -173,8 +173,9 @@ def test_packed_prompt_completion_rows_have_the_loss_and_gradients_they_have_alo
         torch.testing.assert_close(grad, grads_alone[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
-@pytest.mark.parametrize("packing", ["none", "documents", "concat"])
-def test_step_token_counts_on_the_host_are_the_batches_own(tmp_path, packing):
+@pytest.mark.parametrize("packing,one_shape", [("none", False), ("documents", False), ("documents", True),
+                                               ("concat", False)])
+def test_step_token_counts_on_the_host_are_the_batches_own(tmp_path, packing, one_shape):
     """The logged token counts come from the shared order on the host, for every rank, without a collective;
     they must be what the ranks' batches hold."""
     from bookgen.data.batch_layout import BatchLayout
@@ -182,7 +183,7 @@ def test_step_token_counts_on_the_host_are_the_batches_own(tmp_path, packing):
 
     rng = np.random.default_rng(3)
     store = _store(tmp_path, [rng.integers(3, 100, size=int(n)).tolist() for n in rng.integers(2, 40, size=80)])
-    examples = Examples.build(store, 32, packing)
+    examples = Examples.build(store, 32, packing, one_shape=one_shape)
     layout = BatchLayout(micro_batch_size=2, grad_accum_steps=2, world_size=2)
     order = epoch_order(examples.lengths, seed=1, epoch=0, global_batch=layout.global_batch, group_by_length=False)
     for step in range(len(examples) // layout.global_batch):
@@ -196,16 +197,20 @@ def test_step_token_counts_on_the_host_are_the_batches_own(tmp_path, packing):
 
 
 def test_a_compiled_model_compiles_once_for_training_and_once_for_evaluation(tmp_path):
-    """Packed rows are as wide as the block whatever their documents, and every evaluation batch has the
-    evaluation batch size: a compiled model meets one shape in training and one in evaluation (on a GPU each
-    further compile costs the better part of a minute). Counted with dynamo's own recompiles (backend eager)."""
+    """For a compiled model packed rows are as wide as the block whatever their documents, and every evaluation
+    batch has the evaluation batch size: it meets one shape in training and one in evaluation (on a GPU each
+    further compile costs the better part of a minute). Counted with dynamo's own recompiles (backend eager).
+    Uncompiled, rows stay as wide as their longest and the last batch as small as it is."""
     from bookgen.distributed import DistEnv
     from bookgen.evaluation.perplexity import perplexity
 
     rng = np.random.default_rng(4)
     store = _store(tmp_path, [rng.integers(3, 100, size=int(n)).tolist() for n in rng.integers(2, 40, size=41)])
-    examples = Examples.build(store, 32, "documents")
+    examples = Examples.build(store, 32, "documents", one_shape=True)
     assert examples.lengths.min() < 32, "some rows are short of the block"
+    eager = Examples.build(store, 32, "documents")
+    shortest = np.argsort(examples.lengths)[:2]
+    assert eager.batch(shortest, 0)["input_ids"].shape[1] == examples.lengths[shortest].max() < 32
     graphs: list[torch.fx.GraphModule] = []
 
     def backend(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
