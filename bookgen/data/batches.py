@@ -59,24 +59,25 @@ def pack_documents(lengths: np.ndarray, block_size: int) -> list[np.ndarray]:
 class Examples:
     """Index over a token store, one class per ``data.packing``: example i is ``tokens_of(i)``, made of the
     documents whose lengths ``segments_of(i)`` gives; ``lengths[i]`` is its token count and ``targets[i]`` the
-    tokens its loss predicts. :meth:`build` picks the class. ``one_shape``: they feed a compiled model, which
-    compiles again for every new shape: packed rows are as wide as the block, and every evaluation batch is
-    full (:func:`bookgen.evaluation.perplexity.perplexity`)."""
+    tokens its loss predicts. :meth:`build` picks the class. ``compiled``: they feed a compiled model, which
+    compiles again for every new shape: packed rows are as wide as the block, every evaluation batch is full
+    (:func:`bookgen.evaluation.perplexity.perplexity`), and rows of varying width say so
+    (:attr:`dynamic_width`), so that it compiles once for any width instead of once for the first."""
 
     lengths: np.ndarray
     targets: np.ndarray
 
-    def __init__(self, store: TokenStore, block_size: int, *, one_shape: bool = False) -> None:
-        self.store, self.block_size, self.one_shape = store, block_size, one_shape
+    def __init__(self, store: TokenStore, block_size: int, *, compiled: bool = False) -> None:
+        self.store, self.block_size, self.compiled = store, block_size, compiled
         self.doc_lengths = np.minimum(store.lengths, block_size).astype(np.int64)  # each truncated alone
         # each document's first target: after <BOS> and its prompt (a truncated document may have none)
         self.doc_first = np.minimum(np.maximum(store.prompt_lengths, 1), self.doc_lengths).astype(np.int64)
         self.doc_targets = self.doc_lengths - self.doc_first
 
     @staticmethod
-    def build(store: TokenStore, block_size: int, packing: Packing, *, one_shape: bool = False) -> Examples:
+    def build(store: TokenStore, block_size: int, packing: Packing, *, compiled: bool = False) -> Examples:
         kinds: dict[str, type[Examples]] = {"none": LineByLine, "documents": PackedDocuments, "concat": ConcatBlocks}
-        return kinds[packing](store, block_size, one_shape=one_shape)
+        return kinds[packing](store, block_size, compiled=compiled)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -91,6 +92,11 @@ class Examples:
         """How wide a micro-batch of examples of these lengths is: its longest row."""
         return int(lengths.max())
 
+    @property
+    def dynamic_width(self) -> bool:
+        """A compiled model meets rows of many widths."""
+        return False
+
     def batch(self, indices: list[int] | np.ndarray, pad_id: int) -> Batch:
         """The host tensors for these examples: right-padded rows."""
         return collate([self.tokens_of(int(i)) for i in indices], pad_id,
@@ -104,9 +110,13 @@ class Examples:
 class LineByLine(Examples):
     """``none``: one document a row, truncated to the block size (the reference's recipe)."""
 
-    def __init__(self, store: TokenStore, block_size: int, *, one_shape: bool = False) -> None:
-        super().__init__(store, block_size, one_shape=one_shape)
+    def __init__(self, store: TokenStore, block_size: int, *, compiled: bool = False) -> None:
+        super().__init__(store, block_size, compiled=compiled)
         self.lengths, self.targets = self.doc_lengths, self.doc_targets
+
+    @property
+    def dynamic_width(self) -> bool:
+        return self.compiled
 
     def not_targets(self, index: int) -> np.ndarray | None:
         first = int(self.doc_first[index])
@@ -120,8 +130,8 @@ class PackedDocuments(Examples):
     """``documents``: whole documents packed into rows (:func:`pack_documents`), positions restarting at each
     and its first token no target, so each document's loss is the one it gets alone."""
 
-    def __init__(self, store: TokenStore, block_size: int, *, one_shape: bool = False) -> None:
-        super().__init__(store, block_size, one_shape=one_shape)
+    def __init__(self, store: TokenStore, block_size: int, *, compiled: bool = False) -> None:
+        super().__init__(store, block_size, compiled=compiled)
         self.rows = pack_documents(self.doc_lengths, block_size)  # each row's document indices
         self.lengths = np.array([self.doc_lengths[r].sum() for r in self.rows], np.int64)
         self.targets = np.array([self.doc_targets[r].sum() for r in self.rows], np.int64)
@@ -132,7 +142,7 @@ class PackedDocuments(Examples):
     def width(self, lengths: np.ndarray) -> int:
         """For a compiled model the block size, whatever the rows (nearly full anyway): a row 3 tokens short
         would compile it again."""
-        return self.block_size if self.one_shape else int(lengths.max())
+        return self.block_size if self.compiled else int(lengths.max())
 
     def tokens_of(self, index: int) -> np.ndarray:
         return np.concatenate([self.store[int(d)][: self.block_size] for d in self.rows[index]])
@@ -142,14 +152,14 @@ class PackedDocuments(Examples):
         return collate_documents([self.tokens_of(int(i)) for i in indices],
                                  [self.segments_of(int(i)) for i in indices], pad_id,
                                  [self.doc_first[self.rows[int(i)]].tolist() for i in indices],
-                                 width=self.block_size if self.one_shape else None)
+                                 width=self.block_size if self.compiled else None)
 
 
 class ConcatBlocks(Examples):
     """``concat``: full blocks of the concatenated documents, crossing them; the tail block is dropped."""
 
-    def __init__(self, store: TokenStore, block_size: int, *, one_shape: bool = False) -> None:
-        super().__init__(store, block_size, one_shape=one_shape)
+    def __init__(self, store: TokenStore, block_size: int, *, compiled: bool = False) -> None:
+        super().__init__(store, block_size, compiled=compiled)
         self.doc_starts = np.concatenate([[0], np.cumsum(store.lengths)]).astype(np.int64)
         self.lengths = np.full(int(self.doc_starts[-1]) // block_size, block_size, np.int64)
         self.prompts = np.minimum(store.prompt_lengths, store.lengths).astype(np.int64)
@@ -290,7 +300,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 PACKING_KEYS = ("cu_seq_lens_q", "max_length_q")  # what only bookgen's attention reads
 
 
-def model_inputs(batch: Batch, device: torch.device, *, bookgen_attention: bool
+def model_inputs(batch: Batch, device: torch.device, *, bookgen_attention: bool, dynamic_width: bool = False
                  ) -> dict[str, torch.Tensor | int]:
     """A host batch as model arguments on ``device``.
 
@@ -298,7 +308,8 @@ def model_inputs(batch: Batch, device: torch.device, *, bookgen_attention: bool
     the attention mask (passed only so it does not read the ids back looking for padding), and the summary
     boundaries reach the attention. For transformers' own attentions, packed rows go without a mask (the
     position ids mark the summaries) and a batch without padding too (plainly causal: the flash kernel, also
-    under torch.compile, where transformers could not drop an all-ones mask itself)."""
+    under torch.compile, where transformers could not drop an all-ones mask itself). ``dynamic_width``: the
+    rows' width varies from batch to batch (:attr:`Examples.dynamic_width`)."""
     keep = dict(batch)
     if not bookgen_attention:
         for key in PACKING_KEYS:
@@ -306,7 +317,12 @@ def model_inputs(batch: Batch, device: torch.device, *, bookgen_attention: bool
         mask = keep.get("attention_mask")
         if "position_ids" in keep or (isinstance(mask, torch.Tensor) and mask.numpy().all()):
             keep.pop("attention_mask", None)
-    return {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in keep.items()}
+    moved = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in keep.items()}
+    if dynamic_width:  # compiled for any width at once (dynamo would compile for the first, then again)
+        for value in moved.values():
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                torch._dynamo.maybe_mark_dynamic(value, 1)
+    return moved
 
 
 def step_token_counts(examples: Examples, order: np.ndarray, *, step: int, layout: BatchLayout) -> tuple[int, int]:

@@ -70,4 +70,4 @@ def prepared_examples(spec: PrepareSpec, split: str, *, compiled: bool = False) 
     layout. ``compiled``: they feed a compiled model (one shape, :class:`Examples`)."""
     packing = spec.data.packing if split == "train" else "documents"
     return Examples.build(open_store(spec.prepared_dir, split, verify=False), spec.data.block_size, packing,
-                          one_shape=compiled)
+                          compiled=compiled)

@@ -62,7 +62,7 @@ def perplexity(
         picked = shard[b * batch_size : (b + 1) * batch_size]
         real = len(picked) > 0
         rows = picked if real else shard[-1:] if len(shard) else np.zeros(1, np.int64)  # for ZeRO-3's gathers
-        if examples.one_shape:
+        if examples.compiled:
             # a compiled model: every batch has batch_size rows, the last one's filled with copies of its own
             # rows (no wider) that are no targets; a batch of 1 row, or any other size, would compile it again
             rows = np.resize(rows, batch_size)

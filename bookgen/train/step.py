@@ -54,8 +54,8 @@ def train_step(engine: Any, examples: Examples, order: Any, step_in_epoch: int, 
     causal = uses_causal_attention(engine) if causal is None else causal
     for micro in range(t.grad_accum_steps):
         picked = micro_batch_indices(order, step=step_in_epoch, micro=micro, rank=dist.rank, layout=layout)
-        loss = engine(**model_inputs(examples.batch(picked, pad_id), engine.device, bookgen_attention=causal),
-                      use_cache=False,
+        loss = engine(**model_inputs(examples.batch(picked, pad_id), engine.device, bookgen_attention=causal,
+                                     dynamic_width=examples.dynamic_width), use_cache=False,
                       **loss_kwargs).loss  # the logits are dropped here: none outlive their forward's backward
         engine.backward(loss)  # DeepSpeed divides by the accumulation steps; we log the unscaled loss
         loss_sum += loss.detach()

@@ -173,9 +173,9 @@ def test_packed_prompt_completion_rows_have_the_loss_and_gradients_they_have_alo
         torch.testing.assert_close(grad, grads_alone[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
-@pytest.mark.parametrize("packing,one_shape", [("none", False), ("documents", False), ("documents", True),
+@pytest.mark.parametrize("packing,compiled", [("none", False), ("documents", False), ("documents", True),
                                                ("concat", False)])
-def test_step_token_counts_on_the_host_are_the_batches_own(tmp_path, packing, one_shape):
+def test_step_token_counts_on_the_host_are_the_batches_own(tmp_path, packing, compiled):
     """The logged token counts come from the shared order on the host, for every rank, without a collective;
     they must be what the ranks' batches hold."""
     from bookgen.data.batch_layout import BatchLayout
@@ -183,7 +183,7 @@ def test_step_token_counts_on_the_host_are_the_batches_own(tmp_path, packing, on
 
     rng = np.random.default_rng(3)
     store = _store(tmp_path, [rng.integers(3, 100, size=int(n)).tolist() for n in rng.integers(2, 40, size=80)])
-    examples = Examples.build(store, 32, packing, one_shape=one_shape)
+    examples = Examples.build(store, 32, packing, compiled=compiled)
     layout = BatchLayout(micro_batch_size=2, grad_accum_steps=2, world_size=2)
     order = epoch_order(examples.lengths, seed=1, epoch=0, global_batch=layout.global_batch, group_by_length=False)
     for step in range(len(examples) // layout.global_batch):
@@ -196,21 +196,22 @@ def test_step_token_counts_on_the_host_are_the_batches_own(tmp_path, packing, on
         assert step_token_counts(examples, order, step=step, layout=layout) == (tokens, inputs)
 
 
-def test_a_compiled_model_compiles_once_for_training_and_once_for_evaluation(tmp_path):
-    """For a compiled model packed rows are as wide as the block whatever their documents, and every evaluation
-    batch has the evaluation batch size: it meets one shape in training and one in evaluation (on a GPU each
-    further compile costs the better part of a minute). Counted with dynamo's own recompiles (backend eager).
-    Uncompiled, rows stay as wide as their longest and the last batch as small as it is."""
+@pytest.mark.parametrize("packing", ["documents", "none"])
+def test_a_compiled_model_compiles_once_for_training_and_once_for_evaluation(tmp_path, packing):
+    """For a compiled model packed rows are as wide as the block whatever their documents, line-by-line rows
+    are marked as of any width, and every evaluation batch has the evaluation batch size: it compiles once in
+    training and once in evaluation (on a GPU each further compile costs the better part of a minute).
+    Counted with dynamo's own recompiles (backend eager). Uncompiled, rows stay as wide as their longest."""
     from bookgen.distributed import DistEnv
     from bookgen.evaluation.perplexity import perplexity
 
     rng = np.random.default_rng(4)
     store = _store(tmp_path, [rng.integers(3, 100, size=int(n)).tolist() for n in rng.integers(2, 40, size=41)])
-    examples = Examples.build(store, 32, "documents", one_shape=True)
-    assert examples.lengths.min() < 32, "some rows are short of the block"
-    eager = Examples.build(store, 32, "documents")
-    shortest = np.argsort(examples.lengths)[:2]
-    assert eager.batch(shortest, 0)["input_ids"].shape[1] == examples.lengths[shortest].max() < 32
+    examples = Examples.build(store, 32, packing, compiled=True)
+    evaluated = Examples.build(store, 32, "documents", compiled=True)  # evaluation packs, whatever the training
+    by_length = np.argsort(examples.lengths)
+    assert examples.lengths[by_length[:4]].max() < 32, "some rows are short of the block"
+    assert Examples.build(store, 32, packing).batch(by_length[:2], 0)["input_ids"].shape[1] < 32, "uncompiled"
     graphs: list[torch.fx.GraphModule] = []
 
     def backend(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
@@ -219,18 +220,20 @@ def test_a_compiled_model_compiles_once_for_training_and_once_for_evaluation(tmp
 
     torch._dynamo.reset()
     model = _tiny_gpt2("causal")  # bookgen's attention, the default
+    model.loss_type = "ForCausalLM"  # as bookgen builds it: no warning that breaks the graph in two
     model.compile(backend=backend)
     trained = []
-    by_length = np.argsort(examples.lengths)
     for rows in (by_length[-2:], by_length[:2], by_length[2:4]):  # rows of several widths
-        _summed_nll(model, examples.batch(rows, pad_id=0)).sum().backward()
+        inputs = model_inputs(examples.batch(rows, pad_id=0), torch.device("cpu"), bookgen_attention=True,
+                              dynamic_width=examples.dynamic_width)
+        model(**inputs, use_cache=False).loss.backward()
         trained.append(len(graphs))
     assert trained[0] > 0 and trained[-1] == trained[0], f"training compiled again: {trained}"
     seen = []
     dist = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1", master_port=0)
-    result = perplexity(model, examples, split="valid", dist=dist, batch_size=3, pad_id=0, device=torch.device("cpu"),
-                        on_batch=lambda: seen.append(len(graphs)))
-    assert len(examples) % 3 == 1 and len(seen) == -(-len(examples) // 3), "the last batch has one row"
+    result = perplexity(model, evaluated, split="valid", dist=dist, batch_size=3, pad_id=0,
+                        device=torch.device("cpu"), on_batch=lambda: seen.append(len(graphs)))
+    assert len(evaluated) % 3 == 1 and len(seen) == -(-len(evaluated) // 3), "the last batch has one row"
     assert seen[-1] == seen[0], f"evaluation compiled again: {seen}"
-    assert result.tokens == int(examples.targets.sum()), "the filling rows are no targets"
+    assert result.tokens == int(evaluated.targets.sum()), "the filling rows are no targets"
     torch._dynamo.reset()
