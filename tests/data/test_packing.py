@@ -229,11 +229,12 @@ def test_a_compiled_model_compiles_once_for_training_and_once_for_evaluation(tmp
         model(**inputs, use_cache=False).loss.backward()
         trained.append(len(graphs))
     assert trained[0] > 0 and trained[-1] == trained[0], f"training compiled again: {trained}"
-    seen = []
-    dist = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1", master_port=0)
-    result = perplexity(model, evaluated, split="valid", dist=dist, batch_size=3, pad_id=0,
-                        device=torch.device("cpu"), on_batch=lambda: seen.append(len(graphs)))
-    assert len(evaluated) % 3 == 1 and len(seen) == -(-len(evaluated) // 3), "the last batch has one row"
-    assert seen[-1] == seen[0], f"evaluation compiled again: {seen}"
-    assert result.tokens == int(evaluated.targets.sum()), "the filling rows are no targets"
+    if packing == "documents":  # evaluation packs whatever the training: checked once
+        seen = []
+        dist = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1", master_port=0)
+        result = perplexity(model, evaluated, split="valid", dist=dist, batch_size=3, pad_id=0,
+                            device=torch.device("cpu"), on_batch=lambda: seen.append(len(graphs)))
+        assert len(evaluated) % 3 == 1 and len(seen) == -(-len(evaluated) // 3), "the last batch has one row"
+        assert seen[-1] == seen[0], f"evaluation compiled again: {seen}"
+        assert result.tokens == int(evaluated.targets.sum()), "the filling rows are no targets"
     torch._dynamo.reset()
