@@ -319,8 +319,6 @@ def test_a_zstd_source_is_named_as_compressed(tmp_path):
 
 
 def test_two_prepares_of_one_folder_take_turns(tmp_path):
-
-
     shared = tmp_path / "shared"
     procs = []
     for n, vocab in enumerate((1024, 400)):
@@ -342,7 +340,6 @@ def test_two_prepares_of_one_folder_take_turns(tmp_path):
 def test_a_read_only_prepared_folder_is_used_as_it_is(tmp_path):
     import os
     import shutil
-
 
     base = Path("/tmp") / f"bookgen-test-{os.getpid()}-ro"  # pytest's folders are private to their owner
     shutil.rmtree(base, ignore_errors=True)
