@@ -152,7 +152,7 @@ class PackedDocuments(Examples):
         return collate_documents([self.tokens_of(int(i)) for i in indices],
                                  [self.segments_of(int(i)) for i in indices], pad_id,
                                  [self.doc_first[self.rows[int(i)]].tolist() for i in indices],
-                                 width=self.block_size if self.compiled else None)
+                                 width=self.width(self.lengths[np.asarray(indices, dtype=np.int64)]))
 
 
 class ConcatBlocks(Examples):
@@ -263,7 +263,7 @@ def collate_documents(token_rows: list[np.ndarray], segments: list[list[int]], p
     start over the flattened batch (padded with empty segments to a multiple of :data:`BOUNDS_BUCKET` entries, so
     a compiled model sees few shapes), ``max_length_q`` the rows' width: bookgen's attention attends within
     each segment (:mod:`bookgen.model.attention`). transformers' own attentions get the position ids alone and
-    find the segments from them. ``width``: the rows' (the block size); default the longest row's."""
+    find the segments from them. ``width``: the rows' (:meth:`Examples.width`); default the longest row's."""
     width = width or max(len(t) for t in token_rows)
     input_ids = torch.full((len(token_rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(token_rows), width), dtype=torch.long)
